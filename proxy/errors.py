@@ -1,0 +1,173 @@
+"""The one exception tree of the service.
+
+Every failure the service itself reports to a caller is a ``ProxyError`` subclass carrying a
+stable ``code`` (the contract's error codes), an HTTP ``status`` and a ``message`` that says what
+happened and what to do. ``proxy.web.errors`` is the single place that turns them into HTTP
+responses; nothing else builds error responses by hand.
+
+Security invariant: messages are built from identifiers and field *names* only, never from a
+credential value, so they are safe to log and to return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    """Base of every error the service turns into a response."""
+
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        fields: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = dict(fields or {})
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.fields:
+            body["fields"] = self.fields
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(ProxyError):
+    code = "BAD_REQUEST"
+    status = 400
+
+
+class Unauthenticated(ProxyError):
+    code = "UNAUTHENTICATED"
+    status = 401
+
+
+class Forbidden(ProxyError):
+    code = "FORBIDDEN"
+    status = 403
+
+
+class HostNotAllowed(ProxyError):
+    code = "HOST_NOT_ALLOWED"
+    status = 403
+
+
+class NotFound(ProxyError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class ConnectionNotFound(NotFound):
+    code = "CONNECTION_NOT_FOUND"
+
+
+class MethodNotAllowed(ProxyError):
+    code = "METHOD_NOT_ALLOWED"
+    status = 405
+
+
+class Conflict(ProxyError):
+    """A compare-and-set lost: the record changed since it was read."""
+
+    code = "CONFLICT"
+    status = 409
+
+
+class PayloadTooLarge(ProxyError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class ValidationError(ProxyError):
+    """Input that does not fit; ``fields`` maps each offending field to what is wrong."""
+
+    code = "VALIDATION_ERROR"
+    status = 422
+
+
+class ConnectionNotAuthorized(ProxyError):
+    """The connection exists but holds no usable credentials (pending or needs re-auth)."""
+
+    code = "CONNECTION_NOT_AUTHORIZED"
+    status = 424
+
+
+class RateLimited(ProxyError):
+    code = "RATE_LIMITED"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_ms: int, source: str = "configured") -> None:
+        retry_after_ms = max(0, int(retry_after_ms))
+        # Retry-After is whole seconds rounded up, so a client never retries too early.
+        seconds = max(1, -(-retry_after_ms // 1000))
+        super().__init__(
+            message,
+            headers={"Retry-After": str(seconds), "Retry-After-Ms": str(retry_after_ms)},
+            extra={"retry_after_ms": retry_after_ms, "limit_source": source},
+        )
+        self.retry_after_ms = retry_after_ms
+        self.source = source
+
+
+class UpstreamUnreachable(ProxyError):
+    code = "UPSTREAM_UNREACHABLE"
+    status = 502
+
+
+class ServiceUnavailable(ProxyError):
+    code = "SERVICE_UNAVAILABLE"
+    status = 503
+
+
+class UpstreamTimeout(ProxyError):
+    code = "UPSTREAM_TIMEOUT"
+    status = 504
+
+
+# --- Errors that are not HTTP-facing by themselves -------------------------------------------
+
+
+class ConfigError(ProxyError):
+    """A bad setting: stops start-up. ``key`` names the offending setting."""
+
+    code = "CONFIG_ERROR"
+    status = 500
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"setting {key!r}: {message}", fields={key: message})
+        self.key = key
+
+
+class CryptoError(ProxyError):
+    """Decryption or key-ring failure (tamper, wrong key, missing key version).
+
+    Surfaces as 503 to callers: the credential exists but cannot be opened right now, and the
+    operator (not the caller) must act. The message never includes key material.
+    """
+
+    code = "SERVICE_UNAVAILABLE"
+    status = 503
+
+
+class KeyVersionMissing(CryptoError):
+    def __init__(self, version: int, what: str = "stored data") -> None:
+        super().__init__(
+            f"master key version {version} is needed to open {what} but is not in the key ring; "
+            f"add it to PROXY_MASTER_KEY / PROXY_MASTER_KEY_FILE"
+        )
+        self.version = version
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store (SQLite or Redis) cannot be reached or answered with an error."""

@@ -1,0 +1,167 @@
+"""The storage contract both back ends (embedded SQLite, shared Redis) implement.
+
+One behaviour, two back ends: the contract test suite (tests/store/test_contract.py) runs the
+same cases against both. Records are the JSON of ``proxy.model`` dataclasses; the store never
+sees a plaintext secret.
+
+Concurrency: every mutable record carries a ``version``. ``put_*`` with ``expected_version``
+is a compare-and-set: ``None`` means "must not exist yet", an int means "must still be at this
+version", ``ANY_VERSION`` overwrites. A lost race raises ``Conflict``. The stored version is
+always the previous one plus one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord
+
+
+class _AnyVersion:
+    def __repr__(self) -> str:
+        return "ANY_VERSION"
+
+
+ANY_VERSION: Final = _AnyVersion()
+ExpectedVersion = int | None | _AnyVersion
+
+InvalidationCallback = Callable[[str, str | None], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    tenant_id: str
+    connection_id: str | None = None
+    action: str | None = None
+    actor: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+    # Paging: events strictly older than this cursor (opaque string from a previous page).
+    cursor: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+
+
+class Store(abc.ABC):
+    """Async storage. Methods raise ``StoreUnavailable`` when the back end cannot be reached."""
+
+    name: str = "store"
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the back end answers."""
+
+    # --- metadata (schema version, key-ring bookkeeping) -----------------------------------
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    # --- tenants ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+
+    @abc.abstractmethod
+    async def put_tenant(self, record: TenantRecord, expected_version: ExpectedVersion) -> TenantRecord:
+        """CAS write; returns the stored record (version bumped)."""
+
+    @abc.abstractmethod
+    async def list_tenants(self) -> list[TenantRecord]: ...
+
+    # --- connections -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_connection(self, tenant_id: str, connection_id: str) -> ConnectionRecord | None: ...
+
+    @abc.abstractmethod
+    async def put_connection(
+        self, record: ConnectionRecord, expected_version: ExpectedVersion
+    ) -> ConnectionRecord:
+        """CAS write of the whole record, keeping the runtime-user index in step atomically."""
+
+    @abc.abstractmethod
+    async def delete_connection(self, tenant_id: str, connection_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_connections(
+        self,
+        tenant_id: str,
+        *,
+        runtime_user_id: str | None = None,
+        integration_id: str | None = None,
+        default_connection_id: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Page:
+        """Ordered by connection_id; cursor is the last id of the previous page."""
+
+    @abc.abstractmethod
+    async def find_user_connection(
+        self, tenant_id: str, default_connection_id: str, runtime_user_id: str
+    ) -> ConnectionRecord | None:
+        """The runtime user connection overriding ``default_connection_id`` for that user."""
+
+    # --- caller API keys -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_api_key(self, record: ApiKeyRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]: ...
+
+    @abc.abstractmethod
+    async def touch_api_keys(self, last_used: dict[str, float]) -> None:
+        """Batch update of last-used times (monotonic: never moves a time backwards)."""
+
+    # --- audit -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
+
+    @abc.abstractmethod
+    async def query_audit(self, query: AuditQuery) -> Page:
+        """Newest first."""
+
+    # --- one-time tokens (connect sessions, OAuth state) -----------------------------------
+    @abc.abstractmethod
+    async def put_ephemeral(self, namespace: str, key: str, value: dict[str, Any], ttl_s: float) -> None: ...
+
+    @abc.abstractmethod
+    async def get_ephemeral(self, namespace: str, key: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def pop_ephemeral(self, namespace: str, key: str) -> dict[str, Any] | None:
+        """Atomic read-and-delete: of two concurrent callers, exactly one gets the value."""
+
+    # --- locks (single-flight token refresh, key rotation) ---------------------------------
+    @abc.abstractmethod
+    async def acquire_lock(self, name: str, ttl_s: float) -> str | None:
+        """Returns an owner token, or None when someone else holds the lock."""
+
+    @abc.abstractmethod
+    async def release_lock(self, name: str, token: str) -> bool:
+        """Releases only if ``token`` still owns the lock."""
+
+    # --- cache invalidation across replicas ------------------------------------------------
+    @abc.abstractmethod
+    async def publish_invalidation(self, tenant_id: str, connection_id: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe_invalidations(self, callback: InvalidationCallback) -> None:
+        """Starts delivering other replicas' invalidations to ``callback`` until close()."""

@@ -1,0 +1,1 @@
+"""Test support: real servers (redis-server, upstreams) started on free loopback ports."""
