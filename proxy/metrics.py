@@ -1,0 +1,98 @@
+"""Prometheus metrics, defined once so every module counts into the same registry.
+
+Label values are bounded, non-secret vocabularies (front end, outcome, integration id, error
+code). Tenant and connection ids are deliberately NOT labels: they are unbounded and, for some
+deployments, sensitive; per-connection detail lives in the audit trail instead.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter(
+    "proxy_requests_total",
+    "Requests handled, by front end and outcome (ok or an error code).",
+    ["front", "outcome"],
+    registry=REGISTRY,
+)
+UPSTREAM_RESPONSES = Counter(
+    "proxy_upstream_responses_total",
+    "Upstream responses passed back, by integration and status class.",
+    ["integration", "status_class"],
+    registry=REGISTRY,
+)
+UPSTREAM_LATENCY = Histogram(
+    "proxy_upstream_latency_seconds",
+    "Time to upstream response headers, by integration.",
+    ["integration"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_INFLIGHT = Gauge(
+    "proxy_upstream_inflight",
+    "Upstream calls in flight in this process.",
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "proxy_errors_total",
+    "Errors the service itself answered, by code.",
+    ["code"],
+    registry=REGISTRY,
+)
+CREDENTIAL_CACHE = Counter(
+    "proxy_credential_cache_total",
+    "Decrypted-credential cache lookups, by result (hit, miss).",
+    ["result"],
+    registry=REGISTRY,
+)
+CONNECTION_SERVICE = Counter(
+    "proxy_connection_service_requests_total",
+    "Connection Service reads, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RATELIMIT_DECISIONS = Counter(
+    "proxy_ratelimit_decisions_total",
+    "Limiter decisions, by result (allowed, denied, waited) and where it was decided.",
+    ["result", "source"],
+    registry=REGISTRY,
+)
+RATELIMIT_BACKEND_ERRORS = Counter(
+    "proxy_ratelimit_backend_errors_total",
+    "Limiter calls that could not reach the shared back end, by fail mode applied.",
+    ["mode"],
+    registry=REGISTRY,
+)
+RATELIMIT_OBSERVATIONS = Counter(
+    "proxy_ratelimit_observations_total",
+    "Upstream rate-limit signals merged into shared state, by header style.",
+    ["style"],
+    registry=REGISTRY,
+)
+AUDIT_EVENTS = Counter(
+    "proxy_audit_events_total",
+    "Audit events written, by outcome (written, dropped, failed).",
+    ["result"],
+    registry=REGISTRY,
+)
+AUDIT_QUEUE = Gauge(
+    "proxy_audit_queue_depth",
+    "Audit events buffered in memory, waiting to be written.",
+    registry=REGISTRY,
+)
+OAUTH_REFRESH = Counter(
+    "proxy_oauth_token_refresh_total",
+    "OAuth2 token refreshes and client-credentials mints, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+STORE_ERRORS = Counter(
+    "proxy_store_errors_total",
+    "Store operations that failed, by back end.",
+    ["backend"],
+    registry=REGISTRY,
+)
