@@ -1,0 +1,289 @@
+"""The integration catalogue: what each ``integration_id`` means, as data.
+
+Each integration is a TOML file (built-ins in ``config/integrations/``; operators add their own
+directories with the ``integrations_dirs`` setting). A file says which parameters exist, which
+are secret (encrypted at rest, never shown), which are required before the connection is
+*active*, how credentials are injected, the base URL (fixed or templated), which rate-limit
+header styles the upstream speaks, and OAuth2 endpoints. Everything is validated at start-up:
+a bad file stops the process with an error naming the file and key.
+
+Pure module: no aiohttp, no redis. Templates are Jinja2 in an immutable sandbox, compiled once.
+"""
+
+from __future__ import annotations
+
+import base64
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from proxy.errors import ConfigError, ValidationError
+
+AUTH_KINDS = (
+    "bearer",
+    "api_key",
+    "basic",
+    "oauth2_authorization_code",
+    "oauth2_client_credentials",
+    "template",
+    "opaque",
+)
+FIELD_TYPES = ("string", "integer", "boolean", "url", "object", "any")
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
+PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
+
+
+def _b64(value: Any) -> str:
+    return base64.b64encode(str(value).encode()).decode()
+
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+_ENV.filters["b64encode"] = _b64
+_ENV.filters["urlencode"] = lambda v: quote(str(v), safe="")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    name: str
+    type: str = "string"
+    secret: bool = False
+    required: bool = False
+    label: str | None = None
+    help: str | None = None
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Spec:
+    auth_url: str | None = None
+    token_url: str | None = None
+    revocation_url: str | None = None
+    scopes: tuple[str, ...] = ()
+    token_auth: str = "basic"
+    pkce: bool = True
+    extra_auth_params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Integration:
+    id: str
+    label: str
+    auth: str
+    fields: tuple[FieldSpec, ...]
+    base_url: str | None = None  # fixed or Jinja template; None = the base_url parameter
+    allowed_hosts: tuple[str, ...] | None = None
+    ratelimit_styles: tuple[str, ...] | None = None  # None = generic fallback (all styles)
+    default_rate_limits: tuple[dict[str, Any], ...] = ()
+    inject_headers: tuple[tuple[str, str], ...] = ()
+    inject_query: tuple[tuple[str, str], ...] = ()
+    inject_cookies: tuple[tuple[str, str], ...] = ()
+    oauth2: OAuth2Spec | None = None
+    test_request: dict[str, Any] | None = None
+    source: str = "builtin"
+    _compiled: dict[str, Template] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def proxyable(self) -> bool:
+        return self.auth != "opaque"
+
+    @property
+    def secret_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.fields if f.secret)
+
+    def field(self, name: str) -> FieldSpec | None:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        return None
+
+    def is_secret(self, name: str) -> bool:
+        spec = self.field(name)
+        # Unknown parameters of a known integration are kept secret: safe by default.
+        return spec.secret if spec is not None else self.auth == "opaque" or not self.fields
+
+    def missing_required(self, present: set[str]) -> list[str]:
+        return [f.name for f in self.fields if f.required and f.name not in present]
+
+    def validate_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Returns field -> problem for values of the wrong shape (names only, never values)."""
+        problems: dict[str, str] = {}
+        for name, value in params.items():
+            spec = self.field(name)
+            if spec is None or value is None:
+                continue
+            problem = _check_type(spec, value)
+            if problem:
+                problems[f"parameters.{name}"] = problem
+        return problems
+
+    def render(self, template: str, params: Mapping[str, Any]) -> str:
+        compiled = self._compiled.get(template)
+        if compiled is None:
+            compiled = self._compiled[template] = _ENV.from_string(template)
+        try:
+            return str(compiled.render(**params))
+        except TemplateError as exc:
+            # StrictUndefined names the missing variable; never the values.
+            raise ValidationError(
+                f"integration {self.id!r} cannot build its request: {exc.message}",
+                fields={"parameters": "missing or invalid value for this integration"},
+            ) from None
+
+    def resolve_base_url(self, params: Mapping[str, Any]) -> str | None:
+        if self.base_url is None:
+            value = params.get("base_url")
+            return str(value) if value else None
+        if "{" not in self.base_url:
+            return self.base_url
+        return self.render(self.base_url, params)
+
+
+def _check_type(spec: FieldSpec, value: Any) -> str | None:
+    t = spec.type
+    if t in ("string", "url") and not isinstance(value, str):
+        return "must be a string"
+    if t == "url" and not value.startswith(("http://", "https://")):
+        return "must be an absolute http(s) URL"
+    if t == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+        return "must be an integer"
+    if t == "boolean" and not isinstance(value, bool):
+        return "must be true or false"
+    if t == "object" and not isinstance(value, dict):
+        return "must be an object"
+    if spec.choices and value not in spec.choices:
+        return f"must be one of {', '.join(spec.choices)}"
+    return None
+
+
+def opaque_integration(integration_id: str) -> Integration:
+    """A custom integration id nobody described: Connection Service only, every parameter secret."""
+    return Integration(id=integration_id, label=integration_id, auth="opaque", fields=(), source="implicit")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _pairs(where: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ConfigError(where, 'must be a table of name = "template" strings')
+    for name, tpl in raw.items():
+        try:
+            _ENV.from_string(tpl)
+            _ENV.from_string(name)
+        except TemplateError as exc:
+            raise ConfigError(f"{where}.{name}", f"bad template: {exc}") from None
+    return tuple(raw.items())
+
+
+def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
+    where = source
+    iid = data.get("id")
+    if not isinstance(iid, str) or not iid:
+        raise ConfigError(f"{where}: id", "every integration needs a string id")
+    where = f"{source}: {iid}"
+    auth = data.get("auth", "template")
+    if auth not in AUTH_KINDS:
+        raise ConfigError(f"{where}.auth", f"must be one of {', '.join(AUTH_KINDS)}")
+    specs = []
+    for i, raw in enumerate(data.get("fields", [])):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"{where}.fields[{i}]", "each field needs a name")
+        ftype = raw.get("type", "string")
+        if ftype not in FIELD_TYPES:
+            raise ConfigError(f"{where}.fields[{i}].type", f"must be one of {', '.join(FIELD_TYPES)}")
+        unknown = set(raw) - set(FieldSpec.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{where}.fields[{i}]", f"unknown keys {sorted(unknown)}")
+        choices = raw.get("choices")
+        specs.append(FieldSpec(**{**raw, "choices": tuple(choices) if choices else None}))
+    inject = data.get("inject", {})
+    oauth_raw = data.get("oauth2")
+    oauth = None
+    if oauth_raw is not None:
+        token_auth = oauth_raw.get("token_auth", "basic")
+        if token_auth not in ("basic", "post"):
+            raise ConfigError(f"{where}.oauth2.token_auth", "must be basic or post")
+        oauth = OAuth2Spec(
+            auth_url=oauth_raw.get("auth_url"),
+            token_url=oauth_raw.get("token_url"),
+            revocation_url=oauth_raw.get("revocation_url"),
+            scopes=tuple(oauth_raw.get("scopes", ())),
+            token_auth=token_auth,
+            pkce=bool(oauth_raw.get("pkce", True)),
+            extra_auth_params=dict(oauth_raw.get("extra_auth_params", {})),
+        )
+    base_url = data.get("base_url")
+    if base_url is not None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url", "must be an absolute http(s) URL or template")
+        _pairs(f"{where}.base_url", {"base_url": base_url})
+    styles = data.get("ratelimit_styles")
+    hosts = data.get("allowed_hosts")
+    integration = Integration(
+        id=iid,
+        label=str(data.get("label", iid)),
+        auth=auth,
+        fields=tuple(specs),
+        base_url=base_url,
+        allowed_hosts=tuple(hosts) if hosts is not None else None,
+        ratelimit_styles=tuple(styles) if styles is not None else None,
+        default_rate_limits=tuple(data.get("default_rate_limits", ())),
+        inject_headers=_pairs(f"{where}.inject.headers", inject.get("headers")),
+        inject_query=_pairs(f"{where}.inject.query", inject.get("query")),
+        inject_cookies=_pairs(f"{where}.inject.cookies", inject.get("cookies")),
+        oauth2=oauth,
+        test_request=data.get("test"),
+        source=source,
+    )
+    if auth == "template" and not (
+        integration.inject_headers or integration.inject_query or integration.inject_cookies
+    ):
+        raise ConfigError(f"{where}.inject", "a template integration needs headers, query or cookies")
+    return integration
+
+
+class Catalogue:
+    """All known integrations by id; unknown ids resolve to an opaque, all-secret integration."""
+
+    def __init__(self, integrations: Mapping[str, Integration]) -> None:
+        self._by_id = dict(integrations)
+
+    def get(self, integration_id: str) -> Integration:
+        found = self._by_id.get(integration_id)
+        return found if found is not None else opaque_integration(integration_id)
+
+    def known(self, integration_id: str) -> bool:
+        return integration_id in self._by_id
+
+    def __iter__(self) -> Any:
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    @classmethod
+    def load(cls, extra_dirs: tuple[Path, ...] = ()) -> Catalogue:
+        builtin = BUILTIN_DIR if BUILTIN_DIR.is_dir() else PACKAGED_DIR
+        found: dict[str, Integration] = {}
+        for directory in (builtin, *extra_dirs):
+            if not directory.is_dir():
+                raise ConfigError("integrations_dirs", f"{directory} is not a directory")
+            for path in sorted(directory.glob("*.toml")):
+                try:
+                    data = tomllib.loads(path.read_text())
+                except tomllib.TOMLDecodeError as exc:
+                    raise ConfigError("integrations_dirs", f"{path} is not valid TOML: {exc}") from None
+                for item in data.get("integration", []):
+                    integration = parse_integration(item, str(path))
+                    # Operator files override built-ins of the same id, deliberately.
+                    found[integration.id] = integration
+        return cls(found)
