@@ -1,0 +1,229 @@
+"""Command line: ``connection-proxy serve`` and the key-management commands.
+
+Every start-up failure (bad setting, missing or wrong master key) is printed as one clear line on
+stderr and exits with status 2 before anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from proxy import __version__, crypto
+from proxy.errors import ProxyError
+from proxy.settings import Settings, load_settings
+
+log = logging.getLogger("proxy.cli")
+
+
+class _RedactingFilter(logging.Filter):
+    """Belt and braces: secrets never go to logs by design; this drops any line that would
+    quote an Authorization header all the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage().lower()
+        return "authorization: bearer" not in msg and "authorization: basic" not in msg
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "workers", None):
+        overrides["workers"] = args.workers
+    return load_settings(args.config, overrides=overrides)
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def _serve_one(settings: Settings, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from proxy.web.app import build_app
+
+    app = build_app(settings)
+    secrets = app[_services_key()].secrets
+    if secrets.admin_token_file is not None:
+        print(
+            f'admin token: {secrets.admin_token_file}  (curl -H "Authorization: Bearer $(cat {secrets.admin_token_file})")',
+            flush=True,
+        )
+    web.run_app(
+        app,
+        host=settings.listen_host,
+        port=settings.listen_port,
+        reuse_port=reuse_port or None,
+        access_log=None,
+        print=lambda msg: print(msg.replace("======== ", "").replace(" ========", ""), flush=True),
+        shutdown_timeout=10,
+    )
+
+
+def _services_key() -> Any:
+    from proxy.web.app import SERVICES
+
+    return SERVICES
+
+
+def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
+    """N processes on one port via SO_REUSEPORT; the kernel spreads connections among them."""
+    if settings.redis_url is None:
+        log.warning(
+            "--workers %d without PROXY_REDIS_URL: workers share the SQLite store, but rate-limit "
+            "state is per process (each worker enforces the full configured limit)",
+            settings.workers,
+        )
+    children = []
+    env = dict(os.environ, PROXY_WORKER_CHILD="1")
+    for _ in range(settings.workers):
+        children.append(subprocess.Popen([sys.executable, "-m", "proxy", *argv], env=env))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    if settings.workers > 1 and os.environ.get("PROXY_WORKER_CHILD") != "1":
+        return _serve_workers(settings, argv)
+    _serve_one(settings, reuse_port=os.environ.get("PROXY_WORKER_CHILD") == "1")
+    return 0
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+async def _with_vault(settings: Settings, action: str, version: int | None) -> int:
+    from proxy.bootstrap import append_key_version, load_ring
+    from proxy.catalogue import Catalogue
+    from proxy.store import open_store
+    from proxy.vault import Vault, check_retire
+
+    if action == "rotate-generate":
+        ring = append_key_version(settings)
+        print(
+            f"added master key version {ring.newest_version} (fingerprint {ring.fingerprint(ring.newest_version)})"
+        )
+    else:
+        ring, _ = load_ring(settings, create=False)
+    store = open_store(settings)
+    await store.open()
+    try:
+        vault = Vault(store, ring, Catalogue.load(settings.integrations_dirs), 0)
+        if action == "status":
+            await vault.verify_keys()
+            in_use = await vault.kek_versions_in_use()
+            for v in ring.versions:
+                mark = "in use" if v in in_use else "unused"
+                newest = " (newest)" if v == ring.newest_version else ""
+                print(f"master key v{v} {ring.fingerprint(v)}: {mark}{newest}")
+            return 0
+        if action.startswith("rotate"):
+            rewrapped = await vault.rewrap_all()
+            print(f"re-wrapped {rewrapped} tenant key record(s) under master key v{ring.newest_version}")
+            return 0
+        if action == "retire":
+            assert version is not None
+            check_retire(await vault.kek_versions_in_use(), version)
+            ring.without(version)
+            print(f"master key v{version} wraps nothing any more: remove it from the key ring")
+            return 0
+        if action == "reencrypt":
+            for tenant in await store.list_tenants():
+                new = await vault.rotate_tenant_key(tenant.tenant_id)
+                done = await vault.reencrypt_tenant(tenant.tenant_id)
+                retired = await vault.retire_tenant_keys(tenant.tenant_id)
+                print(
+                    f"tenant {tenant.tenant_id}: data key v{new}, {done} record(s) re-encrypted, retired {retired}"
+                )
+            return 0
+        if action == "resume":
+            for tenant in await store.list_tenants():
+                done = await vault.reencrypt_tenant(tenant.tenant_id)
+                retired = await vault.retire_tenant_keys(tenant.tenant_id)
+                print(f"tenant {tenant.tenant_id}: {done} record(s) re-encrypted, retired {retired}")
+            return 0
+    finally:
+        await store.close()
+    raise AssertionError(action)
+
+
+def cmd_keys(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.keys_cmd == "generate":
+        print(crypto.generate_master_key_text(), end="")
+        return 0
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    action = {
+        "rotate": "rotate-generate" if getattr(args, "generate", False) else "rotate",
+        "retire": "retire",
+        "status": "status",
+        "reencrypt": "resume" if getattr(args, "resume", False) else "reencrypt",
+    }[args.keys_cmd]
+    return asyncio.run(_with_vault(settings, action, getattr(args, "version", None)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="connection-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+
+    keys = sub.add_parser("keys", help="master key ring and tenant data keys")
+    keys.add_argument("--config")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    ksub.add_parser("generate", help="print a new key-ring file (one 32-byte key)")
+    rotate = ksub.add_parser("rotate", help="re-wrap every tenant key under the newest master key")
+    rotate.add_argument("--generate", action="store_true", help="first add a new key version to the key file")
+    retire = ksub.add_parser("retire", help="check a master key version is unused before removing it")
+    retire.add_argument("version", type=int)
+    ksub.add_parser("status", help="which master key versions are in use")
+    reenc = ksub.add_parser("reencrypt", help="new tenant data keys; re-encrypt every record (resumable)")
+    reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
+    for p in (serve, keys, rotate, retire, reenc):
+        p.add_argument("--config", dest="config", default=argparse.SUPPRESS if p is not serve else None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        if args.cmd == "serve":
+            return cmd_serve(args, argv)
+        return cmd_keys(args, argv)
+    except ProxyError as exc:
+        print(f"connection-proxy: {exc.message}", file=sys.stderr)
+        return 2

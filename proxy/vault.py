@@ -1,0 +1,356 @@
+"""The vault: connections in, decrypted credentials out, nothing plaintext at rest.
+
+It joins the store (where records live), the key ring (master keys) and the catalogue (which
+parameters are secret). Tenant data keys are created lazily on a tenant's first write, wrapped by
+the newest master key, and cached unwrapped in memory only. Decrypted credentials are cached for
+``credential_cache_ttl_s`` and dropped at once on a local change or a peer's invalidation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from proxy import crypto
+from proxy.catalogue import Catalogue, Integration
+from proxy.errors import ConnectionNotFound, CryptoError, ValidationError
+from proxy.metrics import CREDENTIAL_CACHE
+from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
+from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
+
+REDACTED = "********"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A connection with its parameters decrypted. Lives in memory only; repr is redacted."""
+
+    record: ConnectionRecord
+    integration: Integration
+    params: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.record.tenant_id}/{self.record.connection_id}, params=<redacted>)"
+
+    def public_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.params.items() if not self.integration.is_secret(k)}
+
+
+def compute_status(integration: Integration, record: ConnectionRecord) -> str:
+    """pending until every required field is present; needs_reauth/error are sticky until a write."""
+    present = set(record.public_params) | set(record.secret_params)
+    if integration.missing_required(present):
+        return ConnectionStatus.PENDING.value
+    return ConnectionStatus.ACTIVE.value
+
+
+def redacted_view(integration: Integration, record: ConnectionRecord) -> dict[str, Any]:
+    """The admin view: public parameter values, and only the *names* of secret ones."""
+    params: dict[str, Any] = dict(record.public_params)
+    for name in record.secret_params:
+        params[name] = REDACTED
+    return {
+        "tenant_id": record.tenant_id,
+        "connection_id": record.connection_id,
+        "integration_id": record.integration_id,
+        "connection_subtype": record.connection_subtype,
+        "status": record.status,
+        "status_detail": record.status_detail,
+        "parameters": params,
+        "secret_fields_set": sorted(record.secret_params),
+        "missing_fields": integration.missing_required(set(record.public_params) | set(record.secret_params)),
+        "runtime_user_id": record.runtime_user_id,
+        "default_connection_id": record.default_connection_id,
+        "rate_limits": [w.to_dict() for w in record.rate_limits],
+        "allowed_hosts": list(record.allowed_hosts) if record.allowed_hosts is not None else None,
+        "metadata": record.metadata,
+        "options": record.options,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "version": record.version,
+    }
+
+
+class Vault:
+    def __init__(self, store: Store, ring: crypto.KeyRing, catalogue: Catalogue, cache_ttl_s: float) -> None:
+        self.store = store
+        self.ring = ring
+        self.catalogue = catalogue
+        self.cache_ttl_s = cache_ttl_s
+        self._deks: dict[str, dict[int, bytes]] = {}
+        self._current_dek: dict[str, int] = {}
+        self._creds: dict[tuple[str, str], tuple[float, Credentials]] = {}
+        self._tenant_locks: dict[str, asyncio.Lock] = {}
+
+    # --- keys ----------------------------------------------------------------------------------
+
+    async def verify_keys(self) -> int:
+        """Unwraps every tenant's data keys; a wrong or missing master key stops start-up here."""
+        tenants = await self.store.list_tenants()
+        for tenant in tenants:
+            self._load_tenant_keys(tenant)
+        return len(tenants)
+
+    def _load_tenant_keys(self, tenant: TenantRecord) -> None:
+        keys = {}
+        for version, wrapped in tenant.wrapped_deks.items():
+            keys[int(version)] = crypto.unwrap_dek(
+                self.ring, tenant.tenant_id, crypto.WrappedKey.from_dict(wrapped)
+            )
+        self._deks[tenant.tenant_id] = keys
+        self._current_dek[tenant.tenant_id] = tenant.current_dek_version
+
+    async def _tenant_keys(self, tenant_id: str, create: bool) -> tuple[int, dict[int, bytes]] | None:
+        if tenant_id in self._deks:
+            return self._current_dek[tenant_id], self._deks[tenant_id]
+        lock = self._tenant_locks.setdefault(tenant_id, asyncio.Lock())
+        async with lock:
+            tenant = await self.store.get_tenant(tenant_id)
+            if tenant is None:
+                if not create:
+                    return None
+                tenant = await self._create_tenant(tenant_id)
+            self._load_tenant_keys(tenant)
+        return self._current_dek[tenant_id], self._deks[tenant_id]
+
+    async def _create_tenant(self, tenant_id: str) -> TenantRecord:
+        dek = crypto.generate_dek()
+        wrapped = crypto.wrap_dek(self.ring, tenant_id, 1, dek)
+        record = TenantRecord(
+            tenant_id=tenant_id,
+            current_dek_version=1,
+            wrapped_deks={"1": wrapped.to_dict()},
+            created_at=time.time(),
+        )
+        try:
+            return await self.store.put_tenant(record, expected_version=None)
+        except Exception:
+            # Another replica created it first: use theirs.
+            existing = await self.store.get_tenant(tenant_id)
+            if existing is None:
+                raise
+            return existing
+
+    def _dek_lookup(self, tenant_id: str) -> Any:
+        keys = self._deks.get(tenant_id, {})
+
+        def lookup(version: int) -> bytes:
+            if version not in keys:
+                raise CryptoError(
+                    f"tenant {tenant_id!r} data key version {version} is unknown; "
+                    "the key record is missing or was retired too early"
+                )
+            return keys[version]
+
+        return lookup
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def encrypt_params(
+        self, tenant_id: str, connection_id: str, integration: Integration, params: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        keys = await self._tenant_keys(tenant_id, create=True)
+        assert keys is not None
+        dek_version, deks = keys
+        public: dict[str, Any] = {}
+        secret: dict[str, str] = {}
+        for name, value in params.items():
+            if value is None:
+                continue
+            if integration.is_secret(name):
+                secret[name] = crypto.encrypt_value(
+                    deks[dek_version], dek_version, tenant_id, connection_id, name, value
+                )
+            else:
+                public[name] = value
+        return public, secret
+
+    async def save(self, record: ConnectionRecord, expected_version: ExpectedVersion) -> ConnectionRecord:
+        integration = self.catalogue.get(record.integration_id)
+        status = record.status
+        if status in (ConnectionStatus.PENDING.value, ConnectionStatus.ACTIVE.value):
+            status = compute_status(integration, record)
+        now = time.time()
+        record = record.evolve(status=status, updated_at=now, created_at=record.created_at or now)
+        stored = await self.store.put_connection(record, expected_version)
+        await self.invalidate(record.tenant_id, record.connection_id, publish=True)
+        return stored
+
+    async def delete(self, tenant_id: str, connection_id: str) -> bool:
+        removed = await self.store.delete_connection(tenant_id, connection_id)
+        await self.invalidate(tenant_id, connection_id, publish=True)
+        return removed
+
+    async def invalidate(self, tenant_id: str, connection_id: str | None, publish: bool = False) -> None:
+        if tenant_id == "*":
+            self._creds.clear()
+            self._deks.clear()
+            self._current_dek.clear()
+        elif connection_id is None:
+            for key in [k for k in self._creds if k[0] == tenant_id]:
+                del self._creds[key]
+            self._deks.pop(tenant_id, None)
+            self._current_dek.pop(tenant_id, None)
+        else:
+            self._creds.pop((tenant_id, connection_id), None)
+        if publish:
+            await self.store.publish_invalidation(tenant_id, connection_id)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def get_record(self, tenant_id: str, connection_id: str) -> ConnectionRecord:
+        record = await self.store.get_connection(tenant_id, connection_id)
+        if record is None:
+            raise ConnectionNotFound(
+                f"connection {connection_id!r} does not exist in tenant {tenant_id!r}; "
+                "create it with PUT /admin/tenants/{tenant_id}/connections/{connection_id}"
+            )
+        return record
+
+    async def resolve(self, tenant_id: str, connection_id: str, runtime_user_id: str | None) -> str:
+        """The connection id to use: the user's override of ``connection_id`` if one exists."""
+        if runtime_user_id:
+            user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
+            if user is not None:
+                return user.connection_id
+        return connection_id
+
+    async def credentials(self, tenant_id: str, connection_id: str) -> Credentials:
+        key = (tenant_id, connection_id)
+        hit = self._creds.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            CREDENTIAL_CACHE.labels(result="hit").inc()
+            return hit[1]
+        CREDENTIAL_CACHE.labels(result="miss").inc()
+        record = await self.get_record(tenant_id, connection_id)
+        creds = await self.decrypt(record)
+        if self.cache_ttl_s > 0:
+            self._creds[key] = (now + self.cache_ttl_s, creds)
+        return creds
+
+    async def decrypt(self, record: ConnectionRecord) -> Credentials:
+        integration = self.catalogue.get(record.integration_id)
+        params: dict[str, Any] = {f.name: f.default for f in integration.fields if f.default is not None}
+        params.update(record.public_params)
+        if record.secret_params:
+            keys = await self._tenant_keys(record.tenant_id, create=False)
+            if keys is None:
+                raise CryptoError(f"tenant {record.tenant_id!r} has encrypted data but no key record")
+            lookup = self._dek_lookup(record.tenant_id)
+            for name, token in record.secret_params.items():
+                params[name] = crypto.decrypt_value(
+                    lookup, record.tenant_id, record.connection_id, name, token
+                )
+        return Credentials(record=record, integration=integration, params=MappingProxyType(params))
+
+    # --- rotation ------------------------------------------------------------------------------
+
+    async def rewrap_all(self) -> int:
+        """Re-wraps every tenant's data keys under the newest master key. Idempotent."""
+        count = 0
+        for tenant in await self.store.list_tenants():
+            wrapped = {}
+            changed = False
+            for version, raw in tenant.wrapped_deks.items():
+                old = crypto.WrappedKey.from_dict(raw)
+                new = crypto.rewrap_dek(self.ring, tenant.tenant_id, old)
+                changed |= new is not old
+                wrapped[version] = new.to_dict()
+            if changed:
+                await self.store.put_tenant(
+                    TenantRecord(**{**tenant.to_dict(), "wrapped_deks": wrapped}), tenant.version
+                )
+                count += 1
+        return count
+
+    async def kek_versions_in_use(self) -> set[int]:
+        return {
+            int(raw["kek_version"])
+            for t in await self.store.list_tenants()
+            for raw in t.wrapped_deks.values()
+        }
+
+    async def rotate_tenant_key(self, tenant_id: str) -> int:
+        """Adds a new data key version for the tenant (if the last one is already in use)."""
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
+            raise ValidationError(f"tenant {tenant_id!r} has no keys yet", fields={"tenant_id": "unknown"})
+        new_version = max(int(v) for v in tenant.wrapped_deks) + 1
+        wrapped = crypto.wrap_dek(self.ring, tenant_id, new_version, crypto.generate_dek())
+        record = TenantRecord(
+            **{
+                **tenant.to_dict(),
+                "current_dek_version": new_version,
+                "wrapped_deks": {**tenant.wrapped_deks, str(new_version): wrapped.to_dict()},
+            }
+        )
+        await self.store.put_tenant(record, tenant.version)
+        await self.invalidate(tenant_id, None, publish=True)
+        return new_version
+
+    async def reencrypt_tenant(self, tenant_id: str) -> int:
+        """Re-encrypts every record still on an older data key. Resumable: each record is one
+        compare-and-set write, so a run killed halfway leaves every record old-or-new, and a
+        rerun continues with what is left."""
+        self._deks.pop(tenant_id, None)
+        keys = await self._tenant_keys(tenant_id, create=False)
+        if keys is None:
+            return 0
+        current, _ = keys
+        done = 0
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_connections(tenant_id, cursor=cursor, limit=200)
+            for record in page.items:
+                if all(crypto.token_dek_version(t) == current for t in record.secret_params.values()):
+                    continue
+                creds = await self.decrypt(record)
+                integration = self.catalogue.get(record.integration_id)
+                secrets = {k: v for k, v in creds.params.items() if k in record.secret_params}
+                _, secret = await self.encrypt_params(tenant_id, record.connection_id, integration, secrets)
+                await self.store.put_connection(record.evolve(secret_params=secret), record.version)
+                done += 1
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        await self.invalidate(tenant_id, None, publish=True)
+        return done
+
+    async def retire_tenant_keys(self, tenant_id: str) -> list[int]:
+        """Drops data key versions no record uses any more; refuses nothing silently."""
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
+            return []
+        used = {tenant.current_dek_version}
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_connections(tenant_id, cursor=cursor, limit=500)
+            for record in page.items:
+                used |= {crypto.token_dek_version(t) for t in record.secret_params.values()}
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        unused = [int(v) for v in tenant.wrapped_deks if int(v) not in used]
+        if unused:
+            kept = {v: w for v, w in tenant.wrapped_deks.items() if int(v) in used}
+            await self.store.put_tenant(
+                TenantRecord(**{**tenant.to_dict(), "wrapped_deks": kept}), tenant.version
+            )
+            await self.invalidate(tenant_id, None, publish=True)
+        return unused
+
+
+def check_retire(in_use: set[int], version: int) -> None:
+    if version in in_use:
+        raise CryptoError(
+            f"master key version {version} still wraps tenant data keys; run "
+            "`connection-proxy keys rotate` first so every tenant key is re-wrapped under the newest version"
+        )
+
+
+__all__ = ["ANY_VERSION", "Credentials", "Vault", "check_retire", "compute_status", "redacted_view"]

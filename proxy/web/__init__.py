@@ -1,0 +1,1 @@
+"""HTTP edge: thin aiohttp handlers around the pure modules."""

@@ -1,0 +1,143 @@
+"""Assembles the service: settings in, a runnable aiohttp application out.
+
+Start-up order matters and is the same for every front end: open the store, prove the master key
+ring opens every stored tenant key (a wrong or missing key stops start-up before listening), start
+the limiter, the audit writer and cross-replica cache invalidation, then serve. Shutdown runs the
+reverse and flushes the audit buffer so nothing recorded is lost on a graceful stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from proxy.audit import AuditLog
+from proxy.auth import Authenticator
+from proxy.bootstrap import Secrets, load_secrets
+from proxy.catalogue import Catalogue
+from proxy.egress import EgressPolicy
+from proxy.oauth.tokens import TokenManager
+from proxy.ratelimit.limiter import Limiter, make_limiter
+from proxy.settings import Settings
+from proxy.store import open_store
+from proxy.store.base import Store
+from proxy.upstream_resolver import GuardedResolver
+from proxy.vault import Vault
+from proxy.web import admin, connect, connsvc, ops, proxy_routes
+from proxy.web.errors import error_middleware
+
+log = logging.getLogger("proxy.app")
+
+
+@dataclass
+class Services:
+    """Everything a handler needs, built once per process."""
+
+    settings: Settings
+    secrets: Secrets
+    store: Store
+    catalogue: Catalogue
+    vault: Vault
+    limiter: Limiter
+    audit: AuditLog
+    auth: Authenticator
+    egress: EgressPolicy
+    tokens: TokenManager
+    http: aiohttp.ClientSession | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        assert self.http is not None, "upstream client used before start-up"
+        return self.http
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def build_services(settings: Settings, secrets: Secrets | None = None) -> Services:
+    secrets = secrets or load_secrets(settings)
+    store = open_store(settings)
+    catalogue = Catalogue.load(settings.integrations_dirs)
+    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s)
+    return Services(
+        settings=settings,
+        secrets=secrets,
+        store=store,
+        catalogue=catalogue,
+        vault=vault,
+        limiter=make_limiter(settings),
+        audit=AuditLog(store, settings),
+        auth=Authenticator(settings, store, secrets.admin_token),
+        egress=EgressPolicy(settings.egress_allow),
+        tokens=TokenManager(vault, store, settings),
+    )
+
+
+async def _startup(app: web.Application) -> None:
+    svc = app[SERVICES]
+    await svc.store.open()
+    tenants = await svc.vault.verify_keys()
+    log.info(
+        "store %s open; master key ring %s (versions %s) opens %d tenant key records",
+        svc.store.name,
+        svc.secrets.key_source,
+        list(svc.secrets.ring.versions),
+        tenants,
+    )
+    await svc.store.subscribe_invalidations(svc.vault.invalidate)
+    await svc.audit.start()
+    s = svc.settings
+    # The token manager shares the upstream client (and so the egress guard) once it exists.
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(svc.egress),
+        limit=0,
+        limit_per_host=0,  # the per-host cap is enforced by the pipeline with a fast 503
+        ttl_dns_cache=10,
+        enable_cleanup_closed=True,
+    )
+    svc.http = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one tenant's cookies to another call
+        timeout=aiohttp.ClientTimeout(
+            total=s.upstream_total_timeout_s,
+            sock_connect=s.upstream_connect_timeout_s,
+            sock_read=s.upstream_read_timeout_s,
+        ),
+        trust_env=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+    )
+    svc.tokens.bind_client(svc.http)
+
+
+async def _cleanup(app: web.Application) -> None:
+    svc = app[SERVICES]
+    if svc.http is not None:
+        await svc.http.close()
+    await svc.audit.stop()
+    await svc.limiter.close()
+    await svc.store.close()
+
+
+def build_app(settings: Settings, services: Services | None = None) -> web.Application:
+    svc = services or build_services(settings)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings_client_max(settings))
+    app[SERVICES] = svc
+    # The forward-proxy front end inspects absolute-form targets before routing.
+    proxy_routes.setup(app)
+    ops.setup(app)
+    admin.setup(app)
+    connsvc.setup(app)
+    connect.setup(app)
+    app.on_startup.append(_startup)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+def settings_client_max(settings: Settings) -> int:
+    # Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this.
+    return 10 * 1024 * 1024

@@ -1,0 +1,85 @@
+"""The one place where errors become HTTP responses.
+
+Every ``ProxyError`` becomes ``{"error": CODE, "message": ...}`` with ``X-Proxy-Error: CODE``.
+aiohttp's own HTTP exceptions (unknown route, wrong method, oversized body) are mapped into the
+same shape. Anything else is a bug: it is logged with its traceback on the server and answered
+as a generic 500 that carries the request id, never the exception text (which could hold a
+secret).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy import errors
+from proxy.metrics import ERRORS
+
+log = logging.getLogger("proxy.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "request_id"
+
+_HTTP_MAP: dict[int, tuple[type[errors.ProxyError], str]] = {
+    400: (errors.BadRequest, "the request is malformed"),
+    404: (errors.NotFound, "no such endpoint; see the README for the HTTP surface"),
+    405: (errors.MethodNotAllowed, "this endpoint does not accept that method"),
+    413: (errors.PayloadTooLarge, "the request body is too large"),
+}
+
+
+def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
+    ERRORS.labels(code=exc.code).inc()
+    body = exc.to_body()
+    if request_id:
+        body["request_id"] = request_id
+    headers = {"X-Proxy-Error": exc.code, **exc.headers}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def request_id_of(request: web.Request) -> str:
+    rid = request.get(REQUEST_ID)
+    if rid is None:
+        incoming = request.headers.get("X-Request-Id", "")
+        # Only echo a caller's id if it is short and tame; otherwise mint our own.
+        ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
+        rid = incoming if ok else uuid.uuid4().hex
+        request[REQUEST_ID] = rid
+    return str(rid)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request_id_of(request)
+    try:
+        return await handler(request)
+    except errors.ProxyError as exc:
+        if exc.status >= 500:
+            log.warning("request %s failed: %s %s", rid, exc.code, exc.message)
+        return error_response(exc, rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        cls, message = _HTTP_MAP.get(exc.status, (errors.BadRequest, exc.reason))
+        mapped = cls(message)
+        if exc.status not in _HTTP_MAP:
+            mapped.status = exc.status  # type: ignore[misc]
+        return error_response(mapped, rid)
+    except (ConnectionResetError, web.HTTPClientError):
+        raise
+    except Exception:
+        log.exception("request %s: unexpected error", rid)
+        return error_response(
+            errors.ProxyError(f"internal error; quote request id {rid} when reporting it"), rid
+        )
