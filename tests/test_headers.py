@@ -1,0 +1,148 @@
+"""Header filtering in both directions: hop-by-hop, Connection-named, control headers, injection."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import ValidationError
+from proxy.headers import (
+    CONTROL_HEADERS,
+    HOP_BY_HOP,
+    clean_request_headers,
+    clean_response_headers,
+)
+
+
+def test_request_drops_hop_by_hop_and_control_headers() -> None:
+    items = [
+        ("Host", "proxy.local:8080"),
+        ("Authorization", "Bearer caller-key"),
+        ("Proxy-Authorization", "Bearer caller-key"),
+        ("X-Connection-Id", "c1"),
+        ("X-Tenant-Id", "t1"),
+        ("X-Runtime-User-Id", "u1"),
+        ("X-Org-Id", "o1"),
+        ("X-Proxy-Max-Wait-Ms", "500"),
+        ("x-proxy-anything", "1"),
+        ("Connection", "keep-alive"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Sum"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "websocket"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Expect", "100-continue"),
+        ("Accept", "application/json"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Cookie", "session=abc"),
+        ("X-Request-Id", "r-1"),
+        ("Accept", "text/plain"),
+    ]
+    assert clean_request_headers(items) == [
+        ("Accept", "application/json"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Cookie", "session=abc"),
+        ("X-Request-Id", "r-1"),
+        ("Accept", "text/plain"),  # duplicates and order are kept
+    ]
+
+
+def test_request_drops_headers_named_by_connection() -> None:
+    items = [
+        ("X-Secret-Hop", "1"),
+        ("Connection", "close, X-Secret-Hop ,x-other"),
+        ("X-Other", "2"),
+        ("connection", "X-Third"),
+        ("X-Third", "3"),
+        ("X-Kept", "4"),
+    ]
+    assert clean_request_headers(items) == [("X-Kept", "4")]
+
+
+def test_request_names_are_case_insensitive() -> None:
+    items = [("AUTHORIZATION", "x"), ("transfer-ENCODING", "chunked"), ("X-PROXY-FOO", "1")]
+    assert clean_request_headers(items) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-A", "v\r\nX-Injected: 1"),
+        ("X-A", "v\nX-Injected: 1"),
+        ("X-A", "v\rx"),
+        ("X-A", "v\x00x"),
+        ("X-A\r\nX-B", "v"),
+        ("X-A\x00", "v"),
+        ("X A", "v"),
+        ("X-A:", "v"),
+        ("", "v"),
+        ("X-Ä", "v"),
+        ("(X)", "v"),
+        # Refused even when the header would have been dropped anyway.
+        ("Authorization", "Bearer k\r\nX-Injected: 1"),
+    ],
+)
+def test_request_injection_refused(name: str, value: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        clean_request_headers([("Accept", "*/*"), (name, value)])
+    assert info.value.status == 422
+    assert "Bearer" not in info.value.message  # values are never echoed
+
+
+def test_request_allows_all_token_characters_and_odd_values() -> None:
+    name = "X-!#$%&'*+.^_`|~09azAZ"
+    items = [(name, "tab\tand space, ünïcode, \x7f")]
+    assert clean_request_headers(items) == items
+
+
+def test_response_drops_hop_by_hop_and_named_keeps_the_rest() -> None:
+    items = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "42"),
+        ("Content-Encoding", "gzip"),
+        ("Transfer-Encoding", "chunked"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authenticate", "Basic"),
+        ("Upgrade", "h2c"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-Proxy-Error", "RATE_LIMITED"),  # an upstream must not forge the proxy's errors
+        ("X-RateLimit-Remaining", "9"),
+        ("WWW-Authenticate", "Bearer"),
+    ]
+    assert clean_response_headers(items) == [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "42"),
+        ("Content-Encoding", "gzip"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-RateLimit-Remaining", "9"),
+        ("WWW-Authenticate", "Bearer"),
+    ]
+
+
+def test_response_drops_malformed_headers_instead_of_failing() -> None:
+    items = [("X-Ok", "1"), ("X-Bad", "a\r\nSet-Cookie: x=1"), ("Bad Name", "2"), ("X-Nul", "\x00")]
+    assert clean_response_headers(items) == [("X-Ok", "1")]
+
+
+def test_constants() -> None:
+    assert {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    } <= HOP_BY_HOP
+    assert "host" in CONTROL_HEADERS and "authorization" in CONTROL_HEADERS
+    assert "content-length" not in CONTROL_HEADERS | HOP_BY_HOP
+    assert "content-type" not in CONTROL_HEADERS | HOP_BY_HOP
+    assert "cookie" not in CONTROL_HEADERS | HOP_BY_HOP
