@@ -24,7 +24,7 @@ from proxy.ratelimit.limiter import Limiter, make_limiter
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
-from proxy.upstream_resolver import GuardedResolver
+from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
 from proxy.vault import Vault
 from proxy.web import admin, connect, connsvc, ops, proxy_routes
 from proxy.web.errors import error_middleware
@@ -101,6 +101,8 @@ async def _startup(app: web.Application) -> None:
     )
     svc.http = aiohttp.ClientSession(
         connector=connector,
+        # aiohttp connects to IP literals without asking the resolver; this guard covers them.
+        middlewares=(literal_guard_middleware(svc.egress),),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # never carry one tenant's cookies to another call
         timeout=aiohttp.ClientTimeout(

@@ -1,0 +1,57 @@
+# connection-proxy — the two set-up commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := redis-server chromium
+
+.PHONY: run test lint typecheck check-system bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+## make run: start the service on the embedded store at 127.0.0.1:8080 (dev mode)
+run: $(VENV)/.installed
+	$(BIN)/connection-proxy serve
+
+## make test: lint, type-check and run the whole suite against a real redis-server
+test: $(VENV)/.installed-test check-system lint
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy
+
+# The suite needs real binaries: redis-server (tests start their own) and chromium (connect pages).
+check-system:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "The test suite needs:$$missing. Install them with:"; \
+	    echo "  sudo apt-get update && sudo apt-get install -y$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+## make bench: connection-proxy against a bare aiohttp pass-through (and nginx when installed)
+bench: $(VENV)/.installed-test check-system
+	$(BIN)/python bench/connection_service.py
+	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/ratelimit.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
