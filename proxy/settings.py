@@ -259,7 +259,6 @@ def load_settings(
         name = f"PROXY_{key.upper()}"
         if name in env:
             raw[key] = env[name]
-    # Contract aliases kept short for operators.
     raw.update(dict(overrides or {}))
 
     values: dict[str, Any] = {}
