@@ -106,7 +106,7 @@ class Integration:
     def is_secret(self, name: str) -> bool:
         spec = self.field(name)
         # Unknown parameters of a known integration are kept secret: safe by default.
-        return spec.secret if spec is not None else self.auth == "opaque" or not self.fields
+        return spec.secret if spec is not None else True
 
     def missing_required(self, present: set[str]) -> list[str]:
         return [f.name for f in self.fields if f.required and f.name not in present]

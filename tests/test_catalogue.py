@@ -1,0 +1,119 @@
+"""The integration catalogue: built-ins load and validate; operator files are checked at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.catalogue import Catalogue, parse_integration
+from proxy.errors import ConfigError, ValidationError
+
+CONTRACT_IDS = {
+    "http_bearer",
+    "http_api_key",
+    "http_basic",
+    "http_oauth2_authorization_code",
+    "http_oauth2_client_credentials",
+    "openai_api_key",
+    "stripe_api_key",
+    "slack_bot",
+    "hubspot_access_token",
+    "shopify_access_token",
+    "mailgun",
+    "sftp",
+    "postgres",
+}
+
+
+def test_builtins_cover_the_contract() -> None:
+    cat = Catalogue.load()
+    assert {i.id for i in cat} >= CONTRACT_IDS
+    assert not cat.get("sftp").proxyable and not cat.get("postgres").proxyable
+    assert cat.get("http_bearer").secret_names == {"token"}
+    assert cat.get("http_basic").secret_names == {"password"}
+    assert cat.get("stripe_api_key").secret_names == {"secret_key"}
+
+
+def test_unknown_integration_is_opaque_and_all_secret() -> None:
+    custom = Catalogue.load().get("my_custom_agent")
+    assert not custom.proxyable
+    assert custom.is_secret("anything")
+
+
+def test_unknown_parameter_of_known_integration_is_secret() -> None:
+    assert Catalogue.load().get("http_bearer").is_secret("extra_token")
+    assert not Catalogue.load().get("http_bearer").is_secret("base_url")
+
+
+def test_templated_base_urls_and_injection() -> None:
+    cat = Catalogue.load()
+    mg = cat.get("mailgun")
+    assert mg.resolve_base_url({"region": "eu", "api_key": "k"}) == "https://api.eu.mailgun.net"
+    assert mg.resolve_base_url({"region": "us", "api_key": "k"}) == "https://api.mailgun.net"
+    assert mg.render(dict(mg.inject_headers)["Authorization"], {"api_key": "key-1"}) == "Basic YXBpOmtleS0x"
+    shop = cat.get("shopify_access_token")
+    assert shop.resolve_base_url({"shop_domain": "a.myshopify.com"}) == "https://a.myshopify.com/admin/api"
+    assert shop.allowed_hosts == ("*.myshopify.com",)
+
+
+def test_missing_template_variable_is_a_validation_error_without_values() -> None:
+    mg = Catalogue.load().get("mailgun")
+    with pytest.raises(ValidationError) as info:
+        mg.render(dict(mg.inject_headers)["Authorization"], {"region": "us"})
+    assert "api_key" in info.value.message
+
+
+def test_sandbox_refuses_attribute_escapes() -> None:
+    integ = parse_integration(
+        {"id": "x", "auth": "template", "inject": {"headers": {"A": "{{ token.__class__.__mro__ }}"}}}, "t"
+    )
+    with pytest.raises(ValidationError):
+        integ.render(dict(integ.inject_headers)["A"], {"token": "s"})
+
+
+def test_param_validation_names_fields() -> None:
+    api = Catalogue.load().get("http_api_key")
+    problems = api.validate_params({"location": "body", "base_url": "ftp://x", "api_key": "k"})
+    assert set(problems) == {"parameters.location", "parameters.base_url"}
+
+
+def test_status_required_fields() -> None:
+    bearer = Catalogue.load().get("http_bearer")
+    assert bearer.missing_required({"base_url"}) == ["token"]
+    assert bearer.missing_required({"base_url", "token"}) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[[integration]]\nauth = "bearer"\n', "id"),
+        ('[[integration]]\nid = "a"\nauth = "magic"\n', "auth"),
+        ('[[integration]]\nid = "a"\nauth = "template"\n', "inject"),
+        ('[[integration]]\nid = "a"\nauth = "bearer"\nbase_url = "ftp://x"\n', "base_url"),
+        ('[[integration]]\nid = "a"\nauth = "bearer"\nfields = [{name = "x", type = "blob"}]\n', "type"),
+        (
+            '[[integration]]\nid = "a"\nauth = "template"\n[integration.inject.headers]\nA = "{{ x "\n',
+            "inject",
+        ),
+        ("not toml [", "TOML"),
+    ],
+)
+def test_operator_file_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    (tmp_path / "mine.toml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Catalogue.load((tmp_path,))
+    assert needle in str(info.value)
+
+
+def test_operator_integration_added_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "mine.toml").write_text(
+        '[[integration]]\nid = "acme"\nauth = "template"\nbase_url = "https://api.acme.test"\n'
+        'fields = [{name = "key", secret = true, required = true}]\n'
+        '[integration.inject.query]\nkey = "{{ key }}"\n'
+        '[[integration]]\nid = "http_bearer"\nlabel = "Overridden"\nauth = "bearer"\n'
+        'fields = [{name = "token", secret = true, required = true}, {name = "base_url", required = true}]\n'
+    )
+    cat = Catalogue.load((tmp_path,))
+    assert cat.get("acme").inject_query == (("key", "{{ key }}"),)
+    assert cat.get("http_bearer").label == "Overridden"

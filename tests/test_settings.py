@@ -1,0 +1,109 @@
+"""Settings: one frozen object; file < environment < overrides; bad values name their key."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import Settings, load_settings
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings(env={})
+    assert s.listen == "127.0.0.1:8080"
+    assert s.data_dir == Path("./var")
+    assert s.redis_url is None
+    assert s.connection_service_prefix == "/connections"
+    assert s.trusted_networks == ()
+    assert s.dev_mode is True
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.listen_port = 1  # type: ignore[misc]
+
+
+def test_environment_wins_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('listen = "127.0.0.1:9001"\nredis_url = "redis://a:1/0"\n[upstream]\nmax_per_host = 7\n')
+    s = load_settings(cfg, env={"PROXY_LISTEN": "0.0.0.0:9002"})
+    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 9002)
+    assert s.redis_url == "redis://a:1/0"
+    assert s.upstream_max_per_host == 7
+
+
+def test_contract_variables() -> None:
+    s = load_settings(
+        env={
+            "PROXY_DATA_DIR": "/tmp/x",
+            "PROXY_EGRESS_ALLOW": "127.0.0.1/32, api.internal",
+            "PROXY_TRUSTED_NETWORKS": "10.0.0.0/8,192.168.1.7",
+            "PROXY_PUBLIC_URL": "https://cp.example.com/",
+            "PROXY_ADMIN_TOKEN": "x" * 20,
+        }
+    )
+    assert s.data_dir == Path("/tmp/x")
+    assert s.egress_allow == ("127.0.0.1/32", "api.internal")
+    assert s.trusted_networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+    )
+    assert s.public_url == "https://cp.example.com"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"PROXY_LISTEN": "8080"}, "listen"),
+        ({"PROXY_LISTEN": "host:99999"}, "listen"),
+        ({"PROXY_REDIS_URL": "http://x"}, "redis_url"),
+        ({"PROXY_TRUSTED_NETWORKS": "not-a-net"}, "trusted_networks"),
+        ({"PROXY_PUBLIC_URL": "ftp://x"}, "public_url"),
+        ({"PROXY_RATELIMIT_FAIL_MODE": "sometimes"}, "ratelimit_fail_mode"),
+        ({"PROXY_UPSTREAM_MAX_PER_HOST": "0"}, "upstream_max_per_host"),
+        ({"PROXY_CREDENTIAL_CACHE_TTL_S": "soon"}, "credential_cache_ttl_s"),
+        ({"PROXY_DEV_MODE": "maybe"}, "dev_mode"),
+        ({"PROXY_DEV_MODE": "false", "PROXY_ADMIN_TOKEN": "x" * 20}, "master_key"),
+        ({"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY": "k"}, "admin_token"),
+        ({"PROXY_ADMIN_TOKEN": "short"}, "admin_token"),
+    ],
+)
+def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert info.value.key == key
+    assert key in info.value.message
+
+
+def test_unknown_file_key_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("lissten = '1.2.3.4:5'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert info.value.key == "lissten"
+
+
+def test_missing_and_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, env={})
+
+
+def test_example_config_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "proxy.example.toml"
+    s = load_settings(example, env={})
+    assert isinstance(s, Settings)
+    assert s.audit_flush_interval_s == 0.5
+
+
+def test_secrets_not_in_repr() -> None:
+    s = load_settings(env={"PROXY_ADMIN_TOKEN": "canary-admin-token-123", "PROXY_MASTER_KEY": "canary-key"})
+    assert "canary" not in repr(s)
