@@ -1,0 +1,1 @@
+"""Rate limiting: configured windows, learned upstream limits, shared state."""
