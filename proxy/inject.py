@@ -1,0 +1,291 @@
+"""Turning a connection's decrypted parameters into the credential an upstream call carries.
+
+The integration catalogue says *how* a credential travels (bearer, API key in a header, query
+parameter or cookie, basic auth, OAuth2 bearer, or operator templates); this module builds the
+exact header/query/cookie pairs once per decrypted ``Credentials`` and applies them to each call.
+
+Security invariants:
+- exactly one credential reaches the upstream: any caller-supplied header, cookie or query
+  parameter of the same name is removed before the injected one is added, so a caller can neither
+  override the stored credential nor smuggle a second one past the upstream's checks;
+- a rendered value holding CR, LF or NUL (or ``;`` in a cookie) is refused, never sent: it would
+  split the request or inject further headers/cookies;
+- messages name integrations, parameters and header names only, never a value.
+
+Pure module: no aiohttp, no redis. ``apply`` runs on every proxied call, so the per-call work is
+a single pass over the caller's headers with precomputed name sets.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+from proxy.catalogue import Integration
+from proxy.errors import ConnectionNotAuthorized, ValidationError
+
+__all__ = ["Injection", "InjectionCache", "apply", "build_injection", "not_proxyable"]
+
+Pair = tuple[str, str]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_COOKIE_VALUE = re.compile(r"[\r\n\x00;]")
+_QUERY_VALUE_SAFE = "-._~"
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """The credential of one connection: header, query and cookie pairs, already rendered.
+
+    Derived fields are computed once here so ``apply`` does no per-call string work beyond
+    filtering the caller's own headers.
+    """
+
+    headers: tuple[Pair, ...] = ()
+    query: tuple[Pair, ...] = ()
+    cookies: tuple[Pair, ...] = ()
+    # Lower-case header names the caller may not send (including "cookie" when cookies are set).
+    drop_headers: frozenset[str] = field(init=False, repr=False, compare=False)
+    query_names: frozenset[str] = field(init=False, repr=False, compare=False)
+    query_suffix: str = field(init=False, repr=False, compare=False)
+    cookie_names: frozenset[str] = field(init=False, repr=False, compare=False)
+    cookie_suffix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        drop = {name.lower() for name, _ in self.headers}
+        if self.cookies:
+            drop.add("cookie")
+        object.__setattr__(self, "drop_headers", frozenset(drop))
+        object.__setattr__(self, "query_names", frozenset(name for name, _ in self.query))
+        object.__setattr__(
+            self,
+            "query_suffix",
+            "&".join(
+                f"{quote(n, safe=_QUERY_VALUE_SAFE)}={quote(v, safe=_QUERY_VALUE_SAFE)}"
+                for n, v in self.query
+            ),
+        )
+        object.__setattr__(self, "cookie_names", frozenset(name for name, _ in self.cookies))
+        object.__setattr__(self, "cookie_suffix", "; ".join(f"{n}={v}" for n, v in self.cookies))
+
+    def __repr__(self) -> str:
+        # Values are credentials: only the names are shown.
+        return (
+            f"Injection(headers={[n for n, _ in self.headers]}, query={[n for n, _ in self.query]}, "
+            f"cookies={[n for n, _ in self.cookies]})"
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.headers or self.query or self.cookies)
+
+
+def not_proxyable(integration: Integration) -> ValidationError:
+    return ValidationError(
+        f"integration {integration.id!r} is not proxied (its agents speak another protocol); "
+        "read its parameters from the Connection Service instead",
+        fields={"connection_id": f"integration {integration.id!r} is not proxied"},
+    )
+
+
+def _param(integration: Integration, params: Mapping[str, Any], name: str) -> str:
+    value = params.get(name)
+    if value is None or value == "":
+        raise ConnectionNotAuthorized(
+            f"the connection's {integration.id!r} parameter {name!r} is not set; "
+            "complete the connection (PUT /admin/tenants/{tenant_id}/connections/{connection_id} "
+            "or a connect session)"
+        )
+    return str(value)
+
+
+def _check_header(integration: Integration, name: str, value: str) -> Pair:
+    if not _TOKEN.fullmatch(name):
+        raise ValidationError(
+            f"integration {integration.id!r} injects a header whose name is not a valid HTTP "
+            "field name; fix the integration or the connection's header parameters",
+            fields={"header_name": "invalid HTTP field name"},
+        )
+    if _BAD_VALUE.search(value):
+        raise ValidationError(
+            f"the credential integration {integration.id!r} injects into header {name!r} contains "
+            "CR, LF or NUL; fix the connection's parameters",
+            fields={name: "CR, LF or NUL in the rendered value"},
+        )
+    return name, value
+
+
+def _check_query(integration: Integration, name: str, value: str) -> Pair:
+    if not name or _BAD_VALUE.search(name) or _BAD_VALUE.search(value):
+        raise ValidationError(
+            f"integration {integration.id!r} injects a query parameter with an empty name or "
+            "CR, LF or NUL; fix the connection's parameters",
+            fields={name or "query_param": "invalid query parameter"},
+        )
+    return name, value
+
+
+def _check_cookie(integration: Integration, name: str, value: str) -> Pair:
+    if not _TOKEN.fullmatch(name) or _BAD_COOKIE_VALUE.search(value):
+        raise ValidationError(
+            f"integration {integration.id!r} injects a cookie whose name is not a token or whose "
+            "value holds ';', CR, LF or NUL; fix the connection's parameters",
+            fields={name if _TOKEN.fullmatch(name) else "cookie_name": "invalid cookie"},
+        )
+    return name, value
+
+
+def _render_pairs(
+    integration: Integration, templates: Sequence[Pair], params: Mapping[str, Any]
+) -> list[Pair]:
+    out = []
+    for name_tpl, value_tpl in templates:
+        name = integration.render(name_tpl, params) if "{" in name_tpl else name_tpl
+        out.append((name.strip(), integration.render(value_tpl, params)))
+    return out
+
+
+def build_injection(
+    integration: Integration, params: Mapping[str, Any], *, access_token: str | None = None
+) -> Injection:
+    """The credential ``integration`` injects, built from decrypted ``params``.
+
+    OAuth2 kinds use ``access_token`` (from the token manager) and fall back to the stored
+    ``access_token`` parameter. Raises ``ValidationError`` for opaque integrations and for values
+    that would corrupt the request, ``ConnectionNotAuthorized`` when a needed secret is missing.
+    """
+    kind = integration.auth
+    if kind == "bearer":
+        token = _param(integration, params, "token")
+        return Injection(headers=(_check_header(integration, "Authorization", f"Bearer {token}"),))
+    if kind == "api_key":
+        key = _param(integration, params, "api_key")
+        location = str(params.get("location") or "header")
+        if location == "header":
+            name = str(params.get("header_name") or "X-API-Key").strip()
+            return Injection(headers=(_check_header(integration, name, key),))
+        if location == "query":
+            name = str(params.get("query_param") or "api_key")
+            return Injection(query=(_check_query(integration, name, key),))
+        if location == "cookie":
+            name = str(params.get("cookie_name") or "api_key").strip()
+            return Injection(cookies=(_check_cookie(integration, name, key),))
+        raise ValidationError(
+            f"integration {integration.id!r}: location must be header, query or cookie",
+            fields={"location": "must be header, query or cookie"},
+        )
+    if kind == "basic":
+        user = _param(integration, params, "username")
+        password = str(params.get("password") or "")
+        if ":" in user:
+            raise ValidationError(
+                "a basic-auth username cannot contain ':'; fix the connection's username",
+                fields={"username": "contains ':'"},
+            )
+        encoded = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return Injection(headers=(_check_header(integration, "Authorization", f"Basic {encoded}"),))
+    if kind in ("oauth2_authorization_code", "oauth2_client_credentials"):
+        token = access_token if access_token else _param(integration, params, "access_token")
+        return Injection(headers=(_check_header(integration, "Authorization", f"Bearer {token}"),))
+    if kind == "template":
+        return Injection(
+            headers=tuple(
+                _check_header(integration, n, v)
+                for n, v in _render_pairs(integration, integration.inject_headers, params)
+            ),
+            query=tuple(
+                _check_query(integration, n, v)
+                for n, v in _render_pairs(integration, integration.inject_query, params)
+            ),
+            cookies=tuple(
+                _check_cookie(integration, n, v)
+                for n, v in _render_pairs(integration, integration.inject_cookies, params)
+            ),
+        )
+    raise not_proxyable(integration)
+
+
+def _filter_cookies(values: list[str], drop: frozenset[str]) -> list[str]:
+    kept = []
+    for value in values:
+        for part in value.split(";"):
+            part = part.strip()
+            if part and part.partition("=")[0].strip() not in drop:
+                kept.append(part)
+    return kept
+
+
+def _filter_query(query: str, drop: frozenset[str]) -> str:
+    kept = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        # Compared decoded, so "api%5Fkey=" or "api_key" with '+' tricks cannot sneak past.
+        if unquote_plus(part.partition("=")[0]) in drop:
+            continue
+        kept.append(part)
+    return "&".join(kept)
+
+
+def apply(injection: Injection, headers: list[Pair], query: str) -> tuple[list[Pair], str]:
+    """The caller's (already cleaned) ``headers`` and raw ``query`` with the credential added.
+
+    Same-named caller headers, cookies and query parameters are removed first, so exactly one
+    credential reaches the upstream; the caller's other cookies are merged with the injected
+    ones into a single ``Cookie`` header.
+    """
+    drop = injection.drop_headers
+    if drop:
+        out: list[Pair] = []
+        caller_cookies: list[str] = []
+        for pair in headers:
+            lname = pair[0].lower()
+            if lname in drop:
+                if lname == "cookie":
+                    caller_cookies.append(pair[1])
+                continue
+            out.append(pair)
+        out.extend(injection.headers)
+        if injection.cookies:
+            kept = _filter_cookies(caller_cookies, injection.cookie_names)
+            kept.append(injection.cookie_suffix)
+            out.append(("Cookie", "; ".join(kept)))
+        headers = out
+    if injection.query:
+        query = _filter_query(query, injection.query_names) if query else ""
+        query = f"{query}&{injection.query_suffix}" if query else injection.query_suffix
+    return headers, query
+
+
+class InjectionCache:
+    """Injections keyed by the identity of the ``Credentials`` object they were built from.
+
+    The vault caches ``Credentials`` and replaces the object on any change, so identity is a
+    correct key: a new object means new parameters. Entries hold their key object, which keeps
+    ``id()`` from being reused while cached; the map is cleared when it grows past ``max_size``.
+    """
+
+    __slots__ = ("_entries", "max_size")
+
+    def __init__(self, max_size: int = 4096) -> None:
+        self._entries: dict[int, tuple[object, str | None, Any]] = {}
+        self.max_size = max_size
+
+    def get(self, owner: object, token: str | None = None) -> Any:
+        hit = self._entries.get(id(owner))
+        if hit is not None and hit[0] is owner and hit[1] == token:
+            return hit[2]
+        return None
+
+    def put(self, owner: object, value: Any, token: str | None = None) -> None:
+        if len(self._entries) >= self.max_size:
+            self._entries.clear()
+        self._entries[id(owner)] = (owner, token, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
