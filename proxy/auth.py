@@ -1,0 +1,255 @@
+"""Caller authentication: who is calling, from the request's headers and peer address.
+
+Every front end (admin API, Connection Service, proxy) asks the same ``Authenticator`` so a
+credential means the same thing everywhere. Accepted, in ``Authorization`` or
+``Proxy-Authorization`` as ``Bearer <x>``:
+
+- the admin token (constant-time comparison) -> ``Caller("admin", "admin", None)``;
+- a tenant API key ``<prefix>_<key_id>_<secret>`` -> ``Caller("api_key", key_id, tenant)``;
+- a JWT (HS256 with a shared secret, RS256/ES256/EdDSA with configured public keys; ``exp`` and
+  the tenant claim required) -> ``Caller("jwt", sub, tenant)``.
+
+With no header at all, a peer inside ``trusted_networks`` is let in as
+``Caller("trusted_network", ip, None)`` where the front end allows it (Runtara sends no header).
+
+Hot path: verified API keys are cached in memory for ``KEY_CACHE_TTL_S`` so a busy caller does
+not hit the store per request; the secret is still hash-compared on every call. Revocation
+through this process drops the cache entry at once; another replica notices within the TTL.
+Last-used times are kept in memory and written in batches by ``flush_usage``.
+
+Pure module: no aiohttp, no redis. Error messages never quote the presented credential.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from proxy import crypto
+from proxy.errors import ConfigError, ProxyError, Unauthenticated
+from proxy.model import ID_RE, ApiKeyRecord, Caller
+from proxy.settings import Settings
+from proxy.store.base import Store
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # pyjwt >= 2.10; annotations only
+
+log = logging.getLogger("proxy.auth")
+
+KEY_CACHE_TTL_S: Final = 5.0
+# Unknown or revoked key ids are remembered briefly so garbage keys cannot hammer the store.
+NEGATIVE_TTL_S: Final = 2.0
+KEY_CACHE_MAX: Final = 10000
+JWT_LEEWAY_S: Final = 30
+ADMIN: Final = Caller("admin", "admin", None)
+_WWW_AUTH: Final = {"WWW-Authenticate": 'Bearer realm="connection-proxy"'}
+
+
+def _unauthenticated(message: str) -> Unauthenticated:
+    return Unauthenticated(message, headers=_WWW_AUTH)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The bearer credential of a request, or None when it carries no auth header at all.
+
+    ``Proxy-Authorization`` wins when both are present: it is addressed to us explicitly.
+    A header that is present but not ``Bearer <token>`` is an error, not an anonymous call.
+    """
+    raw = headers.get("Proxy-Authorization")
+    if raw is None:
+        raw = headers.get("Authorization")
+    if raw is None:
+        return None
+    scheme, _, token = raw.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthenticated("the Authorization header must be 'Bearer <api key, admin token or JWT>'")
+    return token
+
+
+def peer_in(peer_ip: str | None, networks: tuple[Any, ...]) -> bool:
+    if not peer_ip or not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedKey:
+    expires: float
+    record: ApiKeyRecord | None  # None: unknown or revoked
+
+
+def _public_key_algorithm(key: Any) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return "EdDSA"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name, "")
+    return ""
+
+
+def load_jwt_keys(paths: tuple[Path, ...]) -> dict[str, list[Any]]:
+    """algorithm -> public keys, from PEM files; a bad file stops start-up naming the setting."""
+    keys: dict[str, list[Any]] = {}
+    for path in paths:
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError("jwt_public_key_files", f"cannot read {path}: {exc.strerror}") from None
+        except ValueError:
+            raise ConfigError("jwt_public_key_files", f"{path} is not a PEM public key") from None
+        alg = _public_key_algorithm(key)
+        if not alg:
+            raise ConfigError("jwt_public_key_files", f"{path}: use an RSA, EC or Ed25519 public key")
+        keys.setdefault(alg, []).append(key)
+    return keys
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, store: Store, admin_token: str) -> None:
+        self.settings = settings
+        self.store = store
+        self._admin_token = admin_token
+        self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
+        if settings.jwt_hs256_secret:
+            self._jwt_keys["HS256"] = [settings.jwt_hs256_secret]
+        self._keys: dict[str, _CachedKey] = {}
+        self._last_used: dict[str, float] = {}
+
+    # --- entry point ---------------------------------------------------------------------------
+
+    async def authenticate(
+        self, headers: Mapping[str, str], peer_ip: str | None, *, allow_trusted: bool
+    ) -> Caller:
+        token = bearer_token(headers)
+        if token is None:
+            if allow_trusted and peer_in(peer_ip, self.settings.trusted_networks):
+                return Caller("trusted_network", peer_ip or "-", None)
+            raise _unauthenticated(
+                "no credentials: send 'Authorization: Bearer <api key>' (mint one with "
+                "POST /admin/tenants/{tenant_id}/api-keys)"
+            )
+        if crypto.secrets_equal(token, self._admin_token):
+            return ADMIN
+        parts = crypto.split_api_key(token)
+        if parts is not None:
+            return await self._api_key(token, parts[0])
+        if token.count(".") == 2:
+            return self._jwt(token)
+        raise _unauthenticated("the bearer credential is not a valid admin token, API key or JWT")
+
+    # --- API keys ------------------------------------------------------------------------------
+
+    async def _api_key(self, token: str, key_id: str) -> Caller:
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is None or cached.expires <= now:
+            record = await self.store.get_api_key(key_id)
+            if record is not None and record.revoked_at is not None:
+                record = None
+            ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            cached = self._keys[key_id] = _CachedKey(now + ttl, record)
+        record = cached.record
+        # Hash compare on every call, cached or not: the cache holds the hash, never the key.
+        if record is None or not crypto.secrets_equal(crypto.hash_api_key(token), record.secret_hash):
+            raise _unauthenticated(
+                f"API key {key_id} is unknown or revoked; mint a new one with "
+                "POST /admin/tenants/{tenant_id}/api-keys"
+            )
+        self._last_used[key_id] = time.time()
+        return Caller("api_key", key_id, record.tenant_id)
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop a cached key at once (after revocation) so the next call re-reads the store."""
+        self._keys.pop(key_id, None)
+        self._last_used.pop(key_id, None)
+
+    async def flush_usage(self) -> None:
+        """Write buffered last-used times in one batch; on failure keep them for the next try."""
+        if not self._last_used:
+            return
+        batch, self._last_used = self._last_used, {}
+        try:
+            await self.store.touch_api_keys(batch)
+        except ProxyError as exc:
+            for key_id, ts in batch.items():
+                if self._last_used.get(key_id, 0.0) < ts:
+                    self._last_used[key_id] = ts
+            log.warning("could not record API key last-used times (%s); will retry", exc.code)
+
+    # --- JWTs ----------------------------------------------------------------------------------
+
+    def _jwt(self, token: str) -> Caller:
+        s = self.settings
+        if not self._jwt_keys:
+            raise _unauthenticated(
+                "JWTs are not accepted here: no jwt_hs256_secret or jwt_public_key_files configured"
+            )
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise _unauthenticated("the bearer JWT is malformed") from None
+        keys = self._jwt_keys.get(alg) if isinstance(alg, str) else None
+        if not keys or not isinstance(alg, str):
+            # Also refuses "none" and HS/RS confusion: only algorithms with a configured key.
+            raise _unauthenticated(
+                f"JWT algorithm {str(alg)[:20]!r} is not accepted; use one of {sorted(self._jwt_keys)}"
+            )
+        required = ["exp", s.jwt_tenant_claim, *(["iss"] if s.jwt_issuer else [])]
+        options: Options = {"require": required, "verify_aud": bool(s.jwt_audience)}
+        claims: dict[str, Any] | None = None
+        problem = "its signature does not verify with any configured key"
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    options=options,
+                    audience=s.jwt_audience,
+                    issuer=s.jwt_issuer,
+                    leeway=JWT_LEEWAY_S,
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise _unauthenticated("the bearer JWT has expired") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise _unauthenticated(f"the bearer JWT lacks the required claim {exc.claim!r}") from None
+            except jwt.InvalidAudienceError:
+                raise _unauthenticated("the bearer JWT is for another audience") from None
+            except jwt.InvalidIssuerError:
+                raise _unauthenticated("the bearer JWT comes from an issuer that is not trusted") from None
+            except jwt.PyJWTError:
+                problem = "it is malformed or not yet valid"
+                continue
+        if claims is None:
+            raise _unauthenticated(f"the bearer JWT is not accepted: {problem}")
+        tenant = claims.get(s.jwt_tenant_claim)
+        if not isinstance(tenant, str) or not ID_RE.match(tenant):
+            raise _unauthenticated(f"the JWT claim {s.jwt_tenant_claim!r} must be a tenant id string")
+        sub = claims.get("sub")
+        subject = sub if isinstance(sub, str) and sub and len(sub) <= 200 else "unknown"
+        return Caller("jwt", subject, tenant)
+
+
+__all__ = ["ADMIN", "Authenticator", "bearer_token", "load_jwt_keys", "peer_in"]
