@@ -1,7 +1,269 @@
-"""Placeholder: filled in by its owner."""
+"""The Runtara Connection Service: ``GET {prefix}/{tenant_id}/{connection_id}`` (+ ``/metadata``).
+
+Runtara workflows fetch a connection before every external call and accept only exactly 200 with
+``parameters`` and a non-null string ``integration_id``; anything else fails the step. Hence:
+
+- Unknown connection, invalid id, or a connection of another tenant (for a tenant-bound key or
+  JWT): the same 404 ``CONNECTION_NOT_FOUND``, so a key of tenant A learns nothing about B.
+- A *pending* or *needs_reauth* connection has no usable credentials: 424
+  ``CONNECTION_NOT_AUTHORIZED`` with how to connect it, rather than a 200 with empty parameters
+  the agent would misuse. A connection in *error* still answers 200: its credentials exist, and
+  ``/metadata`` reports ``INVALID_CREDENTIALS``.
+- Proxy-only connections (the connection's ``options.proxy_only``, its tenant's flag, or
+  ``proxy_only_tenants``) answer only their non-secret parameters: secrets stay in the service.
+- ``rate_limit``: Runtara calls the upstream directly after a fetch that says "not limited", so
+  for a connection with configured windows each successful fetch *is* one call and is counted
+  (``acquire``); a denied fetch consumes nothing and answers ``is_limited: true`` with
+  ``retry_after_ms``. Proxy-only connections are counted by the proxy itself, so their fetches
+  only ``peek``. The key is omitted when nothing limits the connection.
+- The service's own per-caller quota (``service_quota_per_minute``) answers 429 with an integer
+  ``Retry-After``, as the seed contract says.
+
+URL tolerance: ids may be raw or percent-encoded (``tenant%3A1``), the prefix may carry a path,
+and the ``//`` a client makes from a base URL with a trailing slash is accepted. The path is
+split on its raw form, so an encoded ``%2F`` can never shift the segments.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy.errors import ConnectionNotAuthorized, ProxyError, RateLimited, ValidationError
+from proxy.metrics import CONNECTION_SERVICE
+from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
+from proxy.ratelimit.limiter import LimitTarget
+from proxy.vault import Credentials
+from proxy.web.authn import caller_for, not_found, services_of
+from proxy.web.errors import request_id_of
+
+if TYPE_CHECKING:
+    from proxy.web.app import Services
+
+STATUS_MAP: Final = {
+    "active": "ACTIVE",
+    "needs_reauth": "REQUIRES_RECONNECTION",
+    "error": "INVALID_CREDENTIALS",
+    # A pending shell has never held credentials; what the caller must do is the same as for an
+    # expired grant: (re)connect it. UNKNOWN would hide that actionable fact.
+    "pending": "REQUIRES_RECONNECTION",
+}
+READ: Final = "credential.read"
+METADATA: Final = "connection.metadata"
+_FLAGS_KEY: Final = "connsvc_tenant_flags"
+
+
+class _TenantFlags:
+    """Tenant proxy-only flags, cached like credentials so the hot path skips the store."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.ttl = max(svc.settings.credential_cache_ttl_s, 0.0)
+        self._cache: dict[str, tuple[float, bool]] = {}
+
+    async def proxy_only(self, tenant_id: str) -> bool:
+        if tenant_id in self.svc.settings.proxy_only_tenants:
+            return True
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        tenant = await self.svc.store.get_tenant(tenant_id)
+        flag = bool(tenant is not None and tenant.proxy_only)
+        if self.ttl > 0:
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[tenant_id] = (now + self.ttl, flag)
+        return flag
+
+    def forget(self, tenant_id: str) -> None:
+        self._cache.pop(tenant_id, None)
+
+
+def _parse_path(request: web.Request, prefix: str) -> tuple[str, str, bool] | None:
+    """(tenant, connection, is_metadata) from the raw path, or None when it is no such URL."""
+    raw = request.raw_path.split("?", 1)[0]
+    if not raw.startswith(prefix):
+        return None
+    segments = [unquote(s) for s in raw[len(prefix) :].split("/") if s]
+    metadata = len(segments) == 3 and segments[2] == "metadata"
+    if len(segments) != 2 and not metadata:
+        return None
+    tid, cid = segments[0], segments[1]
+    if not ID_RE.match(tid) or not ID_RE.match(cid):
+        return None
+    return tid, cid, metadata
+
+
+def _runtime_user(request: web.Request) -> str | None:
+    value = request.headers.get("X-Runtime-User-Id") or request.query.get("runtime_user_id")
+    if not value:
+        return None
+    if not ID_RE.match(value):
+        raise ValidationError(
+            "X-Runtime-User-Id must be an identifier (letters, digits and . _ : @ + = ~ -)",
+            fields={"runtime_user_id": "invalid identifier"},
+        )
+    return value
+
+
+def connection_target(record: ConnectionRecord) -> LimitTarget:
+    opts = record.options
+    weight = opts.get("quota_weight")
+    return LimitTarget(
+        scope=f"{record.tenant_id}/{record.connection_id}",
+        windows=record.rate_limits,
+        quota_key=opts.get("quota_key") or None,
+        weight=float(weight) if weight else 1.0,
+        reserve=int(opts.get("reserve") or 0),
+    )
+
+
+def _not_authorized(tid: str, cid: str, status: str) -> ConnectionNotAuthorized:
+    what = "has no credentials yet" if status == "pending" else "needs to be re-authorized"
+    return ConnectionNotAuthorized(
+        f"connection {cid!r} of tenant {tid!r} {what}: connect it with "
+        f"POST /admin/tenants/{tid}/connect-sessions (integration and connection id) or set its "
+        f"parameters with PATCH /admin/tenants/{tid}/connections/{cid}"
+    )
+
+
+async def _quota(svc: Services, caller: Caller) -> None:
+    decision = await svc.limiter.acquire(
+        LimitTarget(
+            scope=f"_svc/{caller.actor}",
+            windows=(RateWindow(svc.settings.service_quota_per_minute, 60.0),),
+        )
+    )
+    if not decision.allowed:
+        raise RateLimited(
+            f"this caller exceeded the Connection Service quota of {svc.settings.service_quota_per_minute} "
+            "requests per minute; retry after Retry-After seconds",
+            retry_after_ms=decision.retry_after_ms,
+            source="service_quota",
+        )
+
+
+async def _rate_limit(svc: Services, record: ConnectionRecord, proxy_only: bool) -> dict[str, Any] | None:
+    target = connection_target(record)
+    if target.windows and not proxy_only:
+        state = (await svc.limiter.acquire(target)).state
+    else:
+        state = await svc.limiter.peek(target)
+    if not target.windows and state.source is None and not state.is_limited:
+        return None
+    return state.to_contract()
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def handle(request: web.Request) -> web.Response:
+    svc = services_of(request.app)
+    try:
+        resp = await _handle(request, svc)
+    except ProxyError as exc:
+        CONNECTION_SERVICE.labels(outcome=exc.code).inc()
+        raise
+    CONNECTION_SERVICE.labels(outcome="ok").inc()
+    return resp
+
+
+async def _handle(request: web.Request, svc: Services) -> web.Response:
+    caller = await caller_for(request, allow_trusted=True)
+    parsed = _parse_path(request, svc.settings.connection_service_prefix)
+    if parsed is None:
+        raise not_found("?", "?")
+    tid, cid, metadata = parsed
+    rid = request_id_of(request)
+    action = METADATA if metadata else READ
+    audit = svc.audit
+    try:
+        await _quota(svc, caller)
+    except RateLimited:
+        audit.record_use(caller.actor, tid, cid, action, "rate_limited", rid)
+        raise
+    if not caller.may_access(tid):
+        audit.record_use(caller.actor, tid, cid, action, "denied", rid)
+        raise not_found(tid, cid)
+    resolved = await svc.vault.resolve(tid, cid, _runtime_user(request))
+    try:
+        creds = await svc.vault.credentials(tid, resolved)
+    except ProxyError as exc:
+        audit.record_use(caller.actor, tid, resolved, action, exc.code.lower(), rid)
+        if exc.status == 404:
+            raise not_found(tid, cid) from None
+        raise
+    record = creds.record
+    if metadata:
+        audit.record_use(caller.actor, tid, resolved, action, "ok", rid)
+        return _json(
+            {
+                "connectionId": record.connection_id,
+                "integrationId": record.integration_id,
+                "connectionSubtype": record.connection_subtype,
+                "status": STATUS_MAP.get(record.status, "UNKNOWN"),
+            }
+        )
+    if record.status in ("pending", "needs_reauth"):
+        audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
+        raise _not_authorized(tid, resolved, record.status)
+    proxy_only = record.proxy_only or await _flags(svc).proxy_only(tid)
+    body: dict[str, Any] = {
+        "parameters": creds.public_params() if proxy_only else dict(creds.params),
+        "integration_id": record.integration_id,
+        "connection_subtype": record.connection_subtype,
+    }
+    rate_limit = await _rate_limit(svc, record, proxy_only)
+    if rate_limit is not None:
+        body["rate_limit"] = rate_limit
+    await _audit_release(svc, caller, creds, proxy_only, rid)
+    return _json(body)
+
+
+async def _audit_release(
+    svc: Services, caller: Caller, creds: Credentials, proxy_only: bool, rid: str
+) -> None:
+    record = creds.record
+    outcome = "ok_public_only" if proxy_only else "ok"
+    if svc.settings.audit_required and not proxy_only:
+        # The credential leaves only once its release is on record.
+        await svc.audit.record_required(
+            AuditEvent(
+                ts=time.time(),
+                tenant_id=record.tenant_id,
+                action=READ,
+                actor=caller.actor,
+                outcome=outcome,
+                connection_id=record.connection_id,
+                request_id=rid,
+                detail={"count": 1},
+            )
+        )
+    else:
+        svc.audit.record_use(caller.actor, record.tenant_id, record.connection_id, READ, outcome, rid)
+
+
+def _flags(svc: Services) -> _TenantFlags:
+    flags = svc.extras.get(_FLAGS_KEY)
+    if not isinstance(flags, _TenantFlags):
+        flags = svc.extras[_FLAGS_KEY] = _TenantFlags(svc)
+    return flags
+
 
 def setup(app: web.Application) -> None:
-    return None
+    svc = services_of(app)
+    flags = _flags(svc)
+    svc.extras["forget_tenant_flags"] = flags.forget
+    prefix = svc.settings.connection_service_prefix
+    # One catch-all route: the handler splits the raw path itself (see the module docstring).
+    app.router.add_get(prefix + "/{tail:.*}", handle)
