@@ -1,0 +1,187 @@
+"""The audit writer against real stores: batching, aggregation, bounds, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.audit import AuditLog
+from proxy.errors import ServiceUnavailable
+from proxy.metrics import REGISTRY
+from proxy.model import AuditEvent
+from proxy.settings import Settings, load_settings
+from proxy.store.base import AuditQuery, Store
+from proxy.store.redis import RedisStore
+from proxy.store.sqlite import SqliteStore
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"))
+    else:
+        s = SqliteStore(tmp_path / "audit.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def settings(**overrides: Any) -> Settings:
+    return load_settings(env={}, overrides={"audit_flush_interval_s": 60, **overrides})
+
+
+def event(action: str = "connection.create", tenant: str = "t1", **kw: Any) -> AuditEvent:
+    return AuditEvent(ts=time.time(), tenant_id=tenant, action=action, actor="admin:admin", **kw)
+
+
+async def events(store: Store, tenant: str = "t1", **filters: Any) -> list[AuditEvent]:
+    return (await store.query_audit(AuditQuery(tenant_id=tenant, limit=1000, **filters))).items
+
+
+async def count_all(store: Store, tenant: str = "t1") -> int:
+    total, cursor = 0, None
+    while True:
+        page = await store.query_audit(AuditQuery(tenant_id=tenant, limit=500, cursor=cursor))
+        total += len(page.items)
+        if page.next_cursor is None:
+            return total
+        cursor = page.next_cursor
+
+
+def metric(result: str) -> float:
+    return REGISTRY.get_sample_value("proxy_audit_events_total", {"result": result}) or 0.0
+
+
+async def test_record_is_buffered_until_flush(store: Store) -> None:
+    log = AuditLog(store, settings())
+    log.record(event(connection_id="c1", request_id="r1", detail={"version": 1}))
+    assert log.pending == 1
+    assert await events(store) == []  # nothing written on the caller's path
+    await log.flush()
+    [written] = await events(store)
+    assert (written.action, written.connection_id, written.request_id, written.detail) == (
+        "connection.create",
+        "c1",
+        "r1",
+        {"version": 1},
+    )
+    assert log.pending == 0
+
+
+async def test_record_use_aggregates_per_key_within_an_interval(store: Store) -> None:
+    log = AuditLog(store, settings())
+    for i in range(1000):
+        log.record_use("api_key:k1", "t1", "c1", "credential.read", "ok", f"r{i}")
+    log.record_use("api_key:k1", "t1", "c1", "credential.read", "connection_not_found", "rx")
+    log.record_use("api_key:k2", "t1", "c1", "credential.read", "ok", "ry")
+    assert log.pending == 3
+    await log.flush()
+    ok = await events(store, actor="api_key:k1", outcome="ok")
+    assert len(ok) == 1
+    assert ok[0].detail == {
+        "count": 1000,
+        "first_request_id": "r0",
+        "last_request_id": "r999",
+        "last_ts": ok[0].detail["last_ts"],
+    }
+    assert ok[0].request_id == "r0"
+    assert len(await events(store, outcome="connection_not_found")) == 1
+    [single] = await events(store, actor="api_key:k2")
+    assert single.detail == {"count": 1}
+    # The next interval starts a new aggregate.
+    log.record_use("api_key:k1", "t1", "c1", "credential.read", "ok", "r-next")
+    await log.flush()
+    assert len(await events(store, actor="api_key:k1", outcome="ok")) == 2
+
+
+async def test_store_failure_keeps_events_for_the_next_flush(tmp_path: Path) -> None:
+    path = tmp_path / "fail.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    log = AuditLog(store, settings())
+    log.record(event(connection_id="c1"))
+    log.record_use("admin:admin", "t1", "c1", "credential.read", "ok", "r1")
+    await store.close()
+    failed = metric("failed")
+    await log.flush()
+    assert log.pending == 2 and metric("failed") > failed
+    store2 = SqliteStore(path)
+    await store2.open()
+    log.store = store2
+    await log.flush()
+    assert log.pending == 0
+    assert len(await events(store2)) == 2
+    await store2.close()
+
+
+async def test_bounded_buffer_drops_and_counts_overflow(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "bound.sqlite3")  # never opened: every flush fails
+    log = AuditLog(store, settings(audit_buffer_max=100))
+    dropped = metric("dropped")
+    for i in range(130):
+        log.record(event(request_id=f"r{i}"))
+    for i in range(10):
+        log.record_use(f"api_key:k{i}", "t1", "c1", "credential.read", "ok", None)
+    assert log.pending == 100
+    assert metric("dropped") - dropped == 40
+    await log.flush()  # fails: still bounded, nothing more lost
+    assert log.pending == 100
+
+
+async def test_background_flusher_writes_without_explicit_flush(store: Store) -> None:
+    log = AuditLog(store, settings(audit_flush_interval_s=0.05))
+    await log.start()
+    try:
+        log.record(event())
+        deadline = time.monotonic() + 5
+        while not await events(store) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(await events(store)) == 1
+    finally:
+        await log.stop()
+
+
+async def test_stop_flushes_everything_buffered(store: Store) -> None:
+    log = AuditLog(store, settings())  # 60 s interval: only stop() can write these
+    await log.start()
+    for i in range(1200):  # more than one batch
+        log.record(event(request_id=f"r{i}"))
+    log.record_use("admin:admin", "t1", "c9", "credential.read", "ok", "r")
+    await log.stop()
+    assert await count_all(store) == 1201
+
+
+async def test_record_required_writes_now_or_refuses(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "req.sqlite3")
+    await store.open()
+    log = AuditLog(store, settings(audit_required=True))
+    await log.record_required(event("credential.read", connection_id="c1", request_id="r1"))
+    assert len(await events(store)) == 1  # durable before returning, no flush needed
+    await store.close()
+    with pytest.raises(ServiceUnavailable) as info:
+        await log.record_required(event("credential.read", connection_id="c1"))
+    assert "credential not released" in info.value.message
+
+
+async def test_flush_hooks_run_after_each_flush_and_failures_are_contained(store: Store) -> None:
+    log = AuditLog(store, settings())
+    calls: list[str] = []
+
+    async def good() -> None:
+        calls.append("good")
+
+    async def bad() -> None:
+        raise RuntimeError("boom")
+
+    log.add_flush_hook(bad)
+    log.add_flush_hook(good)
+    log.add_flush_hook(good)  # registered once
+    await log.flush()
+    await log.flush()
+    assert calls == ["good", "good"]

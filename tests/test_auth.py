@@ -1,0 +1,274 @@
+"""Caller authentication against real stores: admin token, API keys, JWTs, trusted networks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from proxy import crypto
+from proxy.auth import Authenticator, bearer_token, peer_in
+from proxy.errors import ConfigError, Unauthenticated
+from proxy.model import ApiKeyRecord, Caller
+from proxy.settings import Settings, load_settings
+from proxy.store.base import Store
+from proxy.store.redis import RedisStore
+from proxy.store.sqlite import SqliteStore
+
+ADMIN = "admin-token-for-tests-0123456789"
+HS = "hs256-shared-secret-for-tests-0123456789"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"))
+    else:
+        s = SqliteStore(tmp_path / "auth.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def settings(**overrides: Any) -> Settings:
+    return load_settings(env={}, overrides=overrides)
+
+
+async def mint(store: Store, tenant: str = "t1") -> tuple[str, str]:
+    key_id, full = crypto.new_api_key()
+    await store.put_api_key(
+        ApiKeyRecord(
+            key_id=key_id, tenant_id=tenant, secret_hash=crypto.hash_api_key(full), created_at=time.time()
+        )
+    )
+    return key_id, full
+
+
+def hdr(token: str, name: str = "Authorization") -> dict[str, str]:
+    return {name: f"Bearer {token}"}
+
+
+async def expect_401(auth: Authenticator, headers: dict[str, str], peer: str | None = None, **kw: Any) -> str:
+    with pytest.raises(Unauthenticated) as info:
+        await auth.authenticate(headers, peer, allow_trusted=kw.get("allow_trusted", False))
+    assert info.value.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    return info.value.message
+
+
+# --- header parsing and networks ---------------------------------------------------------------
+
+
+def test_bearer_token_parsing() -> None:
+    assert bearer_token({}) is None
+    assert bearer_token({"Authorization": "bearer abc"}) == "abc"
+    assert bearer_token({"Authorization": "Bearer  abc "}) == "abc"
+    # Proxy-Authorization is addressed to the proxy: it wins over Authorization.
+    assert bearer_token({"Authorization": "Bearer up", "Proxy-Authorization": "Bearer mine"}) == "mine"
+    for bad in ("Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "token"):
+        with pytest.raises(Unauthenticated):
+            bearer_token({"Authorization": bad})
+
+
+def test_peer_in_networks() -> None:
+    nets = settings(trusted_networks=["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]).trusted_networks
+    assert peer_in("127.0.0.1", nets)
+    assert peer_in("10.2.3.4", nets)
+    assert peer_in("::ffff:127.0.0.1", nets)  # IPv4-mapped from a dual-stack socket
+    assert peer_in("fd00::1", nets)
+    assert not peer_in("127.0.0.2", nets)
+    assert not peer_in("192.168.1.1", nets)
+    assert not peer_in(None, nets)
+    assert not peer_in("not-an-ip", nets)
+    assert not peer_in("127.0.0.1", ())
+
+
+# --- admin token and trusted networks ----------------------------------------------------------
+
+
+async def test_admin_token_and_wrong_tokens(store: Store) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    assert await auth.authenticate(hdr(ADMIN), None, allow_trusted=False) == Caller("admin", "admin", None)
+    assert (
+        await auth.authenticate(hdr(ADMIN, "Proxy-Authorization"), None, allow_trusted=False)
+    ).kind == "admin"
+    msg = await expect_401(auth, hdr(ADMIN + "x"))
+    assert ADMIN not in msg
+    assert "no credentials" in await expect_401(auth, {})
+
+
+async def test_trusted_network_only_without_header_and_only_where_allowed(store: Store) -> None:
+    auth = Authenticator(settings(trusted_networks=["127.0.0.1/32"]), store, ADMIN)
+    caller = await auth.authenticate({}, "127.0.0.1", allow_trusted=True)
+    assert caller == Caller("trusted_network", "127.0.0.1", None)
+    assert caller.may_access("any-tenant")
+    await expect_401(auth, {}, "127.0.0.1", allow_trusted=False)  # admin routes never trust networks
+    await expect_401(auth, {}, "10.0.0.1", allow_trusted=True)
+    # A header that is present but wrong is never rescued by the network.
+    await expect_401(auth, hdr("garbage"), "127.0.0.1", allow_trusted=True)
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+
+async def test_api_key_binds_its_tenant(store: Store) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    key_id, full = await mint(store, "tenant-a")
+    caller = await auth.authenticate(hdr(full), None, allow_trusted=False)
+    assert caller == Caller("api_key", key_id, "tenant-a")
+    assert caller.may_access("tenant-a") and not caller.may_access("tenant-b")
+    assert caller.actor == f"api_key:{key_id}"
+
+
+async def test_api_key_wrong_secret_or_unknown_id_is_401_without_echo(store: Store) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    key_id, full = await mint(store)
+    tampered = full[:-1] + ("A" if full[-1] != "A" else "B")
+    msg = await expect_401(auth, hdr(tampered))
+    assert tampered not in msg and full.rsplit("_", 1)[1] not in msg
+    # A correct key must still work after a failed attempt with the same id (cache holds the hash).
+    assert (await auth.authenticate(hdr(full), None, allow_trusted=False)).id == key_id
+    _, other = crypto.new_api_key()
+    await expect_401(auth, hdr(other))
+
+
+async def test_verified_keys_are_served_from_memory(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a.sqlite3")
+    await store.open()
+    auth = Authenticator(settings(), store, ADMIN)
+    _, full = await mint(store)
+    await auth.authenticate(hdr(full), None, allow_trusted=False)
+    await store.close()
+    # The store is gone; the hot path still authenticates from the cache.
+    assert (await auth.authenticate(hdr(full), None, allow_trusted=False)).tenant_id == "t1"
+
+
+async def test_revocation_is_immediate_after_forget_key(store: Store) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    key_id, full = await mint(store)
+    await auth.authenticate(hdr(full), None, allow_trusted=False)
+    record = await store.get_api_key(key_id)
+    assert record is not None
+    await store.put_api_key(ApiKeyRecord(**{**record.to_dict(), "revoked_at": time.time()}))
+    auth.forget_key(key_id)
+    assert "revoked" in await expect_401(auth, hdr(full))
+
+
+async def test_last_used_times_are_flushed_in_batch_and_survive_a_failed_flush(tmp_path: Path) -> None:
+    path = tmp_path / "lu.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    auth = Authenticator(settings(), store, ADMIN)
+    key_id, full = await mint(store)
+    before = time.time()
+    await auth.authenticate(hdr(full), None, allow_trusted=False)
+    rec = await store.get_api_key(key_id)
+    assert rec is not None and rec.last_used_at is None  # nothing written on the request path
+    await store.close()
+    await auth.flush_usage()  # fails: kept for the next flush
+    store2 = SqliteStore(path)
+    await store2.open()
+    auth.store = store2
+    await auth.flush_usage()
+    rec = await store2.get_api_key(key_id)
+    assert rec is not None and rec.last_used_at is not None and rec.last_used_at >= before
+    await store2.close()
+
+
+# --- JWTs --------------------------------------------------------------------------------------
+
+
+def hs_token(claims: dict[str, Any], secret: str = HS, alg: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    return {"sub": "wf-1", "tenant_id": "t9", "exp": int(time.time()) + 60, **extra}
+
+
+async def test_jwt_hs256(store: Store) -> None:
+    auth = Authenticator(settings(jwt_hs256_secret=HS), store, ADMIN)
+    caller = await auth.authenticate(hdr(hs_token(claims())), None, allow_trusted=False)
+    assert caller == Caller("jwt", "wf-1", "t9")
+    assert "expired" in await expect_401(auth, hdr(hs_token(claims(exp=int(time.time()) - 3600))))
+    no_exp = claims()
+    del no_exp["exp"]
+    assert "'exp'" in await expect_401(auth, hdr(hs_token(no_exp)))
+    no_tenant = claims()
+    del no_tenant["tenant_id"]
+    assert "'tenant_id'" in await expect_401(auth, hdr(hs_token(no_tenant)))
+    await expect_401(auth, hdr(hs_token(claims(tenant_id=["a", "b"]))))
+    await expect_401(auth, hdr(hs_token(claims(), secret="another-secret-0123456789-abcdefgh")))
+    # alg=none is never accepted.
+    await expect_401(auth, hdr(jwt.encode(claims(), None, algorithm="none")))
+
+
+async def test_jwt_issuer_audience_and_tenant_claim(store: Store) -> None:
+    s = settings(jwt_hs256_secret=HS, jwt_issuer="https://idp", jwt_audience="proxy", jwt_tenant_claim="org")
+    auth = Authenticator(s, store, ADMIN)
+    good = claims(iss="https://idp", aud="proxy", org="acme")
+    assert (await auth.authenticate(hdr(hs_token(good)), None, allow_trusted=False)).tenant_id == "acme"
+    assert "audience" in await expect_401(auth, hdr(hs_token({**good, "aud": "other"})))
+    assert "issuer" in await expect_401(auth, hdr(hs_token({**good, "iss": "https://evil"})))
+    missing_iss = dict(good)
+    del missing_iss["iss"]
+    await expect_401(auth, hdr(hs_token(missing_iss)))
+
+
+def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    signing = (
+        b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(payload).encode())
+    )
+    return signing + "." + b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
+
+
+def write_public(tmp_path: Path, name: str, private: Any) -> Path:
+    path = tmp_path / name
+    path.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+async def test_jwt_rs256_and_eddsa_from_key_files(store: Store, tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    files = [str(write_public(tmp_path, "rsa.pem", rsa_key)), str(write_public(tmp_path, "ed.pem", ed_key))]
+    auth = Authenticator(settings(jwt_public_key_files=files), store, ADMIN)
+    rs = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    ed = jwt.encode(claims(sub="wf-ed"), ed_key, algorithm="EdDSA")
+    assert (await auth.authenticate(hdr(rs), None, allow_trusted=False)).id == "wf-1"
+    assert (await auth.authenticate(hdr(ed), None, allow_trusted=False)).id == "wf-ed"
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    await expect_401(auth, hdr(jwt.encode(claims(), other, algorithm="RS256")))
+    # Algorithm confusion: an HS256 token "signed" with the public key text is refused.
+    pem = Path(files[0]).read_bytes()
+    assert "not accepted" in await expect_401(auth, hdr(forge_hs256(claims(), pem)))
+
+
+async def test_jwt_refused_when_not_configured(store: Store) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    assert "not accepted" in await expect_401(auth, hdr(hs_token(claims())))
+
+
+def test_bad_public_key_file_names_the_setting(tmp_path: Path, store: Store) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError) as info:
+        Authenticator(settings(jwt_public_key_files=[str(bad)]), store, ADMIN)
+    assert info.value.key == "jwt_public_key_files"
