@@ -151,12 +151,34 @@ async def _quota(svc: Services, caller: Caller) -> None:
 async def _rate_limit(svc: Services, record: ConnectionRecord, proxy_only: bool) -> dict[str, Any] | None:
     target = connection_target(record)
     if target.windows and not proxy_only:
-        state = (await svc.limiter.acquire(target)).state
-    else:
-        state = await svc.limiter.peek(target)
+        decision = await svc.limiter.acquire(target)
+        state = decision.state
+        # This fetch is the grant for the caller's next call: is_limited answers "may I call
+        # now?", not "would one more call pass?" (which is what the post-consume state says).
+        return {
+            "is_limited": not decision.allowed,
+            "remaining": state.remaining,
+            "reset_at": state.reset_at,
+            "retry_after_ms": None if decision.allowed else decision.retry_after_ms,
+        }
+    state = await svc.limiter.peek(target)
     if not target.windows and state.source is None and not state.is_limited:
         return None
     return state.to_contract()
+
+
+async def _fresh(svc: Services, creds: Credentials) -> tuple[Credentials, dict[str, Any]]:
+    """OAuth2 authorization-code connections hand out a current access token (refreshed here,
+    single-flight, when it is about to expire), so agents never need the refresh token flow."""
+    if creds.integration.auth != "oauth2_authorization_code":
+        return creds, dict(creds.params)
+    token = await svc.tokens.access_token(creds)
+    if token != creds.params.get("access_token"):
+        record = creds.record
+        creds = await svc.vault.credentials(record.tenant_id, record.connection_id)
+    params = dict(creds.params)
+    params["access_token"] = token
+    return creds, params
 
 
 def _json(body: dict[str, Any]) -> web.Response:
@@ -218,8 +240,12 @@ async def _handle(request: web.Request, svc: Services) -> web.Response:
         audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
         raise _not_authorized(tid, resolved, record.status)
     proxy_only = record.proxy_only or await _flags(svc).proxy_only(tid)
+    if proxy_only:
+        params = creds.public_params()
+    else:
+        creds, params = await _fresh(svc, creds)
     body: dict[str, Any] = {
-        "parameters": creds.public_params() if proxy_only else dict(creds.params),
+        "parameters": params,
         "integration_id": record.integration_id,
         "connection_subtype": record.connection_subtype,
     }
