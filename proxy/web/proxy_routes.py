@@ -1,7 +1,499 @@
-"""Placeholder: filled in by its owner."""
+"""The proxy's front ends: path mode, Runtara's envelope, forward-proxy mode, connection test.
 
+All four run ``proxy.pipeline.Pipeline``; this module only reads the call the way each front end
+carries it and writes the answer back the way that front end expects:
+
+- ``ANY /proxy/{path}`` (the contract's path mode): streams both ways, constant memory;
+- ``POST /api/internal/proxy`` (Runtara's envelope): JSON in, JSON out, success always HTTP 200;
+- absolute-form requests (``GET http://host/path HTTP/1.1``) to the service: forward-proxy mode,
+  detected by a middleware before routing; ``CONNECT`` is refused (no tunnels: a tunnel would
+  hide the request from the credential injection);
+- ``POST /admin/tenants/{t}/connections/{c}/test``: the integration's test request.
+
+Streaming invariants: a body is never buffered in path or forward mode (except a small, replayable
+one when retries are asked for); an upstream that breaks mid-body makes the client connection
+abort, so the client sees a broken response rather than a complete-looking one; a client that
+goes away cancels the upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import time
+from typing import Any
+
+import aiohttp
 from aiohttp import web
+
+from proxy.errors import (
+    BadRequest,
+    Conflict,
+    ConnectionNotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ProxyError,
+    Unauthenticated,
+    UpstreamUnreachable,
+    ValidationError,
+)
+from proxy.headers import clean_response_headers
+from proxy.model import Caller, ConnectionStatus, check_id
+from proxy.pipeline import (
+    IDEMPOTENT,
+    MAX_REPLAY_BODY,
+    MAX_RETRIES,
+    Body,
+    Exchange,
+    Pipeline,
+    outcome_of,
+    parse_control_int,
+)
+from proxy.web.authn import caller_for, not_found, require_admin, services_of
+from proxy.web.errors import request_id_of
+
+__all__ = ["PIPELINE", "setup"]
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+CHUNK = 64 * 1024
+ENVELOPE_MAX_BODY = 32 * 1024 * 1024
+# The envelope carries the body base64-encoded inside JSON: 4/3 of the body plus headers.
+ENVELOPE_MAX_REQUEST = ENVELOPE_MAX_BODY * 4 // 3 + 1024 * 1024
+DISCONNECT_POLL_S = 0.25
+_PATH_PREFIX = "/proxy"
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+
+
+class _DisconnectWatch:
+    """Cancels the handler when its client connection is gone.
+
+    aiohttp runs handlers to completion after a disconnect unless the whole server is built with
+    handler_cancellation; a proxied call must not keep an upstream busy for nobody, so this polls
+    the transport with one cheap timer (most calls finish before it ever fires).
+    """
+
+    __slots__ = ("_handle", "_loop", "_request", "_task")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(DISCONNECT_POLL_S, self._check)
+
+    def _check(self) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            self._handle = None
+            if self._task is not None:
+                self._task.cancel()
+            return
+        self._handle = self._loop.call_later(DISCONNECT_POLL_S, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+def _connection_id(value: str | None) -> str:
+    if not value:
+        raise ValidationError(
+            "X-Connection-Id is required: name the connection whose credentials this call uses",
+            fields={"X-Connection-Id": "required"},
+        )
+    return check_id("X-Connection-Id", value)
+
+
+def _tenant(caller: Caller, value: str | None, connection_id: str, header: str) -> str:
+    """The tenant of the call: the caller's own, or ``header`` for admin/trusted callers."""
+    if caller.tenant_id is None:
+        if not value:
+            raise ValidationError(
+                f"{header} is required for callers not bound to a tenant (admin token, trusted "
+                "network); tenant API keys imply their tenant",
+                fields={header: "required"},
+            )
+        return check_id(header, value)
+    if value and value != caller.tenant_id:
+        raise not_found(value, connection_id)  # a key of tenant A cannot probe tenant B
+    return caller.tenant_id
+
+
+def _runtime_user(value: str | None) -> str | None:
+    return check_id("X-Runtime-User-Id", value) if value else None
+
+
+async def _body(request: web.Request, ex: Exchange, idempotency_key: bool) -> Body:
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if (
+        ex.retries
+        and (ex.method in IDEMPOTENT or idempotency_key)
+        and length is not None
+        and length <= MAX_REPLAY_BODY
+    ):
+        return await request.read()  # small and replayable: the one case worth buffering
+    return request.content
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _stream_back(
+    request: web.Request, up: aiohttp.ClientResponse, outcome: str
+) -> tuple[web.StreamResponse, str]:
+    """Copy the upstream response to the client; returns it with the outcome to record.
+
+    The returned response is always handed back to aiohttp as is: after a disconnect or an
+    abort its final write fails quietly inside aiohttp, which is what we want.
+    """
+    resp = web.StreamResponse(status=up.status, reason=up.reason)
+    resp.headers.extend(clean_response_headers(up.headers.items()))
+    try:
+        await resp.prepare(request)
+    except ConnectionError:
+        return resp, "client_disconnected"
+    content = up.content
+    while True:
+        try:
+            chunk = await content.read(CHUNK)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            # Never end the response cleanly: the client must see that it is incomplete.
+            _abort(request)
+            return resp, "UPSTREAM_BROKEN"
+        if not chunk:
+            break
+        try:
+            await resp.write(chunk)
+        except ConnectionError:
+            return resp, "client_disconnected"
+    try:
+        await resp.write_eof()
+    except ConnectionError:
+        return resp, "client_disconnected"
+    up.release()
+    return resp, outcome
+
+
+async def _relay(request: web.Request, front: str, *, absolute_url: str | None) -> web.StreamResponse:
+    """Path and forward-proxy mode: stream the call through and the answer back."""
+    pipeline = request.app[PIPELINE]
+    ex: Exchange | None = None
+    up: aiohttp.ClientResponse | None = None
+    outcome = "error"
+    status: int | None = None
+    watch = _DisconnectWatch(request)
+    try:
+        # The contract's trusted networks cover the Connection Service and the envelope only.
+        caller = await caller_for(request, allow_trusted=False)
+        h = request.headers
+        cid = _connection_id(h.get("X-Connection-Id"))
+        tenant = _tenant(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+        path = query = ""
+        if absolute_url is None:
+            path, _, query = request.raw_path.partition("?")
+            if not (path == _PATH_PREFIX or path.startswith(_PATH_PREFIX + "/")):
+                # e.g. "/%70roxy/..." matched the route after decoding; only the raw form is joined.
+                raise ValidationError(
+                    "path mode requests must start with a literal /proxy/", fields={"path": "invalid"}
+                )
+            path = path[len(_PATH_PREFIX) :]
+        ex = await pipeline.prepare(
+            front=front,
+            caller=caller,
+            tenant_id=tenant,
+            connection_id=cid,
+            runtime_user_id=_runtime_user(h.get("X-Runtime-User-Id")),
+            method=request.method,
+            caller_headers=list(h.items()),
+            path=path,
+            query=query,
+            absolute_url=absolute_url,
+            upgrade_scheme=absolute_url is not None,
+            request_id=request_id_of(request),
+            max_wait_ms=parse_control_int(h.get("X-Proxy-Max-Wait-Ms"), "X-Proxy-Max-Wait-Ms", 1 << 31),
+            retries=parse_control_int(h.get("X-Proxy-Retries"), "X-Proxy-Retries", MAX_RETRIES),
+        )
+        idem = "Idempotency-Key" in h
+        up = await pipeline.open(ex, await _body(request, ex, idem), idempotency_key=idem)
+        status = up.status
+        resp, outcome = await _stream_back(request, up, outcome_of(status))
+        return resp
+    except ProxyError as exc:
+        outcome = exc.code
+        raise
+    except asyncio.CancelledError:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        watch.stop()
+        if up is not None:
+            up.close()  # no-op after a clean release; drops the upstream connection otherwise
+        pipeline.finish(ex, front, outcome, status)
+
+
+async def proxy_path(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "path", absolute_url=None)
+
+
+# --- forward-proxy mode -----------------------------------------------------------------------
+
+
+@web.middleware
+async def forward_proxy_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Absolute-form targets are forward-proxy calls, whatever route their path would match."""
+    raw = request.raw_path
+    if raw[:1] == "/":
+        return await handler(request)  # type: ignore[no-any-return]
+    if request.method == "CONNECT":
+        raise MethodNotAllowed(
+            "CONNECT tunnels are not supported: the proxy must see the request to inject the "
+            "credential. Send plain http:// requests through the proxy (it upgrades to https when "
+            "the connection's base URL is https), or use path mode: /proxy/{path} with X-Connection-Id"
+        )
+    if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
+        return await _relay(request, "forward", absolute_url=raw)
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+# --- Runtara envelope -------------------------------------------------------------------------
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int, what: str) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = await stream.read(CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > cap:
+            raise PayloadTooLarge(
+                f"{what} is larger than the envelope's {cap // (1024 * 1024)} MiB limit; use path "
+                "mode (/proxy/{path}), which streams bodies of any size"
+            )
+
+
+def _envelope_field(payload: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool) -> Any:
+    value = payload.get(name)
+    if value is None:
+        if required:
+            raise ValidationError(f"envelope field {name!r} is required", fields={name: "required"})
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValidationError(f"envelope field {name!r} has the wrong type", fields={name: "wrong type"})
+    return value
+
+
+def _envelope_body(payload: dict[str, Any], headers: dict[str, str]) -> bytes | None:
+    raw = payload.get("body_raw")
+    if raw is not None:
+        if not isinstance(raw, str):
+            raise ValidationError("body_raw must be a base64 string", fields={"body_raw": "wrong type"})
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValidationError(
+                "body_raw is not valid base64", fields={"body_raw": "invalid base64"}
+            ) from None
+    body = payload.get("body")
+    if body is None:
+        return None
+    if isinstance(body, str):
+        return body.encode()
+    if not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _envelope_response(status: int, up_headers: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    for name, value in up_headers:
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    body: Any = None
+    if data:
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = data.decode("utf-8", errors="replace")
+    return {
+        "status": status,
+        "headers": headers,
+        "body": body,
+        "body_raw": base64.b64encode(data).decode("ascii"),
+    }
+
+
+async def envelope(request: web.Request) -> web.Response:
+    pipeline = request.app[PIPELINE]
+    ex: Exchange | None = None
+    up: aiohttp.ClientResponse | None = None
+    outcome = "error"
+    status: int | None = None
+    watch = _DisconnectWatch(request)
+    try:
+        caller = await caller_for(request, allow_trusted=True)
+        org = request.headers.get("X-Org-Id")
+        if not org:
+            raise BadRequest("X-Org-Id is required: it names the tenant (organisation) of the call")
+        raw = await _read_capped(request.content, ENVELOPE_MAX_REQUEST, "the envelope request")
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise BadRequest("the envelope body must be a JSON object") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("the envelope body must be a JSON object")
+        cid = check_id("connection_id", _envelope_field(payload, "connection_id", str, True))
+        tenant = _tenant(caller, org, cid, "X-Org-Id")
+        method = str(_envelope_field(payload, "method", str, False) or "GET").upper()
+        url = _envelope_field(payload, "url", str, True)
+        given = _envelope_field(payload, "headers", dict, False) or {}
+        headers = {str(k): str(v) for k, v in given.items() if v is not None}
+        body = _envelope_body(payload, headers)
+        timeout_ms = _envelope_field(payload, "timeout_ms", (int, float), False)
+        absolute = url if url[:7].lower() == "http://" or url[:8].lower() == "https://" else None
+        path, _, query = ("" if absolute else url).partition("?")
+        ex = await pipeline.prepare(
+            front="envelope",
+            caller=caller,
+            tenant_id=tenant,
+            connection_id=cid,
+            runtime_user_id=_runtime_user(
+                request.headers.get("X-Runtime-User-Id") or payload.get("runtime_user_id")
+            ),
+            method=method,
+            caller_headers=list(headers.items()),
+            path=path,
+            query=query,
+            absolute_url=absolute,
+            request_id=request_id_of(request),
+            total_timeout_s=timeout_ms / 1000 if timeout_ms and timeout_ms > 0 else None,
+        )
+        idem = any(k.lower() == "idempotency-key" for k in headers)
+        up = await pipeline.open(ex, body, idempotency_key=idem)
+        status = up.status
+        try:
+            data = await _read_capped(up.content, ENVELOPE_MAX_BODY, "the upstream response")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            raise UpstreamUnreachable(
+                "the upstream broke off its response mid-body; retry the call"
+            ) from None
+        outcome = outcome_of(status)
+        return web.json_response(_envelope_response(status, clean_response_headers(up.headers.items()), data))
+    except ProxyError as exc:
+        outcome = exc.code
+        raise
+    except asyncio.CancelledError:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        watch.stop()
+        if up is not None:
+            up.close()
+        pipeline.finish(ex, "envelope", outcome, status)
+
+
+# --- admin: test a connection ------------------------------------------------------------------
+
+
+async def test_connection(request: web.Request) -> web.Response:
+    caller = await caller_for(request, allow_trusted=False)
+    require_admin(caller)
+    tenant = check_id("tenant_id", request.match_info["tenant_id"])
+    cid = check_id("connection_id", request.match_info["connection_id"])
+    svc = services_of(request.app)
+    pipeline = request.app[PIPELINE]
+    record = await svc.vault.get_record(tenant, cid)
+    spec = svc.catalogue.get(record.integration_id).test_request or {}
+    method = str(spec.get("method") or "GET").upper()
+    path, _, query = str(spec.get("path") or "").partition("?")
+    spec_headers = spec.get("headers") or {}
+    headers = [(str(k), str(v)) for k, v in spec_headers.items()] if isinstance(spec_headers, dict) else []
+    body = json.dumps(spec["body"]).encode() if spec.get("body") is not None else None
+    if body is not None and not any(k.lower() == "content-type" for k, _ in headers):
+        headers.append(("Content-Type", "application/json"))
+
+    ex: Exchange | None = None
+    status: int | None = None
+    error: str | None = None
+    message: str | None = None
+    started = time.monotonic()
+    try:
+        ex = await pipeline.prepare(
+            front="test",
+            caller=caller,
+            tenant_id=tenant,
+            connection_id=cid,
+            runtime_user_id=None,
+            method=method,
+            caller_headers=headers,
+            path=path,
+            query=query,
+            request_id=request_id_of(request),
+            max_wait_ms=0,
+            retries=0,
+        )
+        up = await pipeline.open(ex, body)
+        status = up.status
+        up.close()
+    except (ConnectionNotFound, Unauthenticated):
+        raise
+    except ProxyError as exc:
+        error, message = exc.code, exc.message
+    finally:
+        pipeline.finish(ex, "test", error or (outcome_of(status) if status else "error"), status)
+    latency_ms = round((time.monotonic() - started) * 1000, 1)
+    ok = status is not None and 200 <= status < 400
+    await _record_test_result(request, tenant, cid, status, ok)
+    result: dict[str, Any] = {"ok": ok, "status": status, "latency_ms": latency_ms, "error": error}
+    if message:
+        result["message"] = message
+    return web.json_response(result)
+
+
+async def _record_test_result(
+    request: web.Request, tenant: str, cid: str, status: int | None, ok: bool
+) -> None:
+    """401/403 marks the connection ``error``; a later success clears it. needs_reauth is OAuth's."""
+    svc = services_of(request.app)
+    record = await svc.vault.get_record(tenant, cid)
+    if status in (401, 403) and record.status == ConnectionStatus.ACTIVE.value:
+        updated = record.evolve(
+            status=ConnectionStatus.ERROR.value,
+            status_detail=f"the test request got HTTP {status} from the upstream: the credentials "
+            "were refused; update them",
+        )
+    elif ok and record.status == ConnectionStatus.ERROR.value:
+        updated = record.evolve(status=ConnectionStatus.ACTIVE.value, status_detail=None)
+    else:
+        return
+    with contextlib.suppress(Conflict):  # changed meanwhile: the newer write wins
+        await svc.vault.save(updated, record.version)
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+
+async def _close_pipeline(app: web.Application) -> None:
+    await app[PIPELINE].close()
 
 
 def setup(app: web.Application) -> None:
-    return None
+    app[PIPELINE] = Pipeline(services_of(app))
+    # After error_middleware (outermost), so forward-proxy errors get the same JSON shape.
+    app.middlewares.append(forward_proxy_middleware)
+    r = app.router
+    r.add_route("*", _PATH_PREFIX, proxy_path)
+    r.add_route("*", _PATH_PREFIX + "/{path:.*}", proxy_path)
+    r.add_post("/api/internal/proxy", envelope)
+    r.add_post("/admin/tenants/{tenant_id}/connections/{connection_id}/test", test_connection)
+    app.on_cleanup.append(_close_pipeline)

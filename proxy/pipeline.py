@@ -1,0 +1,616 @@
+"""The one pipeline every proxy front end runs: resolve, bind, limit, inject, forward, record.
+
+Path mode, the Runtara envelope, forward-proxy mode and the admin connection test all call
+``Pipeline.prepare`` (which connection, where the call may go, may it go now, with which
+credential) and ``Pipeline.open`` (send it, with opt-in retries, per-host cap and timeouts), and
+``Pipeline.finish`` (audit, metrics). Only how the request arrives and how the answer is written
+back differs, and that lives in ``proxy.web.proxy_routes``.
+
+Security invariants kept here:
+- the upstream host is checked against the connection's allowed hosts (default: the base URL's
+  host) and the egress guard *before* anything is sent; a refused call never reaches the network;
+- credentials travel over https only, except to hosts the operator allowed with egress_allow;
+- redirects are passed back to the caller, never followed (a redirect could carry the injected
+  credential to another host);
+- a call whose body cannot be replayed, or whose method is not idempotent without an
+  ``Idempotency-Key``, is never retried.
+
+Hot path: everything derived from a connection's decrypted ``Credentials`` (base URL, host
+binding, limit target, timeouts, injection) is computed once per ``Credentials`` object and
+cached by identity; the vault replaces that object whenever the connection changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import ClientResponse, ClientTimeout
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy import egress as egress_mod
+from proxy.catalogue import Integration
+from proxy.errors import (
+    ConnectionNotAuthorized,
+    Forbidden,
+    HostNotAllowed,
+    ProxyError,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    ValidationError,
+)
+from proxy.headers import clean_request_headers
+from proxy.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
+from proxy.metrics import (
+    RATELIMIT_DECISIONS,
+    REQUESTS,
+    UPSTREAM_INFLIGHT,
+    UPSTREAM_LATENCY,
+    UPSTREAM_RESPONSES,
+)
+from proxy.model import Caller, ConnectionRecord, ConnectionStatus, RateWindow, parse_rate_limits
+from proxy.ratelimit.limiter import LimitTarget
+from proxy.ratelimit.signals import parse_response
+from proxy.urls import join_upstream, split_absolute, validate_base_url
+from proxy.vault import Credentials
+
+if TYPE_CHECKING:
+    from proxy.web.app import Services
+
+log = logging.getLogger("proxy.pipeline")
+
+__all__ = ["Body", "Exchange", "Pipeline", "Plan", "limit_target"]
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRIES = 5
+MAX_REPLAY_BODY = 1 << 20
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 5.0
+OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
+
+Pair = tuple[str, str]
+# What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
+Body = bytes | aiohttp.StreamReader | None
+
+
+# --- per-connection plan -------------------------------------------------------------------------
+
+
+def _windows(raw: Any, where: str) -> tuple[RateWindow, ...]:
+    try:
+        return parse_rate_limits(list(raw) if isinstance(raw, tuple) else raw, where)
+    except ValidationError:
+        log.warning("ignoring invalid %s", where)
+        return ()
+
+
+def limit_target(record: ConnectionRecord, integration: Integration) -> LimitTarget:
+    """The limiter's view of a connection; the Connection Service must use the same one.
+
+    Configured windows are the connection's ``rate_limits`` or else the integration's defaults.
+    Options: ``quota_key`` + ``quota_rate_limits`` (the shared budget), ``quota_weight``,
+    ``reserve`` (calls kept back from a learned remaining count).
+    """
+    opts = record.options
+    windows = record.rate_limits or _windows(integration.default_rate_limits, "default_rate_limits")
+    quota_key = opts.get("quota_key") or None
+    return LimitTarget(
+        scope=f"{record.tenant_id}/{record.connection_id}",
+        windows=windows,
+        quota_key=str(quota_key) if quota_key else None,
+        quota_windows=_windows(opts.get("quota_rate_limits"), "quota_rate_limits") if quota_key else (),
+        weight=float(opts.get("quota_weight") or 1.0),
+        reserve=int(opts.get("reserve") or 0),
+    )
+
+
+def _timeout(options: Mapping[str, Any], settings: Any) -> ClientTimeout:
+    raw = options.get("timeouts") or {}
+    if not isinstance(raw, Mapping):
+        raw = {}
+
+    def pick(key: str, default: float) -> float:
+        value = raw.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return default
+
+    return ClientTimeout(
+        total=pick("total_s", settings.upstream_total_timeout_s),
+        sock_connect=pick("connect_s", settings.upstream_connect_timeout_s),
+        sock_read=pick("read_s", settings.upstream_read_timeout_s),
+    )
+
+
+def _small_int(value: Any, default: int, cap: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return max(0, min(int(value), cap))
+
+
+class Plan:
+    """Everything about one decrypted connection that does not change per call."""
+
+    __slots__ = (
+        "base_scheme",
+        "base_url",
+        "creds",
+        "egress_ok",
+        "host",
+        "host_key",
+        "host_patterns",
+        "injection",
+        "integration",
+        "max_wait_ms",
+        "metric_latency",
+        "oauth",
+        "record",
+        "refusal",
+        "retries",
+        "scope",
+        "styles",
+        "target",
+        "timeout",
+    )
+
+    def __init__(self, creds: Credentials, svc: Services) -> None:
+        record, integration = creds.record, creds.integration
+        self.creds = creds
+        self.record = record
+        self.integration = integration
+        base_url = integration.resolve_base_url(creds.params)
+        if not base_url:
+            raise ValidationError(
+                f"connection {record.connection_id!r} has no base URL; set its base_url parameter",
+                fields={"parameters.base_url": "required to proxy calls"},
+            )
+        problem = validate_base_url(base_url)
+        if problem is not None:
+            raise ValidationError(
+                f"connection {record.connection_id!r}: the base URL {problem}",
+                fields={"parameters.base_url": problem},
+            )
+        scheme, host, port, _ = split_absolute(base_url)
+        self.base_url = base_url
+        self.base_scheme = scheme
+        self.host = host
+        self.host_key = f"{host}:{port}"
+        patterns = record.allowed_hosts
+        if patterns is None:
+            patterns = integration.allowed_hosts
+        self.host_patterns: tuple[str, ...] = tuple(patterns) if patterns is not None else (host,)
+        self.egress_ok = svc.egress.is_allowed_host(host)
+        # Problems of the base URL itself are found once and raised on every call.
+        self.refusal: ProxyError | None = None
+        try:
+            _check_destination(svc.egress, self, scheme, host)
+        except ProxyError as exc:
+            self.refusal = exc
+        self.scope = f"{record.tenant_id}/{record.connection_id}"
+        self.target = limit_target(record, integration)
+        self.timeout = _timeout(record.options, svc.settings)
+        self.retries = _small_int(record.options.get("retries"), 0, MAX_RETRIES)
+        self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, svc.settings.max_wait_ms_cap)
+        self.styles = integration.ratelimit_styles
+        self.oauth = integration.auth in OAUTH_KINDS
+        self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
+        self.metric_latency = UPSTREAM_LATENCY.labels(integration=integration.id)
+
+
+def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, host: str) -> None:
+    """Host binding, https-only credentials and the egress guard's literal check."""
+    if not egress_mod.host_matches(host, plan.host_patterns):
+        raise HostNotAllowed(
+            f"host {host!r} is not among connection {plan.record.connection_id!r}'s allowed hosts "
+            f"({', '.join(plan.host_patterns)}); fix the URL, or the connection's allowed_hosts if intended"
+        )
+    if scheme != "https" and not policy.is_allowed_host(host):
+        raise Forbidden(
+            f"connection {plan.record.connection_id!r} would send its credentials over plain http "
+            f"to {host!r}; credentials go over https only, except to hosts in PROXY_EGRESS_ALLOW"
+        )
+    policy.check_literal(host)
+
+
+# --- one call ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One proxied call as it moves through the pipeline."""
+
+    front: str
+    caller: Caller
+    tenant_id: str
+    connection_id: str  # as resolved (a runtime user's connection when one applies)
+    request_id: str
+    method: str
+    plan: Plan
+    url: URL
+    headers: list[Pair]
+    timeout: ClientTimeout
+    retries: int
+    host_key: str
+    holds_slot: bool = False
+    latency_s: float = 0.0
+
+
+def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
+    ms = headers.get("Retry-After-Ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return 0.0
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+
+
+def parse_control_int(value: str | None, name: str, cap: int) -> int | None:
+    """A non-negative integer control header (``X-Proxy-*``), capped; 422 when malformed."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 12:
+        raise ValidationError(f"{name} must be a non-negative integer", fields={name: "not an integer"})
+    return min(int(value), cap)
+
+
+class Pipeline:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._plans = InjectionCache()
+        self._oauth_injections = InjectionCache()
+        self._inflight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._responses: dict[tuple[str, int], Any] = {}
+
+    # --- resolving ----------------------------------------------------------------------------
+
+    def plan_for(self, creds: Credentials) -> Plan:
+        plan: Plan | None = self._plans.get(creds)
+        if plan is None:
+            plan = Plan(creds, self.svc)
+            self._plans.put(creds, plan)
+        return plan
+
+    async def credentials(
+        self, tenant_id: str, connection_id: str, runtime_user_id: str | None
+    ) -> Credentials:
+        vault = self.svc.vault
+        if runtime_user_id:
+            connection_id = await vault.resolve(tenant_id, connection_id, runtime_user_id)
+        creds = await vault.credentials(tenant_id, connection_id)
+        status = creds.record.status
+        if status in (ConnectionStatus.PENDING.value, ConnectionStatus.NEEDS_REAUTH.value):
+            what = "has no credentials yet" if status == "pending" else "needs to be re-authorised"
+            raise ConnectionNotAuthorized(
+                f"connection {connection_id!r} of tenant {tenant_id!r} {what}; connect it by creating "
+                f"a connect session with POST /admin/tenants/{tenant_id}/connect-sessions "
+                f'{{"integration_id": "{creds.record.integration_id}", "connection_id": '
+                f'"{connection_id}"}} and opening its url, or set its parameters with '
+                f"PUT /admin/tenants/{tenant_id}/connections/{connection_id}"
+            )
+        if not creds.integration.proxyable:
+            raise not_proxyable(creds.integration)
+        return creds
+
+    async def prepare(
+        self,
+        *,
+        front: str,
+        caller: Caller,
+        tenant_id: str,
+        connection_id: str,
+        runtime_user_id: str | None,
+        method: str,
+        caller_headers: list[Pair],
+        path: str = "",
+        query: str = "",
+        absolute_url: str | None = None,
+        upgrade_scheme: bool = False,
+        request_id: str,
+        max_wait_ms: int | None = None,
+        retries: int | None = None,
+        total_timeout_s: float | None = None,
+    ) -> Exchange:
+        """Resolve the connection and build the upstream request; raises before any I/O upstream.
+
+        ``path``/``query`` are raw (percent-encoded) and relative to the base URL. With
+        ``absolute_url`` the host must be one of the connection's allowed hosts; ``upgrade_scheme``
+        (forward-proxy mode) sends to https when the base URL is https.
+        """
+        creds = await self.credentials(tenant_id, connection_id, runtime_user_id)
+        plan = self.plan_for(creds)
+        if absolute_url is None:
+            if plan.refusal is not None:
+                raise plan.refusal
+            base_url = plan.base_url
+            host_key = plan.host_key
+        else:
+            base_url, host_key, path, query = self._absolute(plan, absolute_url, upgrade_scheme)
+
+        await self._admit(plan, max_wait_ms)
+
+        injection = plan.injection
+        if injection is None:
+            injection = await self._oauth_injection(plan)
+        headers, query = apply(injection, clean_request_headers(caller_headers), query)
+        url = URL(join_upstream(base_url, path, query), encoded=True)
+
+        timeout = plan.timeout
+        if total_timeout_s is not None:
+            timeout = ClientTimeout(
+                total=total_timeout_s, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+            )
+        return Exchange(
+            front=front,
+            caller=caller,
+            tenant_id=tenant_id,
+            connection_id=creds.record.connection_id,
+            request_id=request_id,
+            method=method,
+            plan=plan,
+            url=url,
+            headers=headers,
+            timeout=timeout,
+            retries=plan.retries if retries is None else retries,
+            host_key=host_key,
+        )
+
+    def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
+        scheme, host, port, target = split_absolute(url)
+        explicit_port = urlsplit_port(url)
+        if upgrade and plan.base_scheme == "https" and scheme == "http":
+            scheme = "https"
+            port = explicit_port if explicit_port not in (None, 80) else 443
+        _check_destination(self.svc.egress, plan, scheme, host)
+        netloc = f"[{host}]" if ":" in host else host
+        default = 443 if scheme == "https" else 80
+        origin = f"{scheme}://{netloc}{'' if port == default else f':{port}'}/"
+        path, _, query = target.partition("?")
+        return origin, f"{host}:{port}", path, query
+
+    async def _admit(self, plan: Plan, max_wait_ms: int | None) -> None:
+        limiter = self.svc.limiter
+        decision = await limiter.acquire(plan.target)
+        if decision.allowed:
+            return
+        cap = self.svc.settings.max_wait_ms_cap
+        wait_ms = min(plan.max_wait_ms if max_wait_ms is None else max_wait_ms, cap)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            left_ms = (deadline - loop.time()) * 1000
+            if decision.retry_after_ms > left_ms:
+                raise RateLimited(
+                    f"connection {plan.record.connection_id!r} is rate limited by its "
+                    f"{decision.source} limit; retry after {decision.retry_after_ms} ms, or send "
+                    f"X-Proxy-Max-Wait-Ms to let the proxy wait",
+                    retry_after_ms=decision.retry_after_ms,
+                    source=decision.source,
+                )
+            await asyncio.sleep(decision.retry_after_ms / 1000)
+            decision = await limiter.acquire(plan.target)
+            if decision.allowed:
+                RATELIMIT_DECISIONS.labels(result="waited", source=decision.source).inc()
+                return
+
+    async def _oauth_injection(self, plan: Plan) -> Injection:
+        token: str | None = None
+        tokens = getattr(self.svc, "tokens", None)
+        fetch = getattr(tokens, "access_token", None)
+        if fetch is not None:
+            token = await fetch(plan.creds)
+        cached: Injection | None = self._oauth_injections.get(plan.creds, token)
+        if cached is None:
+            cached = build_injection(plan.integration, plan.creds.params, access_token=token)
+            self._oauth_injections.put(plan.creds, cached, token)
+        return cached
+
+    # --- sending ------------------------------------------------------------------------------
+
+    async def open(self, ex: Exchange, body: Body, *, idempotency_key: bool = False) -> ClientResponse:
+        """Send the call; returns the upstream response with its body unread.
+
+        The per-host slot is held until ``finish``. Retries only when allowed (see module doc).
+        """
+        cap = self.svc.settings.upstream_max_per_host
+        inflight = self._inflight.get(ex.host_key, 0)
+        if inflight >= cap:
+            raise ServiceUnavailable(
+                f"too many concurrent calls to upstream {ex.plan.host!r} ({cap} in flight, the "
+                "upstream_max_per_host setting); retry shortly"
+            )
+        self._inflight[ex.host_key] = inflight + 1
+        ex.holds_slot = True
+        UPSTREAM_INFLIGHT.inc()
+
+        retries = ex.retries
+        if retries and not (ex.method in IDEMPOTENT or idempotency_key):
+            retries = 0
+        if retries and isinstance(body, aiohttp.StreamReader):
+            retries = 0
+        client = self.svc.client
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + (ex.timeout.total or 1e9)
+        attempt = 0
+        while True:
+            timeout = ex.timeout
+            if attempt:
+                timeout = ClientTimeout(
+                    total=max(0.001, deadline - loop.time()),
+                    sock_connect=timeout.sock_connect,
+                    sock_read=timeout.sock_read,
+                )
+            retry_after = 0.0
+            try:
+                resp = await client.request(
+                    ex.method,
+                    ex.url,
+                    headers=ex.headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                )
+            except aiohttp.ClientConnectorError as exc:
+                refusal = _refusal_in(exc)
+                if refusal is not None:
+                    raise refusal from None
+                if attempt >= retries:
+                    raise _unreachable(ex, exc) from None
+            except TimeoutError as exc:
+                if isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt < retries:
+                    pass  # nothing was sent: safe to try again
+                else:
+                    raise UpstreamTimeout(
+                        f"upstream {ex.plan.host!r} did not answer in time ({_timeout_text(timeout)}); "
+                        "raise the connection's timeouts option if the API is slow"
+                    ) from None
+            except ProxyError:
+                raise
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _unreachable(ex, exc) from None
+            else:
+                self._observe(ex, resp.status, resp.headers)
+                if resp.status not in RETRY_STATUSES or attempt >= retries:
+                    ex.latency_s = loop.time() - started
+                    ex.plan.metric_latency.observe(ex.latency_s)
+                    return resp
+                retry_after = _retry_after_s(resp.headers)
+                resp.close()
+            attempt += 1
+            backoff = random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+            delay = max(backoff, retry_after)
+            if loop.time() + delay >= deadline:
+                raise UpstreamTimeout(
+                    f"upstream {ex.plan.host!r} kept failing and the next retry would pass the total "
+                    "timeout; retry later"
+                )
+            await asyncio.sleep(delay)
+            decision = await self.svc.limiter.acquire(ex.plan.target)
+            if not decision.allowed:
+                raise RateLimited(
+                    f"connection {ex.plan.record.connection_id!r} became rate limited while retrying; "
+                    f"retry after {decision.retry_after_ms} ms",
+                    retry_after_ms=decision.retry_after_ms,
+                    source=decision.source,
+                )
+
+    # --- after the response -------------------------------------------------------------------
+
+    def _observe(self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]) -> None:
+        # Off the latency path: parsed after the caller's response is under way.
+        asyncio.get_running_loop().call_soon(self._observe_now, ex, status, headers)
+
+    def _observe_now(self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]) -> None:
+        plan = ex.plan
+        obs = parse_response(status, headers, now=time.time(), styles=plan.styles)
+        if not obs.is_empty():
+            self._spawn(self.svc.limiter.observe(plan.scope, obs, quota_key=plan.target.quota_key))
+        if status == 401 and plan.oauth:
+            hook = getattr(getattr(self.svc, "tokens", None), "on_unauthorized", None)
+            if hook is not None:
+                result = hook(plan.creds)
+                if asyncio.iscoroutine(result):
+                    self._spawn(result)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background rate-limit/token update failed: %r", task.exception())
+
+    def finish(self, ex: Exchange | None, front: str, outcome: str, status: int | None = None) -> None:
+        """Release the host slot, count the request and audit the use (buffered, O(1))."""
+        if ex is not None:
+            if ex.holds_slot:
+                ex.holds_slot = False
+                left = self._inflight.get(ex.host_key, 1) - 1
+                if left > 0:
+                    self._inflight[ex.host_key] = left
+                else:
+                    self._inflight.pop(ex.host_key, None)
+                UPSTREAM_INFLIGHT.dec()
+            if status is not None:
+                key = (ex.plan.integration.id, status // 100)
+                child = self._responses.get(key)
+                if child is None:
+                    child = self._responses[key] = UPSTREAM_RESPONSES.labels(
+                        integration=key[0], status_class=f"{key[1]}xx"
+                    )
+                child.inc()
+            self.svc.audit.record_use(
+                ex.caller.actor, ex.tenant_id, ex.connection_id, "proxy.use", outcome, ex.request_id
+            )
+        rkey = (front, outcome)
+        counter = self._requests.get(rkey)
+        if counter is None:
+            counter = self._requests[rkey] = REQUESTS.labels(front=front, outcome=outcome)
+        counter.inc()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else f"upstream_{status // 100}xx"
+
+
+def urlsplit_port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
+def _refusal_in(exc: BaseException) -> ProxyError | None:
+    """A ``HostNotAllowed`` the guarded resolver raised, possibly wrapped by aiohttp."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, ProxyError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unreachable(ex: Exchange, exc: BaseException) -> UpstreamUnreachable:
+    kind = "could not be resolved" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "failed"
+    return UpstreamUnreachable(
+        f"the call to upstream {ex.plan.host!r} {kind} ({type(exc).__name__}); check the "
+        "connection's base URL, or retry if the upstream is restarting"
+    )
+
+
+def _timeout_text(t: ClientTimeout) -> str:
+    return f"connect {t.sock_connect}s, read {t.sock_read}s, total {t.total}s"
