@@ -1,0 +1,523 @@
+"""Shared harness for the benchmarks: free ports, pinned subprocesses, CPU accounting, load runs.
+
+Every benchmark starts what it measures as real processes on 127.0.0.1 (the service via
+``python -m proxy serve``, references from ``bench/_refservers.py``), measures them from outside
+and stops them again. Numbers are only honest when the load generator does not steal the
+measured server's CPU, so on a machine with >= 2 cores the server under test is pinned to CPU 0
+and the load generator (and upstream) to the others; where that is impossible the output says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+PY = sys.executable
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = len(os.sched_getaffinity(0))
+
+# --- placement ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the server under test and the load side (generator, upstream, Redis) get."""
+
+    server: frozenset[int] | None
+    load: frozenset[int] | None
+
+    def describe(self) -> str:
+        if self.server is None:
+            return f"not pinned ({NCPU} CPU(s) shared by server, load generator and upstream)"
+        return (
+            f"server under test pinned to CPU {fmt_cpus(self.server)}; load generator, upstream and "
+            f"Redis pinned to CPU {fmt_cpus(self.load or frozenset())}"
+        )
+
+
+def fmt_cpus(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def placement() -> Placement:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return Placement(None, None)
+    return Placement(frozenset(cpus[:1]), frozenset(cpus[1:]))
+
+
+UNPINNED = Placement(None, None)
+
+# --- ports and processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, utime+stime ticks) for every process visible in /proc."""
+    out: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2 :].split()
+        # fields after "comm": state(3) ppid(4) ... utime(14) stime(15)
+        out[int(entry)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user+system) of ``root`` and all its live descendants, in seconds."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total / CLK_TCK
+
+
+class Proc:
+    """A subprocess in its own session, optionally pinned, with its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        logdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cpus: frozenset[int] | None = None,
+    ) -> None:
+        self.name = name
+        self.logpath = logdir / f"{name}.log"
+        self._log = open(self.logpath, "wb")  # noqa: SIM115 - closed in stop()
+        pin = sorted(cpus) if cpus else None
+
+        def pre() -> None:
+            if pin:
+                os.sched_setaffinity(0, pin)
+
+        self.popen = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pre,
+            start_new_session=True,
+            cwd=REPO,  # so `python -m proxy` finds the package, never bench/proxy.py
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.logpath.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> None:
+        if self.alive():
+            # The process group is the one this Proc created (start_new_session): workers included.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        self._log.close()
+
+
+class StartError(RuntimeError):
+    """A process of the benchmark did not come up; the message carries its log tail."""
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise StartError(f"{proc.name} not answering {url} after {timeout:.0f}s:\n{proc.tail()}")
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:port (one per worker with SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def wait_listeners(port: int, n: int, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while listening_sockets(port) < n:
+        if not proc.alive() or time.monotonic() > deadline:
+            raise StartError(f"{proc.name}: {n} listeners expected on port {port}:\n{proc.tail()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def workspace(prefix: str) -> Iterator[tuple[Path, contextlib.ExitStack]]:
+    """A temp dir and an exit stack; SIGTERM unwinds it like Ctrl-C so nothing is left running."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with contextlib.ExitStack() as stack:
+            yield tmp, stack
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spawn(stack: contextlib.ExitStack, *args: Any, **kwargs: Any) -> Proc:
+    proc = Proc(*args, **kwargs)
+    stack.callback(proc.stop)
+    return proc
+
+
+# --- the service and references ----------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    port: int
+    proc: Proc
+
+
+def start_service(
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    name: str,
+    *,
+    cpus: frozenset[int] | None,
+    workers: int = 1,
+    redis_url: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> Service:
+    port = free_port()
+    data = tmp / f"data-{name}"
+    data.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env.update(
+        PROXY_DATA_DIR=str(data),
+        PROXY_ADMIN_TOKEN=ADMIN_TOKEN,
+        PROXY_EGRESS_ALLOW="127.0.0.1/32",
+        PROXY_LISTEN=f"127.0.0.1:{port}",
+        # The per-caller quota of the Connection Service would cap a benchmark at 100/s; raise it
+        # (the quota check itself still runs on every request).
+        PROXY_SERVICE_QUOTA_PER_MINUTE="1000000000",
+    )
+    if redis_url:
+        env["PROXY_REDIS_URL"] = redis_url
+    env.update(extra_env or {})
+    argv = [PY, "-m", "proxy", "serve"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", proc)
+    if workers > 1:
+        wait_listeners(port, workers, proc)
+    return Service(name, url, port, proc)
+
+
+def start_ref(
+    stack: contextlib.ExitStack, tmp: Path, name: str, mode: str, *args: str, cpus: frozenset[int] | None
+) -> tuple[str, Proc]:
+    """Start a reference server of bench/_refservers.py; returns its base URL."""
+    port = free_port()
+    proc = spawn(
+        stack, name, [PY, str(BENCH / "_refservers.py"), mode, "--port", str(port), *args], tmp, cpus=cpus
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", proc)
+    return url, proc
+
+
+def start_redis(stack: contextlib.ExitStack, tmp: Path, cpus: frozenset[int] | None) -> tuple[str, int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StartError("redis-server not installed (apt-get install redis-server)")
+    port = free_port()
+    rdir = tmp / "redis"
+    rdir.mkdir(exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = spawn(stack, "redis", [*argv, "--dir", str(rdir), "--protected-mode", "no"], tmp, cpus=cpus)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return f"redis://127.0.0.1:{port}/0", port
+        time.sleep(0.05)
+    raise StartError(f"redis-server did not start:\n{proc.tail()}")
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One JSON request with urllib; returns (status, parsed body or text)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class Unavailable(Exception):
+    """A row that cannot be measured yet (a feature not built, a tool not installed)."""
+
+
+def put_connection(svc: Service, tenant: str, cid: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    status, doc = http("PUT", f"{svc.url}/admin/tenants/{tenant}/connections/{cid}", body, ADMIN_TOKEN)
+    if status not in (200, 201):
+        raise Unavailable(f"admin PUT connection answered {status}: {str(doc)[:200]}")
+    return dict(doc)
+
+
+def mint_api_key(svc: Service, tenant: str) -> str:
+    status, doc = http("POST", f"{svc.url}/admin/tenants/{tenant}/api-keys", {"name": "bench"}, ADMIN_TOKEN)
+    if status not in (200, 201) or not isinstance(doc, dict):
+        raise Unavailable(f"admin POST api-keys answered {status}: {str(doc)[:200]}")
+    for field in ("api_key", "key", "token", "secret"):
+        if isinstance(doc.get(field), str):
+            return str(doc[field])
+    raise Unavailable(f"api-keys answer has no key field: {sorted(doc)}")
+
+
+# --- load generation ---------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    bad: int  # non-2xx answers plus socket errors
+    tool: str
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unparsed wrk time {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def parse_wrk(out: str) -> Load:
+    def grab(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, out)
+        if not m:
+            raise ValueError(f"wrk output lacks {pattern!r}:\n{out}")
+        return m
+
+    done = grab(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
+    requests, seconds = int(done.group(1)), _ms(done.group(2) + done.group(3)) / 1e3
+    p50 = _ms(grab(r"\n\s+50%\s+(\S+)").group(1))
+    p99 = _ms(grab(r"\n\s+99%\s+(\S+)").group(1))
+    bad = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        bad += int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        bad += sum(int(x) for x in sock.groups())
+    rps = float(grab(r"Requests/sec:\s+([\d.]+)").group(1))
+    return Load(requests, seconds, rps, p50, p99, bad, "wrk")
+
+
+def run_load(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    headers: Mapping[str, str] | None = None,
+    cpus: frozenset[int] | None = None,
+) -> Load:
+    """A closed-loop load run: wrk when installed, else the Python client in bench/_loadgen.py."""
+    hdrs: list[str] = []
+    wrk = shutil.which("wrk")
+    pin = ["taskset", "-c", fmt_cpus(cpus)] if cpus and shutil.which("taskset") else []
+    if wrk:
+        threads = max(1, min(connections, len(cpus) if cpus else NCPU))
+        for k, v in (headers or {}).items():
+            hdrs += ["-H", f"{k}: {v}"]
+        secs = max(1, round(duration))
+        argv = [*pin, wrk, "--latency", f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--timeout", "10s"]
+        out = subprocess.run([*argv, *hdrs, url], capture_output=True, text=True, timeout=secs + 30)
+        if out.returncode != 0:
+            raise RuntimeError(f"wrk failed: {out.stderr.strip()}")
+        return parse_wrk(out.stdout)
+    for k, v in (headers or {}).items():
+        hdrs += ["-H", f"{k}: {v}"]
+    argv = [*pin, PY, str(BENCH / "_loadgen.py"), url, "-c", str(connections), "-d", str(duration), *hdrs]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"python load client failed: {out.stderr.strip()[-500:]}")
+    doc = json.loads(out.stdout)
+    return Load(**doc, tool="python")
+
+
+def load_tool() -> str:
+    return (
+        "wrk --latency" if shutil.which("wrk") else "python aiohttp client (bench/_loadgen.py; wrk missing)"
+    )
+
+
+def warm(url: str, headers: Mapping[str, str], n: int = 30) -> None:
+    """A few requests so caches, pools and lazy imports are ready before measuring."""
+    for _ in range(n):
+        status, body = http("GET", url, headers=headers)
+        if status != 200:
+            raise Unavailable(f"GET {url} answered {status}: {str(body)[:200]}")
+
+
+@dataclass
+class Measured:
+    load: Load
+    cpu_us_per_req: float | None
+
+
+def measure(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    headers: Mapping[str, str],
+    load_cpus: frozenset[int] | None,
+    cpu_of: Sequence[Proc] = (),
+    warmup: float = 0.0,
+) -> Measured:
+    """Warm up, then one measured load run; CPU of ``cpu_of`` (with children) per completed request."""
+    if warmup > 0:
+        run_load(url, connections=connections, duration=warmup, headers=headers, cpus=load_cpus)
+    before = sum(p.cpu_seconds() for p in cpu_of)
+    load = run_load(url, connections=connections, duration=duration, headers=headers, cpus=load_cpus)
+    after = sum(p.cpu_seconds() for p in cpu_of)
+    per = (after - before) / load.requests * 1e6 if cpu_of and load.requests else None
+    return Measured(load, per)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+    sys.stdout.flush()
+
+
+def ratio_line(name: str, value: float | None, target: str, ok: bool | None, why: str = "") -> None:
+    if value is None:
+        print(f"ratio {name}: n/a (target {target}) -- not available: {why}", flush=True)
+        return
+    verdict = "meets target" if ok else "MISSES target"
+    print(f"ratio {name}: {value:.2f} (target {target}) {verdict}", flush=True)
+
+
+def common_args(description: str) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests (numbers meaningless)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measured load run")
+    return parser
+
+
+def first_line(exc: BaseException) -> str:
+    """The most telling line of a start failure: the last non-blank line of the log tail."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,277 @@
+"""Benchmark: connection-proxy's path mode against a bare aiohttp pass-through, nginx and no proxy.
+
+In one run, against one local upstream (a raw asyncio server answering a small JSON body):
+direct to the upstream; a bare aiohttp pass-through (the reference: the same hop, no features);
+connection-proxy in path mode (tenant API key, http_bearer credential injected, credential
+cache and audit on); connection-proxy with Redis at ``--workers 1`` and ``--workers 2``; and
+nginx with ``proxy_set_header Authorization`` when nginx is installed. For each: requests/s,
+p50/p99 latency at 1 and 64 connections, and the CPU microseconds per request of the proxy
+process(es) (utime+stime of the process and its children from /proc, over completed requests).
+Targets (issue 3): connection-proxy CPU/request <= 1.3x the bare pass-through's; --workers 2 >= 1.6x
+the throughput of one worker.
+
+Run: ``python bench/proxy.py [--quick] [--duration S]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# bench/proxy.py would shadow the `proxy` package: the repo root goes first, this folder last.
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE), str(_HERE)]
+
+import _common as c  # noqa: E402
+
+TENANT = "bench-tenant"
+CONN = "bench-conn"
+UPSTREAM_TOKEN = "bench-upstream-token"
+PATH = "/bench/items?page=1"
+
+BARE = "bare aiohttp pass-through"
+CP = "connection-proxy"
+W1 = "connection-proxy redis --workers 1"
+W2 = "connection-proxy redis --workers 2"
+
+
+@dataclass
+class Target:
+    label: str
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    procs: list[c.Proc] = field(default_factory=list)
+    pinned: str = ""
+    missing: str = ""  # why the row cannot be measured
+
+
+def nginx_conf(tmp: Path, port: int, upstream_port: int) -> Path:
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        (tmp / d).mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""{user}worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 1000000;
+        location = /healthz {{ return 200 "ok"; }}
+        location /proxy/ {{
+            proxy_pass http://up/;
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_set_header Connection "";
+            proxy_set_header X-Connection-Id "";
+            proxy_set_header Authorization "Bearer {UPSTREAM_TOKEN}";
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def setup_connection_proxy(svc: c.Service, upstream: str) -> dict[str, str]:
+    c.put_connection(
+        svc,
+        TENANT,
+        CONN,
+        {"integration_id": "http_bearer", "parameters": {"token": UPSTREAM_TOKEN, "base_url": upstream}},
+    )
+    key = c.mint_api_key(svc, TENANT)
+    return {"Authorization": f"Bearer {key}", "X-Connection-Id": CONN}
+
+
+def main() -> int:
+    args = c.common_args(__doc__ or "").parse_args()
+    duration = args.duration or (1.0 if args.quick else 5.0)
+    warmup = 0.0 if args.quick else 1.0
+    levels = (64,) if args.quick else (1, 64)
+    place = c.placement()
+    server_cpus, load_cpus = place.server, place.load
+    pin_note = f"CPU {c.fmt_cpus(server_cpus)}" if server_cpus else "not pinned"
+    print("# Proxy: GET /proxy/bench/items through each proxy to one local upstream")
+    print(f"# load: {c.load_tool()}, {duration:g}s per point, warm-up {warmup:g}s; {place.describe()}")
+    print(
+        "# the --workers rows leave the service unpinned (it needs both cores); the load generator, "
+        "upstream and Redis still share CPU "
+        + (c.fmt_cpus(load_cpus) if load_cpus else "with it")
+        + ", so on a 2-core machine 2 workers cannot reach 2x"
+    )
+
+    targets: list[Target] = []
+    results: dict[tuple[str, int], c.Measured | str] = {}
+    with c.workspace("cp-bench-proxy-") as (tmp, stack):
+        upstream, up_proc = c.start_ref(stack, tmp, "upstream", "upstream", cpus=load_cpus)
+        up_port = int(upstream.rsplit(":", 1)[1])
+        common_headers = {"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN}
+        targets.append(Target("direct (no proxy)", upstream + PATH, dict(common_headers), [], "-"))
+
+        bare, bare_proc = c.start_ref(
+            stack,
+            tmp,
+            "bare",
+            "passthrough",
+            "--upstream",
+            upstream,
+            "--token",
+            UPSTREAM_TOKEN,
+            cpus=server_cpus,
+        )
+        targets.append(Target(BARE, bare + "/proxy" + PATH, dict(common_headers), [bare_proc], pin_note))
+
+        def add_service(
+            label: str,
+            pinned: str,
+            cpus: frozenset[int] | None,
+            workers: int = 1,
+            redis_url: str | None = None,
+        ) -> None:
+            t = Target(label, pinned=pinned)
+            name = "svc-" + "".join(ch for ch in label if ch.isalnum())
+            try:
+                svc = c.start_service(stack, tmp, name, cpus=cpus, workers=workers, redis_url=redis_url)
+                t.headers = setup_connection_proxy(svc, upstream)
+                t.url = svc.url + "/proxy" + PATH
+                t.procs = [svc.proc]
+                c.warm(t.url, t.headers)
+            except c.StartError as exc:
+                t.missing = f"the service did not start: {c.first_line(exc)}"
+            except c.Unavailable as exc:
+                t.missing = str(exc)
+            targets.append(t)
+
+        add_service(CP, pin_note, cpus=server_cpus)
+        try:
+            redis_url, _ = c.start_redis(stack, tmp, load_cpus)
+        except c.StartError as exc:
+            redis_url = ""
+            targets += [Target(W1, missing=str(exc)), Target(W2, missing=str(exc))]
+        if redis_url:
+            add_service(W1, "not pinned", cpus=None, workers=1, redis_url=redis_url[:-1] + "1")
+            add_service(W2, "not pinned", cpus=None, workers=2, redis_url=redis_url[:-1] + "2")
+
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        ng = Target("nginx proxy_set_header", pinned=pin_note)
+        if nginx is None:
+            ng.missing = "nginx is not installed (apt-get install nginx)"
+        else:
+            port = c.free_port()
+            ndir = tmp / "nginx"
+            ndir.mkdir()
+            conf = nginx_conf(ndir, port, up_port)
+            try:
+                proc = c.spawn(
+                    stack, "nginx", [nginx, "-p", str(ndir), "-c", str(conf)], tmp, cpus=server_cpus
+                )
+                c.wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+                ng.url, ng.headers, ng.procs = (
+                    f"http://127.0.0.1:{port}/proxy" + PATH,
+                    dict(common_headers),
+                    [proc],
+                )
+            except c.StartError as exc:
+                ng.missing = f"nginx did not start: {c.first_line(exc)}"
+        targets.append(ng)
+
+        for conns in levels:
+            for t in targets:
+                if t.missing:
+                    results[(t.label, conns)] = t.missing
+                    continue
+                try:
+                    results[(t.label, conns)] = c.measure(
+                        t.url,
+                        connections=conns,
+                        duration=duration,
+                        headers=t.headers,
+                        load_cpus=load_cpus,
+                        cpu_of=t.procs,
+                        warmup=warmup,
+                    )
+                except (RuntimeError, ValueError) as exc:
+                    results[(t.label, conns)] = str(exc)
+        del up_proc
+
+    rows = []
+    for conns in levels:
+        for t in targets:
+            m = results[(t.label, conns)]
+            if isinstance(m, str):
+                rows.append([t.label, str(conns), t.pinned or "-", "-", "-", "-", "-", "-"])
+                continue
+            cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
+            rows.append(
+                [
+                    t.label,
+                    str(conns),
+                    t.pinned,
+                    f"{m.load.rps:.0f}",
+                    f"{m.load.p50_ms:.2f}",
+                    f"{m.load.p99_ms:.2f}",
+                    cpu,
+                    str(m.load.bad),
+                ]
+            )
+    print()
+    c.print_table(["path", "conns", "proxy CPUs", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors"], rows)
+    for (label, conns), m in results.items():
+        if isinstance(m, str):
+            print(f"not available: {label} @ {conns} conns: {m}")
+        elif m.load.bad:
+            print(f"warning: {label} @ {conns} conns: {m.load.bad} non-2xx answers or socket errors")
+    print()
+
+    def ok(m: c.Measured | str | None) -> c.Measured | None:
+        return m if isinstance(m, c.Measured) and not m.load.bad and m.load.requests else None
+
+    def why(*ms: c.Measured | str | None) -> str:
+        for m in ms:
+            if isinstance(m, str):
+                return m
+        return "errors or no completed requests in the run"
+
+    for conns in levels:
+        bare_m, cp_m = results.get((BARE, conns)), results.get((CP, conns))
+        b, p = ok(bare_m), ok(cp_m)
+        name = f"connection-proxy/bare CPU per request @{conns} conns"
+        if b and p and b.cpu_us_per_req and p.cpu_us_per_req is not None:
+            v = p.cpu_us_per_req / b.cpu_us_per_req
+            c.ratio_line(name, v, "<= 1.3", v <= 1.3)
+        else:
+            c.ratio_line(name, None, "<= 1.3", None, why(cp_m, bare_m))
+    for conns in levels:
+        if conns == 1:
+            continue
+        w1_m, w2_m = results.get((W1, conns)), results.get((W2, conns))
+        a, b2 = ok(w1_m), ok(w2_m)
+        name = f"workers 2/1 rps @{conns} conns"
+        if a and b2:
+            v = b2.load.rps / a.load.rps
+            c.ratio_line(name, v, ">= 1.6", v >= 1.6)
+        else:
+            c.ratio_line(name, None, ">= 1.6", None, why(w2_m, w1_m))
+    for conns in levels:
+        b, p = ok(results.get((BARE, conns))), ok(results.get((CP, conns)))
+        if b and p:
+            print(f"info connection-proxy/bare rps @{conns} conns: {p.load.rps / b.load.rps:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
