@@ -22,7 +22,8 @@ from proxy.model import Caller
 if TYPE_CHECKING:
     from proxy.web.app import Services
 
-CALLER = "caller"
+CALLER = web.RequestKey("caller", Caller)
+CALLER_OR_TRUSTED = web.RequestKey("caller_or_trusted", Caller)
 
 
 def services_of(app: web.Application) -> Services:
@@ -34,7 +35,7 @@ def services_of(app: web.Application) -> Services:
 
 async def caller_for(request: web.Request, *, allow_trusted: bool) -> Caller:
     """The authenticated caller (memoised on the request); raises Unauthenticated."""
-    memo = CALLER if not allow_trusted else CALLER + "+trusted"
+    memo = CALLER_OR_TRUSTED if allow_trusted else CALLER
     caller: Caller | None = request.get(memo)
     if caller is None:
         svc = services_of(request.app)
