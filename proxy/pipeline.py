@@ -243,6 +243,7 @@ class Exchange:
     timeout: ClientTimeout
     retries: int
     host_key: str
+    token: str | None = None  # the OAuth access token sent, if any
     holds_slot: bool = False
     latency_s: float = 0.0
 
@@ -355,8 +356,9 @@ class Pipeline:
         await self._admit(plan, max_wait_ms)
 
         injection = plan.injection
+        token: str | None = None
         if injection is None:
-            injection = await self._oauth_injection(plan)
+            injection, token = await self._oauth_injection(plan)
         headers, query = apply(injection, clean_request_headers(caller_headers), query)
         url = URL(join_upstream(base_url, path, query), encoded=True)
 
@@ -378,6 +380,7 @@ class Pipeline:
             timeout=timeout,
             retries=plan.retries if retries is None else retries,
             host_key=host_key,
+            token=token,
         )
 
     def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
@@ -418,7 +421,7 @@ class Pipeline:
                 RATELIMIT_DECISIONS.labels(result="waited", source=decision.source).inc()
                 return
 
-    async def _oauth_injection(self, plan: Plan) -> Injection:
+    async def _oauth_injection(self, plan: Plan) -> tuple[Injection, str | None]:
         token: str | None = None
         tokens = getattr(self.svc, "tokens", None)
         fetch = getattr(tokens, "access_token", None)
@@ -428,7 +431,7 @@ class Pipeline:
         if cached is None:
             cached = build_injection(plan.integration, plan.creds.params, access_token=token)
             self._oauth_injections.put(plan.creds, cached, token)
-        return cached
+        return cached, token
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -466,7 +469,8 @@ class Pipeline:
                     sock_connect=timeout.sock_connect,
                     sock_read=timeout.sock_read,
                 )
-            retry_after = 0.0
+            resp: ClientResponse | None = None
+            failure: ProxyError | None = None
             try:
                 resp = await client.request(
                     ex.method,
@@ -480,36 +484,40 @@ class Pipeline:
                 refusal = _refusal_in(exc)
                 if refusal is not None:
                     raise refusal from None
-                if attempt >= retries:
-                    raise _unreachable(ex, exc) from None
+                failure = _unreachable(ex, exc)
             except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt < retries:
-                    pass  # nothing was sent: safe to try again
-                else:
-                    raise UpstreamTimeout(
-                        f"upstream {ex.plan.host!r} did not answer in time ({_timeout_text(timeout)}); "
-                        "raise the connection's timeouts option if the API is slow"
-                    ) from None
+                failure = UpstreamTimeout(
+                    f"upstream {ex.plan.host!r} did not answer in time ({_timeout_text(timeout)}); "
+                    "raise the connection's timeouts option if the API is slow"
+                )
+                if not isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    raise failure from None  # the request may have been processed: never repeat
             except ProxyError:
                 raise
             except (aiohttp.ClientError, OSError) as exc:
                 raise _unreachable(ex, exc) from None
-            else:
+
+            retry_after = 0.0
+            if resp is not None:
                 self._observe(ex, resp.status, resp.headers)
-                if resp.status not in RETRY_STATUSES or attempt >= retries:
-                    ex.latency_s = loop.time() - started
-                    ex.plan.metric_latency.observe(ex.latency_s)
-                    return resp
-                retry_after = _retry_after_s(resp.headers)
-                resp.close()
+                if resp.status in RETRY_STATUSES and attempt < retries:
+                    retry_after = _retry_after_s(resp.headers)
+                else:
+                    return self._answered(ex, resp, started)
+            elif attempt >= retries:
+                assert failure is not None
+                raise failure
             attempt += 1
             backoff = random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
             delay = max(backoff, retry_after)
             if loop.time() + delay >= deadline:
-                raise UpstreamTimeout(
-                    f"upstream {ex.plan.host!r} kept failing and the next retry would pass the total "
-                    "timeout; retry later"
-                )
+                # No time left for another try: the caller gets what the upstream last said.
+                if resp is not None:
+                    return self._answered(ex, resp, started)
+                assert failure is not None
+                raise failure
+            if resp is not None:
+                resp.close()
             await asyncio.sleep(delay)
             decision = await self.svc.limiter.acquire(ex.plan.target)
             if not decision.allowed:
@@ -519,6 +527,11 @@ class Pipeline:
                     retry_after_ms=decision.retry_after_ms,
                     source=decision.source,
                 )
+
+    def _answered(self, ex: Exchange, resp: ClientResponse, started: float) -> ClientResponse:
+        ex.latency_s = asyncio.get_running_loop().time() - started
+        ex.plan.metric_latency.observe(ex.latency_s)
+        return resp
 
     # --- after the response -------------------------------------------------------------------
 
@@ -534,7 +547,7 @@ class Pipeline:
         if status == 401 and plan.oauth:
             hook = getattr(getattr(self.svc, "tokens", None), "on_unauthorized", None)
             if hook is not None:
-                result = hook(plan.creds)
+                result = hook(plan.creds, ex.token)
                 if asyncio.iscoroutine(result):
                     self._spawn(result)
 
