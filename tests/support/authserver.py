@@ -382,14 +382,14 @@ class AuthServer:
 def _fixtures() -> tuple[Any, Any]:
     import pytest
 
-    @pytest.fixture(scope="session")
+    @pytest.fixture(scope="session", name="authserver_process")
     def authserver_process() -> Iterator[AuthServer]:
         server = AuthServer()
         server.start()
         yield server
         server.stop()
 
-    @pytest.fixture
+    @pytest.fixture(name="authserver")
     def authserver(authserver_process: AuthServer) -> AuthServer:
         if authserver_process.proc is None or authserver_process.proc.poll() is not None:
             authserver_process.start()
@@ -402,5 +402,6 @@ def _fixtures() -> tuple[Any, Any]:
 if __name__ == "__main__":
     main()
 else:
-    # Test modules import these two names to use the fixtures.
-    authserver_process, authserver = _fixtures()
+    # Test modules get the fixtures ``authserver`` (reset per test) and ``authserver_process`` with
+    # `from tests.support.authserver import authserver_fixture, authserver_process_fixture` (noqa F401)
+    authserver_process_fixture, authserver_fixture = _fixtures()
