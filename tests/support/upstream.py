@@ -28,7 +28,6 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import pytest
 from aiohttp import web
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
@@ -277,17 +276,10 @@ async def running_upstream(host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
         await up.stop()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    """Import into a test module to use: ``from tests.support.upstream import upstream``."""
-    async with running_upstream() as up:
-        yield up
-
-
 def seen_json(body: bytes) -> dict[str, object]:
     data = json.loads(body)
     assert isinstance(data, dict)
     return data
 
 
-__all__ = ["PATTERN", "Seen", "Upstream", "pattern_bytes", "running_upstream", "seen_json", "upstream"]
+__all__ = ["PATTERN", "Seen", "Upstream", "pattern_bytes", "running_upstream", "seen_json"]

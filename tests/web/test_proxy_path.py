@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, upstream  # noqa: F401 - fixture
+from tests.support.upstream import Upstream, running_upstream
 
 CANARY = "canary-secret-7f3a9c"
 
@@ -41,6 +41,12 @@ acme_session = "{{ secret }}"
     )
     async with running_service(tmp_path / "data", integrations_dirs=[str(extra)]) as s:
         yield s
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as up:
+        yield up
 
 
 async def connect(
@@ -193,7 +199,7 @@ async def test_header_hygiene_with_canary(svc: RunningService, upstream: Upstrea
         "Accept": "application/json",
     }
     # The caller authenticates with Authorization too: neither credential may be forwarded.
-    status, headers, body = await call(svc, "/proxy/status-free", "c1", key=key, headers=sent)
+    status, _, body = await call(svc, "/proxy/status-free", "c1", key=key, headers=sent)
     assert status == 200, body
     seen = upstream.seen[-1]
     names = seen.header_names
@@ -343,7 +349,7 @@ async def test_opaque_integration_refused(svc: RunningService, upstream: Upstrea
     await svc.put_connection(
         "t1", "s1", {"integration_id": "sftp", "parameters": {"host": "h", "username": "u", "password": "p"}}
     )
-    status, headers, body = await call(svc, "/proxy/x", "s1")
+    status, _, body = await call(svc, "/proxy/x", "s1")
     assert status == 422
     assert "integration 'sftp' is not proxied" in json.loads(body)["message"]
 
