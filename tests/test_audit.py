@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.audit import AuditLog
@@ -18,6 +20,7 @@ from proxy.settings import Settings, load_settings
 from proxy.store.base import AuditQuery, Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
+from tests.support.app import start_service_process
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -185,3 +188,29 @@ async def test_flush_hooks_run_after_each_flush_and_failures_are_contained(store
     await log.flush()
     await log.flush()
     assert calls == ["good", "good"]
+
+
+# --- a real process: graceful stop loses nothing -----------------------------------------------
+
+
+async def test_sigterm_flushes_the_buffer_and_a_restart_serves_the_trail(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {"PROXY_AUDIT_FLUSH_INTERVAL_S": "3600"}  # only the shutdown flush can write the reads
+    body = {"integration_id": "http_bearer", "parameters": {"token": "t0k", "base_url": "https://a.example"}}
+    with start_service_process(data, env=env) as sp:
+        async with aiohttp.ClientSession(headers=sp.admin_headers) as s:
+            async with s.put(sp.url + "/admin/tenants/t1/connections/c1", json=body) as r:
+                assert r.status == 201
+            for _ in range(7):
+                async with s.get(sp.url + "/connections/t1/c1") as r:
+                    assert r.status == 200
+        assert sp.stop(signal.SIGTERM) == 0
+    with start_service_process(data, env=env) as sp:
+        async with (
+            aiohttp.ClientSession(headers=sp.admin_headers) as s,
+            s.get(sp.url + "/admin/tenants/t1/audit") as r,
+        ):
+            items = (await r.json())["items"]
+    reads = [e for e in items if e["action"] == "credential.read"]
+    assert sum(e["detail"]["count"] for e in reads) == 7
+    assert any(e["action"] == "connection.create" for e in items)

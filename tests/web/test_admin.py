@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from multidict import CIMultiDict
 
 from proxy import crypto
-from tests.support.app import RunningService, bearer, running_service
+from tests.support.app import RunningService, ServiceProcess, bearer, running_service, start_service_process
 
 SECRET = "tok-admin-secret-7f3a9c"
 BEARER = {
@@ -456,3 +458,44 @@ async def test_admin_changes_are_audited_and_queryable(svc: RunningService) -> N
     assert status == 422 and "since" in body["fields"]
     status, body, _ = await call(svc, "GET", "/admin/tenants/t2/audit", headers=svc.admin_headers)
     assert body["items"] == []  # per tenant
+
+
+# --- boot: the master key must open the data before anything listens --------------------------
+
+
+def assert_never_listened(sp: ServiceProcess) -> None:
+    assert "Running on" not in sp.output() and "http://127.0.0.1" not in sp.output()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(sp.url.rsplit(":", 1)[1]))) != 0
+
+
+def test_missing_master_key_without_dev_mode_exits_2_naming_the_key(tmp_path: Path) -> None:
+    sp = start_service_process(tmp_path / "data", env={"PROXY_DEV_MODE": "false"}, wait=False)
+    assert sp.wait_exit() == 2
+    assert "master_key" in sp.output() and "PROXY_MASTER_KEY" in sp.output()
+    assert_never_listened(sp)
+
+
+async def test_wrong_or_missing_master_key_version_exits_2_naming_the_version(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key1 = crypto.generate_master_key_text()
+    env = {"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY": key1}
+    with start_service_process(data, env=env) as sp:
+        async with (
+            aiohttp.ClientSession(headers=sp.admin_headers) as s,
+            s.put(sp.url + "/admin/tenants/t1/connections/c1", json=BEARER) as r,
+        ):
+            assert r.status == 201
+        assert sp.stop() == 0
+    other = crypto.generate_master_key_text()  # also version 1, but another key
+    sp = start_service_process(data, env={**env, "PROXY_MASTER_KEY": other}, wait=False)
+    assert sp.wait_exit() == 2
+    assert "master key version 1" in sp.output() and "t1" in sp.output()
+    assert_never_listened(sp)
+    only_v2 = "2:" + other.strip().split(":", 1)[1]
+    sp = start_service_process(data, env={**env, "PROXY_MASTER_KEY": only_v2}, wait=False)
+    assert sp.wait_exit() == 2
+    assert "master key version 1 is needed" in sp.output()
+    assert_never_listened(sp)
+    # Secrets never reach the output, whichever way start-up failed.
+    assert key1.strip().split(":", 1)[1] not in sp.output() and SECRET not in sp.output()

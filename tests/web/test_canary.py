@@ -1,0 +1,147 @@
+"""A canary secret must never leave the service except as a Connection Service parameter.
+
+The canary is planted as a secret parameter, then every admin answer (PUT, PATCH, GET, list,
+validation errors), the audit trail, the metrics, the logs (in-process via caplog and a real
+process's output at debug level) and the data at rest are searched for it. The only place it
+may appear is the ``parameters`` of a Connection Service answer for a connection that is not
+proxy-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.app import bearer, running_service, start_service_process
+
+
+def canary() -> str:
+    return "CANARY" + secrets.token_hex(12)
+
+
+async def exercise(session: aiohttp.ClientSession, url: str, admin: dict[str, str], secret: str) -> list[str]:
+    """Drives every surface; returns the text of every answer that must NOT hold the canary.
+    Asserts on the way that the Connection Service does hand it out where it should."""
+    seen: list[str] = []
+
+    async def call(
+        method: str, path: str, expect: int, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
+        async with session.request(method, url + path, headers=headers or admin, **kw) as r:
+            text = await r.text()
+            assert r.status == expect, (method, path, r.status, text)
+            return text
+
+    conn = "/admin/tenants/t1/connections/c1"
+    body = {
+        "integration_id": "http_api_key",
+        "parameters": {"api_key": secret, "base_url": "https://api.example.com"},
+    }
+    seen.append(await call("PUT", conn, 201, json=body))
+    seen.append(await call("PUT", conn, 200, json=body))
+    seen.append(await call("GET", conn, 200))
+    seen.append(await call("GET", "/admin/tenants/t1/connections", 200))
+    seen.append(await call("PATCH", conn, 200, json={"metadata": {"x": 1}}))
+    seen.append(await call("PATCH", conn, 200, json={"parameters": {"api_key": secret}}))
+    # Validation errors with the canary in every kind of position: none may echo it.
+    for bad in (
+        {**body, "bogus": secret},
+        {**body, "connection_subtype": secret * 20},
+        {**body, "parameters": {"api_key": secret, "base_url": "ftp://" + secret}},
+        {**body, "parameters": {"api_key": secret, "base_url": "https://a.example", "location": secret}},
+        {**body, "rate_limits": [{"limit": secret, "window": secret}]},
+        {**body, "options": {"retries": secret, "quota_key": secret + " !"}},
+        {**body, "runtime_user_id": secret + " !", "default_connection_id": "c0"},
+        {"integration_id": secret + " !", "parameters": {"api_key": secret}},
+    ):
+        seen.append(await call("PUT", "/admin/tenants/t1/connections/c2", 422, json=bad))
+    seen.append(await call("PUT", conn, 422, data=b'{"parameters": {"api_key": "' + secret.encode() + b'"'))
+    seen.append(
+        await call("PATCH", conn, 422, json={"parameters": {"api_key": secret}, "integration_id": "x"})
+    )
+    # A proxy-only twin never releases it; pending and unknown connections neither.
+    seen.append(
+        await call(
+            "PUT", "/admin/tenants/t1/connections/po", 201, json={**body, "options": {"proxy_only": True}}
+        )
+    )
+    seen.append(await call("GET", "/connections/t1/po", 200))
+    seen.append(
+        await call(
+            "PUT", "/admin/tenants/t1/connections/pending", 201, json={"integration_id": "http_api_key"}
+        )
+    )
+    seen.append(await call("GET", "/connections/t1/pending", 424))
+    seen.append(await call("GET", "/connections/t1/nope", 404))
+    seen.append(await call("GET", "/connections/t1/c1/metadata", 200))
+    # The one place it belongs.
+    released = json.loads(await call("GET", "/connections/t1/c1", 200))
+    assert released["parameters"]["api_key"] == secret
+    key = json.loads(await call("POST", "/admin/tenants/t1/api-keys", 201, json={"name": "n"}))["api_key"]
+    released = json.loads(await call("GET", "/connections/t1/c1", 200, headers=bearer(key)))
+    assert released["parameters"]["api_key"] == secret
+    seen.append(await call("GET", "/connections/t1/c1", 401, headers=bearer(secret)))
+    seen.append(await call("GET", "/admin/tenants/t1", 401, headers=bearer(secret)))
+    seen.append(await call("GET", "/admin/tenants/t1/api-keys", 200))
+    seen.append(await call("DELETE", "/admin/tenants/t1/connections/po", 204))
+    seen.append(await call("GET", "/metrics", 200))
+    return seen
+
+
+async def read_audit(session: aiohttp.ClientSession, url: str, admin: dict[str, str]) -> str:
+    """The tenant's audit trail, once the buffered reads have been flushed (polls briefly)."""
+    deadline = time.monotonic() + 10
+    while True:
+        async with session.get(url + "/admin/tenants/t1/audit?limit=1000", headers=admin) as r:
+            assert r.status == 200
+            text = await r.text()
+        if "credential.read" in text or time.monotonic() > deadline:
+            assert "credential.read" in text and "connection.create" in text
+            return text
+        await asyncio.sleep(0.05)
+
+
+def assert_absent(secret: str, texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        assert secret not in text, f"canary leaked in answer #{i}: {text[:200]}"
+
+
+def data_at_rest(data_dir: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and "sqlite" in p.name)
+
+
+async def test_canary_never_leaves_in_process(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = canary()
+    async with running_service(tmp_path, log_level="debug") as svc:
+        texts = await exercise(svc.session, svc.url, svc.admin_headers, secret)
+        await svc.flush_audit()
+        texts.append(await read_audit(svc.session, svc.url, svc.admin_headers))
+    assert_absent(secret, texts)
+    logged = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert logged, "expected some log output to search"
+    assert_absent(secret, logged)
+    assert secret.encode() not in data_at_rest(tmp_path)
+
+
+async def test_canary_never_reaches_a_real_process_output(tmp_path: Path) -> None:
+    secret = canary()
+    data = tmp_path / "data"
+    with start_service_process(data, env={"PROXY_LOG_LEVEL": "debug"}) as sp:
+        async with aiohttp.ClientSession() as session:
+            texts = await exercise(session, sp.url, sp.admin_headers, secret)
+            texts.append(await read_audit(session, sp.url, sp.admin_headers))
+        assert sp.stop(signal.SIGTERM) == 0
+    assert_absent(secret, texts)
+    assert sp.output(), "expected some process output to search"
+    assert secret not in sp.output()
+    assert secret.encode() not in data_at_rest(data)
