@@ -431,20 +431,27 @@ async def delete_connection(request: web.Request) -> web.Response:
     svc = services_of(request.app)
     tid, cid = _path_id(request, "tenant_id"), _path_id(request, "connection_id")
     record = await svc.vault.get_record(tid, cid)
-    revoked: bool | None = None
+    revocation: Any = None
     revoke = getattr(svc.tokens, "revoke", None)
     if revoke is not None and record.secret_params:
         try:
-            creds = await svc.vault.decrypt(record)
-            result = await revoke(creds)
-            revoked = result if isinstance(result, bool) else True
+            # Per token kind: revoked / failed / skipped (the token manager never raises here).
+            revocation = await revoke(await svc.vault.decrypt(record))
         except Exception as exc:  # the local delete must not depend on the upstream answering
             log.warning(
                 "upstream revocation of %s/%s failed (%s); deleting anyway", tid, cid, type(exc).__name__
             )
-            revoked = False
+            revocation = {"error": type(exc).__name__}
     await svc.vault.delete(tid, cid)
-    _audit(request, caller, tid, "connection.delete", cid, version=record.version, upstream_revoked=revoked)
+    _audit(
+        request,
+        caller,
+        tid,
+        "connection.delete",
+        cid,
+        version=record.version,
+        upstream_revocation=revocation or None,
+    )
     return web.Response(status=204)
 
 
