@@ -1,0 +1,279 @@
+"""The rate limiter shared by every replica: state in Redis, one round trip per call.
+
+Every acquire is one EVALSHA of ``limiter.lua`` (redis-py's registered script falls back to
+loading it on NOSCRIPT), with Redis ``TIME`` as the single clock and every key under one hash tag.
+Denials already known (nothing can pass before T) are answered from an in-process cache with no
+Redis trip until T: GCRA state and learned blocks only move forward, so such an answer cannot be
+wrong, only (for a fair-share member whose group just emptied) slightly conservative.
+
+When Redis fails, each call is bounded by ``timeout_s``; ``fail_mode="open"`` serves it from an
+in-process LocalLimiter with the same windows, ``"closed"`` raises ServiceUnavailable. After a
+failure Redis is left alone for ``breaker_s`` (no hammering of a dead server), then tried again:
+limiting resumes on Redis by itself, no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.errors import ServiceUnavailable
+from proxy.metrics import RATELIMIT_BACKEND_ERRORS
+from proxy.ratelimit import gcra
+from proxy.ratelimit.limiter import (
+    Decision,
+    Limiter,
+    LimitState,
+    LimitTarget,
+    LocalLimiter,
+    check_cost,
+    compile_target,
+    count,
+    decision_of,
+    describe_state,
+    observation_args,
+    state_of,
+)
+from proxy.ratelimit.signals import Observation
+
+log = logging.getLogger(__name__)
+# The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
+# ignores tolerate both so mypy stays clean whichever is installed.
+if TYPE_CHECKING:
+    Client: TypeAlias = Redis[bytes]  # type: ignore[type-arg, unused-ignore]
+
+SCRIPT = files("proxy.ratelimit").joinpath("limiter.lua").read_text(encoding="utf-8")
+_FAILURES = (RedisError, OSError, TimeoutError)
+_CACHE_MAX = 50_000
+
+
+def keys_for(scope: str, quota_key: str | None, grouped: bool) -> list[str]:
+    """All keys of one call share one hash tag, hence one cluster slot."""
+    if quota_key is None:
+        return [f"{{rl:{scope}}}:s"]
+    tag = f"{{rlq:{quota_key}}}"
+    own = f"{tag}:s:{scope}"
+    return [own, f"{tag}:g", f"{tag}:a", f"{tag}:w"] if grouped else [own]
+
+
+def _args(spec: gcra.Spec, cost: int) -> list[Any]:
+    args: list[Any] = [cost, spec.reserve, spec.member, repr(spec.weight), len(spec.cells)]
+    for c in spec.cells:
+        args += [c.sig, c.inc, c.tau]
+    args.append(len(spec.quota))
+    for q in spec.quota:
+        args += [q.sig, q.inc, q.tau, q.horizon]
+    return args
+
+
+def _outcome(raw: list[Any]) -> gcra.Outcome:
+    v = [int(x) for x in raw]
+    return gcra.Outcome(bool(v[0]), v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8])
+
+
+class RedisLimiter(Limiter):
+    def __init__(
+        self,
+        client: Client,
+        *,
+        fail_mode: str = "open",
+        timeout_s: float = 0.25,
+        breaker_s: float = 1.0,
+        owns_client: bool = False,
+    ) -> None:
+        if fail_mode not in ("open", "closed"):
+            raise ValueError("fail_mode must be 'open' or 'closed'")
+        self._client = client
+        self._script = client.register_script(SCRIPT)
+        self.fail_mode = fail_mode
+        self._timeout_s = timeout_s
+        self._breaker_s = breaker_s
+        self._owns_client = owns_client
+        self._down_until = 0.0  # monotonic; Redis is skipped before this
+        self._failing = False
+        self.fallback = LocalLimiter()
+        # scope -> (monotonic deadline, reset_at, source): nothing passes before the deadline.
+        self._denied: dict[str, tuple[float, int | None, str | None]] = {}
+        self._quota_keys: dict[str, str] = {}  # scope -> quota key last used with it
+
+    @classmethod
+    def create(cls, source: Client | str, *, fail_mode: str, timeout_s: float) -> RedisLimiter:
+        if isinstance(source, str):
+            client = Redis.from_url(
+                source,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),  # a retry would multiply the bounded timeout
+            )
+            return cls(client, fail_mode=fail_mode, timeout_s=timeout_s, owns_client=True)
+        return cls(source, fail_mode=fail_mode, timeout_s=timeout_s)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _keys(self, target: LimitTarget, spec: gcra.Spec) -> list[str]:
+        if target.quota_key:
+            self._quota_keys[target.scope] = target.quota_key
+        return keys_for(target.scope, target.quota_key, bool(spec.quota))
+
+    async def _run(self, keys: list[str], args: list[Any]) -> list[Any] | None:
+        """The script's reply, or None when Redis is unavailable (then the breaker is open)."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reply: list[Any] = await self._script(keys=keys, args=args)
+        except _FAILURES as exc:
+            self._down_until = time.monotonic() + self._breaker_s
+            if not self._failing:
+                log.warning(
+                    "rate-limit store (Redis) failed (%s); fail mode %s", type(exc).__name__, self.fail_mode
+                )
+            self._failing = True
+            return None
+        if self._failing:
+            log.warning("rate-limit store (Redis) answers again; limiting is shared again")
+            self._failing = False
+        return reply
+
+    def _unavailable(self) -> None:
+        """Count the failure; in closed mode refuse the call."""
+        RATELIMIT_BACKEND_ERRORS.labels(mode=self.fail_mode).inc()
+        if self.fail_mode == "closed":
+            raise ServiceUnavailable(
+                "the rate-limit store (Redis) is unreachable and ratelimit_fail_mode is 'closed', so calls "
+                "are refused until it answers again; check that Redis at PROXY_REDIS_URL is up"
+            )
+
+    def _cached(self, scope: str) -> LimitState | None:
+        hit = self._denied.get(scope)
+        if hit is None:
+            return None
+        left = hit[0] - time.monotonic()
+        if left <= 0:
+            del self._denied[scope]
+            return None
+        return LimitState(True, 0, hit[1], max(1, int(left * 1000 + 0.999)), hit[2])
+
+    def _remember(self, scope: str, state: LimitState) -> None:
+        if not state.is_limited or not state.retry_after_ms:
+            self._denied.pop(scope, None)
+            return
+        if len(self._denied) >= _CACHE_MAX:
+            now = time.monotonic()
+            self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
+        self._denied[scope] = (time.monotonic() + state.retry_after_ms / 1000, state.reset_at, state.source)
+
+    # --- the interface -----------------------------------------------------------------------
+
+    async def acquire(self, target: LimitTarget, cost: int = 1) -> Decision:
+        spec = compile_target(target)
+        check_cost(spec, cost)
+        cached = self._cached(target.scope)
+        if cached is not None:
+            return count(Decision(False, cached.retry_after_ms or 1, cached, "local-cache"))
+        reply = await self._run(self._keys(target, spec), ["a", *_args(spec, cost)])
+        if reply is None:
+            self._unavailable()
+            return count(decision_of(self.fallback.evaluate(target, cost, True), "fallback"))
+        decision = decision_of(_outcome(reply))
+        self._remember(target.scope, decision.state)
+        return count(decision)
+
+    async def peek(self, target: LimitTarget) -> LimitState:
+        spec = compile_target(target)
+        cached = self._cached(target.scope)
+        if cached is not None:
+            return cached
+        reply = await self._run(self._keys(target, spec), ["p", *_args(spec, 1)])
+        if reply is None:
+            self._unavailable()
+            return state_of(self.fallback.evaluate(target, 1, False))
+        return state_of(_outcome(reply))
+
+    async def observe(self, scope: str, obs: Observation, *, quota_key: str | None = None) -> None:
+        if obs.blocked_until is None and not obs.policies:
+            return
+        quota_key = quota_key or self._quota_keys.get(scope)
+        blocked, policies = observation_args(obs, self.fallback.now_us())
+        # Keep the local view in step: a block is known here without asking Redis again, and a
+        # new policy may lift a cached learned denial.
+        self._denied.pop(scope, None)
+        if blocked and obs.blocked_until is not None:
+            left = obs.blocked_until - time.time()
+            if left > 0:
+                self._denied[scope] = (time.monotonic() + left, -(-blocked // gcra.US), "learned")
+        args: list[Any] = ["o", blocked, len(policies)]
+        for name, p in policies:
+            args += [name, p.remaining, p.reset_us, p.limit, p.window_us]
+        reply = await self._run(keys_for(scope, quota_key, False), args)
+        if reply is None:
+            self.fallback.merge(scope, blocked, policies)
+            self._unavailable()
+
+    async def describe(self, target: LimitTarget) -> dict[str, Any]:
+        spec = compile_target(target)
+        keys = self._keys(target, spec)
+        if time.monotonic() >= self._down_until:
+            try:
+                async with asyncio.timeout(self._timeout_s * 4):
+                    return await self._describe(target, spec, keys)
+            except _FAILURES:
+                self._down_until = time.monotonic() + self._breaker_s
+        self._unavailable()
+        return {**self.fallback.describe_now(target), "backend": "fallback"}
+
+    async def _describe(self, target: LimitTarget, spec: gcra.Spec, keys: list[str]) -> dict[str, Any]:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(keys[0])
+        if len(keys) == 4:
+            pipe.hgetall(keys[1])
+            pipe.zrange(keys[2], 0, -1, withscores=True)
+            pipe.hgetall(keys[3])
+        res = await pipe.execute()
+        now = int(res[0][0]) * gcra.US + int(res[0][1])
+        st = gcra.ScopeState.from_hash(res[1])
+        group = None
+        if len(keys) == 4:
+            g = gcra.ScopeState.from_hash(res[2]).tats
+            active = {m.decode(): int(score) for m, score in res[3]}
+            weights = {k.decode(): float(v) for k, v in res[4].items()}
+            group = gcra.GroupState(g, active, weights)
+        state = state_of(gcra.evaluate(spec, st, group, now, 1, False))
+        body = describe_state(spec, st, group, now)
+        return {
+            "scope": target.scope,
+            "quota_key": target.quota_key,
+            "backend": "redis",
+            "state": {**state.to_contract(), "source": state.source},
+        } | body
+
+    async def reset(self, scope: str, *, quota_key: str | None = None) -> None:
+        self._denied.pop(scope, None)
+        await self.fallback.reset(scope)
+        keys = {keys_for(scope, None, False)[0]}
+        for q in (quota_key, self._quota_keys.get(scope)):
+            if q:
+                keys.add(keys_for(scope, q, False)[0])
+        try:
+            async with asyncio.timeout(self._timeout_s * 4):
+                for key in keys:  # separate slots: one DEL each
+                    await self._client.delete(key)
+        except _FAILURES:
+            RATELIMIT_BACKEND_ERRORS.labels(mode=self.fail_mode).inc()
+            raise ServiceUnavailable(
+                f"could not reset the rate-limit state of {scope}: the rate-limit store (Redis) is "
+                "unreachable; retry when it answers again"
+            ) from None
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()  # type: ignore[attr-defined, unused-ignore]
