@@ -53,7 +53,7 @@ from proxy.pipeline import (
     parse_control_int,
 )
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
-from proxy.web.errors import request_id_of
+from proxy.web.errors import error_response, request_id_of
 
 __all__ = ["PIPELINE", "setup"]
 
@@ -255,11 +255,15 @@ async def forward_proxy_middleware(request: web.Request, handler: Any) -> web.St
     if raw[:1] == "/":
         return await handler(request)  # type: ignore[no-any-return]
     if request.method == "CONNECT":
-        raise MethodNotAllowed(
+        error = MethodNotAllowed(
             "CONNECT tunnels are not supported: the proxy must see the request to inject the "
             "credential. Send plain http:// requests through the proxy (it upgrades to https when "
             "the connection's base URL is https), or use path mode: /proxy/{path} with X-Connection-Id"
         )
+        request.app[PIPELINE].finish(None, "forward", error.code)
+        resp = error_response(error, request_id_of(request))
+        resp.force_close()  # the client may already be sending tunnel bytes: never read them
+        return resp
     if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
         return await _relay(request, "forward", absolute_url=raw)
     return await handler(request)  # type: ignore[no-any-return]

@@ -15,7 +15,8 @@ what the upstream actually saw. Endpoints:
 - ``/redirect?to=URL``: 302 to URL;
 - ``/chunked?parts=N``: a chunked response of N parts;
 - ``/hang``: never answers; records ``hang-cancelled`` when the proxy drops the connection;
-- ``/trickle``: endless slow body; records ``trickle-stopped`` when the writer fails.
+- ``/trickle``: endless slow body; records ``trickle-stopped`` when the writer fails;
+- any other path: like ``/echo``.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ class Upstream:
         r.add_get("/chunked", self.chunked)
         r.add_route("*", "/hang", self.hang)
         r.add_get("/trickle", self.trickle)
+        r.add_route("*", "/{tail:.*}", self.echo)  # anything else is echoed (and recorded)
         return app
 
     async def start(self) -> None:

@@ -1,0 +1,160 @@
+"""Forward-proxy mode: absolute-form requests over a raw socket, and CONNECT refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from tests.support.app import RunningService, running_service
+from tests.support.upstream import Upstream, running_upstream
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as up:
+        yield up
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RunningService]:
+    async with running_service(tmp_path) as s:
+        await s.put_connection(
+            "t1",
+            "c1",
+            {
+                "integration_id": "http_bearer",
+                "parameters": {"token": "tok", "base_url": upstream.url + "/base"},
+            },
+        )
+        yield s
+
+
+async def raw_request(svc: RunningService, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    port = URL(svc.url).port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head_raw, _, payload = data.partition(b"\r\n\r\n")
+    lines = head_raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, payload
+
+
+async def test_absolute_form_request(svc: RunningService, upstream: Upstream) -> None:
+    key = await svc.mint_key("t1")
+    status, _, body = await raw_request(
+        svc,
+        f"POST http://127.0.0.1:{upstream.port}/echo/fwd?x=1&y=%2F HTTP/1.1\n"
+        f"Host: 127.0.0.1:{upstream.port}\n"
+        f"Proxy-Authorization: Bearer {key}\n"
+        "X-Connection-Id: c1\n"
+        "Content-Type: text/plain\n"
+        "Content-Length: 5\n"
+        "Connection: close\n",
+        b"hello",
+    )
+    assert status == 200, body
+    seen = upstream.seen[-1]
+    # The request's own path and query (not under the base path), with the credential injected.
+    assert (seen.method, seen.path, seen.query) == ("POST", "/echo/fwd", "x=1&y=%2F")
+    assert seen.header("Authorization") == ["Bearer tok"]
+    assert "proxy-authorization" not in seen.header_names
+    assert "x-connection-id" not in seen.header_names
+    assert seen.body_len == 5
+    assert json.loads(body)["body_len"] == 5
+
+
+async def test_absolute_form_to_another_host_refused(svc: RunningService, upstream: Upstream) -> None:
+    key = await svc.mint_key("t1")
+    status, headers, _ = await raw_request(
+        svc,
+        "GET http://evil.example.com/steal HTTP/1.1\n"
+        "Host: evil.example.com\n"
+        f"Proxy-Authorization: Bearer {key}\n"
+        "X-Connection-Id: c1\n"
+        "Connection: close\n",
+    )
+    assert status == 403
+    assert headers["x-proxy-error"] == "HOST_NOT_ALLOWED"
+    assert upstream.seen == []
+
+
+async def test_absolute_form_needs_auth(svc: RunningService, upstream: Upstream) -> None:
+    status, headers, _ = await raw_request(
+        svc,
+        f"GET http://127.0.0.1:{upstream.port}/echo HTTP/1.1\nHost: x\nX-Connection-Id: c1\nConnection: close\n",
+    )
+    assert (status, headers["x-proxy-error"]) == (401, "UNAUTHENTICATED")
+    assert upstream.seen == []
+
+
+async def test_absolute_form_for_an_admin_route_is_still_proxied(
+    svc: RunningService, upstream: Upstream
+) -> None:
+    # The path of an absolute-form target names the upstream's resource, never one of ours.
+    key = await svc.mint_key("t1")
+    status, _, body = await raw_request(
+        svc,
+        f"GET http://127.0.0.1:{upstream.port}/admin/tenants/t1/connections HTTP/1.1\n"
+        f"Host: x\nProxy-Authorization: Bearer {key}\nX-Connection-Id: c1\nConnection: close\n",
+    )
+    assert status == 200
+    assert upstream.seen[-1].path == "/admin/tenants/t1/connections"
+    assert json.loads(body)["path"] == "/admin/tenants/t1/connections"  # the upstream's echo
+
+
+async def test_connect_refused_with_pointer_to_path_mode(svc: RunningService) -> None:
+    key = await svc.mint_key("t1")
+    status, headers, body = await raw_request(
+        svc,
+        f"CONNECT api.example.com:443 HTTP/1.1\nHost: api.example.com:443\nProxy-Authorization: Bearer {key}\n",
+    )
+    assert status == 405
+    assert headers["x-proxy-error"] == "METHOD_NOT_ALLOWED"
+    assert "/proxy/" in json.loads(body)["message"]
+
+
+async def test_upgraded_to_https_when_base_url_is_https(tmp_path: Path) -> None:
+    # A raw listener records the first bytes: a TLS ClientHello proves the upgrade.
+    first: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first.append(await reader.read(16))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_service(tmp_path) as s:
+            await s.put_connection(
+                "t1",
+                "tls",
+                {
+                    "integration_id": "http_bearer",
+                    "parameters": {"token": "t", "base_url": f"https://127.0.0.1:{port}/"},
+                },
+            )
+            key = await s.mint_key("t1")
+            status, headers, _ = await raw_request(
+                s,
+                f"GET http://127.0.0.1:{port}/x HTTP/1.1\nHost: x\nProxy-Authorization: Bearer {key}\n"
+                "X-Connection-Id: tls\nConnection: close\n",
+            )
+            assert status == 502  # the listener is no TLS server
+            assert headers["x-proxy-error"] == "UPSTREAM_UNREACHABLE"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first and first[0][:1] == b"\x16"  # TLS handshake record, not "GET /x"
