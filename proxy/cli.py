@@ -200,26 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
 
     keys = sub.add_parser("keys", help="master key ring and tenant data keys")
-    keys.add_argument("--config")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
-    ksub.add_parser("generate", help="print a new key-ring file (one 32-byte key)")
+    generate = ksub.add_parser("generate", help="print a new key-ring file (one 32-byte key)")
     rotate = ksub.add_parser("rotate", help="re-wrap every tenant key under the newest master key")
     rotate.add_argument("--generate", action="store_true", help="first add a new key version to the key file")
     retire = ksub.add_parser("retire", help="check a master key version is unused before removing it")
     retire.add_argument("version", type=int)
-    ksub.add_parser("status", help="which master key versions are in use")
+    status = ksub.add_parser("status", help="which master key versions are in use")
     reenc = ksub.add_parser("reencrypt", help="new tenant data keys; re-encrypt every record (resumable)")
     reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
-    for p in (serve, keys, rotate, retire, reenc):
-        p.add_argument("--config", dest="config", default=argparse.SUPPRESS if p is not serve else None)
+    for p in (generate, rotate, retire, status, reenc):
+        p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not hasattr(args, "config"):
-        args.config = None
     try:
         if args.cmd == "serve":
             return cmd_serve(args, argv)

@@ -1,0 +1,206 @@
+"""The vault over a real store: encryption at rest, row swaps, key rotation and resumable
+re-encryption (interrupted halfway, rerun, nothing lost)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import crypto
+from proxy.catalogue import Catalogue
+from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing
+from proxy.model import ConnectionRecord
+from proxy.store.base import ANY_VERSION, ExpectedVersion
+from proxy.store.redis import RedisStore
+from proxy.store.sqlite import SqliteStore
+from proxy.vault import Vault, check_retire, redacted_view
+
+CANARY = "canary-secret-7f3a9b"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "sqlite":
+        s: Any = SqliteStore(tmp_path / "v.sqlite3")
+    else:
+        s = RedisStore(request.getfixturevalue("redis_url"), timeout_s=2.0)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def make_vault(store: Any, ring: crypto.KeyRing) -> Vault:
+    return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0)
+
+
+async def put(vault: Vault, tenant: str, cid: str, token: str = CANARY) -> ConnectionRecord:
+    integ = vault.catalogue.get("http_bearer")
+    public, secret = await vault.encrypt_params(
+        tenant, cid, integ, {"token": token, "base_url": "https://api.example.com"}
+    )
+    record = ConnectionRecord(
+        tenant_id=tenant,
+        connection_id=cid,
+        integration_id="http_bearer",
+        public_params=public,
+        secret_params=secret,
+    )
+    return await vault.save(record, expected_version=None)
+
+
+async def test_secrets_are_ciphertext_at_rest_and_decrypt(store: Any) -> None:
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    saved = await put(vault, "t1", "c1")
+    assert saved.status == "active"
+    raw = json.dumps((await store.get_connection("t1", "c1")).to_dict())
+    assert CANARY not in raw
+    creds = await vault.credentials("t1", "c1")
+    assert creds.params["token"] == CANARY
+    assert CANARY not in repr(creds)
+    assert CANARY not in json.dumps(redacted_view(creds.integration, saved))
+
+
+async def test_ciphertext_moved_to_another_row_fails(store: Any) -> None:
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    a = await put(vault, "t1", "a", token="token-a")
+    b = await put(vault, "t1", "b", token="token-b")
+    # An attacker with write access to the store copies a's ciphertext into b.
+    await store.put_connection(b.evolve(secret_params=a.secret_params), ANY_VERSION)
+    await vault.invalidate("t1", "b")
+    with pytest.raises(CryptoError) as info:
+        await vault.credentials("t1", "b")
+    assert "token-a" not in str(info.value)
+
+
+async def test_pending_shell_then_unknown_connection(store: Any) -> None:
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    shell = ConnectionRecord(tenant_id="t1", connection_id="shell", integration_id="http_bearer")
+    assert (await vault.save(shell, None)).status == "pending"
+    with pytest.raises(ConnectionNotFound):
+        await vault.credentials("t1", "missing")
+
+
+async def test_master_key_rotation_rewraps_and_old_key_can_retire(store: Any) -> None:
+    ring1 = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    vault = make_vault(store, ring1)
+    await put(vault, "t1", "c1")
+    await put(vault, "t2", "c1")
+
+    ring2 = ring1.with_new_key()
+    vault2 = make_vault(store, ring2)
+    with pytest.raises(CryptoError, match="still wraps"):
+        check_retire(await vault2.kek_versions_in_use(), 1)
+    assert await vault2.rewrap_all() == 2
+    assert await vault2.rewrap_all() == 0  # idempotent
+    assert await vault2.kek_versions_in_use() == {2}
+    check_retire(await vault2.kek_versions_in_use(), 1)
+
+    # The ring without version 1 opens everything; a ring with only version 1 no longer does.
+    only_new = make_vault(store, ring2.without(1))
+    assert await only_new.verify_keys() == 2
+    assert (await only_new.credentials("t2", "c1")).params["token"] == CANARY
+    with pytest.raises(KeyVersionMissing, match="version 2"):
+        await make_vault(store, crypto.KeyRing({1: ring1.get(1)})).verify_keys()
+
+
+async def test_wrong_master_key_is_refused_at_verify(store: Any) -> None:
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    await put(vault, "t1", "c1")
+    other = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    with pytest.raises(CryptoError, match="master key version 1"):
+        await other.verify_keys()
+
+
+class FlakyStore:
+    """Delegates to a real store but dies after N connection writes, like a killed process."""
+
+    def __init__(self, inner: Any, writes_before_crash: int) -> None:
+        self._inner = inner
+        self._left = writes_before_crash
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put_connection(
+        self, record: ConnectionRecord, expected_version: ExpectedVersion
+    ) -> ConnectionRecord:
+        if self._left == 0:
+            raise RuntimeError("simulated crash")
+        self._left -= 1
+        return await self._inner.put_connection(record, expected_version)
+
+
+async def test_reencryption_interrupted_then_resumed_loses_nothing(store: Any) -> None:
+    ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    vault = make_vault(store, ring)
+    tokens = {f"c{i:02d}": f"{CANARY}-{i}" for i in range(12)}
+    for cid, token in tokens.items():
+        await put(vault, "t1", cid, token=token)
+
+    assert await vault.rotate_tenant_key("t1") == 2
+    crashing = make_vault(FlakyStore(store, writes_before_crash=5), ring)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        await crashing.reencrypt_tenant("t1")
+
+    # Halfway: every record is either old or new, and all of them still decrypt.
+    fresh = make_vault(store, ring)
+    versions = set()
+    for cid, token in tokens.items():
+        record = await store.get_connection("t1", cid)
+        versions |= {crypto.token_dek_version(t) for t in record.secret_params.values()}
+        assert (await fresh.decrypt(record)).params["token"] == token
+    assert versions == {1, 2}
+    # Retiring now must keep version 1: records still use it.
+    assert await fresh.retire_tenant_keys("t1") == []
+
+    assert await fresh.reencrypt_tenant("t1") == 7
+    assert await fresh.reencrypt_tenant("t1") == 0  # idempotent
+    assert await fresh.retire_tenant_keys("t1") == [1]
+    final = make_vault(store, ring)
+    for cid, token in tokens.items():
+        assert (await final.credentials("t1", cid)).params["token"] == token
+    assert set((await store.get_tenant("t1")).wrapped_deks) == {"2"}
+
+
+def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PROXY_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_keys_cli_rotate_status_retire(tmp_path: Path) -> None:
+    from proxy.bootstrap import load_secrets
+    from proxy.settings import load_settings
+
+    settings = load_settings(env={"PROXY_DATA_DIR": str(tmp_path)})
+    secrets = load_secrets(settings)  # dev mode: writes master.key
+    s = SqliteStore(settings.store_path)
+    await s.open()
+    await put(make_vault(s, secrets.ring), "t1", "c1")
+    await s.close()
+
+    out = _cli(tmp_path, "rotate", "--generate")
+    assert out.returncode == 0, out.stderr
+    assert "added master key version 2" in out.stdout and "re-wrapped 1" in out.stdout
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    status = _cli(tmp_path, "status")
+    lines = {line.split()[2]: line for line in status.stdout.splitlines()}
+    assert lines["v1"].endswith("unused") and lines["v2"].endswith("in use (newest)")
+    retire = _cli(tmp_path, "retire", "1")
+    assert retire.returncode == 0 and "wraps nothing" in retire.stdout
+    reenc = _cli(tmp_path, "reencrypt")
+    assert reenc.returncode == 0 and "1 record(s) re-encrypted" in reenc.stdout, reenc.stderr
+    # A key ring missing the version in use stops everything with exit 2 and names the version.
+    (tmp_path / "master.key").write_text(crypto.generate_master_key_text())
+    bad = _cli(tmp_path, "status")
+    assert bad.returncode == 2 and "version" in bad.stderr
+    db = sqlite3.connect(settings.store_path)
+    assert CANARY not in " ".join(str(r) for r in db.execute("select * from connections"))
