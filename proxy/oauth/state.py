@@ -20,7 +20,7 @@ import hmac
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 STATE_NAMESPACE = "oauth-state"
 STATE_TTL_S = 900  # time a user may spend on the provider's consent screen
@@ -53,7 +53,7 @@ def new_browser_binding() -> str:
     return secrets.token_urlsafe(32)
 
 
-def well_formed(token: str | None) -> bool:
+def well_formed(token: str | None) -> TypeGuard[str]:
     """Whether a state or binding value has our shape (cheap rejection before any store call)."""
     return token is not None and _TOKEN_RE.fullmatch(token) is not None
 

@@ -501,7 +501,7 @@ class TokenManager:
 
     # --- HTTP ----------------------------------------------------------------------------------
 
-    def _check_endpoint(self, url: str) -> None:
+    def check_endpoint(self, url: str) -> None:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if parts.scheme not in ("https", "http") or not host:
@@ -515,7 +515,7 @@ class TokenManager:
         self.egress.check_literal(host)
 
     async def _post(self, req: TokenRequest) -> tuple[int, str, bytes]:
-        self._check_endpoint(req.url)
+        self.check_endpoint(req.url)
         host = urlsplit(req.url).hostname
         headers = {**req.headers, "User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         try:

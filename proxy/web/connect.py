@@ -1,7 +1,469 @@
-"""Placeholder: filled in by its owner."""
+"""Connect pages: where an end user connects one integration through a link an admin created.
 
+Why it exists: partners must not collect their users' credentials themselves. The admin API
+creates a short-lived connect session (``POST /admin/tenants/{t}/connect-sessions``); the user
+opens its URL (directly or in an iframe of the partner's app) and either fills in a form (API
+key, basic, bearer, custom fields) or is sent through the provider's OAuth2 consent
+(authorization code + PKCE), after which the connection is saved encrypted and active. The
+decisions live in ``proxy.oauth.connecting``; this module is HTTP and rendering.
+
+Security, page by page:
+- HTML rendered with autoescaping; secret inputs are always empty, tokens never shown.
+  ``Referrer-Policy: no-referrer`` (the link token is in the URL), ``Cache-Control: no-store``,
+  a nonce-based CSP, and ``frame-ancestors`` limited to the session's ``allowed_origins``
+  (``'none'`` plus ``X-Frame-Options: DENY`` without any). ``postMessage`` targets only those.
+- The form carries a per-page CSRF value keyed to the session, and a cross-origin ``Origin`` is
+  refused. A session is consumed by its first success (atomic pop); a tombstone answers 410.
+- The OAuth ``state`` is single use, bound to the session and to the browser (cookie).
+- Errors are pages too (with ``X-Proxy-Error``), never JSON, except on the admin endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
+
+from proxy.catalogue import Integration
+from proxy.errors import ProxyError, ValidationError
+from proxy.metrics import ERRORS
+from proxy.model import AuditEvent, check_id
+from proxy.oauth import sessions
+from proxy.oauth import state as oauth_state
+from proxy.oauth.connecting import Connector
+from proxy.oauth.flows import OAuthConfigError
+from proxy.oauth.sessions import ConnectSession
+from proxy.urls import validate_base_url
+from proxy.web.authn import caller_for, require_admin, services_of
+from proxy.web.errors import request_id_of
+
+log = logging.getLogger("proxy.connect")
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATES = web.AppKey("connect_templates", jinja2.Environment)
+MESSAGE_TYPE = "connection-proxy:connected"
+_OAUTH_ERROR_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+# Canned error pages: (status, X-Proxy-Error code, title, message).
+_PAGES: dict[str, tuple[int, str, str, str]] = {
+    "unknown": (
+        404,
+        "CONNECT_LINK_UNKNOWN",
+        "This link is not valid",
+        "The link may be mistyped or expired. Ask the application for a new link.",
+    ),
+    "used": (
+        410,
+        "CONNECT_LINK_USED",
+        "This link was already used",
+        "The connection was set up with this link already. To connect again, ask the application "
+        "for a new link.",
+    ),
+    "expired": (
+        410,
+        "CONNECT_LINK_EXPIRED",
+        "This link has expired",
+        "Connect links are valid for a limited time. Ask the application for a new link.",
+    ),
+    "csrf": (
+        403,
+        "FORBIDDEN",
+        "Please try again",
+        "This form could not be verified (it is too old or was sent from another site). Reload the "
+        "page and submit it again.",
+    ),
+    "state": (
+        400,
+        "BAD_REQUEST",
+        "This sign-in cannot be completed",
+        "The sign-in attempt is unknown, expired or was already completed. Go back to the connect "
+        "page and start again.",
+    ),
+    "binding": (
+        400,
+        "BAD_REQUEST",
+        "This sign-in cannot be completed",
+        "The sign-in was started in another browser or for another link. Open the connect link in "
+        "this browser and start again.",
+    ),
+    "denied": (
+        400,
+        "OAUTH_ACCESS_DENIED",
+        "Access was not granted",
+        "You declined the request, so nothing was connected. Go back to try again.",
+    ),
+    "wrong_kind": (400, "BAD_REQUEST", "Nothing to do here", "This integration connects a different way."),
+    "no_code": (
+        400,
+        "BAD_REQUEST",
+        "Missing authorization code",
+        "Go back to the connect page and start again.",
+    ),
+}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _security_headers(resp: web.StreamResponse, nonce: str | None, origins: tuple[str, ...]) -> None:
+    ancestors = " ".join(origins) if origins else "'none'"
+    src = f"'nonce-{nonce}'" if nonce else "'none'"
+    resp.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; script-src {src}; style-src {src}; img-src data:; connect-src 'self'; "
+        f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+    )
+    if not origins:
+        resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+
+
+def _page(
+    request: web.Request,
+    template: str,
+    context: dict[str, Any],
+    *,
+    status: int = 200,
+    origins: tuple[str, ...] = (),
+    error_code: str | None = None,
+) -> web.Response:
+    nonce = secrets.token_urlsafe(16)
+    html = aiohttp_jinja2.render_string(template, request, {**context, "nonce": nonce}, app_key=TEMPLATES)
+    resp = web.Response(text=html, content_type="text/html", status=status)
+    _security_headers(resp, nonce, origins)
+    if error_code is not None:
+        ERRORS.labels(code=error_code).inc()
+        resp.headers["X-Proxy-Error"] = error_code
+        resp.headers["X-Request-Id"] = request_id_of(request)
+    return resp
+
+
+def _error_page(
+    request: web.Request,
+    status: int,
+    code: str,
+    title: str,
+    message: str,
+    session: ConnectSession | None = None,
+    error: str = "error",
+) -> web.Response:
+    back = None
+    if session is not None and session.return_url:
+        back = sessions.return_url_with(
+            session.return_url, connection_id=session.connection_id, status="error", error=error
+        )
+    context = {"title": title, "message": message, "back_url": back, "request_id": request_id_of(request)}
+    origins = session.allowed_origins if session else ()
+    return _page(request, "connect_error.html", context, status=status, origins=origins, error_code=code)
+
+
+def _canned(
+    request: web.Request, name: str, session: ConnectSession | None = None, error: str = "error"
+) -> web.Response:
+    return _error_page(request, *_PAGES[name], session=session, error=error)
+
+
+def _exc_page(request: web.Request, exc: ProxyError, session: ConnectSession | None) -> web.Response:
+    if exc.status >= 500:
+        log.warning("connect request %s failed: %s %s", request_id_of(request), exc.code, exc.message)
+    title = "Could not connect" if exc.status < 500 else "Something went wrong"
+    return _error_page(request, exc.status, exc.code, title, exc.message, session=session)
+
+
+def _success_page(request: web.Request, session: ConnectSession, label: str) -> web.Response:
+    back = None
+    if session.return_url:
+        back = sessions.return_url_with(
+            session.return_url, connection_id=session.connection_id, status="active"
+        )
+    context = {
+        "label": label,
+        "back_url": back,
+        "message": {"type": MESSAGE_TYPE, "connectionId": session.connection_id, "status": "active"},
+        "origins": list(session.allowed_origins),
+    }
+    return _page(request, "connect_done.html", context, origins=session.allowed_origins)
+
+
+def _render_form(
+    request: web.Request,
+    session: ConnectSession,
+    integration: Integration,
+    fields: list[sessions.FormField],
+    *,
+    status: int = 200,
+    error_code: str | None = None,
+) -> web.Response:
+    base = request.path.rstrip("/")
+    context = {
+        "label": integration.label,
+        "oauth": sessions.uses_oauth_redirect(integration),
+        "fields": [f for f in fields if not f.advanced],
+        "advanced": [f for f in fields if f.advanced],
+        "open_advanced": any(f.error for f in fields if f.advanced),
+        "has_errors": any(f.error for f in fields),
+        "csrf": session.csrf_value(time.time()),
+        "action": request.path,
+        "start_url": base + "/oauth/start",
+        "status_url": base + "/status",
+        "origins": list(session.allowed_origins),
+        "message_type": MESSAGE_TYPE,
+    }
+    origins = session.allowed_origins
+    return _page(request, "connect_form.html", context, status=status, origins=origins, error_code=error_code)
+
+
+def _audit(
+    request: web.Request, session: ConnectSession, action: str, outcome: str = "ok", **detail: Any
+) -> None:
+    audit = getattr(services_of(request.app), "audit", None)
+    if audit is None:
+        return
+    audit.record(
+        AuditEvent(
+            ts=time.time(),
+            tenant_id=session.tenant_id,
+            action=action,
+            actor=f"connect:{session.session_id}",
+            outcome=outcome,
+            connection_id=session.connection_id,
+            request_id=request_id_of(request),
+            detail={"integration_id": session.integration_id, **detail},
+        )
+    )
+
+
+def _connector(request: web.Request) -> Connector:
+    svc = services_of(request.app)
+    return Connector(svc.store, svc.vault, svc.tokens, svc.settings)
+
+
+async def _open(request: web.Request) -> ConnectSession | web.Response:
+    """The link's open session, or the page saying why it cannot be used."""
+    session, problem = await _connector(request).open(request.match_info["token"])
+    if problem is not None or session is None:
+        return _canned(request, problem or "unknown", session)
+    return session
+
+
+# --- admin: create a session ---------------------------------------------------------------------
+
+
+async def create_session(request: web.Request) -> web.Response:
+    caller = await caller_for(request, allow_trusted=False)
+    require_admin(caller)
+    tid = check_id("tenant_id", request.match_info["tenant_id"])
+    try:
+        body = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("the body is not valid JSON", fields={"body": "invalid JSON"}) from None
+    req = sessions.parse_session_request(body)
+    session, token = await _connector(request).create(tid, req, caller.actor)
+    services_of(request.app).audit.record(
+        AuditEvent(
+            ts=session.created_at,
+            tenant_id=tid,
+            action="connect_session.create",
+            actor=caller.actor,
+            connection_id=session.connection_id,
+            request_id=request_id_of(request),
+            detail={"integration_id": req.integration_id, "session_id": session.session_id},
+        )
+    )
+    out = {
+        "token": token,
+        "url": f"{services_of(request.app).settings.public_url}/connect/{token}",
+        "expires_at": int(session.expires_at),
+        "connection_id": session.connection_id,
+        "session_id": session.session_id,
+    }
+    return web.json_response(out, status=201, headers={"Cache-Control": "no-store"})
+
+
+# --- the end-user page ---------------------------------------------------------------------------
+
+
+async def connect_page(request: web.Request) -> web.Response:
+    session = await _open(request)
+    if isinstance(session, web.Response):
+        return session
+    integration = services_of(request.app).catalogue.get(session.integration_id)
+    values, secrets_set = await _connector(request).form_values(session)
+    fields = sessions.build_form(integration, values=values, secrets_set=secrets_set)
+    return _render_form(request, session, integration, fields)
+
+
+async def connect_status(request: web.Request) -> web.Response:
+    """Whether the link has been used: the framed page polls it while the user signs in inside a
+    popup (provider pages may cut the popup's link back to its opener)."""
+    status, connection_id = await _connector(request).status(request.match_info["token"])
+    resp = web.json_response(
+        {"status": status, "connection_id": connection_id}, status=404 if status == "unknown" else 200
+    )
+    _security_headers(resp, None, ())
+    return resp
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # the CSRF value must still match
+    own = {
+        sessions.normalize_origin(services_of(request.app).settings.public_url),
+        sessions.normalize_origin(f"{request.scheme}://{request.host}"),
+    }
+    return sessions.normalize_origin(origin) in own - {None}
+
+
+async def connect_submit(request: web.Request) -> web.Response:
+    session = await _open(request)
+    if isinstance(session, web.Response):
+        return session
+    connector = _connector(request)
+    integration = connector.catalogue.get(session.integration_id)
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    if not _same_origin(request) or not session.csrf_ok(form.get("csrf"), time.time()):
+        _audit(request, session, "connect.submit", "refused", reason="csrf")
+        return _canned(request, "csrf", session)
+    if sessions.uses_oauth_redirect(integration):
+        return _canned(request, "wrong_kind", session)
+    values, secrets_set = await connector.form_values(session)
+    params, problems = sessions.parse_form(integration, form, present=secrets_set)
+    base_url = params.get("base_url")
+    if integration.base_url is None and isinstance(base_url, str) and "base_url" not in problems:
+        problem = validate_base_url(base_url)
+        if problem:
+            problems["base_url"] = problem
+    if not problems:
+        if not await connector.consume(session):
+            return _canned(request, "used")
+        try:
+            await connector.save(session, integration, params)
+        except ProxyError as exc:
+            await connector.restore(session)
+            return _exc_page(request, exc, session)
+        _audit(request, session, "connect.complete", method="form")
+        return _success_page(request, session, integration.label)
+    # Re-render with what the user typed, except secrets: those are never echoed back.
+    for spec in integration.fields:
+        if not spec.secret and spec.name in form:
+            values[spec.name] = form[spec.name]
+    fields = sessions.build_form(integration, values=values, secrets_set=secrets_set, errors=problems)
+    _audit(request, session, "connect.submit", "invalid", fields=sorted(problems))
+    return _render_form(request, session, integration, fields, status=422, error_code="VALIDATION_ERROR")
+
+
+# --- OAuth2 --------------------------------------------------------------------------------------
+
+
+async def oauth_start(request: web.Request) -> web.StreamResponse:
+    session = await _open(request)
+    if isinstance(session, web.Response):
+        return session
+    connector = _connector(request)
+    integration = connector.catalogue.get(session.integration_id)
+    if not sessions.uses_oauth_redirect(integration):
+        return _canned(request, "wrong_kind", session)
+    browser = request.cookies.get(oauth_state.BINDING_COOKIE)
+    if not oauth_state.well_formed(browser):
+        browser = oauth_state.new_browser_binding()
+    try:
+        url = await connector.begin_oauth(session, integration, browser)
+    except OAuthConfigError as exc:
+        return _error_page(
+            request,
+            424,
+            "CONNECTION_NOT_AUTHORIZED",
+            "Sign-in is not set up yet",
+            f"The administrator has not finished setting up this integration ({exc}).",
+            session,
+        )
+    except ProxyError as exc:
+        return _exc_page(request, exc, session)
+    resp = web.Response(status=302, headers={"Location": url})
+    _security_headers(resp, None, ())
+    resp.set_cookie(
+        oauth_state.BINDING_COOKIE,
+        browser,
+        path="/oauth/callback",
+        max_age=oauth_state.STATE_TTL_S,
+        httponly=True,
+        samesite="Lax",  # sent on the provider's top-level redirect back, not on cross-site subrequests
+        secure=services_of(request.app).settings.public_url.startswith("https://"),
+    )
+    _audit(request, session, "connect.oauth_start")
+    return resp
+
+
+async def oauth_callback(request: web.Request) -> web.Response:
+    connector = _connector(request)
+    q = request.query
+    pending, session, problem = await connector.take_state(
+        q.get("state"), request.cookies.get(oauth_state.BINDING_COOKIE)
+    )
+    if pending is None or session is None or problem is not None:
+        if session is not None:
+            _audit(request, session, "connect.oauth_callback", "refused", reason=problem)
+        page = {"state": "state", "expired": "expired"}.get(problem or "", "binding")
+        return _canned(request, page, session)
+    provider_error = q.get("error")
+    if provider_error is not None:
+        code = provider_error if _OAUTH_ERROR_RE.fullmatch(provider_error) else "unrecognised_error"
+        _audit(request, session, "connect.oauth_callback", "denied", error=code)
+        if code == "access_denied":
+            return _canned(request, "denied", session, error=code)
+        return _error_page(
+            request,
+            400,
+            "OAUTH_ERROR",
+            "The provider refused the sign-in",
+            f"The provider answered with error {code!r}. Go back to the connect page to try again.",
+            session,
+            error=code,
+        )
+    code_value = q.get("code")
+    if not code_value:
+        return _canned(request, "no_code", session)
+    integration = connector.catalogue.get(session.integration_id)
+    try:
+        tokens = await connector.finish_oauth(session, pending, code_value)
+    except ProxyError as exc:
+        _audit(request, session, "connect.oauth_callback", "failed", error=exc.code)
+        return _exc_page(request, exc, session)
+    if not await connector.consume(session):
+        return _canned(request, "used")
+    try:
+        await connector.save(session, integration, {}, tokens)
+    except ProxyError as exc:
+        await connector.restore(session)
+        return _exc_page(request, exc, session)
+    _audit(request, session, "connect.complete", method="oauth2")
+    return _success_page(request, session, integration.label)
 
 
 def setup(app: web.Application) -> None:
-    return None
+    env = aiohttp_jinja2.setup(
+        app,
+        app_key=TEMPLATES,
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        default_helpers=False,
+    )
+    env.globals.pop("app", None)
+    r = app.router
+    r.add_post("/admin/tenants/{tenant_id}/connect-sessions", create_session)
+    r.add_get("/connect/{token}", connect_page)
+    r.add_post("/connect/{token}", connect_submit)
+    r.add_get("/connect/{token}/oauth/start", oauth_start)
+    r.add_get("/connect/{token}/status", connect_status)
+    r.add_get("/oauth/callback", oauth_callback)
