@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from proxy.catalogue import Catalogue, Integration
@@ -283,8 +284,9 @@ class Connector:
             integration.id, params, tenant_id=tid, default_connection_id=default_id
         )
 
-    async def begin_oauth(self, session: ConnectSession, integration: Integration, browser: str) -> str:
-        """Stores a single-use state for this session and browser; returns the provider URL.
+    async def begin_oauth(self, session: ConnectSession, integration: Integration) -> tuple[str, str, str]:
+        """Stores a single-use state for this session and a new browser binding; returns the
+        provider URL and the binding cookie (name, value) the browser must bring back.
         Raises ``OAuthConfigError`` (not set up) or ``HostNotAllowed`` (plain-http endpoint)."""
         existing = await self.store.get_connection(session.tenant_id, session.connection_id)
         client = await self.oauth_client(
@@ -295,7 +297,7 @@ class Connector:
         self.tokens.check_endpoint(client.auth_url)
         now = time.time()
         verifier = oauth_state.new_code_verifier() if client.pkce else None
-        state = oauth_state.new_state()
+        state, browser = oauth_state.new_state(), oauth_state.new_browser_binding()
         pending = oauth_state.PendingAuthorization(
             tenant_id=session.tenant_id,
             connection_id=session.connection_id,
@@ -307,20 +309,22 @@ class Connector:
         )
         ttl = min(oauth_state.STATE_TTL_S, session.expires_at - now)
         await self.store.put_ephemeral(oauth_state.STATE_NAMESPACE, state, pending.to_dict(), ttl)
-        return flows.authorization_url(
+        url = flows.authorization_url(
             client,
             redirect_uri=pending.redirect_uri,
             state=state,
             code_challenge=oauth_state.code_challenge(verifier) if verifier else None,
         )
+        return url, oauth_state.binding_cookie_name(state), browser
 
     async def take_state(
-        self, value: str | None, browser: str | None
+        self, value: str | None, cookies: Mapping[str, str]
     ) -> tuple[oauth_state.PendingAuthorization | None, ConnectSession | None, str | None]:
         """Pops the state (single use, even when refused) and checks its bindings.
 
         Returns (pending, session, problem) with problem one of "state" (unknown, expired or
-        used), "expired" (the session ended meanwhile), "session" or "browser" (bound elsewhere).
+        used), "used" / "expired" (the session ended meanwhile), "session" or "browser" (bound
+        elsewhere).
         """
         if not oauth_state.well_formed(value):
             return None, None, "state"
@@ -330,8 +334,11 @@ class Connector:
         pending = oauth_state.PendingAuthorization.from_dict(data)
         raw = await self.store.get_ephemeral(sessions.SESSION_NAMESPACE, pending.session_id)
         session = ConnectSession.from_dict(raw) if raw is not None else None
+        if session is None and await self.store.get_ephemeral(sessions.USED_NAMESPACE, pending.session_id):
+            return pending, None, "used"
         if session is None or session.expires_at <= time.time():
             return pending, None, "expired"
+        browser = cookies.get(oauth_state.binding_cookie_name(value))
         problem = pending.binding_problem(browser_value=browser, session_id=session.session_id)
         if problem is None and (session.tenant_id, session.connection_id) != (
             pending.tenant_id,

@@ -4,7 +4,7 @@ Why it exists: the callback URL is public, so anyone can send a browser there wi
 and ``state``. A ``state`` is accepted only if it (1) was minted by us, (2) has not been used
 (it lives server-side and is *popped*, so a replay finds nothing), (3) belongs to a connect
 session that is still open, and (4) comes back in the same browser that started the flow (a
-random binding cookie whose hash is kept with the state) — RFC 6749 §10.12, so an attacker
+random binding cookie, one per flow, whose hash is kept with the state) — RFC 6749 §10.12, so an attacker
 cannot make a victim's browser finish the attacker's flow or vice versa. PKCE (RFC 7636, S256
 only) makes a stolen authorization code useless without the verifier we keep.
 
@@ -24,7 +24,7 @@ from typing import Any, TypeGuard
 
 STATE_NAMESPACE = "oauth-state"
 STATE_TTL_S = 900  # time a user may spend on the provider's consent screen
-BINDING_COOKIE = "cp_oauth_binding"
+BINDING_COOKIE_PREFIX = "cp_oauth_"
 _VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}")  # RFC 7636 §4.1
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
@@ -56,6 +56,11 @@ def new_browser_binding() -> str:
 def well_formed(token: str | None) -> TypeGuard[str]:
     """Whether a state or binding value has our shape (cheap rejection before any store call)."""
     return token is not None and _TOKEN_RE.fullmatch(token) is not None
+
+
+def binding_cookie_name(state: str) -> str:
+    """One cookie per flow (named after its state), so parallel sign-ins in one browser coexist."""
+    return BINDING_COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
 
 
 def binding_hash(value: str) -> str:

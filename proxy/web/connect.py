@@ -373,11 +373,8 @@ async def oauth_start(request: web.Request) -> web.StreamResponse:
     integration = connector.catalogue.get(session.integration_id)
     if not sessions.uses_oauth_redirect(integration):
         return _canned(request, "wrong_kind", session)
-    browser = request.cookies.get(oauth_state.BINDING_COOKIE)
-    if not oauth_state.well_formed(browser):
-        browser = oauth_state.new_browser_binding()
     try:
-        url = await connector.begin_oauth(session, integration, browser)
+        url, cookie, browser = await connector.begin_oauth(session, integration)
     except OAuthConfigError as exc:
         return _error_page(
             request,
@@ -392,7 +389,7 @@ async def oauth_start(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=302, headers={"Location": url})
     _security_headers(resp, None, ())
     resp.set_cookie(
-        oauth_state.BINDING_COOKIE,
+        cookie,
         browser,
         path="/oauth/callback",
         max_age=oauth_state.STATE_TTL_S,
@@ -405,15 +402,21 @@ async def oauth_start(request: web.Request) -> web.StreamResponse:
 
 
 async def oauth_callback(request: web.Request) -> web.Response:
+    resp = await _callback(request)
+    value = request.query.get("state")
+    if oauth_state.well_formed(value) and oauth_state.binding_cookie_name(value) in request.cookies:
+        resp.del_cookie(oauth_state.binding_cookie_name(value), path="/oauth/callback")  # spent either way
+    return resp
+
+
+async def _callback(request: web.Request) -> web.Response:
     connector = _connector(request)
     q = request.query
-    pending, session, problem = await connector.take_state(
-        q.get("state"), request.cookies.get(oauth_state.BINDING_COOKIE)
-    )
+    pending, session, problem = await connector.take_state(q.get("state"), request.cookies)
     if pending is None or session is None or problem is not None:
         if session is not None:
             _audit(request, session, "connect.oauth_callback", "refused", reason=problem)
-        page = {"state": "state", "expired": "expired"}.get(problem or "", "binding")
+        page = problem if problem in ("state", "used", "expired") else "binding"
         return _canned(request, page, session)
     provider_error = q.get("error")
     if provider_error is not None:

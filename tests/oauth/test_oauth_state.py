@@ -63,3 +63,10 @@ def test_state_values_are_well_formed_and_random() -> None:
     values = {state.new_state() for _ in range(20)}
     assert len(values) == 20 and all(state.well_formed(v) for v in values)
     assert not state.well_formed("../etc") and not state.well_formed(None) and not state.well_formed("")
+
+
+def test_binding_cookie_is_per_flow() -> None:
+    a, b = state.new_state(), state.new_state()
+    assert state.binding_cookie_name(a) == state.binding_cookie_name(a)
+    assert state.binding_cookie_name(a) != state.binding_cookie_name(b)
+    assert re.fullmatch(r"cp_oauth_[0-9a-f]{16}", state.binding_cookie_name(a))
