@@ -36,9 +36,9 @@ from aiohttp import web
 from proxy.errors import ConnectionNotAuthorized, ProxyError, RateLimited, ValidationError
 from proxy.metrics import CONNECTION_SERVICE
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
-from proxy.ratelimit.limiter import LimitTarget
+from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.vault import Credentials
-from proxy.web.authn import caller_for, not_found, services_of
+from proxy.web.authn import not_found, services_of
 from proxy.web.errors import request_id_of
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ STATUS_MAP: Final = {
     "pending": "REQUIRES_RECONNECTION",
 }
 READ: Final = "credential.read"
+UNLIMITED_TTL_S: Final = 0.25
 METADATA: Final = "connection.metadata"
-_FLAGS_KEY: Final = "connsvc_tenant_flags"
 
 
 class _TenantFlags:
@@ -132,24 +132,87 @@ def _not_authorized(tid: str, cid: str, status: str) -> ConnectionNotAuthorized:
     )
 
 
-async def _quota(svc: Services, caller: Caller) -> None:
-    decision = await svc.limiter.acquire(
-        LimitTarget(
-            scope=f"_svc/{caller.actor}",
-            windows=(RateWindow(svc.settings.service_quota_per_minute, 60.0),),
-        )
-    )
-    if not decision.allowed:
-        raise RateLimited(
-            f"this caller exceeded the Connection Service quota of {svc.settings.service_quota_per_minute} "
-            "requests per minute; retry after Retry-After seconds",
-            retry_after_ms=decision.retry_after_ms,
-            source="service_quota",
-        )
+class _Targets:
+    """Limit targets built once per connection version: building and hashing them per request
+    costs more than the limiter's own arithmetic."""
+
+    MAX = 10000
+
+    def __init__(self) -> None:
+        self._conn: dict[tuple[str, str, int], LimitTarget] = {}
+        self._unlimited: dict[str, float] = {}
+
+    def known_unlimited(self, scope: str) -> bool:
+        until = self._unlimited.get(scope)
+        return until is not None and until > time.monotonic()
+
+    def mark_unlimited(self, scope: str) -> None:
+        # Only "nothing limits this connection" is cached, and briefly: a limit learned by the
+        # proxy shows here within UNLIMITED_TTL_S, and a limited state is never served stale.
+        if len(self._unlimited) >= self.MAX:
+            self._unlimited.clear()
+        self._unlimited[scope] = time.monotonic() + UNLIMITED_TTL_S
+
+    def connection(self, record: ConnectionRecord) -> LimitTarget:
+        key = (record.tenant_id, record.connection_id, record.version)
+        target = self._conn.get(key)
+        if target is None:
+            if len(self._conn) >= self.MAX:
+                self._conn.clear()
+            target = self._conn[key] = connection_target(record)
+        return target
 
 
-async def _rate_limit(svc: Services, record: ConnectionRecord, proxy_only: bool) -> dict[str, Any] | None:
-    target = connection_target(record)
+class _Quota:
+    """The service's own per-caller quota, enforced by the shared limiter in small leases.
+
+    Asking the limiter (a Redis round trip when shared) on every request would cost more than
+    the rest of the request. Instead a process takes ``lease`` units at once and spends them
+    locally; near the limit it falls back to single units, so a caller is refused exactly when
+    the quota is spent, give or take one unspent lease per process (at most 1% of the quota,
+    and nothing at all for quotas under 200/min).
+    """
+
+    MAX = 10000
+
+    def __init__(self, limiter: Limiter, per_minute: int) -> None:
+        self.limiter = limiter
+        self.per_minute = per_minute
+        self.window = (RateWindow(per_minute, 60.0),)
+        self.lease = max(1, min(50, per_minute // 100))
+        self._targets: dict[str, LimitTarget] = {}
+        self._left: dict[str, int] = {}
+
+    async def check(self, actor: str) -> None:
+        left = self._left.get(actor, 0)
+        if left > 0:
+            self._left[actor] = left - 1
+            return
+        target = self._targets.get(actor)
+        if target is None:
+            if len(self._targets) >= self.MAX:
+                self._targets.clear()
+                self._left.clear()
+            target = self._targets[actor] = LimitTarget(scope=f"_svc/{actor}", windows=self.window)
+        if self.lease > 1:
+            decision = await self.limiter.acquire(target, self.lease)
+            if decision.allowed:
+                self._left[actor] = self._left.get(actor, 0) + self.lease - 1
+                return
+        decision = await self.limiter.acquire(target, 1)
+        if not decision.allowed:
+            raise RateLimited(
+                f"this caller exceeded the Connection Service quota of {self.per_minute} requests "
+                "per minute; retry after Retry-After seconds",
+                retry_after_ms=decision.retry_after_ms,
+                source="service_quota",
+            )
+
+
+async def _rate_limit(
+    svc: Services, targets: _Targets, record: ConnectionRecord, proxy_only: bool
+) -> dict[str, Any] | None:
+    target = targets.connection(record)
     if target.windows and not proxy_only:
         decision = await svc.limiter.acquire(target)
         state = decision.state
@@ -161,8 +224,11 @@ async def _rate_limit(svc: Services, record: ConnectionRecord, proxy_only: bool)
             "reset_at": state.reset_at,
             "retry_after_ms": None if decision.allowed else decision.retry_after_ms,
         }
+    if targets.known_unlimited(target.scope):
+        return None
     state = await svc.limiter.peek(target)
     if not target.windows and state.source is None and not state.is_limited:
+        targets.mark_unlimited(target.scope)
         return None
     return state.to_contract()
 
@@ -189,71 +255,81 @@ def _json(body: dict[str, Any]) -> web.Response:
     )
 
 
-async def handle(request: web.Request) -> web.Response:
-    svc = services_of(request.app)
-    try:
-        resp = await _handle(request, svc)
-    except ProxyError as exc:
-        CONNECTION_SERVICE.labels(outcome=exc.code).inc()
-        raise
-    CONNECTION_SERVICE.labels(outcome="ok").inc()
-    return resp
+class _ConnectionService:
+    """Per-app state of the front end, bound once so the hot path does no lookups."""
 
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.prefix = svc.settings.connection_service_prefix
+        self.flags = _TenantFlags(svc)
+        self.targets = _Targets()
+        self.quota = _Quota(svc.limiter, svc.settings.service_quota_per_minute)
+        self.ok = CONNECTION_SERVICE.labels(outcome="ok")
 
-async def _handle(request: web.Request, svc: Services) -> web.Response:
-    caller = await caller_for(request, allow_trusted=True)
-    parsed = _parse_path(request, svc.settings.connection_service_prefix)
-    if parsed is None:
-        raise not_found("?", "?")
-    tid, cid, metadata = parsed
-    rid = request_id_of(request)
-    action = METADATA if metadata else READ
-    audit = svc.audit
-    try:
-        await _quota(svc, caller)
-    except RateLimited:
-        audit.record_use(caller.actor, tid, cid, action, "rate_limited", rid)
-        raise
-    if not caller.may_access(tid):
-        audit.record_use(caller.actor, tid, cid, action, "denied", rid)
-        raise not_found(tid, cid)
-    resolved = await svc.vault.resolve(tid, cid, _runtime_user(request))
-    try:
-        creds = await svc.vault.credentials(tid, resolved)
-    except ProxyError as exc:
-        audit.record_use(caller.actor, tid, resolved, action, exc.code.lower(), rid)
-        if exc.status == 404:
-            raise not_found(tid, cid) from None
-        raise
-    record = creds.record
-    if metadata:
-        audit.record_use(caller.actor, tid, resolved, action, "ok", rid)
-        return _json(
-            {
-                "connectionId": record.connection_id,
-                "integrationId": record.integration_id,
-                "connectionSubtype": record.connection_subtype,
-                "status": STATUS_MAP.get(record.status, "UNKNOWN"),
-            }
-        )
-    if record.status in ("pending", "needs_reauth"):
-        audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
-        raise _not_authorized(tid, resolved, record.status)
-    proxy_only = record.proxy_only or await _flags(svc).proxy_only(tid)
-    if proxy_only:
-        params = creds.public_params()
-    else:
-        creds, params = await _fresh(svc, creds)
-    body: dict[str, Any] = {
-        "parameters": params,
-        "integration_id": record.integration_id,
-        "connection_subtype": record.connection_subtype,
-    }
-    rate_limit = await _rate_limit(svc, record, proxy_only)
-    if rate_limit is not None:
-        body["rate_limit"] = rate_limit
-    await _audit_release(svc, caller, creds, proxy_only, rid)
-    return _json(body)
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            resp = await self._handle(request)
+        except ProxyError as exc:
+            CONNECTION_SERVICE.labels(outcome=exc.code).inc()
+            raise
+        self.ok.inc()
+        return resp
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        svc = self.svc
+        caller = await svc.auth.authenticate(request.headers, request.remote, allow_trusted=True)
+        parsed = _parse_path(request, self.prefix)
+        if parsed is None:
+            raise not_found("?", "?")
+        tid, cid, metadata = parsed
+        rid = request_id_of(request)
+        action = METADATA if metadata else READ
+        audit = svc.audit
+        try:
+            await self.quota.check(caller.actor)
+        except RateLimited:
+            audit.record_use(caller.actor, tid, cid, action, "rate_limited", rid)
+            raise
+        if not caller.may_access(tid):
+            audit.record_use(caller.actor, tid, cid, action, "denied", rid)
+            raise not_found(tid, cid)
+        resolved = await svc.vault.resolve(tid, cid, _runtime_user(request))
+        try:
+            creds = await svc.vault.credentials(tid, resolved)
+        except ProxyError as exc:
+            audit.record_use(caller.actor, tid, resolved, action, exc.code.lower(), rid)
+            if exc.status == 404:
+                raise not_found(tid, cid) from None
+            raise
+        record = creds.record
+        if metadata:
+            audit.record_use(caller.actor, tid, resolved, action, "ok", rid)
+            return _json(
+                {
+                    "connectionId": record.connection_id,
+                    "integrationId": record.integration_id,
+                    "connectionSubtype": record.connection_subtype,
+                    "status": STATUS_MAP.get(record.status, "UNKNOWN"),
+                }
+            )
+        if record.status in ("pending", "needs_reauth"):
+            audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
+            raise _not_authorized(tid, resolved, record.status)
+        proxy_only = record.proxy_only or await self.flags.proxy_only(tid)
+        if proxy_only:
+            params = creds.public_params()
+        else:
+            creds, params = await _fresh(svc, creds)
+        body: dict[str, Any] = {
+            "parameters": params,
+            "integration_id": record.integration_id,
+            "connection_subtype": record.connection_subtype,
+        }
+        rate_limit = await _rate_limit(svc, self.targets, record, proxy_only)
+        if rate_limit is not None:
+            body["rate_limit"] = rate_limit
+        await _audit_release(svc, caller, creds, proxy_only, rid)
+        return _json(body)
 
 
 async def _audit_release(
@@ -279,17 +355,9 @@ async def _audit_release(
         svc.audit.record_use(caller.actor, record.tenant_id, record.connection_id, READ, outcome, rid)
 
 
-def _flags(svc: Services) -> _TenantFlags:
-    flags = svc.extras.get(_FLAGS_KEY)
-    if not isinstance(flags, _TenantFlags):
-        flags = svc.extras[_FLAGS_KEY] = _TenantFlags(svc)
-    return flags
-
-
 def setup(app: web.Application) -> None:
-    svc = services_of(app)
-    flags = _flags(svc)
-    svc.extras["forget_tenant_flags"] = flags.forget
-    prefix = svc.settings.connection_service_prefix
+    front = _ConnectionService(services_of(app))
+    front.svc.extras["forget_tenant_flags"] = front.flags.forget
     # One catch-all route: the handler splits the raw path itself (see the module docstring).
-    app.router.add_get(prefix + "/{tail:.*}", handle)
+    # GET only: a HEAD would count against the connection's limits without a body to use.
+    app.router.add_get(front.prefix + "/{tail:.*}", front.handle, allow_head=False)
