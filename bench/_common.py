@@ -156,18 +156,33 @@ class Proc:
             return ""
         return "\n".join(lines[-n:])
 
-    def stop(self) -> None:
-        if self.alive():
-            # The process group is the one this Proc created (start_new_session): workers included.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=5)
-        self._log.close()
+    def stop(self, grace: float = 10.0) -> None:
+        stop_all([self], grace)
+
+
+def stop_all(procs: Sequence[Proc], grace: float = 3.0) -> None:
+    """SIGTERM every process group at once, SIGKILL what is still there after ``grace`` seconds.
+
+    A process that ignores SIGTERM is reported (a graceful-stop bug worth knowing about) but never
+    left running: the benchmark must clean up after itself.
+    """
+    live = [p for p in procs if p.alive()]
+    for p in live:
+        # The process group is the one this Proc created (start_new_session): workers included.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"note: {p.name} did not exit within {grace:g}s of SIGTERM; killed", flush=True)
+        # Leftover children (a worker that outlived its parent) go too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.popen.wait(timeout=5)
+    for p in procs:
+        p._log.close()
 
 
 class StartError(RuntimeError):
@@ -212,26 +227,37 @@ def wait_listeners(port: int, n: int, proc: Proc, timeout: float = 30.0) -> None
         time.sleep(0.05)
 
 
+_REGISTRY: dict[int, list[Proc]] = {}
+
+
 @contextlib.contextmanager
-def workspace(prefix: str) -> Iterator[tuple[Path, contextlib.ExitStack]]:
-    """A temp dir and an exit stack; SIGTERM unwinds it like Ctrl-C so nothing is left running."""
+def workspace(prefix: str, grace: float = 3.0) -> Iterator[tuple[Path, contextlib.ExitStack]]:
+    """A temp dir and an exit stack; every process spawned with that stack is stopped (all at
+    once) on the way out, and SIGTERM unwinds like Ctrl-C so nothing is left running."""
 
     def on_term(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     old = signal.signal(signal.SIGTERM, on_term)
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    procs: list[Proc] = []
     try:
         with contextlib.ExitStack() as stack:
-            yield tmp, stack
+            _REGISTRY[id(stack)] = procs
+            try:
+                yield tmp, stack
+            finally:
+                del _REGISTRY[id(stack)]
+                stop_all(procs, grace)
     finally:
         signal.signal(signal.SIGTERM, old)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def spawn(stack: contextlib.ExitStack, *args: Any, **kwargs: Any) -> Proc:
+    """Start a Proc that the workspace owning ``stack`` stops (all together) on the way out."""
     proc = Proc(*args, **kwargs)
-    stack.callback(proc.stop)
+    _REGISTRY[id(stack)].append(proc)
     return proc
 
 
@@ -482,6 +508,13 @@ def measure(
 
 
 # --- output ------------------------------------------------------------------------------------
+
+
+def machine_note() -> str:
+    """The 1-minute load average: other work on the machine competes for the same CPUs."""
+    load1 = os.getloadavg()[0]
+    warn = " -- the machine is busy with other work: expect noisy numbers" if load1 > 0.5 * NCPU else ""
+    return f"load average {load1:.2f} on {NCPU} CPU(s){warn}"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

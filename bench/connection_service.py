@@ -30,12 +30,13 @@ def main() -> int:
     warmup = 0.0 if args.quick else 1.0
     levels = (1, 64)
     place = c.placement()
+    print(f"# machine: {c.machine_note()}")
     print("# Connection Service: GET /connections/{t}/{c}, connection-proxy vs a bare aiohttp handler")
     print(f"# load: {c.load_tool()}, {duration:g}s per point, warm-up {warmup:g}s; {place.describe()}")
     print("# service: tenant API key auth, secrets decrypted (credential cache as configured), audit on")
 
     results: list[tuple[str, int, c.Measured | str]] = []
-    with c.workspace("cp-bench-cs-") as (tmp, stack):
+    with c.workspace("cp-bench-cs-", grace=1.0 if args.quick else 3.0) as (tmp, stack):
         services: list[tuple[str, c.Service | str]] = []
         variants = [("connection-proxy", {})]
         if not args.quick:

@@ -103,6 +103,7 @@ def main() -> int:
     warmup = 0.0 if args.quick else 1.0
     levels = (64,) if args.quick else (1, 64)
     place = c.placement()
+    print(f"# machine: {c.machine_note()}")
     server_cpus, load_cpus = place.server, place.load
     pin_note = f"CPU {c.fmt_cpus(server_cpus)}" if server_cpus else "not pinned"
     print("# Proxy: GET /proxy/bench/items through each proxy to one local upstream")
@@ -116,7 +117,7 @@ def main() -> int:
 
     targets: list[Target] = []
     results: dict[tuple[str, int], c.Measured | str] = {}
-    with c.workspace("cp-bench-proxy-") as (tmp, stack):
+    with c.workspace("cp-bench-proxy-", grace=1.0 if args.quick else 3.0) as (tmp, stack):
         upstream, up_proc = c.start_ref(stack, tmp, "upstream", "upstream", cpus=load_cpus)
         up_port = int(upstream.rsplit(":", 1)[1])
         common_headers = {"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN}

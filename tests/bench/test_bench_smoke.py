@@ -1,0 +1,53 @@
+"""Smoke test of the benchmarks: each runs end to end in ``--quick`` mode and prints its ratios.
+
+The numbers of a quick run mean nothing; what this guards is that every benchmark still starts
+its processes, drives real load through them, cleans up and reaches a numeric ratio line for
+each target (a row that cannot be measured prints ``n/a ... not available`` and fails here).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RATIO = re.compile(r"^ratio (?P<name>.+?): (?P<value>n/a|\d+\.\d+) \(target (?P<target>[^)]*)\)", re.M)
+
+EXPECTED = {
+    "connection_service.py": ["connection-proxy/bare rps @1 conns", "connection-proxy/bare rps @64 conns"],
+    "proxy.py": ["connection-proxy/bare CPU per request @64 conns", "workers 2/1 rps @64 conns"],
+    "ratelimit.py": [
+        "redis commands per admitted proxied call",
+        "redis commands per locally denied call",
+        "admitted/limit across 4 processes",
+    ],
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_bench_quick_run_prints_numeric_ratios(script: str) -> None:
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert out.returncode == 0, (
+        f"{script} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    )
+    ratios = {m["name"]: m["value"] for m in RATIO.finditer(out.stdout)}
+    assert sorted(ratios) == sorted(EXPECTED[script]), out.stdout
+    missing = {name: v for name, v in ratios.items() if v == "n/a"}
+    assert not missing, f"{script}: ratios not measured:\n{out.stdout}"
+    assert all(float(v) >= 0 for v in ratios.values()), out.stdout
+    # The results table was printed.
+    assert re.search(r"^-+  -+", out.stdout, re.M), out.stdout
+    assert elapsed < 15, f"{script} --quick took {elapsed:.1f}s (keep the three under 30s)"
