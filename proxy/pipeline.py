@@ -60,7 +60,7 @@ from proxy.metrics import (
     UPSTREAM_RESPONSES,
 )
 from proxy.model import Caller, ConnectionRecord, ConnectionStatus, RateWindow, parse_rate_limits
-from proxy.ratelimit.limiter import LimitTarget
+from proxy.ratelimit.limiter import Decision, LimitTarget
 from proxy.ratelimit.signals import parse_response
 from proxy.urls import join_upstream, split_absolute, validate_base_url
 from proxy.vault import Credentials
@@ -410,10 +410,10 @@ class Pipeline:
             if decision.retry_after_ms > left_ms:
                 raise RateLimited(
                     f"connection {plan.record.connection_id!r} is rate limited by its "
-                    f"{decision.source} limit; retry after {decision.retry_after_ms} ms, or send "
+                    f"{_limit_kind(decision)} limit; retry after {decision.retry_after_ms} ms, or send "
                     f"X-Proxy-Max-Wait-Ms to let the proxy wait",
                     retry_after_ms=decision.retry_after_ms,
-                    source=decision.source,
+                    source=_limit_kind(decision),
                 )
             await asyncio.sleep(decision.retry_after_ms / 1000)
             decision = await limiter.acquire(plan.target)
@@ -525,7 +525,7 @@ class Pipeline:
                     f"connection {ex.plan.record.connection_id!r} became rate limited while retrying; "
                     f"retry after {decision.retry_after_ms} ms",
                     retry_after_ms=decision.retry_after_ms,
-                    source=decision.source,
+                    source=_limit_kind(decision),
                 )
 
     def _answered(self, ex: Exchange, resp: ClientResponse, started: float) -> ClientResponse:
@@ -592,6 +592,12 @@ class Pipeline:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _limit_kind(decision: Decision) -> str:
+    """configured or learned: which limit said no (``source`` may name where it was decided)."""
+    kind = decision.state.source
+    return kind if kind in ("configured", "learned") else decision.source
 
 
 def outcome_of(status: int) -> str:
