@@ -133,7 +133,7 @@ class Upstream:
         else:
             resp.content_length = n
         await resp.prepare(request)
-        left = n
+        left = 0 if request.method == "HEAD" else n  # aiohttp would send a HEAD body as written
         while left > 0:
             part = PATTERN if left >= len(PATTERN) else PATTERN[:left]
             await resp.write(part)
