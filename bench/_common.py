@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -92,19 +93,21 @@ def _proc_stats() -> dict[int, tuple[int, int]]:
     return out
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user+system) of ``root`` and all its live descendants, in seconds."""
+def tree_cpu_seconds(*roots: int) -> float:
+    """CPU time (user+system) of the ``roots`` and all their live descendants, in seconds."""
     stats = _proc_stats()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [root]
+    seen: set[int] = set()
+    todo = list(roots)
     while todo:
         pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
+        if pid in seen:
+            continue
+        seen.add(pid)
         todo.extend(children.get(pid, ()))
-    return total / CLK_TCK
+    return sum(stats[pid][1] for pid in seen if pid in stats) / CLK_TCK
 
 
 class Proc:
@@ -485,6 +488,24 @@ def warm(url: str, headers: Mapping[str, str], n: int = 30) -> None:
 class Measured:
     load: Load
     cpu_us_per_req: float | None
+    # CPU the rest of the machine (processes not started by this benchmark) used during the run,
+    # as a share of all CPUs. On a shared machine a large value means the row lost CPU to others.
+    others_pct: float | None = None
+
+
+def _machine_busy_s() -> float:
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def _ours_s() -> float:
+    """CPU of every process this benchmark started (live ones, with children) plus itself and
+    the children it has waited for (wrk)."""
+    live = [p.pid for procs in _REGISTRY.values() for p in procs if p.alive()]
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return tree_cpu_seconds(*live) + me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def measure(
@@ -497,14 +518,22 @@ def measure(
     cpu_of: Sequence[Proc] = (),
     warmup: float = 0.0,
 ) -> Measured:
-    """Warm up, then one measured load run; CPU of ``cpu_of`` (with children) per completed request."""
+    """Warm up, then one measured load run; CPU of ``cpu_of`` (with children) per completed request
+    and the share of the machine other processes took meanwhile."""
     if warmup > 0:
         run_load(url, connections=connections, duration=warmup, headers=headers, cpus=load_cpus)
     before = sum(p.cpu_seconds() for p in cpu_of)
+    busy0, ours0, t0 = _machine_busy_s(), _ours_s(), time.monotonic()
     load = run_load(url, connections=connections, duration=duration, headers=headers, cpus=load_cpus)
+    busy1, ours1, t1 = _machine_busy_s(), _ours_s(), time.monotonic()
     after = sum(p.cpu_seconds() for p in cpu_of)
+    others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / ((t1 - t0) * (os.cpu_count() or 1)) * 100
     per = (after - before) / load.requests * 1e6 if cpu_of and load.requests else None
-    return Measured(load, per)
+    return Measured(load, per, others)
+
+
+def fmt_others(m: Measured) -> str:
+    return "-" if m.others_pct is None else f"{m.others_pct:.0f}%"
 
 
 # --- output ------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def main() -> int:
     rows = []
     for label, conns, m in results:
         if isinstance(m, str):
-            rows.append([label, str(conns), "-", "-", "-", "-", "-"])
+            rows.append([label, str(conns), "-", "-", "-", "-", "-", "-"])
             continue
         cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
         rows.append(
@@ -133,10 +133,16 @@ def main() -> int:
                 f"{m.load.p99_ms:.2f}",
                 cpu,
                 str(m.load.bad),
+                c.fmt_others(m),
             ]
         )
     print()
-    c.print_table(["server", "conns", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors"], rows)
+    c.print_table(
+        ["server", "conns", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors", "others CPU"], rows
+    )
+    print(
+        "(others CPU: share of the whole machine used during the run by processes this benchmark did not start)"
+    )
     for label, conns, m in results:
         if isinstance(m, str):
             print(f"not available: {label} @ {conns} conns: {m}")

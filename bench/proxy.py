@@ -214,7 +214,7 @@ def main() -> int:
         for t in targets:
             m = results[(t.label, conns)]
             if isinstance(m, str):
-                rows.append([t.label, str(conns), t.pinned or "-", "-", "-", "-", "-", "-"])
+                rows.append([t.label, str(conns), t.pinned or "-", "-", "-", "-", "-", "-", "-"])
                 continue
             cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
             rows.append(
@@ -227,10 +227,17 @@ def main() -> int:
                     f"{m.load.p99_ms:.2f}",
                     cpu,
                     str(m.load.bad),
+                    c.fmt_others(m),
                 ]
             )
     print()
-    c.print_table(["path", "conns", "proxy CPUs", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors"], rows)
+    c.print_table(
+        ["path", "conns", "proxy CPUs", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors", "others CPU"],
+        rows,
+    )
+    print(
+        "(others CPU: share of the whole machine used during the run by processes this benchmark did not start)"
+    )
     for (label, conns), m in results.items():
         if isinstance(m, str):
             print(f"not available: {label} @ {conns} conns: {m}")
