@@ -118,7 +118,7 @@ def main() -> int:
     targets: list[Target] = []
     results: dict[tuple[str, int], c.Measured | str] = {}
     with c.workspace("cp-bench-proxy-", grace=1.0 if args.quick else 3.0) as (tmp, stack):
-        upstream, up_proc = c.start_ref(stack, tmp, "upstream", "upstream", cpus=load_cpus)
+        upstream, _ = c.start_ref(stack, tmp, "upstream", "upstream", cpus=load_cpus)
         up_port = int(upstream.rsplit(":", 1)[1])
         common_headers = {"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN}
         targets.append(Target("direct (no proxy)", upstream + PATH, dict(common_headers), [], "-"))
@@ -207,7 +207,6 @@ def main() -> int:
                     )
                 except (RuntimeError, ValueError) as exc:
                     results[(t.label, conns)] = str(exc)
-        del up_proc
 
     rows = []
     for conns in levels:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -58,18 +57,22 @@ def limiter_api() -> tuple[Any, Any, Any, Any]:
 # --- 1. cost per call --------------------------------------------------------------------------
 
 
-async def _loop_us(fn: Callable[[], Awaitable[Any]], n: int, repeats: int = 3) -> float:
-    """Median over ``repeats`` of the mean µs per awaited call."""
+Cost = tuple[float, float]  # (wall µs per call, CPU µs of this process per call)
+
+
+async def _loop_us(fn: Callable[[], Awaitable[Any]], n: int, repeats: int = 3) -> Cost:
+    """Median over ``repeats`` of the mean wall and CPU microseconds per awaited call."""
     runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             await fn()
-        runs.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(runs)
+        runs.append(((time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6))
+    runs.sort()
+    return runs[len(runs) // 2]
 
 
-async def cost_rows(redis_url: str, n: int) -> list[tuple[str, float | str, str]]:
+async def cost_rows(redis_url: str, n: int) -> list[tuple[str, Cost | str, str]]:
     try:
         LimitTarget, LocalLimiter, RedisLimiter, RateWindow = limiter_api()
     except c.Unavailable as exc:
@@ -77,12 +80,12 @@ async def cost_rows(redis_url: str, n: int) -> list[tuple[str, float | str, str]
     run = uuid.uuid4().hex[:8]
     big = (RateWindow(limit=10_000_000, window_s=86400.0),)
     one = (RateWindow(limit=1, window_s=86400.0),)
-    rows: list[tuple[str, float | str, str]] = []
+    rows: list[tuple[str, Cost | str, str]] = []
 
-    async def noop() -> None:
+    async def noop(target: Any) -> None:
         return None
 
-    base = await _loop_us(noop, n)
+    base = await _loop_us(lambda: noop(None), n)
     rows.append(("no limiter (awaited no-op)", base, "-"))
 
     local = LocalLimiter()
@@ -126,7 +129,7 @@ async def cost_rows(redis_url: str, n: int) -> list[tuple[str, float | str, str]
         )
     finally:
         await redis.close()
-    return [(label, us, note) for label, us, note in rows]
+    return rows
 
 
 # --- 2. Redis commands per proxied call --------------------------------------------------------
@@ -351,17 +354,20 @@ def main() -> int:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
         print("\n## 1. limiter cost (tight loop in this process)")
         base = next(
-            (us for label, us, _ in cost if label.startswith("no limiter") and isinstance(us, float)), None
+            (us for label, us, _ in cost if label.startswith("no limiter") and not isinstance(us, str)), None
         )
         rows = []
         for label, us, note in cost:
             if isinstance(us, str):
-                rows.append([label, "-", "-", "-"])
+                rows.append([label, "-", "-", "-", "-"])
                 print(f"not available: {label}: {us}")
                 continue
-            extra = f"{us - base:.2f}" if base is not None else "-"
-            rows.append([label, f"{us:.2f}", extra, note])
-        c.print_table(["call", "us/call", "us over no-op", "decision source"], rows)
+            extra = f"{us[0] - base[0]:.2f}" if base is not None else "-"
+            rows.append([label, f"{us[0]:.2f}", extra, f"{us[1]:.2f}", note])
+        c.print_table(["call", "us/call", "us over no-op", "CPU us/call", "decision source"], rows)
+        print(
+            "(sequential awaits; for Redis the wall time includes the round trip, CPU us is this process only)"
+        )
 
         print(f"\n## 2. Redis commands per proxied call ({n_calls} calls, 8 in flight, service with Redis)")
         per = commands_per_call(tmp, stack, redis_url, redis_port, n_calls, place)
