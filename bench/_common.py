@@ -576,7 +576,23 @@ def common_args(description: str) -> Any:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests (numbers meaningless)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per measured load run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per point, interleaved across rows; the best (highest req/s) is kept (default 3, quick 1)",
+    )
     return parser
+
+
+def better(old: Measured | str | None, new: Measured | str) -> Measured | str:
+    """Of two runs of one point keep the least disturbed: no errors first, then the higher req/s
+    (on a shared machine, other work only ever lowers a run's throughput)."""
+    if not isinstance(new, Measured):
+        return old if old is not None else new
+    if not isinstance(old, Measured):
+        return new
+    return new if (new.load.bad == 0, new.load.rps) > (old.load.bad == 0, old.load.rps) else old
 
 
 def first_line(exc: BaseException) -> str:
