@@ -266,6 +266,7 @@ class FormField:
     is_set: bool = False  # a secret already stored: leaving the input blank keeps it
     error: str | None = None
     advanced: bool = False
+    reenter: bool = False  # the user typed it, the page does not send it back
 
 
 def user_fields(integration: Integration) -> tuple[FieldSpec, ...]:
@@ -309,8 +310,10 @@ def build_form(
     values: Mapping[str, Any],
     secrets_set: frozenset[str] | set[str] = frozenset(),
     errors: Mapping[str, str] | None = None,
+    reenter: frozenset[str] | set[str] = frozenset(),
 ) -> list[FormField]:
-    """Form fields with current public values; secret inputs are always rendered empty."""
+    """Form fields with current public values; secret inputs are always rendered empty
+    (``reenter`` names secrets the user had typed, so the page can ask for them again)."""
     errors = errors or {}
     out = []
     for spec in user_fields(integration):
@@ -328,6 +331,7 @@ def build_form(
                 error=errors.get(spec.name),
                 # Optional fields that come with a default rarely need changing: fold them away.
                 advanced=not spec.required and spec.default is not None,
+                reenter=spec.secret and spec.name in reenter,
             )
         )
     return out

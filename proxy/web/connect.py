@@ -314,9 +314,15 @@ async def connect_status(request: web.Request) -> web.Response:
 
 
 def _same_origin(request: web.Request) -> bool:
+    """Whether the form post came from our own page. Browsers say so in Sec-Fetch-Site; the
+    Origin header is the fallback (``null`` under ``Referrer-Policy: no-referrer``, so it then
+    tells nothing and the CSRF value decides)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("Origin")
-    if origin is None:
-        return True  # the CSRF value must still match
+    if origin is None or origin == "null":
+        return True
     own = {
         sessions.normalize_origin(services_of(request.app).settings.public_url),
         sessions.normalize_origin(f"{request.scheme}://{request.host}"),
@@ -357,7 +363,10 @@ async def connect_submit(request: web.Request) -> web.Response:
     for spec in integration.fields:
         if not spec.secret and spec.name in form:
             values[spec.name] = form[spec.name]
-    fields = sessions.build_form(integration, values=values, secrets_set=secrets_set, errors=problems)
+    typed = {f.name for f in integration.fields if f.secret and form.get(f.name, "").strip()}
+    fields = sessions.build_form(
+        integration, values=values, secrets_set=secrets_set, errors=problems, reenter=typed
+    )
     _audit(request, session, "connect.submit", "invalid", fields=sorted(problems))
     return _render_form(request, session, integration, fields, status=422, error_code="VALIDATION_ERROR")
 

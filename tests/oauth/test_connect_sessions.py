@@ -173,6 +173,8 @@ def test_form_never_shows_secret_values_and_marks_stored_ones() -> None:
         )
     }
     assert fields["password"].value == "" and fields["password"].is_set and not fields["password"].required
+    again = {f.name: f for f in sessions.build_form(integration, values={}, reenter={"password", "username"})}
+    assert again["password"].reenter and not again["username"].reenter
     assert fields["username"].value == "bob"
 
 

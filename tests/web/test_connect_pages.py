@@ -269,6 +269,14 @@ async def test_csrf_and_origin_are_enforced(sqlite_svc: RunningService) -> None:
         svc, data["url"], {**good, "csrf": csrf}, headers={"Origin": "https://evil.example"}
     )
     assert status == 403
+    status, _, _ = await post_form(
+        svc, data["url"], {**good, "csrf": csrf}, headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert status == 403
+    status, _, _ = await post_form(
+        svc, data["url"], {**good, "csrf": csrf}, headers={"Sec-Fetch-Site": "same-site"}
+    )
+    assert status == 403
     status, _, _ = await post_form(svc, data["url"], {**good, "csrf": csrf})
     assert status == 200
 
