@@ -167,6 +167,7 @@ class TokenManager:
         outcome: dict[str, str] = {}
         minted = self._minted.pop(key, None)
         self._forced.pop(key, None)
+        self._mint_locks.pop(key, None)
         if creds.integration.auth not in (AUTH_CODE, CLIENT_CREDENTIALS):
             return outcome
         try:
