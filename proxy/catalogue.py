@@ -244,6 +244,17 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         test_request=data.get("test"),
         source=source,
     )
+    if auth.startswith("oauth2_"):
+        # Tokens land in parameters at run time: they must be declared secret or they would be
+        # stored in the clear.
+        needed = {"access_token", "refresh_token"} if auth == "oauth2_authorization_code" else set()
+        needed |= {"client_secret"}
+        declared = {f.name for f in specs if f.secret}
+        if not needed <= declared:
+            missing = ", ".join(sorted(needed - declared))
+            raise ConfigError(
+                f"{where}.fields", f"an {auth} integration must declare {missing} as secret fields"
+            )
     if auth == "template" and not (
         integration.inject_headers or integration.inject_query or integration.inject_cookies
     ):

@@ -117,3 +117,12 @@ def test_operator_integration_added_and_overrides(tmp_path: Path) -> None:
     cat = Catalogue.load((tmp_path,))
     assert cat.get("acme").inject_query == (("key", "{{ key }}"),)
     assert cat.get("http_bearer").label == "Overridden"
+
+
+def test_oauth_integration_must_declare_token_fields_secret(tmp_path: Path) -> None:
+    (tmp_path / "o.toml").write_text(
+        '[[integration]]\nid = "leaky"\nauth = "oauth2_authorization_code"\n'
+        'fields = [{name = "access_token", secret = true}, {name = "client_secret", secret = true}]\n'
+    )
+    with pytest.raises(ConfigError, match="refresh_token"):
+        Catalogue.load((tmp_path,))

@@ -22,7 +22,7 @@ from proxy.metrics import ERRORS
 log = logging.getLogger("proxy.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _HTTP_MAP: dict[int, tuple[type[errors.ProxyError], str]] = {
     400: (errors.BadRequest, "the request is malformed"),
@@ -49,14 +49,14 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
 
 
 def request_id_of(request: web.Request) -> str:
-    rid = request.get(REQUEST_ID)
+    rid: str | None = request.get(REQUEST_ID)
     if rid is None:
         incoming = request.headers.get("X-Request-Id", "")
         # Only echo a caller's id if it is short and tame; otherwise mint our own.
         ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
         rid = incoming if ok else uuid.uuid4().hex
         request[REQUEST_ID] = rid
-    return str(rid)
+    return rid
 
 
 @web.middleware
