@@ -26,7 +26,7 @@ from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
 from proxy.vault import Vault
-from proxy.web import admin, connect, connsvc, ops, proxy_routes
+from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
 from proxy.web.errors import error_middleware
 
 log = logging.getLogger("proxy.app")
@@ -133,6 +133,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     proxy_routes.setup(app)
     ops.setup(app)
     admin.setup(app)
+    ratelimits.setup(app)
     connsvc.setup(app)
     connect.setup(app)
     app.on_startup.append(_startup)
