@@ -49,7 +49,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -76,10 +76,10 @@ from proxy.store import (
 from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
 
 log = logging.getLogger("proxy.store.redis")
-# The venv's types-redis 4.6 stubs (generic Redis[str], no aclose) shadow redis 8's own hints;
-# the ignores below tolerate both so mypy stays clean whichever is installed.
-if TYPE_CHECKING:
-    Client: TypeAlias = aioredis.Redis[str]  # type: ignore[type-arg, unused-ignore]
+# The client runs with decode_responses=True, so every reply is str; redis-py's hints type replies
+# as ``bytes | str`` and cannot express that. The client is therefore untyped at this one boundary,
+# and every value is parsed and checked (``_loads``, ``int``) right where it is read.
+Client: TypeAlias = Any
 
 SCHEMA_VERSION: Final = 1
 CHANNEL: Final = "cp:invalidate"
