@@ -50,4 +50,4 @@ def test_bench_quick_run_prints_numeric_ratios(script: str) -> None:
     assert all(float(v) >= 0 for v in ratios.values()), out.stdout
     # The results table was printed.
     assert re.search(r"^-+  -+", out.stdout, re.M), out.stdout
-    assert elapsed < 15, f"{script} --quick took {elapsed:.1f}s (keep the three under 30s)"
+    assert elapsed < 20, f"{script} --quick took {elapsed:.1f}s (keep the three under 30s)"
