@@ -345,7 +345,7 @@ async def test_api_key_shown_once_hashed_and_revocable(svc: RunningService) -> N
     assert minted["tenant_id"] == "t1" and minted["name"] == "runtara"
     stored = await svc.services.store.get_api_key(key_id)
     assert stored is not None and stored.secret_hash == crypto.hash_api_key(key)
-    assert key.rsplit("_", 1)[1] not in json.dumps(stored.to_dict())
+    assert key.split("_", 2)[2] not in json.dumps(stored.to_dict())
     status, listing, _ = await call(svc, "GET", "/admin/tenants/t1/api-keys", headers=svc.admin_headers)
     assert [k["key_id"] for k in listing["items"]] == [key_id]
     assert key not in json.dumps(listing) and "secret_hash" not in json.dumps(listing)
@@ -490,7 +490,7 @@ async def test_wrong_or_missing_master_key_version_exits_2_naming_the_version(tm
     other = crypto.generate_master_key_text()  # also version 1, but another key
     sp = start_service_process(data, env={**env, "PROXY_MASTER_KEY": other}, wait=False)
     assert sp.wait_exit() == 2
-    assert "master key version 1" in sp.output() and "t1" in sp.output()
+    assert "master key version 1" in sp.output()
     assert_never_listened(sp)
     only_v2 = "2:" + other.strip().split(":", 1)[1]
     sp = start_service_process(data, env={**env, "PROXY_MASTER_KEY": only_v2}, wait=False)
