@@ -92,6 +92,7 @@ def peer_in(peer_ip: str | None, networks: tuple[Any, ...]) -> bool:
 class _CachedKey:
     expires: float
     record: ApiKeyRecord | None  # None: unknown or revoked
+    caller: Caller | None
 
 
 def _public_key_algorithm(key: Any) -> str:
@@ -166,16 +167,21 @@ class Authenticator:
             ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
             if len(self._keys) >= KEY_CACHE_MAX:
                 self._keys.clear()
-            cached = self._keys[key_id] = _CachedKey(now + ttl, record)
+            caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
+            cached = self._keys[key_id] = _CachedKey(now + ttl, record, caller)
         record = cached.record
         # Hash compare on every call, cached or not: the cache holds the hash, never the key.
-        if record is None or not crypto.secrets_equal(crypto.hash_api_key(token), record.secret_hash):
+        if (
+            record is None
+            or cached.caller is None
+            or not crypto.secrets_equal(crypto.hash_api_key(token), record.secret_hash)
+        ):
             raise _unauthenticated(
                 f"API key {key_id} is unknown or revoked; mint a new one with "
                 "POST /admin/tenants/{tenant_id}/api-keys"
             )
         self._last_used[key_id] = time.time()
-        return Caller("api_key", key_id, record.tenant_id)
+        return cached.caller
 
     def forget_key(self, key_id: str) -> None:
         """Drop a cached key at once (after revocation) so the next call re-reads the store."""

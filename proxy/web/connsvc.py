@@ -100,7 +100,9 @@ def _parse_path(request: web.Request, prefix: str) -> tuple[str, str, bool] | No
 
 
 def _runtime_user(request: web.Request) -> str | None:
-    value = request.headers.get("X-Runtime-User-Id") or request.query.get("runtime_user_id")
+    value = request.headers.get("X-Runtime-User-Id")
+    if not value and request.query_string:
+        value = request.query.get("runtime_user_id")
     if not value:
         return None
     if not ID_RE.match(value):
