@@ -90,10 +90,28 @@ class Vault:
 
     async def verify_keys(self) -> int:
         """Unwraps every tenant's data keys; a wrong or missing master key stops start-up here."""
+        await self._check_fingerprints()
         tenants = await self.store.list_tenants()
         for tenant in tenants:
             self._load_tenant_keys(tenant)
         return len(tenants)
+
+    async def _check_fingerprints(self) -> None:
+        """Each master key version's (non-secret) fingerprint is recorded in the store the first
+        time it is used; a replica started with a *different* key under the same version number
+        (e.g. two dev-mode replicas sharing Redis) is refused before it writes anything."""
+        for version in self.ring.versions:
+            name = f"kek_fingerprint:{version}"
+            mine = self.ring.fingerprint(version)
+            recorded = await self.store.get_meta(name)
+            if recorded is None:
+                await self.store.set_meta(name, mine)
+            elif recorded != mine:
+                raise CryptoError(
+                    f"master key version {version} is not the key this store was set up with "
+                    f"(fingerprint {mine}, store expects {recorded}); give every replica the same "
+                    "key ring (PROXY_MASTER_KEY / PROXY_MASTER_KEY_FILE)"
+                )
 
     def _load_tenant_keys(self, tenant: TenantRecord) -> None:
         keys = {}

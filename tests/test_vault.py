@@ -204,3 +204,10 @@ async def test_keys_cli_rotate_status_retire(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "version" in bad.stderr
     db = sqlite3.connect(settings.store_path)
     assert CANARY not in " ".join(str(r) for r in db.execute("select * from connections"))
+
+
+async def test_replica_with_a_different_key_is_refused_before_any_data(store: Any) -> None:
+    await make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text())).verify_keys()
+    other = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    with pytest.raises(CryptoError, match="version 1 is not the key this store was set up with"):
+        await other.verify_keys()
