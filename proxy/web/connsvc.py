@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy.errors import ConnectionNotAuthorized, ProxyError, RateLimited, ValidationError
+from proxy.errors import ConnectionNotAuthorized, ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.metrics import CONNECTION_SERVICE
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
 from proxy.ratelimit.limiter import Limiter, LimitTarget
@@ -282,7 +282,10 @@ class _ConnectionService:
         caller = await svc.auth.authenticate(request.headers, request.remote, allow_trusted=True)
         parsed = _parse_path(request, self.prefix)
         if parsed is None:
-            raise not_found("?", "?")
+            raise ConnectionNotFound(
+                f"no such Connection Service URL: use {self.prefix}/{{tenant_id}}/{{connection_id}} "
+                "or .../metadata with valid ids"
+            )
         tid, cid, metadata = parsed
         rid = request_id_of(request)
         action = METADATA if metadata else READ
