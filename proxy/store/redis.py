@@ -91,6 +91,7 @@ AUDIT_SCAN_BUDGET: Final = 50_000
 MAX_BATCH: Final = 1000
 # A subscription that hears nothing (not even PONG) for this long is treated as dead.
 PUBSUB_PING_S: Final = 5.0
+KEEPALIVE: Final = "keepalive"
 PUBSUB_DEAD_S: Final = 15.0
 
 _PUT_CONNECTION = """
@@ -656,7 +657,7 @@ class RedisStore(Store):
                 await deliver(self._callbacks, FLUSH_ALL, None)
             since = time.monotonic()
             try:
-                await self._read(pubsub)
+                await self._read(client, pubsub)
             except (RedisError, OSError) as exc:
                 log.warning("invalidation subscription lost (%s); reconnecting", type(exc).__name__)
             except Exception:
@@ -667,20 +668,24 @@ class RedisStore(Store):
             if time.monotonic() - since > PUBSUB_DEAD_S:
                 backoff = 0.05  # it was healthy for a while: reconnect quickly
 
-    async def _read(self, pubsub: Any) -> None:
-        """Delivers messages until the connection fails; a silent link is probed by PING."""
-        last_heard = time.monotonic()
+    async def _read(self, client: Client, pubsub: Any) -> None:
+        """Delivers messages until the connection fails. A silent link is probed by publishing a
+        keepalive on the channel itself: hearing it back proves the subscribed connection works
+        end to end (redis-py does not surface PING replies on a subscribed connection)."""
+        last_heard = last_ping = time.monotonic()
         while True:
             msg = await pubsub.get_message(timeout=1.0)
             now = time.monotonic()
             if msg is None:
                 if now - last_heard > PUBSUB_DEAD_S:
-                    raise ConnectionError("no answer to PING on the invalidation channel")
-                if now - last_heard > PUBSUB_PING_S:
-                    await pubsub.ping()
+                    raise ConnectionError("keepalive not heard back on the invalidation channel")
+                # At most one probe per interval, however often get_message returns early.
+                if now - last_heard > PUBSUB_PING_S and now - last_ping > PUBSUB_PING_S:
+                    last_ping = now
+                    await client.publish(CHANNEL, KEEPALIVE)
                 continue
             last_heard = now
-            if msg.get("type") != "message":
+            if msg.get("type") != "message" or msg.get("data") == KEEPALIVE:
                 continue
             try:
                 data = json.loads(msg["data"])
