@@ -122,6 +122,10 @@ class Vault:
         self._deks[tenant.tenant_id] = keys
         self._current_dek[tenant.tenant_id] = tenant.current_dek_version
 
+    async def ensure_tenant(self, tenant_id: str) -> None:
+        """Creates the tenant's key record if it has none yet (idempotent, race-safe)."""
+        await self._tenant_keys(tenant_id, create=True)
+
     async def _tenant_keys(self, tenant_id: str, create: bool) -> tuple[int, dict[int, bytes]] | None:
         if tenant_id in self._deks:
             return self._current_dek[tenant_id], self._deks[tenant_id]

@@ -550,7 +550,7 @@ async def put_tenant(request: web.Request) -> web.Response:
         problems["proxy_only"] = "required: true or false"
     _raise(problems)
     # TODO(vault owner): a public Vault.ensure_tenant(tid) would replace this private call.
-    await svc.vault._tenant_keys(tid, create=True)
+    await svc.vault.ensure_tenant(tid)
     for _ in range(CAS_ATTEMPTS):
         tenant = await svc.store.get_tenant(tid)
         assert tenant is not None
@@ -635,9 +635,6 @@ async def list_integrations(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    svc = services_of(app)
-    # API key last-used times are written with the audit batches, not per request.
-    svc.audit.add_flush_hook(svc.auth.flush_usage)
     conn = "/admin/tenants/{tenant_id}/connections/{connection_id}"
     r = app.router
     r.add_put(conn, put_connection)

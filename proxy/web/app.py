@@ -89,6 +89,8 @@ async def _startup(app: web.Application) -> None:
         tenants,
     )
     await svc.store.subscribe_invalidations(svc.vault.invalidate)
+    # Caller-key last-used times ride on the audit writer's flushes: no extra timer, no write per call.
+    svc.audit.add_flush_hook(svc.auth.flush_usage)
     await svc.audit.start()
     s = svc.settings
     # The token manager shares the upstream client (and so the egress guard) once it exists.

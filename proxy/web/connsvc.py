@@ -33,10 +33,12 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy.catalogue import Integration
 from proxy.errors import ConnectionNotAuthorized, ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.metrics import CONNECTION_SERVICE
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
 from proxy.ratelimit.limiter import Limiter, LimitTarget
+from proxy.ratelimit.targets import limit_target
 from proxy.vault import Credentials
 from proxy.web.authn import not_found, services_of
 from proxy.web.errors import request_id_of
@@ -113,18 +115,6 @@ def _runtime_user(request: web.Request) -> str | None:
     return value
 
 
-def connection_target(record: ConnectionRecord) -> LimitTarget:
-    opts = record.options
-    weight = opts.get("quota_weight")
-    return LimitTarget(
-        scope=f"{record.tenant_id}/{record.connection_id}",
-        windows=record.rate_limits,
-        quota_key=opts.get("quota_key") or None,
-        weight=float(weight) if weight else 1.0,
-        reserve=int(opts.get("reserve") or 0),
-    )
-
-
 def _not_authorized(tid: str, cid: str, status: str) -> ConnectionNotAuthorized:
     what = "has no credentials yet" if status == "pending" else "needs to be re-authorized"
     return ConnectionNotAuthorized(
@@ -155,13 +145,14 @@ class _Targets:
             self._unlimited.clear()
         self._unlimited[scope] = time.monotonic() + UNLIMITED_TTL_S
 
-    def connection(self, record: ConnectionRecord) -> LimitTarget:
+    def connection(self, record: ConnectionRecord, integration: Integration) -> LimitTarget:
         key = (record.tenant_id, record.connection_id, record.version)
         target = self._conn.get(key)
         if target is None:
             if len(self._conn) >= self.MAX:
                 self._conn.clear()
-            target = self._conn[key] = connection_target(record)
+            # The same target the proxy enforces, so rate_limit reports the state it acts on.
+            target = self._conn[key] = limit_target(record, integration)
         return target
 
 
@@ -214,7 +205,7 @@ class _Quota:
 async def _rate_limit(
     svc: Services, targets: _Targets, record: ConnectionRecord, proxy_only: bool
 ) -> dict[str, Any] | None:
-    target = targets.connection(record)
+    target = targets.connection(record, svc.catalogue.get(record.integration_id))
     if target.windows and not proxy_only:
         decision = await svc.limiter.acquire(target)
         state = decision.state
