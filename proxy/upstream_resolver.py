@@ -65,8 +65,18 @@ class GuardedResolver(AbstractResolver):
 def literal_guard_middleware(policy: EgressPolicy) -> ClientMiddlewareType:
     """A client middleware refusing non-public IP literal hosts, which skip the resolver."""
 
+    # Hosts already found acceptable: the verdict depends only on the host string and the
+    # (immutable) policy, so the per-request parse is paid once per host. Refusals are not
+    # cached; they raise every time.
+    passed: set[str] = set()
+
     async def guard(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        policy.check_literal(request.url.raw_host or "")
+        host = request.url.raw_host or ""
+        if host not in passed:
+            policy.check_literal(host)
+            if len(passed) >= 4096:
+                passed.clear()
+            passed.add(host)
         return await handler(request)
 
     return guard
