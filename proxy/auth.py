@@ -188,6 +188,20 @@ class Authenticator:
         self._keys.pop(key_id, None)
         self._last_used.pop(key_id, None)
 
+    def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
+        """A tenant-wide invalidation from any replica (published when a key is revoked) drops
+        that tenant's cached keys here, so revocation holds everywhere within the store's
+        invalidation latency instead of this cache's lifetime."""
+        if connection_id is not None:
+            return
+        if tenant_id == "*":
+            self._keys.clear()
+            return
+        for key_id in [
+            k for k, c in self._keys.items() if c.record is not None and c.record.tenant_id == tenant_id
+        ]:
+            del self._keys[key_id]
+
     async def flush_usage(self) -> None:
         """Write buffered last-used times in one batch; on failure keep them for the next try."""
         if not self._last_used:

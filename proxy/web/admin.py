@@ -527,6 +527,8 @@ async def revoke_api_key(request: web.Request) -> web.Response:
         await svc.store.put_api_key(ApiKeyRecord(**{**record.to_dict(), "revoked_at": time.time()}))
         _audit(request, caller, tid, "api_key.revoke", None, key_id=key_id)
     svc.auth.forget_key(key_id)
+    # Other replicas cache verified keys too: a tenant-wide invalidation makes them re-read.
+    await svc.store.publish_invalidation(tid, None)
     return web.Response(status=204)
 
 

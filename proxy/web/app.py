@@ -89,6 +89,7 @@ async def _startup(app: web.Application) -> None:
         tenants,
     )
     await svc.store.subscribe_invalidations(svc.vault.invalidate)
+    await svc.store.subscribe_invalidations(svc.auth.on_invalidation)
     # Caller-key last-used times ride on the audit writer's flushes: no extra timer, no write per call.
     svc.audit.add_flush_hook(svc.auth.flush_usage)
     await svc.audit.start()

@@ -128,3 +128,22 @@ async def test_admin_change_reaches_other_replicas_within_a_second(
                     break
                 assert time.monotonic() - changed_at < 1.0, "replica still used the old token after 1 s"
                 await asyncio.sleep(0.05)
+
+
+async def test_revoked_key_is_refused_by_every_replica_within_a_second(
+    replicas: list[ServiceProcess], upstream: Upstream
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        key = await _setup(s, replicas[0], upstream, [])
+        for r in replicas:  # every replica has verified (and cached) the key
+            assert await _call(s, r, key) == 200
+        key_id = key.split("_")[1]
+        async with s.delete(
+            f"{replicas[0].url}/admin/tenants/t1/api-keys/{key_id}", headers=replicas[0].admin_headers
+        ) as resp:
+            assert resp.status == 204
+        revoked_at = time.monotonic()
+        for replica in replicas[1:]:
+            while await _call(s, replica, key) != 401:
+                assert time.monotonic() - revoked_at < 1.0, "a replica still accepted a revoked key after 1 s"
+                await asyncio.sleep(0.05)
