@@ -38,7 +38,6 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy import egress as egress_mod
-from proxy.catalogue import Integration
 from proxy.errors import (
     ConnectionNotAuthorized,
     Forbidden,
@@ -59,9 +58,10 @@ from proxy.metrics import (
     UPSTREAM_LATENCY,
     UPSTREAM_RESPONSES,
 )
-from proxy.model import Caller, ConnectionRecord, ConnectionStatus, RateWindow, parse_rate_limits
-from proxy.ratelimit.limiter import Decision, LimitTarget
+from proxy.model import Caller, ConnectionStatus
+from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals import parse_response
+from proxy.ratelimit.targets import limit_target
 from proxy.urls import join_upstream, split_absolute, validate_base_url
 from proxy.vault import Credentials
 
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.pipeline")
 
-__all__ = ["Body", "Exchange", "Pipeline", "Plan", "limit_target"]
+__all__ = ["Body", "Exchange", "Pipeline", "Plan"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -87,34 +87,6 @@ Body = bytes | aiohttp.StreamReader | None
 
 
 # --- per-connection plan -------------------------------------------------------------------------
-
-
-def _windows(raw: Any, where: str) -> tuple[RateWindow, ...]:
-    try:
-        return parse_rate_limits(list(raw) if isinstance(raw, tuple) else raw, where)
-    except ValidationError:
-        log.warning("ignoring invalid %s", where)
-        return ()
-
-
-def limit_target(record: ConnectionRecord, integration: Integration) -> LimitTarget:
-    """The limiter's view of a connection; the Connection Service must use the same one.
-
-    Configured windows are the connection's ``rate_limits`` or else the integration's defaults.
-    Options: ``quota_key`` + ``quota_rate_limits`` (the shared budget), ``quota_weight``,
-    ``reserve`` (calls kept back from a learned remaining count).
-    """
-    opts = record.options
-    windows = record.rate_limits or _windows(integration.default_rate_limits, "default_rate_limits")
-    quota_key = opts.get("quota_key") or None
-    return LimitTarget(
-        scope=f"{record.tenant_id}/{record.connection_id}",
-        windows=windows,
-        quota_key=str(quota_key) if quota_key else None,
-        quota_windows=_windows(opts.get("quota_rate_limits"), "quota_rate_limits") if quota_key else (),
-        weight=float(opts.get("quota_weight") or 1.0),
-        reserve=int(opts.get("reserve") or 0),
-    )
 
 
 def _timeout(options: Mapping[str, Any], settings: Any) -> ClientTimeout:

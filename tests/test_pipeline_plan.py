@@ -12,7 +12,8 @@ from proxy.catalogue import Catalogue
 from proxy.egress import EgressPolicy
 from proxy.errors import Forbidden, HostNotAllowed, ValidationError
 from proxy.model import ConnectionRecord, RateWindow
-from proxy.pipeline import Plan, _retry_after_s, limit_target, parse_control_int
+from proxy.pipeline import Plan, _retry_after_s, parse_control_int
+from proxy.ratelimit.targets import limit_target
 from proxy.settings import Settings
 from proxy.vault import Credentials
 

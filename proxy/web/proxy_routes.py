@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.errors import (
     BadRequest,
@@ -37,6 +38,7 @@ from proxy.errors import (
     PayloadTooLarge,
     ProxyError,
     Unauthenticated,
+    UpstreamTimeout,
     UpstreamUnreachable,
     ValidationError,
 )
@@ -63,6 +65,8 @@ ENVELOPE_MAX_BODY = 32 * 1024 * 1024
 # The envelope carries the body base64-encoded inside JSON: 4/3 of the body plus headers.
 ENVELOPE_MAX_REQUEST = ENVELOPE_MAX_BODY * 4 // 3 + 1024 * 1024
 DISCONNECT_POLL_S = 0.25
+SMALL_BODY = 64 * 1024
+_NO_BODY = frozenset({204, 304})
 _PATH_PREFIX = "/proxy"
 
 
@@ -175,6 +179,23 @@ async def _stream_back(
     The returned response is always handed back to aiohttp as is: after a disconnect or an
     abort its final write fails quietly inside aiohttp, which is what we want.
     """
+    length = up.content_length
+    if length is not None and length <= SMALL_BODY and up.status not in _NO_BODY and request.method != "HEAD":
+        # Small sized bodies (most API answers) go out in one write with the headers, and an
+        # upstream that breaks off can still be answered with a clean 502.
+        try:
+            body = await up.read()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "the upstream stalled in the middle of its response; raise the connection's "
+                "timeouts option if the API is slow"
+            ) from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamUnreachable(
+                "the upstream broke off its response mid-body; retry the call"
+            ) from None
+        headers = CIMultiDict(clean_response_headers(up.headers.items()))
+        return web.Response(status=up.status, reason=up.reason, body=body, headers=headers), outcome
     resp = web.StreamResponse(status=up.status, reason=up.reason)
     resp.headers.extend(clean_response_headers(up.headers.items()))
     try:

@@ -121,10 +121,13 @@ async def test_total_timeout_is_504(svc: RunningService, upstream: Upstream) -> 
 
 async def test_stall_mid_body_breaks_the_response(svc: RunningService, upstream: Upstream) -> None:
     await connect(svc, upstream.url, options={"timeouts": {"read_s": 0.3}})
-    async with svc.session.get(svc.url + "/proxy/slow?mid=3", headers=hdrs(svc)) as r:
+    async with svc.session.get(svc.url + "/proxy/slow?mid=3&chunked=1", headers=hdrs(svc)) as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
+    # A small sized answer is read whole first, so the stall is reported as such.
+    status, headers, _ = await get(svc, "/proxy/slow?mid=3")
+    assert (status, headers["X-Proxy-Error"]) == (504, "UPSTREAM_TIMEOUT")
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -138,6 +141,13 @@ async def test_upstream_dying_mid_body_breaks_the_response(
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
     assert "died" in upstream.events
+
+
+async def test_small_body_broken_off_is_a_clean_502(svc: RunningService, upstream: Upstream) -> None:
+    # Small sized answers are read whole before replying, so the failure can still be reported.
+    await connect(svc, upstream.url)
+    status, headers, _ = await get(svc, "/proxy/die?size=5000&after=1000")
+    assert (status, headers["X-Proxy-Error"]) == (502, "UPSTREAM_UNREACHABLE")
 
 
 async def test_per_host_cap_fails_fast(svc: RunningService, upstream: Upstream) -> None:
