@@ -257,6 +257,8 @@ class Pipeline:
         self._plans = InjectionCache()
         self._oauth_injections = InjectionCache()
         self._inflight: dict[str, int] = {}
+        # Read at scrape time: no gauge update (and its lock) on every call.
+        UPSTREAM_INFLIGHT.set_function(lambda: sum(self._inflight.values()))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._requests: dict[tuple[str, str], Any] = {}
         self._responses: dict[tuple[str, int], Any] = {}
@@ -328,7 +330,9 @@ class Pipeline:
         else:
             base_url, host_key, path, query = self._absolute(plan, absolute_url, upgrade_scheme)
 
-        await self._admit(plan, max_wait_ms)
+        decision = await self.svc.limiter.acquire(plan.target)
+        if not decision.allowed:
+            await self._wait_for_limit(plan, decision, max_wait_ms)
 
         injection = plan.injection
         token: str | None = None
@@ -377,11 +381,9 @@ class Pipeline:
         path, _, query = target.partition("?")
         return origin, f"{host}:{port}", path, query
 
-    async def _admit(self, plan: Plan, max_wait_ms: int | None) -> None:
+    async def _wait_for_limit(self, plan: Plan, decision: Decision, max_wait_ms: int | None) -> None:
+        """Wait for the limit when the caller (or the connection) allows it, else 429."""
         limiter = self.svc.limiter
-        decision = await limiter.acquire(plan.target)
-        if decision.allowed:
-            return
         cap = self.svc.settings.max_wait_ms_cap
         wait_ms = min(plan.max_wait_ms if max_wait_ms is None else max_wait_ms, cap)
         loop = asyncio.get_running_loop()
@@ -430,7 +432,6 @@ class Pipeline:
             )
         self._inflight[ex.host_key] = inflight + 1
         ex.holds_slot = True
-        UPSTREAM_INFLIGHT.inc()
 
         retries = ex.retries
         if retries and not (ex.method in IDEMPOTENT or idempotency_key):
@@ -555,7 +556,6 @@ class Pipeline:
                     self._inflight[ex.host_key] = left
                 else:
                     self._inflight.pop(ex.host_key, None)
-                UPSTREAM_INFLIGHT.dec()
             if status is not None:
                 key = (ex.plan.integration.id, status // 100)
                 child = self._responses.get(key)

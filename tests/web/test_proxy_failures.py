@@ -163,6 +163,8 @@ async def test_per_host_cap_fails_fast(svc: RunningService, upstream: Upstream) 
         assert (status, headers["X-Proxy-Error"]) == (503, "SERVICE_UNAVAILABLE")
         assert time.monotonic() - started < 0.5
         assert len(upstream.seen) == 2  # the third call never left
+        async with svc.session.get(svc.url + "/metrics") as r:
+            assert "proxy_upstream_inflight 2.0" in await r.text()
     finally:
         for t in hanging:
             t.cancel()
