@@ -75,6 +75,16 @@ async def test_loopback_address_not_allowed_gets_nothing(tmp_path: Path) -> None
         assert other.seen == []
 
 
+async def test_name_resolving_to_loopback_refused_by_the_resolver(tmp_path: Path, upstream: Upstream) -> None:
+    # "localhost" passes every check on the name; the guarded resolver refuses its address.
+    async with running_service(tmp_path, egress_allow=[]) as s:
+        await connect(s, f"https://localhost:{upstream.port}/")
+        status, headers, body = await get(s, "/proxy/echo")
+        assert (status, headers["X-Proxy-Error"]) == (403, "HOST_NOT_ALLOWED")
+        assert b"loopback" in body
+    assert upstream.seen == []
+
+
 @pytest.mark.parametrize(
     "host",
     [
