@@ -103,6 +103,12 @@ class ValidationError(ProxyError):
     status = 422
 
 
+class IntegrationNotProxyable(ValidationError):
+    """The connection's integration speaks another protocol (SFTP, Postgres): never proxied."""
+
+    code = "INTEGRATION_NOT_PROXYABLE"
+
+
 class ConnectionNotAuthorized(ProxyError):
     """The connection exists but holds no usable credentials (pending or needs re-auth)."""
 

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote, unquote_plus
 
 from proxy.catalogue import Integration
-from proxy.errors import ConnectionNotAuthorized, ValidationError
+from proxy.errors import ConnectionNotAuthorized, IntegrationNotProxyable, ValidationError
 
 __all__ = ["Injection", "InjectionCache", "apply", "build_injection", "not_proxyable"]
 
@@ -85,8 +85,8 @@ class Injection:
         return not (self.headers or self.query or self.cookies)
 
 
-def not_proxyable(integration: Integration) -> ValidationError:
-    return ValidationError(
+def not_proxyable(integration: Integration) -> IntegrationNotProxyable:
+    return IntegrationNotProxyable(
         f"integration {integration.id!r} is not proxied (its agents speak another protocol); "
         "read its parameters from the Connection Service instead",
         fields={"connection_id": f"integration {integration.id!r} is not proxied"},

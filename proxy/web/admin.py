@@ -161,8 +161,15 @@ def _check_options(raw: Any, problems: Problems) -> dict[str, Any]:
                 elif not _positive_number(tval):
                     problems[f"options.timeouts.{tkey}"] = "must be a number of seconds > 0"
             out[key] = value
+        elif key == "quota_rate_limits":
+            # The budget a quota group shares (e.g. one OAuth app's limit across tenants).
+            try:
+                out[key] = [w.to_dict() for w in parse_rate_limits(value, "options.quota_rate_limits")]
+            except ValidationError as exc:
+                problems.update(exc.fields)
         elif key not in checks:
-            problems[f"options.{key}"] = f"unknown option; known: {', '.join(sorted([*checks, 'timeouts']))}"
+            known = ", ".join(sorted([*checks, "timeouts", "quota_rate_limits"]))
+            problems[f"options.{key}"] = f"unknown option; known: {known}"
         elif value is not None:
             ok, message = checks[key]
             if not ok(value):

@@ -351,6 +351,7 @@ async def test_opaque_integration_refused(svc: RunningService, upstream: Upstrea
     )
     status, _, body = await call(svc, "/proxy/x", "s1")
     assert status == 422
+    assert json.loads(body)["error"] == "INTEGRATION_NOT_PROXYABLE"
     assert "integration 'sftp' is not proxied" in json.loads(body)["message"]
 
 
