@@ -438,12 +438,31 @@ async def delete_connection(request: web.Request) -> web.Response:
     svc = services_of(request.app)
     tid, cid = _path_id(request, "tenant_id"), _path_id(request, "connection_id")
     record = await svc.vault.get_record(tid, cid)
+    cascade = request.query.get("cascade", "").lower() in ("1", "true", "yes")
+    # Runtime user connections of this default would silently fall back to nothing: refuse
+    # unless the caller asks for them to go too.
+    dependents = (await svc.store.list_connections(tid, default_connection_id=cid, limit=1000)).items
+    if dependents and not cascade:
+        raise Conflict(
+            f"connection {cid!r} is the default of {len(dependents)} runtime user connection(s) "
+            f"(e.g. {dependents[0].connection_id!r}); delete those first, or repeat with ?cascade=true "
+            "to revoke and delete them too",
+            fields={"connection_id": "has runtime user connections"},
+        )
+    for dependent in dependents:
+        await _revoke_and_delete(request, caller, dependent)
+    await _revoke_and_delete(request, caller, record)
+    return web.Response(status=204)
+
+
+async def _revoke_and_delete(request: web.Request, caller: Caller, record: ConnectionRecord) -> None:
+    svc = services_of(request.app)
+    tid, cid = record.tenant_id, record.connection_id
     revocation: Any = None
-    revoke = getattr(svc.tokens, "revoke", None)
-    if revoke is not None and record.secret_params:
+    if record.secret_params:
         try:
             # Per token kind: revoked / failed / skipped (the token manager never raises here).
-            revocation = await revoke(await svc.vault.decrypt(record))
+            revocation = await svc.tokens.revoke(await svc.vault.decrypt(record))
         except Exception as exc:  # the local delete must not depend on the upstream answering
             log.warning(
                 "upstream revocation of %s/%s failed (%s); deleting anyway", tid, cid, type(exc).__name__
@@ -459,7 +478,6 @@ async def delete_connection(request: web.Request) -> web.Response:
         version=record.version,
         upstream_revocation=revocation or None,
     )
-    return web.Response(status=204)
 
 
 def _limit(request: web.Request) -> int:

@@ -499,3 +499,23 @@ async def test_wrong_or_missing_master_key_version_exits_2_naming_the_version(tm
     assert_never_listened(sp)
     # Secrets never reach the output, whichever way start-up failed.
     assert key1.strip().split(":", 1)[1] not in sp.output() and SECRET not in sp.output()
+
+
+async def test_deleting_a_default_with_runtime_user_connections_needs_cascade(svc: RunningService) -> None:
+    base = {
+        "integration_id": "http_bearer",
+        "parameters": {"token": "t", "base_url": "https://api.example.com"},
+    }
+    await svc.put_connection("t1", "crm", base)
+    await svc.put_connection(
+        "t1", "crm-alice", {**base, "runtime_user_id": "alice", "default_connection_id": "crm"}
+    )
+    status, body = await svc.admin("DELETE", "/admin/tenants/t1/connections/crm")
+    assert status == 409 and body["error"] == "CONFLICT"
+    assert "crm-alice" in body["message"] and "cascade=true" in body["message"]
+    assert (await svc.admin("GET", "/admin/tenants/t1/connections/crm"))[0] == 200
+
+    status, _ = await svc.admin("DELETE", "/admin/tenants/t1/connections/crm?cascade=true")
+    assert status == 204
+    assert (await svc.admin("GET", "/admin/tenants/t1/connections/crm"))[0] == 404
+    assert (await svc.admin("GET", "/admin/tenants/t1/connections/crm-alice"))[0] == 404
