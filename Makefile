@@ -6,8 +6,17 @@ APT_PACKAGES := redis-server chromium
 
 .PHONY: run test lint typecheck check-system bench clean
 
+# Debian's python3 needs python3-venv for `-m venv`: installed when root, else named.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) >/dev/null 2>&1 || { \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's python3-venv"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	    $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "python3 -m venv failed. Install it with: sudo apt-get install -y python3-venv"; exit 1; \
+	  fi; }
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
