@@ -544,7 +544,8 @@ class Pipeline:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("background rate-limit/token update failed: %r", task.exception())
+            # Type only: an exception message may quote a value, and logs never hold secrets.
+            log.warning("background rate-limit/token update failed: %s", type(task.exception()).__name__)
 
     def finish(self, ex: Exchange | None, front: str, outcome: str, status: int | None = None) -> None:
         """Release the host slot, count the request and audit the use (buffered, O(1))."""

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import secrets
+import traceback
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -83,8 +84,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(mapped, rid)
     except (ConnectionResetError, web.HTTPClientError):
         raise
-    except Exception:
-        log.exception("request %s: unexpected error", rid)
+    except Exception as exc:
+        # The frames and the exception's type only: an exception's message may quote a value
+        # (a URL with a query-string key, say), and logs must never hold a secret.
+        log.error(
+            "request %s: unexpected %s\n%s",
+            rid,
+            type(exc).__name__,
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
         return error_response(
             errors.ProxyError(f"internal error; quote request id {rid} when reporting it"), rid
         )
