@@ -129,11 +129,23 @@ def decision_of(o: gcra.Outcome, source: str | None = None) -> Decision:
     return Decision(False, max(1, _ms(o.wait_us)), state, src)
 
 
+_DECISION_COUNTERS: dict[tuple[bool, str], Any] = {}
+
+
 def count(decision: Decision) -> Decision:
-    RATELIMIT_DECISIONS.labels(
-        result="allowed" if decision.allowed else "denied", source=decision.source
-    ).inc()
+    # Labelled children are looked up once per (result, source), not on every call.
+    key = (decision.allowed, decision.source)
+    child = _DECISION_COUNTERS.get(key)
+    if child is None:
+        child = _DECISION_COUNTERS[key] = RATELIMIT_DECISIONS.labels(
+            result="allowed" if decision.allowed else "denied", source=decision.source
+        )
+    child.inc()
     return decision
+
+
+# What an unconstrained call decides: no configured window and no learned state for its scope.
+_FREE = Decision(True, 0, UNLIMITED, "configured")
 
 
 def observation_args(obs: Observation, now_us: int) -> tuple[int, list[tuple[str, gcra.Learned]]]:
@@ -270,6 +282,12 @@ class LocalLimiter(Limiter):
         return gcra.evaluate(spec, st, group, now, cost, commit)
 
     async def acquire(self, target: LimitTarget, cost: int = 1) -> Decision:
+        spec = compile_target(target)
+        if not spec.cells and not spec.quota and cost >= 1 and target.scope not in self._scopes:
+            # Nothing configured and nothing learned: exactly what evaluate() would decide,
+            # without building and dropping an empty state for every call.
+            self._sweep(self.now_us())
+            return count(_FREE)
         return count(decision_of(self.evaluate(target, cost, True)))
 
     async def peek(self, target: LimitTarget) -> LimitState:
