@@ -2,8 +2,9 @@
 
 It joins the store (where records live), the key ring (master keys) and the catalogue (which
 parameters are secret). Tenant data keys are created lazily on a tenant's first write, wrapped by
-the newest master key, and cached unwrapped in memory only. Decrypted credentials are cached for
-``credential_cache_ttl_s`` and dropped at once on a local change or a peer's invalidation.
+the newest master key, and cached unwrapped in memory only. Decrypted credentials (and which
+connection a runtime user resolves to) are cached for ``credential_cache_ttl_s`` and dropped at
+once on a local change or a peer's invalidation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
 
 REDACTED = "********"
+RESOLVE_CACHE_MAX = 4096
+# Labelled children looked up once: this counter moves on every proxied call.
+_CACHE_HIT = CREDENTIAL_CACHE.labels(result="hit")
+_CACHE_MISS = CREDENTIAL_CACHE.labels(result="miss")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,8 @@ class Vault:
         self._deks: dict[str, dict[int, bytes]] = {}
         self._current_dek: dict[str, int] = {}
         self._creds: dict[tuple[str, str], tuple[float, Credentials]] = {}
+        # (tenant, connection, runtime user) -> (expires, connection id to use).
+        self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
         self._tenant_locks: dict[str, asyncio.Lock] = {}
 
     # --- keys ----------------------------------------------------------------------------------
@@ -208,6 +215,13 @@ class Vault:
         return removed
 
     async def invalidate(self, tenant_id: str, connection_id: str | None, publish: bool = False) -> None:
+        # Any change in a tenant may add or remove a runtime user's connection, and the changed
+        # id need not be the one a cached resolution was looked up by: drop the tenant's lot.
+        if tenant_id == "*":
+            self._resolved.clear()
+        else:
+            for rkey in [k for k in self._resolved if k[0] == tenant_id]:
+                del self._resolved[rkey]
         if tenant_id == "*":
             self._creds.clear()
             self._deks.clear()
@@ -235,20 +249,29 @@ class Vault:
 
     async def resolve(self, tenant_id: str, connection_id: str, runtime_user_id: str | None) -> str:
         """The connection id to use: the user's override of ``connection_id`` if one exists."""
-        if runtime_user_id:
-            user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
-            if user is not None:
-                return user.connection_id
-        return connection_id
+        if not runtime_user_id:
+            return connection_id
+        key = (tenant_id, connection_id, runtime_user_id)
+        now = time.monotonic()
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
+        resolved = user.connection_id if user is not None else connection_id
+        if self.cache_ttl_s > 0:
+            if len(self._resolved) >= RESOLVE_CACHE_MAX:
+                self._resolved.clear()
+            self._resolved[key] = (now + self.cache_ttl_s, resolved)
+        return resolved
 
     async def credentials(self, tenant_id: str, connection_id: str) -> Credentials:
         key = (tenant_id, connection_id)
         hit = self._creds.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
-            CREDENTIAL_CACHE.labels(result="hit").inc()
+            _CACHE_HIT.inc()
             return hit[1]
-        CREDENTIAL_CACHE.labels(result="miss").inc()
+        _CACHE_MISS.inc()
         record = await self.get_record(tenant_id, connection_id)
         creds = await self.decrypt(record)
         if self.cache_ttl_s > 0:

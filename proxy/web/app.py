@@ -27,6 +27,7 @@ from proxy.store.base import Store
 from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
 from proxy.vault import Vault
 from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
+from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware
 
 log = logging.getLogger("proxy.app")
@@ -53,9 +54,6 @@ class Services:
     def client(self) -> aiohttp.ClientSession:
         assert self.http is not None, "upstream client used before start-up"
         return self.http
-
-
-SERVICES = web.AppKey("services", Services)
 
 
 def build_services(settings: Settings, secrets: Secrets | None = None) -> Services:

@@ -22,14 +22,14 @@ from proxy.model import Caller
 if TYPE_CHECKING:
     from proxy.web.app import Services
 
+# Defined here rather than in proxy.web.app (which re-exports it): app imports every web module,
+# and every request looks it up, so it must not cost an import per call.
+SERVICES: web.AppKey[Services] = web.AppKey("services")
 CALLER = web.RequestKey("caller", Caller)
 CALLER_OR_TRUSTED = web.RequestKey("caller_or_trusted", Caller)
 
 
 def services_of(app: web.Application) -> Services:
-    # Imported late: proxy.web.app imports every web module, including this one.
-    from proxy.web.app import SERVICES
-
     return app[SERVICES]
 
 
@@ -69,4 +69,4 @@ def require_tenant_access(
     raise Forbidden(f"this caller is bound to another tenant and cannot use tenant {tenant_id!r}")
 
 
-__all__ = ["caller_for", "not_found", "require_admin", "require_tenant_access", "services_of"]
+__all__ = ["SERVICES", "caller_for", "not_found", "require_admin", "require_tenant_access", "services_of"]
