@@ -9,10 +9,12 @@ reverse and flushes the audit buffer so nothing recorded is lost on a graceful s
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, istr
 
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
@@ -31,6 +33,30 @@ from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware
 
 log = logging.getLogger("proxy.app")
+
+# The upstream sees only the headers the caller sent plus the injected credential: aiohttp adds
+# none of its defaults (and no Content-Type guessed from the body).
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
+_SKIPPED = frozenset(istr(h) for h in SKIP_AUTO_HEADERS)
+_SKIPPED_PAIRS: list[tuple[str, None]] = [(h, None) for h in sorted(_SKIPPED)]
+# True while every header aiohttp would add on its own is in the skip list (checked once, so an
+# aiohttp upgrade that adds a default header falls back to aiohttp's own code).
+_NOTHING_TO_ADD = {istr(h) for h in aiohttp.ClientRequest.DEFAULT_HEADERS} | {istr("User-Agent")} <= _SKIPPED
+
+
+class UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's request with the skip-list bookkeeping precomputed.
+
+    With our session's skip list aiohttp adds no header at all, yet it rebuilds a sorted
+    multidict of the skip list and a copy of the request headers on every call; here that
+    outcome is a copy of one prebuilt list. Any other skip list takes aiohttp's own path.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        if _NOTHING_TO_ADD and skip_auto_headers == _SKIPPED:
+            self._skip_auto_headers = CIMultiDict(_SKIPPED_PAIRS)
+            return
+        super().update_auto_headers(skip_auto_headers)
 
 
 @dataclass
@@ -112,7 +138,8 @@ async def _startup(app: web.Application) -> None:
             sock_read=s.upstream_read_timeout_s,
         ),
         trust_env=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        request_class=UpstreamRequest,
     )
     svc.tokens.bind_client(svc.http)
 
