@@ -268,6 +268,7 @@ class RedisStore(Store):
         self._client: Client | None = None
         self._callbacks: list[InvalidationCallback] = []
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._scripts: dict[str, Any] = {}
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -322,10 +323,12 @@ class RedisStore(Store):
             raise
 
     async def close(self) -> None:
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # Bounded: a client library that turns the cancellation into a connection error
+            # must not keep shutdown waiting (the listener also checks _closing and stops).
+            await asyncio.wait({self._listener}, timeout=2.0)
             self._listener = None
         self._callbacks.clear()
         client, self._client = self._client, None
@@ -642,7 +645,7 @@ class RedisStore(Store):
         """Keeps one subscription alive. Any reconnect delivers FLUSH_ALL: messages published
         while the link was down are lost, so caches cannot trust anything they hold."""
         backoff = 0.05
-        while True:
+        while not self._closing:
             if pubsub is None:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -8,8 +8,9 @@ reverse and flushes the audit buffer so nothing recorded is lost on a graceful s
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -145,12 +146,25 @@ async def _startup(app: web.Application) -> None:
 
 
 async def _cleanup(app: web.Application) -> None:
+    """Shutdown in reverse order, each step bounded: a stuck dependency must not keep the
+    process from exiting (the audit flush goes first among the store users and gets the most).
+    With aiohttp's 10 s grace for in-flight requests, a stop takes at most ~22 s."""
     svc = app[SERVICES]
+    steps: list[tuple[str, float, Awaitable[None]]] = []
     if svc.http is not None:
-        await svc.http.close()
-    await svc.audit.stop()
-    await svc.limiter.close()
-    await svc.store.close()
+        steps.append(("upstream client", 2.0, svc.http.close()))
+    steps += [
+        ("audit flush", 5.0, svc.audit.stop()),
+        ("limiter", 2.0, svc.limiter.close()),
+        ("store", 3.0, svc.store.close()),
+    ]
+    for name, limit, step in steps:
+        try:
+            await asyncio.wait_for(step, limit)
+        except TimeoutError:
+            log.error("shutdown: %s did not finish within %.0f s; exiting anyway", name, limit)
+        except Exception as exc:  # keep closing the rest; type only, messages may quote values
+            log.error("shutdown: %s failed (%s); continuing", name, type(exc).__name__)
 
 
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:

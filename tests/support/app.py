@@ -177,7 +177,7 @@ class ServiceProcess:
     def wait_exit(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout=timeout)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` (SIGTERM: graceful; SIGKILL: crash) and wait for the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
