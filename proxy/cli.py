@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,7 +94,9 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
             settings.workers,
         )
     children = []
-    env = dict(os.environ, PROXY_WORKER_CHILD="1")
+    # Shared metric files: any worker's /metrics then answers for all workers.
+    metrics_dir = tempfile.mkdtemp(prefix="connection-proxy-metrics-")
+    env = dict(os.environ, PROXY_WORKER_CHILD="1", PROMETHEUS_MULTIPROC_DIR=metrics_dir)
     for _ in range(settings.workers):
         children.append(subprocess.Popen([sys.executable, "-m", "proxy", *argv], env=env))
 
@@ -104,6 +108,7 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes = [child.wait() for child in children]
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return max(codes, default=0)
 
 

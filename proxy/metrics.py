@@ -3,12 +3,22 @@
 Label values are bounded, non-secret vocabularies (front end, outcome, integration id, error
 code). Tenant and connection ids are deliberately NOT labels: they are unbounded and, for some
 deployments, sensitive; per-connection detail lives in the audit trail instead.
+
+With ``serve --workers N`` the parent sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers, so every
+worker's samples go to shared files and any worker's ``/metrics`` answers for all of them
+(prometheus-client's multiprocess mode). Gauges are summed over live workers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import os
+from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -34,8 +44,9 @@ UPSTREAM_LATENCY = Histogram(
 )
 UPSTREAM_INFLIGHT = Gauge(
     "proxy_upstream_inflight",
-    "Upstream calls in flight in this process.",
+    "Upstream calls in flight (summed over workers).",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 ERRORS = Counter(
     "proxy_errors_total",
@@ -81,8 +92,9 @@ AUDIT_EVENTS = Counter(
 )
 AUDIT_QUEUE = Gauge(
     "proxy_audit_queue_depth",
-    "Audit events buffered in memory, waiting to be written.",
+    "Audit events buffered in memory, waiting to be written (summed over workers).",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 OAUTH_REFRESH = Counter(
     "proxy_oauth_token_refresh_total",
@@ -96,3 +108,32 @@ STORE_ERRORS = Counter(
     ["backend"],
     registry=REGISTRY,
 )
+
+
+# --- gauges computed from process state, and exposition ----------------------------------------
+
+_SAMPLED: list[tuple[Gauge, Callable[[], float]]] = []
+
+
+def gauge_from(gauge: Gauge, read: Callable[[], float]) -> None:
+    """A gauge whose value is read from process state: at scrape time in a single process (no
+    update on the hot path); sampled once a second into the shared files with workers."""
+    if MULTIPROCESS:
+        _SAMPLED.append((gauge, read))
+    else:
+        gauge.set_function(read)
+
+
+async def sample_gauges_forever(interval_s: float = 1.0) -> None:
+    while True:
+        for gauge, read in _SAMPLED:
+            gauge.set(read())
+        await asyncio.sleep(interval_s)
+
+
+def exposition() -> bytes:
+    if not MULTIPROCESS:
+        return bytes(generate_latest(REGISTRY))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(registry))

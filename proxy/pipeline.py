@@ -57,6 +57,7 @@ from proxy.metrics import (
     UPSTREAM_INFLIGHT,
     UPSTREAM_LATENCY,
     UPSTREAM_RESPONSES,
+    gauge_from,
 )
 from proxy.model import Caller, ConnectionStatus
 from proxy.ratelimit.limiter import Decision
@@ -257,8 +258,8 @@ class Pipeline:
         self._plans = InjectionCache()
         self._oauth_injections = InjectionCache()
         self._inflight: dict[str, int] = {}
-        # Read at scrape time: no gauge update (and its lock) on every call.
-        UPSTREAM_INFLIGHT.set_function(lambda: sum(self._inflight.values()))
+        # Read from state, not updated on every call (see metrics.gauge_from).
+        gauge_from(UPSTREAM_INFLIGHT, lambda: sum(self._inflight.values()))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._requests: dict[tuple[str, str], Any] = {}
         self._responses: dict[tuple[str, int], Any] = {}

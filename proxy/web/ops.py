@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.metrics import REGISTRY
+from proxy.metrics import MULTIPROCESS, exposition, sample_gauges_forever
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -25,12 +27,26 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    resp = web.Response(body=generate_latest(REGISTRY))
+    resp = web.Response(body=exposition())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 
 
+_SAMPLER = web.AppKey("gauge_sampler", asyncio.Task[None])
+
+
+async def _start_sampler(app: web.Application) -> None:
+    app[_SAMPLER] = asyncio.create_task(sample_gauges_forever(), name="gauge-sampler")
+
+
+async def _stop_sampler(app: web.Application) -> None:
+    app[_SAMPLER].cancel()
+
+
 def setup(app: web.Application) -> None:
+    if MULTIPROCESS:
+        app.on_startup.append(_start_sampler)
+        app.on_cleanup.append(_stop_sampler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
