@@ -12,7 +12,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,6 @@ class Settings:
     @property
     def store_path(self) -> Path:
         return self.data_dir / "proxy.sqlite3"
-
-    def replace(self, **changes: Any) -> Settings:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return Settings(**values)
 
 
 # --- parsing -----------------------------------------------------------------------------------

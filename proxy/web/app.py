@@ -35,6 +35,9 @@ from proxy.web.errors import error_middleware
 
 log = logging.getLogger("proxy.app")
 
+# Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this.
+ADMIN_BODY_MAX = 10 * 1024 * 1024
+
 # The upstream sees only the headers the caller sent plus the injected credential: aiohttp adds
 # none of its defaults (and no Content-Type guessed from the body).
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
@@ -169,7 +172,7 @@ async def _cleanup(app: web.Application) -> None:
 
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:
     svc = services or build_services(settings)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings_client_max(settings))
+    app = web.Application(middlewares=[error_middleware], client_max_size=ADMIN_BODY_MAX)
     app[SERVICES] = svc
     # The forward-proxy front end inspects absolute-form targets before routing.
     proxy_routes.setup(app)
@@ -181,8 +184,3 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
-
-
-def settings_client_max(settings: Settings) -> int:
-    # Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this.
-    return 10 * 1024 * 1024
