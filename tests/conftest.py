@@ -1,11 +1,16 @@
-"""Suite-wide fixtures: one real redis-server per session, flushed before each test using it."""
+"""Suite-wide fixtures: one real redis-server per session, flushed before each test using it, and
+a store fixture that runs a test against both back ends."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from proxy.store.base import Store
+from proxy.store.redis import RedisStore
+from proxy.store.sqlite import SqliteStore
 from tests.support.redis_server import RedisServer
 
 
@@ -23,3 +28,16 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened store of each back end (modules that need other options define their own)."""
+    s: Store
+    if request.param == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"))
+    else:
+        s = SqliteStore(tmp_path / "store.sqlite3")
+    await s.open()
+    yield s
+    await s.close()

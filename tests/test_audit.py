@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,8 @@ from proxy.metrics import REGISTRY
 from proxy.model import AuditEvent
 from proxy.settings import Settings, load_settings
 from proxy.store.base import AuditQuery, Store
-from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from tests.support.app import start_service_process
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store
-    if request.param == "redis":
-        s = RedisStore(request.getfixturevalue("redis_url"))
-    else:
-        s = SqliteStore(tmp_path / "audit.sqlite3")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def settings(**overrides: Any) -> Settings:

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,10 @@ from proxy.errors import ConfigError, Unauthenticated
 from proxy.model import ApiKeyRecord, Caller
 from proxy.settings import Settings, load_settings
 from proxy.store.base import Store
-from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 
 ADMIN = "admin-token-for-tests-0123456789"
 HS = "hs256-shared-secret-for-tests-0123456789"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store
-    if request.param == "redis":
-        s = RedisStore(request.getfixturevalue("redis_url"))
-    else:
-        s = SqliteStore(tmp_path / "auth.sqlite3")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def settings(**overrides: Any) -> Settings:

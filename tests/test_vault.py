@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,10 @@ from proxy.catalogue import Catalogue
 from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing
 from proxy.model import ConnectionRecord
 from proxy.store.base import ANY_VERSION, ExpectedVersion
-from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from proxy.vault import Vault, check_retire, redacted_view
 
 CANARY = "canary-secret-7f3a9b"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    if request.param == "sqlite":
-        s: Any = SqliteStore(tmp_path / "v.sqlite3")
-    else:
-        s = RedisStore(request.getfixturevalue("redis_url"), timeout_s=2.0)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def make_vault(store: Any, ring: crypto.KeyRing) -> Vault:
