@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, istr
 
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
@@ -28,7 +27,7 @@ from proxy.ratelimit.limiter import Limiter, make_limiter
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
-from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
+from proxy.upstream_client import make_session
 from proxy.vault import Vault
 from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
 from proxy.web.authn import SERVICES as SERVICES
@@ -38,30 +37,6 @@ log = logging.getLogger("proxy.app")
 
 # Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this.
 ADMIN_BODY_MAX = 10 * 1024 * 1024
-
-# The upstream sees only the headers the caller sent plus the injected credential: aiohttp adds
-# none of its defaults (and no Content-Type guessed from the body).
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
-_SKIPPED = frozenset(istr(h) for h in SKIP_AUTO_HEADERS)
-_SKIPPED_PAIRS: list[tuple[str, None]] = [(h, None) for h in sorted(_SKIPPED)]
-# True while every header aiohttp would add on its own is in the skip list (checked once, so an
-# aiohttp upgrade that adds a default header falls back to aiohttp's own code).
-_NOTHING_TO_ADD = {istr(h) for h in aiohttp.ClientRequest.DEFAULT_HEADERS} | {istr("User-Agent")} <= _SKIPPED
-
-
-class UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's request with the skip-list bookkeeping precomputed.
-
-    With our session's skip list aiohttp adds no header at all, yet it rebuilds a sorted
-    multidict of the skip list and a copy of the request headers on every call; here that
-    outcome is a copy of one prebuilt list. Any other skip list takes aiohttp's own path.
-    """
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        if _NOTHING_TO_ADD and skip_auto_headers == _SKIPPED:
-            self._skip_auto_headers = CIMultiDict(_SKIPPED_PAIRS)
-            return
-        super().update_auto_headers(skip_auto_headers)
 
 
 @dataclass
@@ -122,30 +97,8 @@ async def _startup(app: web.Application) -> None:
     # Caller-key last-used times ride on the audit writer's flushes: no extra timer, no write per call.
     svc.audit.add_flush_hook(svc.auth.flush_usage)
     await svc.audit.start()
-    s = svc.settings
     # The token manager shares the upstream client (and so the egress guard) once it exists.
-    connector = aiohttp.TCPConnector(
-        resolver=GuardedResolver(svc.egress),
-        limit=0,
-        limit_per_host=0,  # the per-host cap is enforced by the pipeline with a fast 503
-        ttl_dns_cache=10,
-        enable_cleanup_closed=True,
-    )
-    svc.http = aiohttp.ClientSession(
-        connector=connector,
-        # aiohttp connects to IP literals without asking the resolver; this guard covers them.
-        middlewares=(literal_guard_middleware(svc.egress),),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one tenant's cookies to another call
-        timeout=aiohttp.ClientTimeout(
-            total=s.upstream_total_timeout_s,
-            sock_connect=s.upstream_connect_timeout_s,
-            sock_read=s.upstream_read_timeout_s,
-        ),
-        trust_env=False,
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        request_class=UpstreamRequest,
-    )
+    svc.http = make_session(svc.settings, svc.egress)
     svc.tokens.bind_client(svc.http)
     # Everything loaded so far (libraries, catalogue, templates, key ring) lives as long as the
     # process. Moving it out of the collector's generations makes each collection walk only
