@@ -12,7 +12,7 @@ On the way back, hop-by-hop headers are dropped, and so is the ``X-Proxy-*`` nam
 belongs to this service (``X-Proxy-Error`` tells callers the proxy, not the upstream, made an
 error), so an upstream must not be able to forge it.
 
-This runs on every request: one pass over the headers, frozenset look-ups, compiled regexes.
+This runs on every request: one pass over the headers, with each distinct name classified once.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ CONTROL_HEADERS: frozenset[str] = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | CONTROL_HEADERS
 # RFC 9110 token: the only characters a field name may hold.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
 def _connection_tokens(value: str, into: set[str] | None) -> set[str]:
@@ -80,6 +79,38 @@ def _shown(name: str) -> str:
     return repr(name[:64])
 
 
+# Verdicts per raw field name: callers and upstreams send the same few names again and again,
+# so each distinct spelling is validated and classified once. Bounded: a flood of distinct
+# names only clears the cache.
+_KEEP, _DROP, _CONNECTION, _INVALID = 0, 1, 2, 3
+_NAME_CACHE_MAX = 2048
+_request_names: dict[str, tuple[int, str]] = {}
+_response_names: dict[str, tuple[int, str]] = {}
+
+
+def _classify(name: str, drop: frozenset[str], cache: dict[str, tuple[int, str]]) -> tuple[int, str]:
+    verdict = cache.get(name)
+    if verdict is None:
+        lname = name.lower()
+        if not _TOKEN.fullmatch(name):
+            verdict = (_INVALID, lname)
+        elif lname == "connection":
+            verdict = (_CONNECTION, lname)
+        elif lname in drop or lname.startswith(CONTROL_PREFIXES):
+            verdict = (_DROP, lname)
+        else:
+            verdict = (_KEEP, lname)
+        if len(cache) >= _NAME_CACHE_MAX:
+            cache.clear()
+        cache[name] = verdict
+    return verdict
+
+
+def _bad_value(value: str) -> bool:
+    # Three substring scans in C beat one regex search several times over on short values.
+    return "\r" in value or "\n" in value or "\x00" in value
+
+
 def clean_request_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The caller's headers that may go upstream, in order, duplicates kept.
 
@@ -91,22 +122,21 @@ def clean_request_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, s
     kept: list[tuple[str, str, str]] = []
     named: set[str] | None = None
     for name, value in items:
-        if not _TOKEN.fullmatch(name):
+        kind, lname = _classify(name, _REQUEST_DROP, _request_names)
+        if kind == _INVALID:
             raise ValidationError(
                 f"request header name {_shown(name)} is not a valid HTTP field name",
                 fields={"headers": "invalid header name"},
             )
-        if _BAD_VALUE.search(value):
+        if _bad_value(value):
             raise ValidationError(
                 f"request header {name!r} has a value containing CR, LF or NUL; remove them",
                 fields={name: "CR, LF or NUL in header value"},
             )
-        lname = name.lower()
-        if lname in _REQUEST_DROP or lname.startswith(CONTROL_PREFIXES):
-            if lname == "connection":
-                named = _connection_tokens(value, named)
-            continue
-        kept.append((lname, name, value))
+        if kind == _KEEP:
+            kept.append((lname, name, value))
+        elif kind == _CONNECTION:
+            named = _connection_tokens(value, named)
     if named is None:
         return [(name, value) for _, name, value in kept]
     return [(name, value) for lname, name, value in kept if lname not in named]
@@ -122,14 +152,12 @@ def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, 
     kept: list[tuple[str, str, str]] = []
     named: set[str] | None = None
     for name, value in items:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname.startswith(CONTROL_PREFIXES):
-            if lname == "connection":
-                named = _connection_tokens(value, named)
-            continue
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            continue
-        kept.append((lname, name, value))
+        kind, lname = _classify(name, HOP_BY_HOP, _response_names)
+        if kind == _KEEP:
+            if not _bad_value(value):
+                kept.append((lname, name, value))
+        elif kind == _CONNECTION:
+            named = _connection_tokens(value, named)
     if named is None:
         return [(name, value) for _, name, value in kept]
     return [(name, value) for lname, name, value in kept if lname not in named]

@@ -146,3 +146,34 @@ def test_constants() -> None:
     assert "content-length" not in CONTROL_HEADERS | HOP_BY_HOP
     assert "content-type" not in CONTROL_HEADERS | HOP_BY_HOP
     assert "cookie" not in CONTROL_HEADERS | HOP_BY_HOP
+
+
+def test_name_verdicts_are_cached_per_spelling_and_stay_right_when_the_cache_floods() -> None:
+    from proxy import headers
+
+    for i in range(3 * headers._NAME_CACHE_MAX):
+        assert clean_request_headers([(f"X-Custom-{i}", "v")]) == [(f"X-Custom-{i}", "v")]
+        assert clean_response_headers([(f"X-Up-{i}", "v"), ("Transfer-Encoding", "chunked")]) == [
+            (f"X-Up-{i}", "v")
+        ]
+    assert len(headers._request_names) <= headers._NAME_CACHE_MAX
+    assert len(headers._response_names) <= headers._NAME_CACHE_MAX
+    for _ in range(2):  # the second round answers from the cache
+        kept = clean_request_headers(
+            [
+                ("X-PROXY-Retries", "1"),
+                ("authorization", "x"),
+                ("Connection", "X-Ok2"),
+                ("X-Ok", "1"),
+                ("X-Ok2", "2"),
+            ]
+        )
+        assert kept == [("X-Ok", "1")]
+        with pytest.raises(ValidationError):
+            clean_request_headers([("Bad Name", "v")])
+        with pytest.raises(ValidationError):
+            clean_request_headers([("X-Ok", "a\r\nInjected: 1")])
+        # One spelling's verdict never leaks to another direction's drop list.
+        assert clean_response_headers(
+            [("Authorization", "kept upstream-side"), ("X-Proxy-Error", "forged")]
+        ) == [("Authorization", "kept upstream-side")]
