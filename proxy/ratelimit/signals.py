@@ -324,6 +324,21 @@ _PARSERS: tuple[Parser, ...] = (
 _ALL = frozenset(STYLES)
 
 
+# Raw header name -> "" (not a signal), "date", or its lower-case form (a possible signal).
+# Responses repeat the same few names, so each spelling is classified once; bounded.
+_names: dict[str, str] = {}
+_NAMES_MAX = 2048
+
+
+def _name_kind(key: str) -> str:
+    lower = key.lower()
+    kind = lower if lower.startswith(_PREFIXES) else ("date" if lower == "date" else "")
+    if len(_names) >= _NAMES_MAX:
+        _names.clear()
+    _names[key] = kind
+    return kind
+
+
 def parse_response(
     status: int,
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
@@ -352,15 +367,22 @@ def _parse(
 ) -> Observation:
     relevant: dict[str, list[str]] = {}
     date: str | None = None
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    items = getattr(headers, "items", None)
+    pairs: Iterable[tuple[str, str]] = items() if callable(items) else headers  # type: ignore[assignment]
+    names = _names
     for key, value in pairs:
-        if not isinstance(key, str) or not isinstance(value, str):
+        kind = names.get(key) if type(key) is str else None
+        if kind is None:
+            if not isinstance(key, str):
+                continue
+            kind = _name_kind(key)
+        if kind == "" or not isinstance(value, str):
             continue
-        lower = key.lower()
-        if lower.startswith(_PREFIXES):
-            relevant.setdefault(lower, []).append(value)
-        elif lower == "date" and date is None:
-            date = value
+        if kind == "date":
+            if date is None:
+                date = value
+        else:
+            relevant.setdefault(kind, []).append(value)
     if not relevant or not math.isfinite(now):
         return Observation(status, None, (), ())
 

@@ -56,6 +56,17 @@ def test_header_names_are_case_insensitive_and_pairs_are_accepted() -> None:
     assert not obs.is_empty()
 
 
+def test_header_names_are_classified_once_and_the_cache_stays_bounded() -> None:
+    from proxy.ratelimit import signals
+
+    for i in range(3 * signals._NAMES_MAX):
+        assert parse_response(200, [(f"X-Noise-{i}", "1")], now=NOW).is_empty()
+    assert len(signals._names) <= signals._NAMES_MAX
+    for _ in range(2):  # a second pass answers from the cache, with the same result
+        obs = parse_response(429, [("Retry-After", "7"), ("X-Noise-1", "1"), (b"raw", "x")], now=NOW)  # type: ignore[list-item]
+        assert obs.blocked_until == NOW + 7
+
+
 def test_multidict_duplicates_are_combined_as_one_structured_list() -> None:
     headers = CIMultiDict(
         [
