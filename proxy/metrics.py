@@ -7,19 +7,124 @@ deployments, sensitive; per-connection detail lives in the audit trail instead.
 With ``serve --workers N`` the parent sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers, so every
 worker's samples go to shared files and any worker's ``/metrics`` answers for all of them
 (prometheus-client's multiprocess mode). Gauges are summed over live workers.
+
+Hot-path counts go through ``Tally`` and ``LatencyTally``: plain integers per label set, handed
+to prometheus-client in batches (see ``Tally``). A proxied call used to make six locked
+increments; it now makes a few dict updates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+# --- batched hot-path counts ---------------------------------------------------------------------
+
+_TALLIES: list[Tally | LatencyTally] = []
+
+
+def flush_tallies() -> None:
+    for tally in _TALLIES:
+        tally.flush()
+
+
+class _FlushFirst(Collector):
+    """Registered before every metric, so any collection of REGISTRY (a scrape, a test reading
+    a sample) first moves the pending tallies into the metrics it is about to read."""
+
+    def collect(self) -> Iterable[Any]:
+        flush_tallies()
+        return []
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+REGISTRY.register(_FlushFirst())
+
+
+class Tally:
+    """Increments of one labelled Counter, kept as plain integers until someone looks.
+
+    prometheus-client takes a lock per ``inc`` (and with workers writes a shared file). A Tally
+    adds to a dict entry instead and hands the totals over in one batch whenever REGISTRY is
+    collected, and with workers also once a second and at shutdown, so another worker's scrape
+    lags by at most that second. Label values are passed as one tuple the caller keeps.
+    """
+
+    __slots__ = ("_counter", "_pending")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._pending: dict[tuple[str, ...], int] = {}
+        _TALLIES.append(self)
+
+    def inc(self, labels: tuple[str, ...]) -> None:
+        pending = self._pending
+        pending[labels] = pending.get(labels, 0) + 1
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for labels, n in pending.items():
+                self._counter.labels(*labels).inc(n)
+
+
+def _histogram_internals_present() -> bool:
+    probe = Histogram("probe", "probe", ["x"], buckets=(1.0,), registry=None).labels("x")
+    return isinstance(getattr(probe, "_buckets", None), list) and hasattr(probe, "_sum")
+
+
+class LatencyTally:
+    """Observations of one labelled Histogram, as bucket counts and a sum until someone looks.
+
+    Flushing adds the counts to the child's bucket and sum values, which are prometheus-client
+    internals (stable for many releases); if they are ever missing, observations go straight
+    to the histogram, as before.
+    """
+
+    __slots__ = ("_bounds", "_direct", "_histogram", "_pending")
+
+    def __init__(self, histogram: Histogram, buckets: tuple[float, ...]) -> None:
+        self._histogram = histogram
+        self._bounds = (*buckets, float("inf"))
+        self._direct = not _histogram_internals_present()
+        self._pending: dict[tuple[str, ...], list[float]] = {}
+        _TALLIES.append(self)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        if self._direct:
+            self._histogram.labels(*labels).observe(value)
+            return
+        entry = self._pending.get(labels)
+        if entry is None:
+            entry = self._pending[labels] = [0.0] * (len(self._bounds) + 1)
+        entry[0] += value
+        # Prometheus buckets are "value <= bound": the first bound not below the value.
+        entry[1 + bisect_left(self._bounds, value)] += 1
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for labels, entry in pending.items():
+            child = self._histogram.labels(*labels)
+            child._sum.inc(entry[0])
+            for bucket, n in zip(child._buckets, entry[1:], strict=True):
+                if n:
+                    bucket.inc(n)
+
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -125,15 +230,26 @@ def gauge_from(gauge: Gauge, read: Callable[[], float]) -> None:
 
 
 async def sample_gauges_forever(interval_s: float = 1.0) -> None:
+    """With workers: sample the state-read gauges and hand over the tallies, once a second."""
     while True:
         for gauge, read in _SAMPLED:
             gauge.set(read())
+        flush_tallies()
         await asyncio.sleep(interval_s)
 
 
 def exposition() -> bytes:
     if not MULTIPROCESS:
         return bytes(generate_latest(REGISTRY))
+    flush_tallies()  # this worker's own counts are current; the others' lag by at most 1 s
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return bytes(generate_latest(registry))
+
+
+# The hot path's counts (see Tally).
+REQUESTS_TALLY = Tally(REQUESTS)
+UPSTREAM_RESPONSES_TALLY = Tally(UPSTREAM_RESPONSES)
+UPSTREAM_LATENCY_TALLY = LatencyTally(UPSTREAM_LATENCY, _LATENCY_BUCKETS)
+CREDENTIAL_CACHE_TALLY = Tally(CREDENTIAL_CACHE)
+RATELIMIT_DECISIONS_TALLY = Tally(RATELIMIT_DECISIONS)

@@ -53,10 +53,10 @@ from proxy.headers import clean_request_headers
 from proxy.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
 from proxy.metrics import (
     RATELIMIT_DECISIONS,
-    REQUESTS,
+    REQUESTS_TALLY,
     UPSTREAM_INFLIGHT,
-    UPSTREAM_LATENCY,
-    UPSTREAM_RESPONSES,
+    UPSTREAM_LATENCY_TALLY,
+    UPSTREAM_RESPONSES_TALLY,
     gauge_from,
 )
 from proxy.model import Caller, ConnectionStatus
@@ -81,6 +81,7 @@ BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 URL_CACHE_SIZE = 4096
 OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
+_STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 Pair = tuple[str, str]
 # What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
@@ -127,8 +128,8 @@ class Plan:
         "host_patterns",
         "injection",
         "integration",
+        "latency_labels",
         "max_wait_ms",
-        "metric_latency",
         "oauth",
         "record",
         "refusal",
@@ -180,7 +181,7 @@ class Plan:
         self.styles = integration.ratelimit_styles
         self.oauth = integration.auth in OAUTH_KINDS
         self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
-        self.metric_latency = UPSTREAM_LATENCY.labels(integration=integration.id)
+        self.latency_labels = (integration.id,)
 
 
 def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, host: str) -> None:
@@ -261,8 +262,6 @@ class Pipeline:
         # Read from state, not updated on every call (see metrics.gauge_from).
         gauge_from(UPSTREAM_INFLIGHT, lambda: sum(self._inflight.values()))
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._requests: dict[tuple[str, str], Any] = {}
-        self._responses: dict[tuple[str, int], Any] = {}
         # Joined and checked upstream URLs: APIs see the same paths again and again.
         self._urls: dict[tuple[str, str, str], URL] = {}
 
@@ -516,16 +515,14 @@ class Pipeline:
 
     def _answered(self, ex: Exchange, resp: ClientResponse, started: float) -> ClientResponse:
         ex.latency_s = asyncio.get_running_loop().time() - started
-        ex.plan.metric_latency.observe(ex.latency_s)
+        UPSTREAM_LATENCY_TALLY.observe(ex.plan.latency_labels, ex.latency_s)
         return resp
 
     # --- after the response -------------------------------------------------------------------
 
     def _observe(self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]) -> None:
-        # Off the latency path: parsed after the caller's response is under way.
-        asyncio.get_running_loop().call_soon(self._observe_now, ex, status, headers)
-
-    def _observe_now(self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]) -> None:
+        """Learn from the response's rate-limit signals; a response without any (the common
+        case) costs one pass over its header names. Merging into shared state runs as a task."""
         plan = ex.plan
         obs = parse_response(status, headers, now=time.time(), styles=plan.styles)
         if not obs.is_empty():
@@ -559,21 +556,13 @@ class Pipeline:
                 else:
                     self._inflight.pop(ex.host_key, None)
             if status is not None:
-                key = (ex.plan.integration.id, status // 100)
-                child = self._responses.get(key)
-                if child is None:
-                    child = self._responses[key] = UPSTREAM_RESPONSES.labels(
-                        integration=key[0], status_class=f"{key[1]}xx"
-                    )
-                child.inc()
+                UPSTREAM_RESPONSES_TALLY.inc(
+                    (ex.plan.integration.id, _STATUS_CLASS.get(status // 100, "other"))
+                )
             self.svc.audit.record_use(
                 ex.caller.actor, ex.tenant_id, ex.connection_id, "proxy.use", outcome, ex.request_id
             )
-        rkey = (front, outcome)
-        counter = self._requests.get(rkey)
-        if counter is None:
-            counter = self._requests[rkey] = REQUESTS.labels(front=front, outcome=outcome)
-        counter.inc()
+        REQUESTS_TALLY.inc((front, outcome))
 
     async def close(self) -> None:
         for task in list(self._tasks):

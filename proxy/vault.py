@@ -19,15 +19,15 @@ from typing import Any
 from proxy import crypto
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import ConnectionNotFound, CryptoError, ValidationError
-from proxy.metrics import CREDENTIAL_CACHE
+from proxy.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
 
 REDACTED = "********"
 RESOLVE_CACHE_MAX = 4096
 # Labelled children looked up once: this counter moves on every proxied call.
-_CACHE_HIT = CREDENTIAL_CACHE.labels(result="hit")
-_CACHE_MISS = CREDENTIAL_CACHE.labels(result="miss")
+_CACHE_HIT = ("hit",)
+_CACHE_MISS = ("miss",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,9 +269,9 @@ class Vault:
         hit = self._creds.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
-            _CACHE_HIT.inc()
+            CREDENTIAL_CACHE_TALLY.inc(_CACHE_HIT)
             return hit[1]
-        _CACHE_MISS.inc()
+        CREDENTIAL_CACHE_TALLY.inc(_CACHE_MISS)
         record = await self.get_record(tenant_id, connection_id)
         creds = await self.decrypt(record)
         if self.cache_ttl_s > 0:

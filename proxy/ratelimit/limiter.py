@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ValidationError
-from proxy.metrics import RATELIMIT_DECISIONS, RATELIMIT_OBSERVATIONS
+from proxy.metrics import RATELIMIT_DECISIONS_TALLY, RATELIMIT_OBSERVATIONS
 from proxy.model import RateWindow
 from proxy.ratelimit import gcra
 from proxy.ratelimit.signals import Observation
@@ -129,18 +129,15 @@ def decision_of(o: gcra.Outcome, source: str | None = None) -> Decision:
     return Decision(False, max(1, _ms(o.wait_us)), state, src)
 
 
-_DECISION_COUNTERS: dict[tuple[bool, str], Any] = {}
+_DECISION_LABELS: dict[tuple[bool, str], tuple[str, str]] = {}
 
 
 def count(decision: Decision) -> Decision:
-    # Labelled children are looked up once per (result, source), not on every call.
     key = (decision.allowed, decision.source)
-    child = _DECISION_COUNTERS.get(key)
-    if child is None:
-        child = _DECISION_COUNTERS[key] = RATELIMIT_DECISIONS.labels(
-            result="allowed" if decision.allowed else "denied", source=decision.source
-        )
-    child.inc()
+    labels = _DECISION_LABELS.get(key)
+    if labels is None:
+        labels = _DECISION_LABELS[key] = ("allowed" if decision.allowed else "denied", decision.source)
+    RATELIMIT_DECISIONS_TALLY.inc(labels)
     return decision
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.metrics import MULTIPROCESS, exposition, sample_gauges_forever
+from proxy.metrics import MULTIPROCESS, exposition, flush_tallies, sample_gauges_forever
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,6 +41,7 @@ async def _start_sampler(app: web.Application) -> None:
 
 async def _stop_sampler(app: web.Application) -> None:
     app[_SAMPLER].cancel()
+    flush_tallies()  # a stopping worker's last counts still reach the shared files
 
 
 def setup(app: web.Application) -> None:
