@@ -36,12 +36,13 @@ def services_of(app: web.Application) -> Services:
 async def caller_for(request: web.Request, *, allow_trusted: bool) -> Caller:
     """The authenticated caller (memoised on the request); raises Unauthenticated."""
     memo = CALLER_OR_TRUSTED if allow_trusted else CALLER
-    caller: Caller | None = request.get(memo)
-    if caller is None:
+    try:
+        return request[memo]
+    except KeyError:
         svc = services_of(request.app)
         caller = await svc.auth.authenticate(request.headers, request.remote, allow_trusted=allow_trusted)
         request[memo] = caller
-    return caller
+        return caller
 
 
 def require_admin(caller: Caller) -> None:

@@ -55,20 +55,33 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
 
 
 def request_id_of(request: web.Request) -> str:
-    rid: str | None = request.get(REQUEST_ID)
-    if rid is None:
+    try:
+        return request[REQUEST_ID]  # (Request.get is a pure-Python Mapping method: slower)
+    except KeyError:
         incoming = request.headers.get("X-Request-Id", "")
         # Only echo a caller's id if it is short and tame; otherwise mint our own.
         ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
         rid = incoming if ok else f"{_RID_PREFIX}{next(_RID_COUNTER):08x}"
         request[REQUEST_ID] = rid
-    return rid
+        return rid
+
+
+# Requests whose target is not origin-form ("GET http://host/x", "CONNECT host:443") are not
+# routed by path: the proxy's forward mode registers a dispatcher for them here. It runs inside
+# the error mapping below, and ordinary requests pay one character comparison for it (a second
+# middleware layer would cost every request a few microseconds).
+NonOriginDispatcher = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+NON_ORIGIN_FORM: web.AppKey[NonOriginDispatcher] = web.AppKey("non_origin_form_dispatcher")
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request_id_of(request)
     try:
+        if request.raw_path[:1] != "/":
+            dispatch = request.app.get(NON_ORIGIN_FORM)
+            if dispatch is not None:
+                return await dispatch(request, handler)
         return await handler(request)
     except errors.ProxyError as exc:
         if exc.status >= 500:

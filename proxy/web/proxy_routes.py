@@ -6,7 +6,7 @@ carries it and writes the answer back the way that front end expects:
 - ``ANY /proxy/{path}`` (the contract's path mode): streams both ways, constant memory;
 - ``POST /api/internal/proxy`` (Runtara's envelope): JSON in, JSON out, success always HTTP 200;
 - absolute-form requests (``GET http://host/path HTTP/1.1``) to the service: forward-proxy mode,
-  detected by a middleware before routing; ``CONNECT`` is refused (no tunnels: a tunnel would
+  dispatched by the error middleware before the routed handler runs; ``CONNECT`` is refused (no tunnels: a tunnel would
   hide the request from the credential injection);
 - ``POST /admin/tenants/{t}/connections/{c}/test``: the integration's test request.
 
@@ -55,7 +55,7 @@ from proxy.pipeline import (
     parse_control_int,
 )
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
-from proxy.web.errors import error_response, request_id_of
+from proxy.web.errors import NON_ORIGIN_FORM, Handler, error_response, request_id_of
 
 __all__ = ["PIPELINE", "WATCHER", "DisconnectWatcher", "setup"]
 
@@ -289,12 +289,10 @@ async def proxy_path(request: web.Request) -> web.StreamResponse:
 # --- forward-proxy mode -----------------------------------------------------------------------
 
 
-@web.middleware
-async def forward_proxy_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Absolute-form targets are forward-proxy calls, whatever route their path would match."""
+async def forward_proxy(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Absolute-form targets are forward-proxy calls, whatever route their path would match
+    (called by the error middleware for every request whose target is not a plain path)."""
     raw = request.raw_path
-    if raw[:1] == "/":
-        return await handler(request)  # type: ignore[no-any-return]
     if request.method == "CONNECT":
         error = MethodNotAllowed(
             "CONNECT tunnels are not supported: the proxy must see the request to inject the "
@@ -307,7 +305,7 @@ async def forward_proxy_middleware(request: web.Request, handler: Any) -> web.St
         return resp
     if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
         return await _relay(request, "forward", absolute_url=raw)
-    return await handler(request)  # type: ignore[no-any-return]
+    return await handler(request)
 
 
 # --- Runtara envelope -------------------------------------------------------------------------
@@ -537,8 +535,8 @@ async def _close_pipeline(app: web.Application) -> None:
 def setup(app: web.Application) -> None:
     app[PIPELINE] = Pipeline(services_of(app))
     app[WATCHER] = DisconnectWatcher()
-    # After error_middleware (outermost), so forward-proxy errors get the same JSON shape.
-    app.middlewares.append(forward_proxy_middleware)
+    # Dispatched from inside error_middleware, so forward-proxy errors get the same JSON shape.
+    app[NON_ORIGIN_FORM] = forward_proxy
     r = app.router
     r.add_route("*", _PATH_PREFIX, proxy_path)
     r.add_route("*", _PATH_PREFIX + "/{path:.*}", proxy_path)
