@@ -371,7 +371,7 @@ def _parse(
     pairs: Iterable[tuple[str, str]] = items() if callable(items) else headers  # type: ignore[assignment]
     names = _names
     for key, value in pairs:
-        kind = names.get(key) if type(key) is str else None
+        kind = names.get(key) if isinstance(key, str) else None  # (multidict keys are istr)
         if kind is None:
             if not isinstance(key, str):
                 continue

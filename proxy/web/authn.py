@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 # Defined here rather than in proxy.web.app (which re-exports it): app imports every web module,
 # and every request looks it up, so it must not cost an import per call.
 SERVICES: web.AppKey[Services] = web.AppKey("services")
-CALLER = web.RequestKey("caller", Caller)
-CALLER_OR_TRUSTED = web.RequestKey("caller_or_trusted", Caller)
 
 
 def services_of(app: web.Application) -> Services:
@@ -34,15 +32,9 @@ def services_of(app: web.Application) -> Services:
 
 
 async def caller_for(request: web.Request, *, allow_trusted: bool) -> Caller:
-    """The authenticated caller (memoised on the request); raises Unauthenticated."""
-    memo = CALLER_OR_TRUSTED if allow_trusted else CALLER
-    try:
-        return request[memo]
-    except KeyError:
-        svc = services_of(request.app)
-        caller = await svc.auth.authenticate(request.headers, request.remote, allow_trusted=allow_trusted)
-        request[memo] = caller
-        return caller
+    """The authenticated caller; raises Unauthenticated. Each handler asks once per request."""
+    auth = request.app[SERVICES].auth
+    return await auth.authenticate(request.headers, request.remote, allow_trusted=allow_trusted)
 
 
 def require_admin(caller: Caller) -> None:

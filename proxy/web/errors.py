@@ -55,15 +55,20 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
 
 
 def request_id_of(request: web.Request) -> str:
+    """The request's id: set by error_middleware for every request before any handler runs."""
     try:
-        return request[REQUEST_ID]  # (Request.get is a pure-Python Mapping method: slower)
-    except KeyError:
-        incoming = request.headers.get("X-Request-Id", "")
-        # Only echo a caller's id if it is short and tame; otherwise mint our own.
-        ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
-        rid = incoming if ok else f"{_RID_PREFIX}{next(_RID_COUNTER):08x}"
-        request[REQUEST_ID] = rid
-        return rid
+        return request[REQUEST_ID]
+    except KeyError:  # only outside the middleware (a handler called directly)
+        return _assign_request_id(request)
+
+
+def _assign_request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-Id", "")
+    # Only echo a caller's id if it is short and tame; otherwise mint our own.
+    ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
+    rid = incoming if ok else f"{_RID_PREFIX}{next(_RID_COUNTER):08x}"
+    request[REQUEST_ID] = rid
+    return rid
 
 
 # Requests whose target is not origin-form ("GET http://host/x", "CONNECT host:443") are not
@@ -76,7 +81,7 @@ NON_ORIGIN_FORM: web.AppKey[NonOriginDispatcher] = web.AppKey("non_origin_form_d
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request_id_of(request)
+    rid = _assign_request_id(request)
     try:
         if request.raw_path[:1] != "/":
             dispatch = request.app.get(NON_ORIGIN_FORM)
