@@ -22,6 +22,7 @@ Pure module: no aiohttp, no redis. Error messages never quote the presented cred
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import time
@@ -93,6 +94,14 @@ class _CachedKey:
     expires: float
     record: ApiKeyRecord | None  # None: unknown or revoked
     caller: Caller | None
+    digest: bytes | None  # the stored hash as bytes; None if the stored value is not a hash
+
+
+def _digest_of(secret_hash: str) -> bytes | None:
+    try:
+        return bytes.fromhex(secret_hash)
+    except ValueError:  # a damaged record: its key simply does not authenticate
+        return None
 
 
 def _public_key_algorithm(key: Any) -> str:
@@ -126,7 +135,7 @@ class Authenticator:
     def __init__(self, settings: Settings, store: Store, admin_token: str) -> None:
         self.settings = settings
         self.store = store
-        self._admin_token = admin_token
+        self._admin_bytes = admin_token.encode()
         self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
         if settings.jwt_hs256_secret:
             self._jwt_keys["HS256"] = [settings.jwt_hs256_secret]
@@ -146,7 +155,7 @@ class Authenticator:
                 "no credentials: send 'Authorization: Bearer <api key>' (mint one with "
                 "POST /admin/tenants/{tenant_id}/api-keys)"
             )
-        if crypto.secrets_equal(token, self._admin_token):
+        if hmac.compare_digest(token.encode(), self._admin_bytes):
             return ADMIN
         parts = crypto.split_api_key(token)
         if parts is not None:
@@ -168,13 +177,15 @@ class Authenticator:
             if len(self._keys) >= KEY_CACHE_MAX:
                 self._keys.clear()
             caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
-            cached = self._keys[key_id] = _CachedKey(now + ttl, record, caller)
+            digest = _digest_of(record.secret_hash) if record is not None else None
+            cached = self._keys[key_id] = _CachedKey(now + ttl, record, caller, digest)
         record = cached.record
         # Hash compare on every call, cached or not: the cache holds the hash, never the key.
         if (
             record is None
             or cached.caller is None
-            or not crypto.secrets_equal(crypto.hash_api_key(token), record.secret_hash)
+            or cached.digest is None
+            or not hmac.compare_digest(crypto.api_key_digest(token), cached.digest)
         ):
             raise _unauthenticated(
                 f"API key {key_id} is unknown or revoked; mint a new one with "

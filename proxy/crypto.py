@@ -320,6 +320,11 @@ def hash_api_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def api_key_digest(secret: str) -> bytes:
+    """``hash_api_key`` as raw bytes (``bytes.fromhex(hash_api_key(s))``), for per-request checks."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
 def new_api_key(prefix: str = "cpk") -> tuple[str, str]:
     """(key_id, full_key) with full_key "<prefix>_<key_id>_<secret>".
 

@@ -488,7 +488,7 @@ class Pipeline:
                 if resp.status in RETRY_STATUSES and attempt < retries:
                     retry_after = _retry_after_s(resp.headers)
                 else:
-                    return self._answered(ex, resp, started)
+                    return self._answered(ex, resp, loop.time() - started)
             elif attempt >= retries:
                 assert failure is not None
                 raise failure
@@ -498,7 +498,7 @@ class Pipeline:
             if loop.time() + delay >= deadline:
                 # No time left for another try: the caller gets what the upstream last said.
                 if resp is not None:
-                    return self._answered(ex, resp, started)
+                    return self._answered(ex, resp, loop.time() - started)
                 assert failure is not None
                 raise failure
             if resp is not None:
@@ -513,9 +513,9 @@ class Pipeline:
                     source=_limit_kind(decision),
                 )
 
-    def _answered(self, ex: Exchange, resp: ClientResponse, started: float) -> ClientResponse:
-        ex.latency_s = asyncio.get_running_loop().time() - started
-        UPSTREAM_LATENCY_TALLY.observe(ex.plan.latency_labels, ex.latency_s)
+    def _answered(self, ex: Exchange, resp: ClientResponse, latency_s: float) -> ClientResponse:
+        ex.latency_s = latency_s
+        UPSTREAM_LATENCY_TALLY.observe(ex.plan.latency_labels, latency_s)
         return resp
 
     # --- after the response -------------------------------------------------------------------

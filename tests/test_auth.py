@@ -128,6 +128,21 @@ async def test_api_key_wrong_secret_or_unknown_id_is_401_without_echo(store: Sto
     await expect_401(auth, hdr(other))
 
 
+@pytest.mark.parametrize("damaged", ["not-hex", "é" * 64, ""])
+async def test_a_damaged_stored_hash_refuses_the_key_cleanly(store: Store, damaged: str) -> None:
+    auth = Authenticator(settings(), store, ADMIN)
+    key_id, full = await mint(store)
+    record = await store.get_api_key(key_id)
+    assert record is not None
+    await store.put_api_key(ApiKeyRecord(**{**record.to_dict(), "secret_hash": damaged}))
+    await expect_401(auth, hdr(full))  # a 401, not a TypeError turned 500
+
+
+def test_api_key_digest_is_the_stored_hash_as_bytes() -> None:
+    _, full = crypto.new_api_key()
+    assert crypto.api_key_digest(full) == bytes.fromhex(crypto.hash_api_key(full))
+
+
 async def test_verified_keys_are_served_from_memory(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "a.sqlite3")
     await store.open()

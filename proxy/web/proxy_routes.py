@@ -224,8 +224,11 @@ async def _stream_back(
     return resp, outcome
 
 
-async def _relay(request: web.Request, front: str, *, absolute_url: str | None) -> web.StreamResponse:
-    """Path and forward-proxy mode: stream the call through and the answer back."""
+async def proxy_path(
+    request: web.Request, front: str = "path", absolute_url: str | None = None
+) -> web.StreamResponse:
+    """Path mode (the route's handler) and forward-proxy mode (``front="forward"`` with the
+    absolute target): stream the call through and the answer back."""
     pipeline = request.app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
@@ -282,10 +285,6 @@ async def _relay(request: web.Request, front: str, *, absolute_url: str | None) 
         pipeline.finish(ex, front, outcome, status)
 
 
-async def proxy_path(request: web.Request) -> web.StreamResponse:
-    return await _relay(request, "path", absolute_url=None)
-
-
 # --- forward-proxy mode -----------------------------------------------------------------------
 
 
@@ -304,7 +303,7 @@ async def forward_proxy(request: web.Request, handler: Handler) -> web.StreamRes
         resp.force_close()  # the client may already be sending tunnel bytes: never read them
         return resp
     if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
-        return await _relay(request, "forward", absolute_url=raw)
+        return await proxy_path(request, "forward", raw)
     return await handler(request)
 
 
