@@ -82,6 +82,7 @@ BACKOFF_CAP_S = 5.0
 URL_CACHE_SIZE = 4096
 OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
+_NOT_AUTHORIZED = frozenset({ConnectionStatus.PENDING.value, ConnectionStatus.NEEDS_REAUTH.value})
 
 Pair = tuple[str, str]
 # What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
@@ -282,7 +283,7 @@ class Pipeline:
             connection_id = await vault.resolve(tenant_id, connection_id, runtime_user_id)
         creds = await vault.credentials(tenant_id, connection_id)
         status = creds.record.status
-        if status in (ConnectionStatus.PENDING.value, ConnectionStatus.NEEDS_REAUTH.value):
+        if status in _NOT_AUTHORIZED:
             what = "has no credentials yet" if status == "pending" else "needs to be re-authorised"
             raise ConnectionNotAuthorized(
                 f"connection {connection_id!r} of tenant {tenant_id!r} {what}; connect it by creating "

@@ -143,6 +143,7 @@ def count(decision: Decision) -> Decision:
 
 # What an unconstrained call decides: no configured window and no learned state for its scope.
 _FREE = Decision(True, 0, UNLIMITED, "configured")
+_FREE_LABELS = ("allowed", "configured")
 
 
 def observation_args(obs: Observation, now_us: int) -> tuple[int, list[tuple[str, gcra.Learned]]]:
@@ -282,9 +283,10 @@ class LocalLimiter(Limiter):
         spec = compile_target(target)
         if not spec.cells and not spec.quota and cost >= 1 and target.scope not in self._scopes:
             # Nothing configured and nothing learned: exactly what evaluate() would decide,
-            # without building and dropping an empty state for every call.
-            self._sweep(self.now_us())
-            return count(_FREE)
+            # without building and dropping an empty state for every call. (No sweep either:
+            # this path adds no state, and every path that does sweeps.)
+            RATELIMIT_DECISIONS_TALLY.inc(_FREE_LABELS)
+            return _FREE
         return count(decision_of(self.evaluate(target, cost, True)))
 
     async def peek(self, target: LimitTarget) -> LimitState:

@@ -339,6 +339,19 @@ def _name_kind(key: str) -> str:
     return kind
 
 
+_EMPTY: dict[int, Observation] = {}
+
+
+def _empty(status: int) -> Observation:
+    """The (immutable) "nothing said" observation, one per status: the common answer."""
+    obs = _EMPTY.get(status)
+    if obs is None:
+        obs = Observation(status, None, (), ())
+        if len(_EMPTY) < 1000:
+            _EMPTY[status] = obs
+    return obs
+
+
 def parse_response(
     status: int,
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
@@ -356,7 +369,7 @@ def parse_response(
         return _parse(status, headers, now, styles)
     except Exception as exc:  # the invariant: upstream input never becomes a 500
         log.warning("ignored the rate-limit headers of a response: %s", type(exc).__name__)
-        return Observation(status, None, (), ())
+        return _empty(status)
 
 
 def _parse(
@@ -384,7 +397,7 @@ def _parse(
         else:
             relevant.setdefault(kind, []).append(value)
     if not relevant or not math.isfinite(now):
-        return Observation(status, None, (), ())
+        return _empty(status)
 
     if styles is None:
         allowed = _ALL

@@ -28,7 +28,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.errors import (
     BadRequest,
@@ -194,7 +193,7 @@ async def _stream_back(
             raise UpstreamUnreachable(
                 "the upstream broke off its response mid-body; retry the call"
             ) from None
-        headers = CIMultiDict(clean_response_headers(up.headers.items()))
+        headers = clean_response_headers(up.headers.items())  # web.Response copies it into its own multidict
         return web.Response(status=up.status, reason=up.reason, body=body, headers=headers), outcome
     resp = web.StreamResponse(status=up.status, reason=up.reason)
     resp.headers.extend(clean_response_headers(up.headers.items()))
@@ -280,8 +279,8 @@ async def proxy_path(
         raise
     finally:
         watcher.remove(watched)
-        if up is not None:
-            up.close()  # no-op after a clean release; drops the upstream connection otherwise
+        if up is not None and not up.closed:
+            up.close()  # drops an upstream connection that was not released cleanly
         pipeline.finish(ex, front, outcome, status)
 
 
