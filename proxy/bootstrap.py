@@ -42,6 +42,26 @@ def _write_private(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def _publish_private(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text``, complete or not at all; False if it already exists.
+
+    Several processes may start on a fresh data dir at once (``serve --workers N``, replicas
+    sharing a volume). The file is written under a private name and hard-linked into place:
+    the link fails if another process published first, and a reader never sees a half-written
+    key. The loser then reads the winner's file, so every process ends up with the same key.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def key_file_path(settings: Settings) -> Path | None:
     if settings.master_key_file is not None:
         return settings.master_key_file
@@ -64,12 +84,13 @@ def load_ring(settings: Settings, create: bool = True) -> tuple[crypto.KeyRing, 
         if not create:
             raise ConfigError("master_key", f"no dev master key at {path}; start the service once first")
         ensure_data_dir(settings)
-        _write_private(path, crypto.generate_master_key_text())
-        log.warning(
-            "DEV MODE: generated a master key at %s. Anyone who can read this file can decrypt every "
-            "stored credential. For production set dev_mode = false and provide PROXY_MASTER_KEY_FILE.",
-            path,
-        )
+        if _publish_private(path, crypto.generate_master_key_text()):
+            log.warning(
+                "DEV MODE: generated a master key at %s. Anyone who can read this file can decrypt "
+                "every stored credential. For production set dev_mode = false and provide "
+                "PROXY_MASTER_KEY_FILE.",
+                path,
+            )
     try:
         text = path.read_text()
     except OSError as exc:
@@ -84,8 +105,10 @@ def load_admin_token(settings: Settings) -> tuple[str, Path | None]:
     path = settings.data_dir / DEV_TOKEN_FILE
     if not path.exists():
         ensure_data_dir(settings)
-        _write_private(path, crypto.generate_token() + "\n")
-        log.warning("DEV MODE: generated an admin token at %s (set PROXY_ADMIN_TOKEN in production)", path)
+        if _publish_private(path, crypto.generate_token() + "\n"):
+            log.warning(
+                "DEV MODE: generated an admin token at %s (set PROXY_ADMIN_TOKEN in production)", path
+            )
     return path.read_text().strip(), path
 
 

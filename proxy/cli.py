@@ -93,6 +93,10 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
             "state is per process (each worker enforces the full configured limit)",
             settings.workers,
         )
+    # Dev-mode key and token files are created here, once, before any worker reads them.
+    from proxy.bootstrap import load_secrets
+
+    load_secrets(settings)
     children = []
     # Shared metric files: any worker's /metrics then answers for all workers.
     metrics_dir = tempfile.mkdtemp(prefix="connection-proxy-metrics-")
