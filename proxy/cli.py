@@ -62,6 +62,7 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     from proxy.web.app import build_app
 
     app = build_app(settings)
+    app.on_startup.append(_tune_collector)  # last: after the service has loaded everything
     secrets = app[_services_key()].secrets
     if secrets.admin_token_file is not None:
         print(
@@ -77,6 +78,30 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
         print=lambda msg: print(msg.replace("======== ", "").replace(" ========", ""), flush=True),
         shutdown_timeout=10,
     )
+
+
+# Young-generation threshold of the cyclic collector (CPython's default is 700). See below.
+GC_GEN0_THRESHOLD = 10_000
+
+
+async def _tune_collector(app: Any) -> None:
+    """Garbage-collector settings for a long-running server process (measured in bench/proxy.py).
+
+    - Everything loaded at start-up (libraries, catalogue, templates, key ring, clients) lives
+      as long as the process; ``gc.freeze`` moves it out of the collector's generations, so a
+      collection walks only what was created since (about 20 us less CPU per proxied call at
+      64 connections).
+    - With the default threshold, the young generation is collected every 700 net allocations,
+      which at 64 concurrent calls mostly walks and promotes the objects of calls still in
+      flight, again and again: another ~16 us per call. At 10,000 the cost nearly vanishes;
+      what waits for collection is cyclic garbage only (reference counting frees the rest at
+      once), bounded to a few MB.
+    """
+    import gc
+
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.freeze()
 
 
 def _services_key() -> Any:
