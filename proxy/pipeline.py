@@ -174,8 +174,8 @@ class Plan:
             _check_destination(svc.egress, self, scheme, host)
         except ProxyError as exc:
             self.refusal = exc
-        self.scope = f"{record.tenant_id}/{record.connection_id}"
         self.target = limit_target(record, integration)
+        self.scope = self.target.scope
         self.timeout = _timeout(record.options, svc.settings)
         self.retries = _small_int(record.options.get("retries"), 0, MAX_RETRIES)
         self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, svc.settings.max_wait_ms_cap)

@@ -29,7 +29,10 @@ KEYS[4]  group hash:  member -> weight                            (grouped targe
 ARGV[1] = 'a' (acquire) | 'p' (peek: read only) | 'o' (observe)
   a/p: cost, reserve, member, weight, ncells, ncells x (sig, inc, tau), nquota, nquota x (sig, inc, tau, horizon)
        -> {allowed, wait, wait_src, remaining, reset, next_wait, state_src, next_src, now}
-  o:   blocked_until (0 = none), n, n x (name, remaining, reset, limit, window)  -> {now}
+  o:   blocked_until (0 = none), n, n x (name, remaining, reset, limit, window)  -> {now, fresh}
+       fresh = 1 when the scope had no live learned state before and has some now: replicas
+       that cached "nothing learned here" must be told (the caller announces it). This is
+       reporting only, with no decision in it, so gcra.py has no counterpart.
 Sources: 0 none, 1 configured, 2 learned.
 ]]
 
@@ -95,7 +98,14 @@ local function put_policy(name, p)
   redis.call('HSET', skey, 'p:' .. name, int(p[1]) .. ' ' .. int(p[2]) .. ' ' .. int(p[3]) .. ' ' .. int(p[4]))
 end
 
+local function learned_live()
+  if blocked > now then return true end
+  for _, p in pairs(pol) do if p[2] > now then return true end end
+  return false
+end
+
 if mode == 'o' then
+  local was_live = learned_live()
   local b = tonumber(ARGV[2])
   local wrote = false
   if b > now and b > blocked then
@@ -127,7 +137,9 @@ if mode == 'o' then
   end
   prune()
   if wrote then redis.call('PEXPIRE', skey, ttl_ms(scope_latest())) end
-  return {now}
+  local fresh = 0
+  if not was_live and learned_live() then fresh = 1 end
+  return {now, fresh}
 end
 
 local commit = mode == 'a'

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -242,6 +242,14 @@ class Limiter(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the limiter is unusable afterwards."""
+
+    def use_invalidations(self, announce: Callable[[str], Awaitable[None]]) -> None:  # noqa: B027
+        """The application now delivers the store's invalidations to ``on_invalidation``, and
+        ``announce(scope)`` publishes one. A shared back end may then keep local shortcuts that
+        an invalidation ends (see RedisLimiter); without this call it keeps none."""
+
+    def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:  # noqa: B027
+        """Another replica changed shared state; drop whatever local shortcut depends on it."""
 
 
 class LocalLimiter(Limiter):

@@ -1,10 +1,18 @@
-"""The rate limiter shared by every replica: state in Redis, one round trip per call.
+"""The rate limiter shared by every replica: state in Redis, at most one round trip per call.
 
-Every acquire is one EVALSHA of ``limiter.lua`` (redis-py's registered script falls back to
+An acquire that needs Redis is one EVALSHA of ``limiter.lua`` (redis-py's registered script falls back to
 loading it on NOSCRIPT), with Redis ``TIME`` as the single clock and every key under one hash tag.
 Denials already known (nothing can pass before T) are answered from an in-process cache with no
 Redis trip until T: GCRA state and learned blocks only move forward, so such an answer cannot be
 wrong, only (for a fair-share member whose group just emptied) slightly conservative.
+
+Scopes with no configured window (most connections) are limited only by what upstreams taught
+us. When Redis holds nothing learned for such a scope, a replica remembers that for up to
+``CLEAR_TTL_S`` and admits its calls without a round trip (about 110 us of CPU less per call). The
+script reports when an observation gives a scope its first live learned state; the observing
+replica then announces it on the store's invalidation channel, and every replica drops what it
+remembered (``on_invalidation``), so the others stop within milliseconds, as they would after
+their own next round trip. A lost message is covered by the TTL.
 
 When Redis fails, each call is bounded by ``timeout_s``; ``fail_mode="open"`` serves it from an
 in-process LocalLimiter with the same windows, ``"closed"`` raises ServiceUnavailable. After a
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -53,6 +62,9 @@ if TYPE_CHECKING:
 SCRIPT = files("proxy.ratelimit").joinpath("limiter.lua").read_text(encoding="utf-8")
 _FAILURES = (RedisError, OSError, TimeoutError)
 _CACHE_MAX = 50_000
+# How long "Redis holds nothing learned for this scope" is trusted without asking again, should
+# the announcement that ends it be lost (pub/sub delivers at most once).
+CLEAR_TTL_S = 1.0
 
 
 def keys_for(scope: str, quota_key: str | None, grouped: bool) -> list[str]:
@@ -103,6 +115,10 @@ class RedisLimiter(Limiter):
         # scope -> (monotonic deadline, reset_at, source): nothing passes before the deadline.
         self._denied: dict[str, tuple[float, int | None, str | None]] = {}
         self._quota_keys: dict[str, str] = {}  # scope -> quota key last used with it
+        # Unconstrained scope -> (monotonic deadline, the decision Redis gave): nothing learned.
+        self._clear: dict[str, tuple[float, Decision]] = {}
+        self._epoch = 0  # bumped by every invalidation; guards answers that raced one
+        self._announce: Callable[[str], Awaitable[None]] | None = None  # set by use_invalidations
 
     @classmethod
     def create(cls, source: Client | str, *, fail_mode: str, timeout_s: float) -> RedisLimiter:
@@ -173,18 +189,53 @@ class RedisLimiter(Limiter):
 
     # --- the interface -----------------------------------------------------------------------
 
+    def _known_clear(self, scope: str) -> Decision | None:
+        hit = self._clear.get(scope)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic():
+            del self._clear[scope]
+            return None
+        return hit[1]
+
+    def _note(self, scope: str, outcome: gcra.Outcome, decision: Decision, epoch: int) -> None:
+        """After a round trip for an unconstrained scope: remember "nothing learned" if so."""
+        if outcome.allowed and outcome.state_source == gcra.SRC_NONE and epoch == self._epoch:
+            if len(self._clear) >= _CACHE_MAX:
+                self._clear.clear()
+            self._clear[scope] = (time.monotonic() + CLEAR_TTL_S, decision)
+        else:
+            self._clear.pop(scope, None)
+
+    def use_invalidations(self, announce: Callable[[str], Awaitable[None]]) -> None:
+        self._announce = announce  # from now on "nothing learned" may be remembered
+
+    def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
+        # Any invalidation (a learned-state announcement, an admin change, a resubscribe after
+        # lost messages) drops every "nothing learned" memo: each costs one round trip to redo.
+        self._epoch += 1
+        self._clear.clear()
+
     async def acquire(self, target: LimitTarget, cost: int = 1) -> Decision:
         spec = compile_target(target)
         check_cost(spec, cost)
         cached = self._cached(target.scope)
         if cached is not None:
             return count(Decision(False, cached.retry_after_ms or 1, cached, "local-cache"))
+        # Only while invalidations reach us can "nothing learned" be remembered (module doc).
+        unconstrained = not spec.cells and not spec.quota and self._announce is not None
+        if unconstrained and (known := self._known_clear(target.scope)) is not None:
+            return count(known)
+        epoch = self._epoch
         reply = await self._run(self._keys(target, spec), ["a", *_args(spec, cost)])
         if reply is None:
             self._unavailable()
             return count(decision_of(self.fallback.evaluate(target, cost, True), "fallback"))
-        decision = decision_of(_outcome(reply))
+        outcome = _outcome(reply)
+        decision = decision_of(outcome)
         self._remember(target.scope, decision.state)
+        if unconstrained:
+            self._note(target.scope, outcome, decision, epoch)
         return count(decision)
 
     async def peek(self, target: LimitTarget) -> LimitState:
@@ -192,6 +243,9 @@ class RedisLimiter(Limiter):
         cached = self._cached(target.scope)
         if cached is not None:
             return cached
+        unconstrained = not spec.cells and not spec.quota and self._announce is not None
+        if unconstrained and (known := self._known_clear(target.scope)) is not None:
+            return known.state
         reply = await self._run(self._keys(target, spec), ["p", *_args(spec, 1)])
         if reply is None:
             self._unavailable()
@@ -204,8 +258,9 @@ class RedisLimiter(Limiter):
         quota_key = quota_key or self._quota_keys.get(scope)
         blocked, policies = observation_args(obs, self.fallback.now_us())
         # Keep the local view in step: a block is known here without asking Redis again, and a
-        # new policy may lift a cached learned denial.
+        # new policy may lift a cached learned denial. Something was learned: ask Redis again.
         self._denied.pop(scope, None)
+        self._clear.pop(scope, None)
         if blocked and obs.blocked_until is not None:
             left = obs.blocked_until - time.time()
             if left > 0:
@@ -217,6 +272,14 @@ class RedisLimiter(Limiter):
         if reply is None:
             self.fallback.merge(scope, blocked, policies)
             self._unavailable()
+            return
+        if len(reply) > 1 and int(reply[1]) == 1 and self._announce is not None:
+            # The scope's first live learned state: replicas that remembered "nothing learned"
+            # must forget it. A failed announcement leaves them at most CLEAR_TTL_S behind.
+            try:
+                await self._announce(scope)
+            except Exception as exc:  # type only: messages may quote values
+                log.warning("could not announce learned rate-limit state (%s)", type(exc).__name__)
 
     async def describe(self, target: LimitTarget) -> dict[str, Any]:
         spec = compile_target(target)
@@ -258,6 +321,7 @@ class RedisLimiter(Limiter):
 
     async def reset(self, scope: str, *, quota_key: str | None = None) -> None:
         self._denied.pop(scope, None)
+        self._clear.pop(scope, None)
         await self.fallback.reset(scope)
         keys = {keys_for(scope, None, False)[0]}
         for q in (quota_key, self._quota_keys.get(scope)):

@@ -32,6 +32,12 @@ def scope_of(record: ConnectionRecord) -> str:
     return f"{record.tenant_id}/{record.connection_id}"
 
 
+def connection_of_scope(scope: str) -> tuple[str, str | None]:
+    """(tenant_id, connection_id) of a ``scope_of`` scope (ids never contain "/")."""
+    tenant_id, _, connection_id = scope.partition("/")
+    return tenant_id, connection_id or None
+
+
 def limit_target(record: ConnectionRecord, integration: Integration) -> LimitTarget:
     """Configured windows are the connection's ``rate_limits`` or else the integration's defaults.
 

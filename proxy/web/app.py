@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -23,6 +23,7 @@ from proxy.catalogue import Catalogue
 from proxy.egress import EgressPolicy
 from proxy.oauth.tokens import TokenManager
 from proxy.ratelimit.limiter import Limiter, make_limiter
+from proxy.ratelimit.targets import connection_of_scope
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
@@ -93,12 +94,22 @@ async def _startup(app: web.Application) -> None:
     )
     await svc.store.subscribe_invalidations(svc.vault.invalidate)
     await svc.store.subscribe_invalidations(svc.auth.on_invalidation)
+    # A replica that learns a scope's first upstream limit tells the others on the same channel.
+    await svc.store.subscribe_invalidations(svc.limiter.on_invalidation)
+    svc.limiter.use_invalidations(_announcer(svc.store))
     # Caller-key last-used times ride on the audit writer's flushes: no extra timer, no write per call.
     svc.audit.add_flush_hook(svc.auth.flush_usage)
     await svc.audit.start()
     # The token manager shares the upstream client (and so the egress guard) once it exists.
     svc.http = make_session(svc.settings, svc.egress)
     svc.tokens.bind_client(svc.http)
+
+
+def _announcer(store: Store) -> Callable[[str], Awaitable[None]]:
+    async def announce(scope: str) -> None:
+        await store.publish_invalidation(*connection_of_scope(scope))
+
+    return announce
 
 
 async def _cleanup(app: web.Application) -> None:

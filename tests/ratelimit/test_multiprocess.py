@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 4
 
@@ -26,9 +28,17 @@ from proxy.ratelimit.limiter import LimitTarget
 from proxy.ratelimit.redis_limiter import RedisLimiter
 from proxy.ratelimit.signals import Observation
 
-async def main(url: str, index: int) -> None:
+async def main(url: str, index: int, wired: bool) -> None:
     lim = RedisLimiter.create(url, fail_mode="closed", timeout_s=1.0)
     raw = Redis.from_url(url)
+    store = None
+    if wired:  # as the service wires it: invalidations through the store's channel
+        from proxy.store.redis import RedisStore
+        from proxy.web.app import _announcer
+        store = RedisStore(url, timeout_s=1.0)
+        await store.open()
+        await store.subscribe_invalidations(lim.on_invalidation)
+        lim.use_invalidations(_announcer(store))
     exact = LimitTarget("t/exact", (RateWindow(50, 60.0),))   # no refill within the run
     smooth = LimitTarget("t/smooth", (RateWindow(50, 2.0),))  # refills one cell per 40 ms
     blocked = LimitTarget("t/blocked")
@@ -59,24 +69,30 @@ async def main(url: str, index: int) -> None:
     else:
         await asyncio.sleep(t_obs - 0.3 - time.time())
         attempts = []
+        remembered = False
         while time.time() < t_obs + 2.8:
             t0 = time.time()
             attempts.append((t0, (await lim.acquire(blocked)).allowed))
+            if t0 < t_obs - 0.05:
+                remembered = "t/blocked" in lim._clear
             await asyncio.sleep(0.002)
         out["attempts"] = attempts
+        out["remembered_clear"] = remembered
     await lim.close()
+    if store is not None:
+        await store.close()
     await raw.aclose()
     print(json.dumps(out))
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"))
 """
 
 
-def run_workers(redis_url: str) -> list[dict[str, Any]]:
+def run_workers(redis_url: str, wired: bool) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, redis_url, str(i)],
+            [sys.executable, "-c", WORKER, redis_url, str(i), "1" if wired else "0"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -108,9 +124,12 @@ def run_workers(redis_url: str) -> list[dict[str, Any]]:
     return results
 
 
-def test_four_processes_share_one_limit_and_one_block(redis_url: str) -> None:
+@pytest.mark.parametrize("wired", [False, True], ids=["limiter-alone", "with-store-invalidations"])
+def test_four_processes_share_one_limit_and_one_block(redis_url: str, wired: bool) -> None:
+    # Wired as the service is, replicas remember "nothing learned" for the unconstrained scope
+    # and skip Redis; the block must still stop every one of them at once.
     t0 = time.monotonic()
-    results = run_workers(redis_url)
+    results = run_workers(redis_url, wired)
 
     # Exactly L admitted out of thousands of attempts when the window cannot refill in the run.
     assert sum(r["exact"] for r in results) == 50
@@ -132,4 +151,5 @@ def test_four_processes_share_one_limit_and_one_block(redis_url: str) -> None:
     assert before and all(before)
     assert during and not any(during)
     assert after and all(after)
+    assert all(r["remembered_clear"] == wired for r in results[1:])
     assert time.monotonic() - t0 < 12

@@ -103,6 +103,120 @@ async def test_one_evalsha_per_call_and_none_for_known_denials(lim: RedisLimiter
     assert delta(before, await commands(raw)) == {}  # zero Redis commands for 101 calls
 
 
+class Channel:
+    """Stands in for the store's invalidation channel between limiters in one test."""
+
+    def __init__(self) -> None:
+        self.limiters: list[RedisLimiter] = []
+        self.announced: list[str] = []
+
+    def join(self, limiter: RedisLimiter) -> RedisLimiter:
+        self.limiters.append(limiter)
+        limiter.use_invalidations(self.announce)
+        return limiter
+
+    async def announce(self, scope: str) -> None:
+        self.announced.append(scope)
+        tenant, _, connection = scope.partition("/")
+        for limiter in self.limiters:
+            limiter.on_invalidation(tenant, connection)
+
+
+async def test_unconstrained_scope_with_nothing_learned_skips_redis_once_wired(
+    redis_url: str, raw: Redis
+) -> None:
+    channel = Channel()
+    a = channel.join(RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5))
+    b = channel.join(RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5))
+    plain = RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5)  # not wired
+    free = LimitTarget("t/free")
+    try:
+        for lim in (a, b, plain):
+            assert (await lim.acquire(free)).allowed  # one round trip each
+        before = await commands(raw)
+        for _ in range(50):
+            da, db = await a.acquire(free), await b.acquire(free)
+            assert da.allowed and db.allowed and da.state.source is None
+            assert not (await a.peek(free)).is_limited
+        assert delta(before, await commands(raw)) == {}  # 150 answers, no Redis command
+        before = await commands(raw)
+        for _ in range(5):
+            assert (await plain.acquire(free)).allowed
+        assert delta(before, await commands(raw))["evalsha"] == 5  # unwired: a round trip each
+
+        # b learns a block; a stops at once (as soon as the announcement arrives), b too.
+        await b.observe("t/free", Observation(429, time.time() + 2, (), ("retry-after",)))
+        assert channel.announced == ["t/free"]
+        for lim in (a, b, plain):
+            d = await lim.acquire(free)
+            assert not d.allowed and 1500 < d.retry_after_ms <= 2000
+        # Not the first live state: nothing to announce again.
+        await a.observe("t/free", Observation(429, time.time() + 3, (), ("retry-after",)))
+        assert channel.announced == ["t/free"]
+    finally:
+        for lim in (a, b, plain):
+            await lim.close()
+
+
+async def test_remembered_nothing_expires_and_a_racing_invalidation_wins(
+    redis_url: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.ratelimit import redis_limiter
+
+    monkeypatch.setattr(redis_limiter, "CLEAR_TTL_S", 0.2)
+    lim = Channel().join(RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5))
+    free = LimitTarget("t/ttl")
+    try:
+        await lim.acquire(free)
+        before = await commands(raw)
+        await lim.acquire(free)
+        assert delta(before, await commands(raw)) == {}
+        await asyncio.sleep(0.25)
+        before = await commands(raw)
+        await lim.acquire(free)  # the memo lapsed: asked again (a lost announcement costs <= TTL)
+        assert delta(before, await commands(raw))["evalsha"] == 1
+
+        # An invalidation landing while a round trip is under way: its answer is not remembered.
+        lim.on_invalidation("*", None)
+        real_run = lim._run
+
+        async def run_with_invalidation(keys: list[str], args: list[Any]) -> list[Any] | None:
+            reply = await real_run(keys, args)
+            lim.on_invalidation("t", "ttl")
+            return reply
+
+        monkeypatch.setattr(lim, "_run", run_with_invalidation)
+        await lim.acquire(free)
+        assert "t/ttl" not in lim._clear
+        monkeypatch.setattr(lim, "_run", real_run)
+        await lim.acquire(free)
+        assert "t/ttl" in lim._clear
+    finally:
+        await lim.close()
+
+
+async def test_scopes_with_configured_windows_or_learned_state_always_ask_redis(
+    redis_url: str, raw: Redis
+) -> None:
+    lim = Channel().join(RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5))
+    windowed = LimitTarget("t/w", (RateWindow(1000, 60.0),))
+    learned = LimitTarget("t/l")
+    try:
+        await lim.observe(
+            "t/l", Observation(200, None, (Policy("h", 100, 3600.0, 50, time.time() + 30),), ())
+        )
+        await lim.acquire(windowed)
+        await lim.acquire(learned)
+        before = await commands(raw)
+        for _ in range(4):
+            assert (await lim.acquire(windowed)).allowed
+            assert (await lim.acquire(learned)).allowed  # counts the learned remaining down
+        assert delta(before, await commands(raw))["evalsha"] == 8
+        assert (await lim.peek(learned)).remaining == 50 - 5
+    finally:
+        await lim.close()
+
+
 async def test_every_key_has_a_ttl_and_one_call_stays_in_one_slot(lim: RedisLimiter, raw: Redis) -> None:
     q = (RateWindow(100, 10.0),)
     plain = LimitTarget("t/plain", (RateWindow(10, 60.0),))
