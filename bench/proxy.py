@@ -15,8 +15,6 @@ Run: ``python bench/proxy.py [--quick] [--duration S]``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,17 +47,10 @@ class Target:
 
 
 def nginx_conf(tmp: Path, port: int, upstream_port: int) -> Path:
-    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
-        (tmp / d).mkdir(exist_ok=True)
-    user = "user root;\n" if os.geteuid() == 0 else ""
     conf = tmp / "nginx.conf"
     conf.write_text(
-        f"""{user}worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+        c.nginx_prelude(tmp)
+        + f"""http {{
     access_log off;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
@@ -122,7 +113,8 @@ def main() -> int:
     targets: list[Target] = []
     results: dict[tuple[str, int], c.Measured | str] = {}
     with c.workspace("cp-bench-proxy-", grace=1.0 if args.quick else 3.0) as (tmp, stack):
-        upstream, _ = c.start_ref(stack, tmp, "upstream", "upstream", cpus=load_cpus)
+        upstream, upstream_kind = c.start_upstream(stack, tmp, load_cpus)
+        print(f"# upstream: {upstream_kind}")
         up_port = int(upstream.rsplit(":", 1)[1])
         common_headers = {"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN}
         targets.append(Target("direct (no proxy)", upstream + PATH, dict(common_headers), [], "-"))
@@ -171,7 +163,7 @@ def main() -> int:
             add_service(W1, "not pinned", cpus=None, workers=1, redis_url=redis_url[:-1] + "1")
             add_service(W2, "not pinned", cpus=None, workers=2, redis_url=redis_url[:-1] + "2")
 
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        nginx = c.nginx_binary()
         ng = Target("nginx proxy_set_header", pinned=pin_note)
         if nginx is None:
             ng.missing = "nginx is not installed (apt-get install nginx)"

@@ -220,7 +220,7 @@ Row = tuple[str, int, Counter[int], Counter[str], Counter[str]] | tuple[str, str
 def commands_per_call(
     tmp: Path, stack: Any, redis_url: str, port: int, n: int, place: c.Placement
 ) -> list[Row]:
-    upstream, _ = c.start_ref(stack, tmp, "upstream", "upstream", cpus=place.load)
+    upstream, _ = c.start_upstream(stack, tmp, place.load)
     try:
         svc = c.start_service(stack, tmp, "service", cpus=place.server, redis_url=redis_url)
     except c.StartError as exc:
