@@ -82,8 +82,11 @@ class Tally:
 
 
 def _histogram_internals_present() -> bool:
-    probe = Histogram("probe", "probe", ["x"], buckets=(1.0,), registry=None).labels("x")
-    return isinstance(getattr(probe, "_buckets", None), list) and hasattr(probe, "_sum")
+    # Read from the code that sets them up, not from a probe histogram: with workers, any
+    # histogram created would appear in the shared files and so in every scrape.
+    init = getattr(Histogram, "_metric_init", None)
+    names = getattr(getattr(init, "__code__", None), "co_names", ())
+    return "_buckets" in names and "_sum" in names
 
 
 class LatencyTally:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -10,6 +14,7 @@ from proxy import metrics
 from proxy.metrics import REGISTRY, LatencyTally, Tally, flush_tallies
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sample(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
@@ -64,3 +69,22 @@ def test_tally_keeps_counting_after_a_flush() -> None:
     tally.flush()
     assert _sample(registry, "things_total", {"kind": "x"}) == 2
     assert _sample(registry, "things_total", {"kind": "y"}) == 1
+
+
+def test_with_workers_the_shared_files_carry_the_tallies_and_nothing_else(tmp_path: Path) -> None:
+    # Multiprocess mode is chosen at import, so this runs in a fresh interpreter.
+    code = (
+        "from proxy import metrics\n"
+        "metrics.REQUESTS_TALLY.inc(('path', 'ok'))\n"
+        "metrics.UPSTREAM_LATENCY_TALLY.observe(('http_bearer',), 0.003)\n"
+        "print(metrics.exposition().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    samples = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert samples and all(line.startswith("proxy_") for line in samples)
+    assert 'proxy_requests_total{front="path",outcome="ok"} 1.0' in out
+    assert 'proxy_upstream_latency_seconds_bucket{integration="http_bearer",le="0.005"} 1.0' in out
+    assert 'proxy_upstream_latency_seconds_bucket{integration="http_bearer",le="0.0025"} 0.0' in out
