@@ -75,7 +75,12 @@ class LazyReadTimeoutProtocol(ResponseHandler):
             return
         deadline = self._loop.time() + timeout
         self._read_deadline = deadline
-        if self._read_timeout_handle is None:
+        handle = self._read_timeout_handle
+        # A pooled connection serves calls with different read timeouts: a timer armed for a
+        # longer one than this must be brought forward, or this call would time out late.
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
             self._read_timeout_handle = self._loop.call_at(deadline, self._read_timer_fired)
 
     def _drop_timeout(self) -> None:

@@ -100,6 +100,22 @@ async def test_a_kept_alive_connection_times_each_response_afresh(tmp_path: Path
             assert r.status == 200
 
 
+async def test_a_shorter_read_timeout_after_a_longer_one_on_the_same_connection(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # Calls of connections with different timeouts share pooled connections to one host.
+    async with _session(tmp_path) as session:
+        async with session.get(upstream.url + "/echo", timeout=aiohttp.ClientTimeout(sock_read=30)) as r:
+            await r.read()
+        started = time.monotonic()
+        with pytest.raises(aiohttp.SocketTimeoutError):
+            async with session.get(
+                upstream.url + "/slow?before=3", timeout=aiohttp.ClientTimeout(sock_read=0.3)
+            ) as r:
+                await r.read()
+        assert 0.3 <= time.monotonic() - started < 1.5
+
+
 async def test_a_lost_connection_cancels_its_timer(tmp_path: Path, upstream: Upstream) -> None:
     async with _session(tmp_path) as session:
         async with session.get(upstream.url + "/echo", timeout=aiohttp.ClientTimeout(sock_read=30)) as r:
