@@ -31,10 +31,14 @@ def services_of(app: web.Application) -> Services:
     return app[SERVICES]
 
 
-async def caller_for(request: web.Request, *, allow_trusted: bool) -> Caller:
+async def caller_for(
+    request: web.Request, *, allow_trusted: bool, app: web.Application | None = None
+) -> Caller:
     """The authenticated caller; raises Unauthenticated. Each handler asks once per request."""
-    auth = request.app[SERVICES].auth
-    return await auth.authenticate(request.headers, request.remote, allow_trusted=allow_trusted)
+    auth = (app or request.app)[SERVICES].auth
+    # The peer address only matters where trusted networks may stand in for a credential.
+    peer = request.remote if allow_trusted else None
+    return await auth.authenticate(request.headers, peer, allow_trusted=allow_trusted)
 
 
 def require_admin(caller: Caller) -> None:

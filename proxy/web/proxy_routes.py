@@ -228,16 +228,17 @@ async def proxy_path(
 ) -> web.StreamResponse:
     """Path mode (the route's handler) and forward-proxy mode (``front="forward"`` with the
     absolute target): stream the call through and the answer back."""
-    pipeline = request.app[PIPELINE]
+    app = request.app
+    pipeline = app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
     outcome = "error"
     status: int | None = None
-    watcher = request.app[WATCHER]
+    watcher = app[WATCHER]
     watched = watcher.add(request)
     try:
         # The contract's trusted networks cover the Connection Service and the envelope only.
-        caller = await caller_for(request, allow_trusted=False)
+        caller = await caller_for(request, allow_trusted=False, app=app)
         h = request.headers
         cid = _connection_id(h.get("X-Connection-Id"))
         tenant = _tenant(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
