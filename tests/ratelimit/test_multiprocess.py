@@ -74,7 +74,7 @@ async def main(url: str, index: int, wired: bool) -> None:
             t0 = time.time()
             attempts.append((t0, (await lim.acquire(blocked)).allowed))
             if t0 < t_obs - 0.05:
-                remembered = "t/blocked" in lim._clear
+                remembered = remembered or "t/blocked" in lim._clear
             await asyncio.sleep(0.002)
         out["attempts"] = attempts
         out["remembered_clear"] = remembered
@@ -143,9 +143,13 @@ def test_four_processes_share_one_limit_and_one_block(redis_url: str, wired: boo
     assert 50 + inner // cell - 2 <= total <= 50 + outer // cell
 
     # After one process learns "blocked for 2 s", no process admits anything until it ends.
+    # Wired, the others hear of it through pub/sub: that takes milliseconds, and a loaded CI
+    # machine gets 0.1 s of slack before the window in which nothing may pass.
     observer = results[0]
     attempts = [a for r in results[1:] for a in r["attempts"]]
-    during = [ok for t, ok in attempts if observer["observed_at"] <= t <= observer["observe_start"] + 1.5]
+    grace = 0.1 if wired else 0.0
+    start = observer["observed_at"] + grace
+    during = [ok for t, ok in attempts if start <= t <= observer["observe_start"] + 1.5]
     after = [ok for t, ok in attempts if t >= observer["observe_start"] + 2.2]
     before = [ok for t, ok in attempts if t < observer["observe_start"]]
     assert before and all(before)
