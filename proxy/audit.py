@@ -7,6 +7,9 @@ interval carrying a count, so a busy workflow costs one dict update per call and
 interval. The buffer is bounded (``audit_buffer_max``); what does not fit is counted as
 dropped and logged, never silently. A store failure keeps the batch for the next flush.
 
+Retention: events older than ``audit_retention_days`` (0 keeps everything) are deleted by the
+same background task, a minute after start and then hourly, in small batches.
+
 ``stop()`` flushes everything, so a graceful shutdown loses nothing. Deployments that must not
 release a credential unless the read is on record set ``audit_required``: then the Connection
 Service calls ``record_required``, which writes synchronously and refuses on failure.
@@ -30,6 +33,8 @@ from proxy.store.base import Store
 log = logging.getLogger("proxy.audit")
 
 BATCH_MAX: Final = 500
+PRUNE_FIRST_S: Final = 60.0
+PRUNE_EVERY_S: Final = 3600.0
 STOP_ATTEMPTS: Final = 3
 _DROP_LOG_EVERY_S: Final = 10.0
 
@@ -95,12 +100,31 @@ class AuditLog:
 
     async def _run(self) -> None:
         interval = self.settings.audit_flush_interval_s
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + PRUNE_FIRST_S
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.flush()
             except Exception:  # the flusher must survive anything: it guards the whole trail
                 log.exception("audit flush failed unexpectedly; retrying next interval")
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_EVERY_S
+                await self.prune()
+
+    async def prune(self) -> int:
+        """Delete events past the retention period; failures are logged and retried later."""
+        days = self.settings.audit_retention_days
+        if days <= 0:
+            return 0
+        try:
+            n = await self.store.prune_audit(time.time() - days * 86400)
+        except Exception as exc:
+            log.warning("audit retention: pruning failed (%s); will retry", type(exc).__name__)
+            return 0
+        if n:
+            log.info("audit retention: deleted %d event(s) older than %g day(s)", n, days)
+        return n
 
     # --- recording -----------------------------------------------------------------------------
 

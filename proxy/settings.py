@@ -45,6 +45,7 @@ class Settings:
     audit_required: bool = False
     audit_flush_interval_s: float = 0.5
     audit_buffer_max: int = 10000
+    audit_retention_days: float = 90.0
     ratelimit_fail_mode: str = "open"
     upstream_connect_timeout_s: float = 5.0
     upstream_read_timeout_s: float = 60.0
@@ -200,6 +201,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_required": _bool,
     "audit_flush_interval_s": _float(0.01),
     "audit_buffer_max": _int(100),
+    "audit_retention_days": _float(0.0),
     "ratelimit_fail_mode": _choice("open", "closed"),
     "upstream_connect_timeout_s": _float(0.001),
     "upstream_read_timeout_s": _float(0.001),

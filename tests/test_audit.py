@@ -29,6 +29,10 @@ def event(action: str = "connection.create", tenant: str = "t1", **kw: Any) -> A
     return AuditEvent(ts=time.time(), tenant_id=tenant, action=action, actor="admin:admin", **kw)
 
 
+def aged(ts: float) -> AuditEvent:
+    return AuditEvent(ts=ts, tenant_id="t1", action="connection.read", actor="api_key:k1")
+
+
 async def events(store: Store, tenant: str = "t1", **filters: Any) -> list[AuditEvent]:
     return (await store.query_audit(AuditQuery(tenant_id=tenant, limit=1000, **filters))).items
 
@@ -134,6 +138,34 @@ async def test_background_flusher_writes_without_explicit_flush(store: Store) ->
         assert len(await events(store)) == 1
     finally:
         await log.stop()
+
+
+async def test_retention_prunes_old_events_in_the_background(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy import audit
+
+    old = time.time() - 40 * 86400
+    await store.append_audit([aged(old), aged(old + 1)])
+    await store.append_audit([event()])
+    monkeypatch.setattr(audit, "PRUNE_FIRST_S", 0.1)
+    log = AuditLog(store, settings(audit_flush_interval_s=0.05, audit_retention_days=30))
+    await log.start()
+    try:
+        deadline = time.monotonic() + 5
+        while await count_all(store) > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert [e.ts > old + 1 for e in await events(store)] == [True]
+    finally:
+        await log.stop()
+
+
+async def test_retention_zero_keeps_everything(store: Store) -> None:
+    await store.append_audit([aged(1000.0)])
+    assert await AuditLog(store, settings(audit_retention_days=0)).prune() == 0
+    assert await count_all(store) == 1
+    assert await AuditLog(store, settings(audit_retention_days=1)).prune() == 1
+    assert await count_all(store) == 0
 
 
 async def test_stop_flushes_everything_buffered(store: Store) -> None:

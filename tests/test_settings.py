@@ -71,6 +71,7 @@ def test_contract_variables() -> None:
         ({"PROXY_DEV_MODE": "false", "PROXY_ADMIN_TOKEN": "x" * 20}, "master_key"),
         ({"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY": "k"}, "admin_token"),
         ({"PROXY_ADMIN_TOKEN": "short"}, "admin_token"),
+        ({"PROXY_AUDIT_RETENTION_DAYS": "-1"}, "audit_retention_days"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
@@ -102,6 +103,7 @@ def test_example_config_loads() -> None:
     s = load_settings(example, env={})
     assert isinstance(s, Settings)
     assert s.audit_flush_interval_s == 0.5
+    assert s.audit_retention_days == 90
 
 
 def test_secrets_not_in_repr() -> None:

@@ -138,6 +138,11 @@ class Store(abc.ABC):
     async def query_audit(self, query: AuditQuery) -> Page:
         """Newest first."""
 
+    @abc.abstractmethod
+    async def prune_audit(self, before_ts: float) -> int:
+        """Delete audit events older than ``before_ts`` (epoch seconds), every tenant; returns
+        how many went. Idempotent, so replicas may prune concurrently."""
+
     # --- one-time tokens (connect sessions, OAuth state) -----------------------------------
     @abc.abstractmethod
     async def put_ephemeral(self, namespace: str, key: str, value: dict[str, Any], ttl_s: float) -> None: ...

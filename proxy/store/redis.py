@@ -13,6 +13,7 @@ Key layout (Redis Cluster-safe: every multi-key command or script touches ONE ha
     cp:{t:T}:ruc/<default_cid>/<ru>  string  the runtime user connection id (unique)
     cp:{t:T}:keys                    set     API key ids of the tenant (written BEFORE the record)
     cp:{t:T}:audit                   stream  audit events, XADD MAXLEN ~ 1,000,000; cursor = entry id
+    cp:audit:tenants                 set     tenants with an audit stream (for retention)
     cp:{t:T}:auditseq                string  per-tenant audit sequence counter
     cp:apikey:<key_id>               hash    d=record JSON, u=last_used_at (monotonic)
     cp:e:<ns>:<sha256(key)>          string  one-time token JSON, PX TTL (the token itself is not stored)
@@ -86,6 +87,7 @@ CHANNEL: Final = "cp:invalidate"
 META: Final = "cp:meta"
 TENANTS: Final = "cp:tenants"
 AUDIT_MAXLEN: Final = 1_000_000
+AUDIT_TENANTS: Final = "cp:audit:tenants"
 AUDIT_CHUNK: Final = 500
 AUDIT_SCAN_BUDGET: Final = 50_000
 MAX_BATCH: Final = 1000
@@ -555,7 +557,18 @@ class RedisStore(Store):
                 for i in range(0, len(blobs), 2 * AUDIT_CHUNK):
                     chunk = blobs[i : i + 2 * AUDIT_CHUNK]
                     await script(keys=[p + "audit", p + "auditseq"], args=[AUDIT_MAXLEN, *chunk], client=pipe)
+            pipe.sadd(AUDIT_TENANTS, *by_tenant)
             await pipe.execute()
+
+    async def prune_audit(self, before_ts: float) -> int:
+        # Entry ids are >= their event's ts in ms (see _APPEND_AUDIT): trimming below the cutoff
+        # id never removes a newer event (one that arrived late may stay a little longer).
+        cutoff = f"{max(0, math.floor(before_ts * 1000))}-0"
+        with self._guard("prune_audit") as r:
+            total = 0
+            for t in sorted(await r.smembers(AUDIT_TENANTS)):
+                total += int(await r.xtrim(_prefix(t) + "audit", minid=cutoff, approximate=False))
+            return total
 
     async def query_audit(self, query: AuditQuery) -> Page:
         """Newest first by entry id. ``since`` bounds the id range; ``until`` and the other

@@ -59,7 +59,8 @@ log = logging.getLogger("proxy.store.sqlite")
 T = TypeVar("T")
 Db = sqlite3.Connection
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+PRUNE_BATCH: Final = 5000
 CHANGES_KEPT: Final = 10_000
 SWEEP_INTERVAL_S: Final = 60.0
 
@@ -102,6 +103,8 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant_id TEXT NOT NULL, connection_id TEXT
         )""",
     ),
+    # Audit retention deletes by age.
+    2: ("CREATE INDEX audit_ts ON audit (ts)",),
 }
 
 
@@ -514,6 +517,22 @@ class SqliteStore(Store):
         rows = await self._run("query_audit", lambda db: db.execute(sql, args).fetchall())
         items = [AuditEvent.from_dict({**_loads(j), "seq": int(seq)}) for seq, j in rows[:limit]]
         return Page(items, str(items[-1].seq) if len(rows) > limit else None)
+
+    async def prune_audit(self, before_ts: float) -> int:
+        # Small transactions, so the writer lock is never held for long by a large backlog.
+        def batch(db: Db) -> int:
+            cur = db.execute(
+                "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE ts < ? LIMIT ?)",
+                (before_ts, PRUNE_BATCH),
+            )
+            return int(cur.rowcount)
+
+        total = 0
+        while True:
+            n = await self._run("prune_audit", lambda db: self._write(db, batch))
+            total += n
+            if n < PRUNE_BATCH:
+                return total
 
     # --- one-time tokens --------------------------------------------------------------------
     def _sweep(self, db: Db, now: float) -> None:

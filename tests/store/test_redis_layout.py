@@ -110,6 +110,7 @@ async def a_round_of_everything(store: RedisStore) -> None:
         [AuditEvent(time.time(), t, "connection.write", "admin:x") for t in ("acme", "globex", "acme")]
     )
     await store.query_audit(AuditQuery("acme", limit=1))
+    await store.prune_audit(time.time() - 3600)
     await store.put_ephemeral("connect", "token-1", {"t": "acme"}, ttl_s=60)
     await store.put_ephemeral("oauth", "state-1", {"t": "acme"}, ttl_s=60)
     await store.pop_ephemeral("oauth", "state-1")
@@ -160,7 +161,9 @@ async def test_every_command_and_script_stays_in_one_hash_slot(store: RedisStore
 
         all_keys = [k async for k in client.scan_iter(match="*")]
         tenant_tag = re.compile(r"^cp:\{t:(acme|globex)\}:")
-        singles = re.compile(r"^cp:(meta|tenants|apikey:key\d|e:(connect|oauth):[0-9a-f]{64}|lock:.+)$")
+        singles = re.compile(
+            r"^cp:(meta|tenants|audit:tenants|apikey:key\d|e:(connect|oauth):[0-9a-f]{64}|lock:.+)$"
+        )
         for key in all_keys:
             assert tenant_tag.match(key) or singles.match(key), f"unexpected key {key}"
             ttl = await client.pttl(key)

@@ -172,6 +172,28 @@ def test_worker_processes_share_the_file_with_cas(tmp_path: Path) -> None:
     assert rec.version == 121
 
 
+async def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    await store.append_audit([AuditEvent(1000.0, "t1", "connection.read", "api_key:k")])
+    await store.close()
+    with sqlite3.connect(path) as db:  # as a version-1 release left it
+        db.execute("DROP INDEX audit_ts")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert len((await store.query_audit(AuditQuery("t1"))).items) == 1  # nothing lost
+        assert await store.prune_audit(2000.0) == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "audit_ts" in names
+
+
 async def test_newer_schema_is_refused_naming_data_dir(tmp_path: Path) -> None:
     path = tmp_path / "proxy.sqlite3"
     store = SqliteStore(path)
