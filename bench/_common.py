@@ -624,6 +624,37 @@ def fmt_others(m: Measured) -> str:
     return "-" if m.others_pct is None else f"{m.others_pct:.0f}%"
 
 
+LOAD_HEADERS = ("req/s", "p50 ms", "p99 ms", "CPU us/req", "errors", "others CPU")
+
+
+def load_cells(m: Measured | str) -> list[str]:
+    """The LOAD_HEADERS cells of one measured point ("-" for a point that could not be run)."""
+    if isinstance(m, str):
+        return ["-"] * len(LOAD_HEADERS)
+    cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
+    return [
+        f"{m.load.rps:.0f}",
+        f"{m.load.p50_ms:.2f}",
+        f"{m.load.p99_ms:.2f}",
+        cpu,
+        str(m.load.bad),
+        fmt_others(m),
+    ]
+
+
+def print_load_notes(results: Mapping[tuple[str, int], Measured | str]) -> None:
+    """What a load table's reader needs under it: the others-CPU legend, missing and bad points."""
+    print(
+        "(others CPU: share of the whole machine used during the run by processes this benchmark did not start)"
+    )
+    for (label, conns), m in results.items():
+        if isinstance(m, str):
+            print(f"not available: {label} @ {conns} conns: {m}")
+        elif m.load.bad:
+            print(f"warning: {label} @ {conns} conns: {m.load.bad} non-2xx answers or socket errors")
+    print()
+
+
 # --- output ------------------------------------------------------------------------------------
 
 

@@ -127,37 +127,10 @@ def main() -> int:
                         m = str(exc)
                     results[key] = c.better(results.get(key), m)
 
-    rows = []
-    for (label, conns), m in results.items():
-        if isinstance(m, str):
-            rows.append([label, str(conns), "-", "-", "-", "-", "-", "-"])
-            continue
-        cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
-        rows.append(
-            [
-                label,
-                str(conns),
-                f"{m.load.rps:.0f}",
-                f"{m.load.p50_ms:.2f}",
-                f"{m.load.p99_ms:.2f}",
-                cpu,
-                str(m.load.bad),
-                c.fmt_others(m),
-            ]
-        )
+    rows = [[label, str(conns), *c.load_cells(m)] for (label, conns), m in results.items()]
     print()
-    c.print_table(
-        ["server", "conns", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors", "others CPU"], rows
-    )
-    print(
-        "(others CPU: share of the whole machine used during the run by processes this benchmark did not start)"
-    )
-    for (label, conns), m in results.items():
-        if isinstance(m, str):
-            print(f"not available: {label} @ {conns} conns: {m}")
-        elif m.load.bad:
-            print(f"warning: {label} @ {conns} conns: {m.load.bad} non-2xx answers or socket errors")
-    print()
+    c.print_table(["server", "conns", *c.LOAD_HEADERS], rows)
+    c.print_load_notes(results)
     by = results
     for conns in levels:
         ref, cp = by.get(("bare aiohttp handler", conns)), by.get(("connection-proxy", conns))

@@ -209,41 +209,15 @@ def main() -> int:
                         m = str(exc)
                     results[key] = c.better(results.get(key), m)
 
-    rows = []
-    for conns in levels:
-        for t in targets:
-            m = results[(t.label, conns)]
-            if isinstance(m, str):
-                rows.append([t.label, str(conns), t.pinned or "-", "-", "-", "-", "-", "-", "-"])
-                continue
-            cpu = f"{m.cpu_us_per_req:.0f}" if m.cpu_us_per_req is not None else "-"
-            rows.append(
-                [
-                    t.label,
-                    str(conns),
-                    t.pinned,
-                    f"{m.load.rps:.0f}",
-                    f"{m.load.p50_ms:.2f}",
-                    f"{m.load.p99_ms:.2f}",
-                    cpu,
-                    str(m.load.bad),
-                    c.fmt_others(m),
-                ]
-            )
+    rows = [
+        [t.label, str(conns), (t.pinned or "-") if isinstance(m, str) else t.pinned, *c.load_cells(m)]
+        for conns in levels
+        for t in targets
+        for m in [results[(t.label, conns)]]
+    ]
     print()
-    c.print_table(
-        ["path", "conns", "proxy CPUs", "req/s", "p50 ms", "p99 ms", "CPU us/req", "errors", "others CPU"],
-        rows,
-    )
-    print(
-        "(others CPU: share of the whole machine used during the run by processes this benchmark did not start)"
-    )
-    for (label, conns), m in results.items():
-        if isinstance(m, str):
-            print(f"not available: {label} @ {conns} conns: {m}")
-        elif m.load.bad:
-            print(f"warning: {label} @ {conns} conns: {m.load.bad} non-2xx answers or socket errors")
-    print()
+    c.print_table(["path", "conns", "proxy CPUs", *c.LOAD_HEADERS], rows)
+    c.print_load_notes(results)
 
     def ok(m: c.Measured | str | None) -> c.Measured | None:
         return m if isinstance(m, c.Measured) and not m.load.bad and m.load.requests else None
