@@ -75,6 +75,13 @@ def _connection_tokens(value: str, into: set[str] | None) -> set[str]:
     return names
 
 
+def _without(kept: list[tuple[str, str, str]], named: set[str] | None) -> list[tuple[str, str]]:
+    """(name, value) of the ``(lname, name, value)`` kept, less those a Connection header named."""
+    if named is None:
+        return [(name, value) for _, name, value in kept]
+    return [(name, value) for lname, name, value in kept if lname not in named]
+
+
 def _shown(name: str) -> str:
     return repr(name[:64])
 
@@ -134,9 +141,7 @@ def clean_request_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, s
             kept.append((lname, name, value))
         elif kind == _CONNECTION:
             named = _connection_tokens(value, named)
-    if named is None:
-        return [(name, value) for _, name, value in kept]
-    return [(name, value) for lname, name, value in kept if lname not in named]
+    return _without(kept, named)
 
 
 def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -156,6 +161,4 @@ def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, 
                 kept.append((lname, name, value))
         elif kind == _CONNECTION:
             named = _connection_tokens(value, named)
-    if named is None:
-        return [(name, value) for _, name, value in kept]
-    return [(name, value) for lname, name, value in kept if lname not in named]
+    return _without(kept, named)
