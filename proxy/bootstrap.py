@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy import crypto
@@ -26,7 +26,7 @@ DEV_TOKEN_FILE = "admin.token"
 @dataclass(frozen=True)
 class Secrets:
     ring: crypto.KeyRing
-    admin_token: str
+    admin_token: str = field(repr=False)
     key_source: str  # a description for logs: never the key
     admin_token_file: Path | None
 

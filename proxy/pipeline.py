@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -214,12 +214,13 @@ class Exchange:
     request_id: str
     method: str
     plan: Plan
-    url: URL
-    headers: list[Pair]
+    # Not in repr: the injected credential rides in the headers or the query of the URL.
+    url: URL = field(repr=False)
+    headers: list[Pair] = field(repr=False)
     timeout: ClientTimeout
     retries: int
     host_key: str
-    token: str | None = None  # the OAuth access token sent, if any
+    token: str | None = field(default=None, repr=False)  # the OAuth access token sent, if any
     holds_slot: bool = False
     latency_s: float = 0.0
 

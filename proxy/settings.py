@@ -26,7 +26,7 @@ class Settings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     data_dir: Path = Path("./var")
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     redis_timeout_s: float = 0.25
     # Dev mode: with no master key configured, generate one (and an admin token) into data_dir.
     # Production deployments set dev_mode = false so a missing key stops start-up instead.

@@ -148,8 +148,8 @@ def validate_base_url(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
+    except ValueError:  # (its text may quote the URL, which may hold a key)
+        return "is not a valid URL (check the host, brackets and port)"
     if parts.scheme.lower() not in _DEFAULT_PORTS:
         return "must start with http:// or https://"
     if "@" in parts.netloc:

@@ -506,7 +506,10 @@ class TokenManager:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if parts.scheme not in ("https", "http") or not host:
-            raise HostNotAllowed(f"OAuth endpoint {url!r} is not an absolute http(s) URL")
+            # Scheme only: the URL may come from connection parameters and carry a key.
+            raise HostNotAllowed(
+                f"OAuth endpoint (scheme {parts.scheme[:10]!r}) is not an absolute http(s) URL"
+            )
         if parts.scheme == "http" and not self.egress.is_allowed_host(host):
             raise HostNotAllowed(
                 f"OAuth endpoint host {host!r} uses plain http; client secrets and tokens only travel "
