@@ -39,6 +39,7 @@ from proxy import crypto
 from proxy.errors import ConfigError, ProxyError, Unauthenticated
 from proxy.model import ID_RE, ApiKeyRecord, Caller
 from proxy.settings import Settings
+from proxy.store import FLUSH_ALL
 from proxy.store.base import Store
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class Authenticator:
         invalidation latency instead of this cache's lifetime."""
         if connection_id is not None:
             return
-        if tenant_id == "*":
+        if tenant_id == FLUSH_ALL:
             self._keys.clear()
             return
         for key_id in [

@@ -21,6 +21,7 @@ from proxy.catalogue import Catalogue, Integration
 from proxy.errors import ConnectionNotFound, CryptoError, ValidationError
 from proxy.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
+from proxy.store import FLUSH_ALL
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
 
 REDACTED = "********"
@@ -206,35 +207,33 @@ class Vault:
         now = time.time()
         record = record.evolve(status=status, updated_at=now, created_at=record.created_at or now)
         stored = await self.store.put_connection(record, expected_version)
-        await self.invalidate(record.tenant_id, record.connection_id, publish=True)
+        # The store's write told the other replicas; this one drops its own copies now.
+        await self.invalidate(record.tenant_id, record.connection_id)
         return stored
 
     async def delete(self, tenant_id: str, connection_id: str) -> bool:
         removed = await self.store.delete_connection(tenant_id, connection_id)
-        await self.invalidate(tenant_id, connection_id, publish=True)
+        await self.invalidate(tenant_id, connection_id)  # the store's delete told the others
         return removed
 
-    async def invalidate(self, tenant_id: str, connection_id: str | None, publish: bool = False) -> None:
+    async def invalidate(self, tenant_id: str, connection_id: str | None) -> None:
         # Any change in a tenant may add or remove a runtime user's connection, and the changed
         # id need not be the one a cached resolution was looked up by: drop the tenant's lot.
-        if tenant_id == "*":
+        if tenant_id == FLUSH_ALL:
             self._resolved.clear()
-        else:
-            for rkey in [k for k in self._resolved if k[0] == tenant_id]:
-                del self._resolved[rkey]
-        if tenant_id == "*":
             self._creds.clear()
             self._deks.clear()
             self._current_dek.clear()
-        elif connection_id is None:
+            return
+        for rkey in [k for k in self._resolved if k[0] == tenant_id]:
+            del self._resolved[rkey]
+        if connection_id is None:
             for key in [k for k in self._creds if k[0] == tenant_id]:
                 del self._creds[key]
             self._deks.pop(tenant_id, None)
             self._current_dek.pop(tenant_id, None)
         else:
             self._creds.pop((tenant_id, connection_id), None)
-        if publish:
-            await self.store.publish_invalidation(tenant_id, connection_id)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -335,7 +334,7 @@ class Vault:
             }
         )
         await self.store.put_tenant(record, tenant.version)
-        await self.invalidate(tenant_id, None, publish=True)
+        await self.invalidate(tenant_id, None)  # put_tenant told the others
         return new_version
 
     async def reencrypt_tenant(self, tenant_id: str) -> int:
@@ -363,7 +362,9 @@ class Vault:
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
-        await self.invalidate(tenant_id, None, publish=True)
+        # Each put_connection told the others about its record; this covers the data keys too.
+        await self.invalidate(tenant_id, None)
+        await self.store.publish_invalidation(tenant_id, None)
         return done
 
     async def retire_tenant_keys(self, tenant_id: str) -> list[int]:
@@ -386,7 +387,7 @@ class Vault:
             await self.store.put_tenant(
                 TenantRecord(**{**tenant.to_dict(), "wrapped_deks": kept}), tenant.version
             )
-            await self.invalidate(tenant_id, None, publish=True)
+            await self.invalidate(tenant_id, None)  # put_tenant told the others
         return unused
 
 
