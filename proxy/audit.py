@@ -8,7 +8,7 @@ interval. The buffer is bounded (``audit_buffer_max``); what does not fit is cou
 dropped and logged, never silently. A store failure keeps the batch for the next flush.
 
 Retention: events older than ``audit_retention_days`` (0 keeps everything) are deleted by the
-same background task, a minute after start and then hourly, in small batches.
+their own background task, a minute after start and then hourly, in small batches.
 
 ``stop()`` flushes everything, so a graceful shutdown loses nothing. Deployments that must not
 release a credential unless the read is on record set ``audit_required``: then the Connection
@@ -64,6 +64,7 @@ class AuditLog:
         self._uses: dict[UseKey, _Use] = {}
         self._hooks: list[FlushHook] = []
         self._task: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
@@ -73,14 +74,17 @@ class AuditLog:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="audit-flusher")
+        if self._pruner is None and self.settings.audit_retention_days > 0:
+            self._pruner = asyncio.create_task(self._prune_forever(), name="audit-retention")
 
     async def stop(self) -> None:
-        """Stops the flusher and writes everything still buffered (retrying a few times)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stops the background tasks and writes everything still buffered (retrying a few times)."""
+        for task in (self._task, self._pruner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._pruner = None
         for attempt in range(STOP_ATTEMPTS):
             await self.flush()
             if not self.pending:
@@ -100,17 +104,19 @@ class AuditLog:
 
     async def _run(self) -> None:
         interval = self.settings.audit_flush_interval_s
-        loop = asyncio.get_running_loop()
-        next_prune = loop.time() + PRUNE_FIRST_S
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.flush()
             except Exception:  # the flusher must survive anything: it guards the whole trail
                 log.exception("audit flush failed unexpectedly; retrying next interval")
-            if loop.time() >= next_prune:
-                next_prune = loop.time() + PRUNE_EVERY_S
-                await self.prune()
+
+    async def _prune_forever(self) -> None:
+        # Its own task: a large first prune must not hold up the flushes behind it.
+        await asyncio.sleep(PRUNE_FIRST_S)
+        while True:
+            await self.prune()
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def prune(self) -> int:
         """Delete events past the retention period; failures are logged and retried later."""
