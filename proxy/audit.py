@@ -7,8 +7,8 @@ interval carrying a count, so a busy workflow costs one dict update per call and
 interval. The buffer is bounded (``audit_buffer_max``); what does not fit is counted as
 dropped and logged, never silently. A store failure keeps the batch for the next flush.
 
-Retention: events older than ``audit_retention_days`` (0 keeps everything) are deleted by the
-their own background task, a minute after start and then hourly, in small batches.
+Retention: events older than ``audit_retention_days`` (0 keeps everything) are deleted by a
+background task of their own, a minute after start and then hourly, in small batches.
 
 ``stop()`` flushes everything, so a graceful shutdown loses nothing. Deployments that must not
 release a credential unless the read is on record set ``audit_required``: then the Connection
