@@ -39,7 +39,6 @@ from yarl import URL
 
 from proxy import egress as egress_mod
 from proxy.errors import (
-    ConnectionNotAuthorized,
     Forbidden,
     HostNotAllowed,
     ProxyError,
@@ -60,6 +59,7 @@ from proxy.metrics import (
     gauge_from,
 )
 from proxy.model import Caller, ConnectionStatus
+from proxy.oauth.tokens import not_authorized
 from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals import parse_response
 from proxy.ratelimit.targets import limit_target
@@ -285,14 +285,7 @@ class Pipeline:
         creds = await vault.credentials(tenant_id, connection_id)
         status = creds.record.status
         if status in _NOT_AUTHORIZED:
-            what = "has no credentials yet" if status == "pending" else "needs to be re-authorised"
-            raise ConnectionNotAuthorized(
-                f"connection {connection_id!r} of tenant {tenant_id!r} {what}; connect it by creating "
-                f"a connect session with POST /admin/tenants/{tenant_id}/connect-sessions "
-                f'{{"integration_id": "{creds.record.integration_id}", "connection_id": '
-                f'"{connection_id}"}} and opening its url, or set its parameters with '
-                f"PUT /admin/tenants/{tenant_id}/connections/{connection_id}"
-            )
+            raise not_authorized(creds.record)
         if not creds.integration.proxyable:
             raise not_proxyable(creds.integration)
         return creds

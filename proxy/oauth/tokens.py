@@ -82,7 +82,8 @@ def _reconnect_hint(record: ConnectionRecord) -> str:
     return (
         f"reconnect it: POST /admin/tenants/{record.tenant_id}/connect-sessions with "
         f'{{"integration_id": "{record.integration_id}", "connection_id": "{record.connection_id}"}} '
-        "and have the user open the returned url"
+        "and have the user open the returned url, or set its parameters with "
+        f"PATCH /admin/tenants/{record.tenant_id}/connections/{record.connection_id}"
     )
 
 

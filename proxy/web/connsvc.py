@@ -34,9 +34,10 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from proxy.catalogue import Integration
-from proxy.errors import ConnectionNotAuthorized, ConnectionNotFound, ProxyError, RateLimited, ValidationError
+from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.metrics import CONNECTION_SERVICE
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
+from proxy.oauth.tokens import not_authorized
 from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.ratelimit.targets import limit_target
 from proxy.vault import Credentials
@@ -113,15 +114,6 @@ def _runtime_user(request: web.Request) -> str | None:
             fields={"runtime_user_id": "invalid identifier"},
         )
     return value
-
-
-def _not_authorized(tid: str, cid: str, status: str) -> ConnectionNotAuthorized:
-    what = "has no credentials yet" if status == "pending" else "needs to be re-authorized"
-    return ConnectionNotAuthorized(
-        f"connection {cid!r} of tenant {tid!r} {what}: connect it with "
-        f"POST /admin/tenants/{tid}/connect-sessions (integration and connection id) or set its "
-        f"parameters with PATCH /admin/tenants/{tid}/connections/{cid}"
-    )
 
 
 class _Targets:
@@ -310,7 +302,7 @@ class _ConnectionService:
             )
         if record.status in ("pending", "needs_reauth"):
             audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
-            raise _not_authorized(tid, resolved, record.status)
+            raise not_authorized(record)
         proxy_only = record.proxy_only or await self.flags.proxy_only(tid)
         if proxy_only:
             params = creds.public_params()
