@@ -80,10 +80,6 @@ class Injection:
             f"cookies={[n for n, _ in self.cookies]})"
         )
 
-    @property
-    def empty(self) -> bool:
-        return not (self.headers or self.query or self.cookies)
-
 
 def not_proxyable(integration: Integration) -> IntegrationNotProxyable:
     return IntegrationNotProxyable(
@@ -286,6 +282,3 @@ class InjectionCache:
         if len(self._entries) >= self.max_size:
             self._entries.clear()
         self._entries[id(owner)] = (owner, token, value)
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -51,7 +51,7 @@ from proxy.errors import (
 from proxy.headers import clean_request_headers
 from proxy.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
 from proxy.metrics import (
-    RATELIMIT_DECISIONS,
+    RATELIMIT_DECISIONS_TALLY,
     REQUESTS_TALLY,
     UPSTREAM_INFLIGHT,
     UPSTREAM_LATENCY_TALLY,
@@ -123,7 +123,6 @@ class Plan:
         "base_scheme",
         "base_url",
         "creds",
-        "egress_ok",
         "host",
         "host_key",
         "host_patterns",
@@ -167,7 +166,6 @@ class Plan:
         if patterns is None:
             patterns = integration.allowed_hosts
         self.host_patterns: tuple[str, ...] = tuple(patterns) if patterns is not None else (host,)
-        self.egress_ok = svc.egress.is_allowed_host(host)
         # Problems of the base URL itself are found once and raised on every call.
         self.refusal: ProxyError | None = None
         try:
@@ -207,7 +205,6 @@ def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str,
 class Exchange:
     """One proxied call as it moves through the pipeline."""
 
-    front: str
     caller: Caller
     tenant_id: str
     connection_id: str  # as resolved (a runtime user's connection when one applies)
@@ -293,7 +290,6 @@ class Pipeline:
     async def prepare(
         self,
         *,
-        front: str,
         caller: Caller,
         tenant_id: str,
         connection_id: str,
@@ -348,7 +344,6 @@ class Pipeline:
                 total=total_timeout_s, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
             )
         return Exchange(
-            front=front,
             caller=caller,
             tenant_id=tenant_id,
             connection_id=creds.record.connection_id,
@@ -396,15 +391,11 @@ class Pipeline:
             await asyncio.sleep(decision.retry_after_ms / 1000)
             decision = await limiter.acquire(plan.target)
             if decision.allowed:
-                RATELIMIT_DECISIONS.labels(result="waited", source=decision.source).inc()
+                RATELIMIT_DECISIONS_TALLY.inc(("waited", decision.source))
                 return
 
     async def _oauth_injection(self, plan: Plan) -> tuple[Injection, str | None]:
-        token: str | None = None
-        tokens = getattr(self.svc, "tokens", None)
-        fetch = getattr(tokens, "access_token", None)
-        if fetch is not None:
-            token = await fetch(plan.creds)
+        token = await self.svc.tokens.access_token(plan.creds)
         cached: Injection | None = self._oauth_injections.get(plan.creds, token)
         if cached is None:
             cached = build_injection(plan.integration, plan.creds.params, access_token=token)
@@ -523,11 +514,7 @@ class Pipeline:
         if not obs.is_empty():
             self._spawn(self.svc.limiter.observe(plan.scope, obs, quota_key=plan.target.quota_key))
         if status == 401 and plan.oauth:
-            hook = getattr(getattr(self.svc, "tokens", None), "on_unauthorized", None)
-            if hook is not None:
-                result = hook(plan.creds, ex.token)
-                if asyncio.iscoroutine(result):
-                    self._spawn(result)
+            self._spawn(self.svc.tokens.on_unauthorized(plan.creds, ex.token))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

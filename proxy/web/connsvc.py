@@ -195,9 +195,9 @@ class _Quota:
 
 
 async def _rate_limit(
-    svc: Services, targets: _Targets, record: ConnectionRecord, proxy_only: bool
+    svc: Services, targets: _Targets, creds: Credentials, proxy_only: bool
 ) -> dict[str, Any] | None:
-    target = targets.connection(record, svc.catalogue.get(record.integration_id))
+    target = targets.connection(creds.record, creds.integration)
     if target.windows and not proxy_only:
         decision = await svc.limiter.acquire(target)
         state = decision.state
@@ -313,7 +313,7 @@ class _ConnectionService:
             "integration_id": record.integration_id,
             "connection_subtype": record.connection_subtype,
         }
-        rate_limit = await _rate_limit(svc, self.targets, record, proxy_only)
+        rate_limit = await _rate_limit(svc, self.targets, creds, proxy_only)
         if rate_limit is not None:
             body["rate_limit"] = rate_limit
         await _audit_release(svc, caller, creds, proxy_only, rid)

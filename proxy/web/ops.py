@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import ProxyError, ServiceUnavailable
 from proxy.metrics import MULTIPROCESS, exposition, flush_tallies, sample_gauges_forever
+from proxy.web.authn import services_of
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,9 +17,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    from proxy.web.app import SERVICES
-
-    svc = request.app[SERVICES]
+    svc = services_of(request.app)
     try:
         await svc.store.ping()
     except ProxyError as exc:

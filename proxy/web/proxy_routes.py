@@ -252,7 +252,6 @@ async def proxy_path(
                 )
             path = path[len(_PATH_PREFIX) :]
         ex = await pipeline.prepare(
-            front=front,
             caller=caller,
             tenant_id=tenant,
             connection_id=cid,
@@ -406,7 +405,6 @@ async def envelope(request: web.Request) -> web.Response:
         absolute = url if url[:7].lower() == "http://" or url[:8].lower() == "https://" else None
         path, _, query = ("" if absolute else url).partition("?")
         ex = await pipeline.prepare(
-            front="envelope",
             caller=caller,
             tenant_id=tenant,
             connection_id=cid,
@@ -472,7 +470,6 @@ async def test_connection(request: web.Request) -> web.Response:
     started = time.monotonic()
     try:
         ex = await pipeline.prepare(
-            front="test",
             caller=caller,
             tenant_id=tenant,
             connection_id=cid,
