@@ -140,12 +140,10 @@ class TokenManager:
             return await self._client_credentials(creds, key, force)
         if creds.integration.auth != AUTH_CODE:
             raise ValueError(f"integration {creds.integration.id!r} is not an OAuth2 integration")
-        if creds.record.status not in (ConnectionStatus.ACTIVE.value, ConnectionStatus.PENDING.value):
-            raise not_authorized(creds.record)
         token = creds.params.get("access_token")
         stale = token if (force or self._is_forced(key, token)) else None
-        if token and stale is None and not self._expiring(creds.params):
-            return str(token)
+        if (usable := self._usable(creds, stale)) is not None:
+            return usable
         return await self._single_flight(key, lambda: self._refresh(key, stale))
 
     async def on_unauthorized(self, creds: Credentials, token: str | None = None) -> None:
