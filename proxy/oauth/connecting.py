@@ -61,9 +61,8 @@ class Connector:
                 fields={"integration_id": "unknown integration"},
             )
         integration = self.catalogue.get(req.integration_id)
-        cid = await self._precheck(tenant_id, req)
+        cid, existing = await self._precheck(tenant_id, req)
         if sessions.uses_oauth_redirect(integration):
-            existing = await self.store.get_connection(tenant_id, cid)
             client = await self.oauth_client(tenant_id, integration, existing, req.default_connection_id)
             try:
                 client.require("authorization_code")
@@ -98,8 +97,8 @@ class Connector:
         )
         return session, token
 
-    async def _precheck(self, tid: str, req: SessionRequest) -> str:
-        """The pre-checks; returns the connection id the session will write."""
+    async def _precheck(self, tid: str, req: SessionRequest) -> tuple[str, ConnectionRecord | None]:
+        """The pre-checks; returns the connection id the session will write and its record now."""
         problems: dict[str, str] = {}
         if req.default_connection_id:
             default = await self.store.get_connection(tid, req.default_connection_id)
@@ -131,9 +130,12 @@ class Connector:
                 cid = mine.connection_id
         if cid is None:
             cid = generated_id(req.integration_id, req.runtime_user_id)
-            if await self.store.get_connection(tid, cid) is not None:
+            existing = await self.store.get_connection(tid, cid)
+            if existing is not None:  # taken: a random suffix instead
                 cid = generated_id(req.integration_id, f"{req.runtime_user_id or 'c'}-{secrets.token_hex(3)}")
-        existing = await self.store.get_connection(tid, cid)
+                existing = await self.store.get_connection(tid, cid)
+        else:
+            existing = await self.store.get_connection(tid, cid)
         if existing is not None and existing.integration_id != req.integration_id:
             problems["connection_id"] = f"is a connection of integration {existing.integration_id!r}"
         elif (
@@ -152,7 +154,7 @@ class Connector:
                 "cannot create the connect session: " + "; ".join(f"{k} {v}" for k, v in problems.items()),
                 fields=problems,
             )
-        return cid
+        return cid, existing
 
     # --- opening and ending a session --------------------------------------------------------------
 
