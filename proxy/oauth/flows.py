@@ -278,7 +278,8 @@ def expires_soon(expires_at: Any, now: float, skew_s: float) -> bool:
         return True  # a garbled expiry is treated as expired: refreshing is the safe side
 
 
-def _error_code(value: Any) -> str | None:
+def error_code(value: Any) -> str | None:
+    """An OAuth error code fit to show and record: as sent when plain, else a fixed stand-in."""
     if not isinstance(value, str):
         return None
     return value if _ERROR_CODE_RE.fullmatch(value) else "unrecognised_error"
@@ -355,7 +356,7 @@ def parse_token_response(
     (RFC 6749 §6): the previous one stays valid and is kept.
     """
     data = _decode(content_type, body)
-    error = _error_code(data.get("error")) if data is not None else None
+    error = error_code(data.get("error")) if data is not None else None
     if error is not None or not 200 <= status < 300:
         # Errors arrive as 400/401 per §5.2, but some providers send them with 200.
         raise _failure(status, error, "token")
@@ -397,5 +398,5 @@ def check_revocation_response(status: int, content_type: str, body: bytes) -> No
     if status == 200:
         return
     data = _decode(content_type, body)
-    error = _error_code(data.get("error")) if data is not None else None
+    error = error_code(data.get("error")) if data is not None else None
     raise _failure(status, error, "revocation")

@@ -25,6 +25,7 @@ from proxy.store.base import AuditQuery, ExpectedVersion
 from proxy.urls import validate_base_url
 from proxy.vault import REDACTED, redacted_view
 from proxy.web.authn import caller_for, require_admin, services_of
+from proxy.web.bodies import read_json_object
 from proxy.web.errors import request_id_of
 
 log = logging.getLogger("proxy.admin")
@@ -59,19 +60,6 @@ async def _admin(request: web.Request) -> Caller:
 
 def _path_id(request: web.Request, name: str) -> str:
     return check_id(name, request.match_info[name])
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = json.loads(raw) if raw.strip() else None
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError(
-            "the request body is not valid JSON; send a JSON object", fields={"body": "invalid JSON"}
-        ) from None
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object", fields={"body": "must be an object"})
-    return body
 
 
 def _if_match(request: web.Request) -> int | None:
@@ -310,7 +298,7 @@ async def put_connection(request: web.Request) -> web.Response:
     caller = await _admin(request)
     svc = services_of(request.app)
     tid, cid = _path_id(request, "tenant_id"), _path_id(request, "connection_id")
-    body = await _json_object(request)
+    body = await read_json_object(request)
     problems: Problems = {}
     parsed = _check_common(body, problems)
     integration = _integration(request, body, problems)
@@ -366,7 +354,7 @@ async def patch_connection(request: web.Request) -> web.Response:
     caller = await _admin(request)
     svc = services_of(request.app)
     tid, cid = _path_id(request, "tenant_id"), _path_id(request, "connection_id")
-    body = await _json_object(request)
+    body = await read_json_object(request)
     if_match = _if_match(request)
     for _ in range(CAS_ATTEMPTS):
         current = await svc.vault.get_record(tid, cid)
@@ -515,7 +503,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     caller = await _admin(request)
     svc = services_of(request.app)
     tid = _path_id(request, "tenant_id")
-    body = await _json_object(request) if await request.read() else {}
+    body = await read_json_object(request) if await request.read() else {}
     unknown = [k for k in body if k != "name"]
     name = body.get("name")
     problems: Problems = {k: "unknown field; known: name" for k in unknown}
@@ -571,7 +559,7 @@ async def put_tenant(request: web.Request) -> web.Response:
     caller = await _admin(request)
     svc = services_of(request.app)
     tid = _path_id(request, "tenant_id")
-    body = await _json_object(request)
+    body = await read_json_object(request)
     problems: Problems = {str(k): "unknown field; known: proxy_only" for k in body if k != "proxy_only"}
     if not isinstance(body.get("proxy_only"), bool):
         problems["proxy_only"] = "required: true or false"

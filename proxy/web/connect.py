@@ -20,9 +20,7 @@ Security, page by page:
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import secrets
 import time
 from pathlib import Path
@@ -33,16 +31,17 @@ import jinja2
 from aiohttp import web
 
 from proxy.catalogue import Integration
-from proxy.errors import ProxyError, ValidationError
+from proxy.errors import ProxyError
 from proxy.metrics import ERRORS
 from proxy.model import AuditEvent, check_id
 from proxy.oauth import sessions
 from proxy.oauth import state as oauth_state
 from proxy.oauth.connecting import Connector
-from proxy.oauth.flows import OAuthConfigError
+from proxy.oauth.flows import OAuthConfigError, error_code
 from proxy.oauth.sessions import ConnectSession
 from proxy.urls import validate_base_url
 from proxy.web.authn import caller_for, require_admin, services_of
+from proxy.web.bodies import read_json_object
 from proxy.web.errors import request_id_of
 
 log = logging.getLogger("proxy.connect")
@@ -50,7 +49,6 @@ log = logging.getLogger("proxy.connect")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = web.AppKey("connect_templates", jinja2.Environment)
 MESSAGE_TYPE = "connection-proxy:connected"
-_OAUTH_ERROR_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 # Canned error pages: (status, X-Proxy-Error code, title, message).
 _PAGES: dict[str, tuple[int, str, str, str]] = {
@@ -262,11 +260,7 @@ async def create_session(request: web.Request) -> web.Response:
     caller = await caller_for(request, allow_trusted=False)
     require_admin(caller)
     tid = check_id("tenant_id", request.match_info["tenant_id"])
-    try:
-        body = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationError("the body is not valid JSON", fields={"body": "invalid JSON"}) from None
-    req = sessions.parse_session_request(body)
+    req = sessions.parse_session_request(await read_json_object(request))
     session, token = await _connector(request).create(tid, req, caller.actor)
     services_of(request.app).audit.record(
         AuditEvent(
@@ -429,7 +423,7 @@ async def _callback(request: web.Request) -> web.Response:
         return _canned(request, page, session)
     provider_error = q.get("error")
     if provider_error is not None:
-        code = provider_error if _OAUTH_ERROR_RE.fullmatch(provider_error) else "unrecognised_error"
+        code = error_code(provider_error) or "unrecognised_error"
         _audit(request, session, "connect.oauth_callback", "denied", error=code)
         if code == "access_denied":
             return _canned(request, "denied", session, error=code)

@@ -7,7 +7,6 @@ own observations, so every replica and every later ``rate_limit`` answer reflect
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -21,18 +20,9 @@ from proxy.ratelimit import signals
 from proxy.ratelimit.targets import limit_target
 from proxy.vault import Credentials
 from proxy.web.authn import caller_for, require_admin, require_tenant_access, services_of
+from proxy.web.bodies import read_json_object
 
 MAX_REPORTED_HEADERS = 100
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValidationError("the body must be a JSON object", fields={"body": "not JSON"}) from None
-    if not isinstance(body, dict):
-        raise ValidationError("the body must be a JSON object", fields={"body": "not an object"})
-    return body
 
 
 def _headers(raw: Any) -> list[tuple[str, str]]:
@@ -81,7 +71,7 @@ async def report_observation(request: web.Request) -> web.Response:
     """POST {prefix}/{tenant_id}/{connection_id}/observations"""
     tid, cid = request.match_info["tenant_id"], request.match_info["connection_id"]
     creds = await _credentials(request, tid, cid, admin=False)
-    body = await _json_object(request)
+    body = await read_json_object(request)
     unknown = sorted(set(body) - {"status", "headers", "observed_at"})
     if unknown:
         raise ValidationError(
