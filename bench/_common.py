@@ -83,8 +83,6 @@ def placement() -> Placement:
     return Placement(frozenset(cpus[:1]), frozenset(cpus[1:]))
 
 
-UNPINNED = Placement(None, None)
-
 # --- ports and processes -----------------------------------------------------------------------
 
 
@@ -472,10 +470,9 @@ def mint_api_key(svc: Service, tenant: str) -> str:
     status, doc = http("POST", f"{svc.url}/admin/tenants/{tenant}/api-keys", {"name": "bench"}, ADMIN_TOKEN)
     if status not in (200, 201) or not isinstance(doc, dict):
         raise Unavailable(f"admin POST api-keys answered {status}: {str(doc)[:200]}")
-    for field in ("api_key", "key", "token", "secret"):
-        if isinstance(doc.get(field), str):
-            return str(doc[field])
-    raise Unavailable(f"api-keys answer has no key field: {sorted(doc)}")
+    if not isinstance(doc.get("api_key"), str):
+        raise Unavailable(f"api-keys answer has no api_key field: {sorted(doc)}")
+    return str(doc["api_key"])
 
 
 # --- load generation ---------------------------------------------------------------------------
@@ -533,13 +530,11 @@ def run_load(
     cpus: frozenset[int] | None = None,
 ) -> Load:
     """A closed-loop load run: wrk when installed, else the Python client in bench/_loadgen.py."""
-    hdrs: list[str] = []
+    hdrs = [arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")]
     wrk = shutil.which("wrk")
     pin = ["taskset", "-c", fmt_cpus(cpus)] if cpus and shutil.which("taskset") else []
     if wrk:
         threads = max(1, min(connections, len(cpus) if cpus else NCPU))
-        for k, v in (headers or {}).items():
-            hdrs += ["-H", f"{k}: {v}"]
         secs = max(1, round(duration))
         argv = [*pin, wrk, "--latency", f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--timeout", "10s"]
         out = subprocess.run(
@@ -548,8 +543,6 @@ def run_load(
         if out.returncode != 0:
             raise RuntimeError(f"wrk failed: {out.stderr.strip()}")
         return parse_wrk(out.stdout)
-    for k, v in (headers or {}).items():
-        hdrs += ["-H", f"{k}: {v}"]
     argv = [*pin, PY, str(BENCH / "_loadgen.py"), url, "-c", str(connections), "-d", str(duration), *hdrs]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, preexec_fn=favour_load)
     if out.returncode != 0:

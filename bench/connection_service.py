@@ -96,7 +96,8 @@ def main() -> int:
         bare_url, bare_proc = c.start_ref(
             stack, tmp, "bare-json", "json", "--body-file", str(body_file), cpus=place.server
         )
-        print(f"# document served ({len(json.dumps(doc))} bytes): {json.dumps(doc)[:160]}")
+        # Its keys only: the values include the connection's (dummy) token.
+        print(f"# document served: {len(json.dumps(doc))} bytes, keys {sorted(doc)}")
 
         plan: list[tuple[str, c.Proc | None, str, dict[str, str]]] = [
             ("bare aiohttp handler", bare_proc, bare_url + path, {}),

@@ -33,16 +33,6 @@ TokenAuth = Literal["basic", "post"]
 
 # The names the token manager stores in a connection (``expires_at`` is epoch seconds).
 TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "scope")
-CLIENT_PARAMS = (
-    "client_id",
-    "client_secret",
-    "auth_url",
-    "token_url",
-    "revocation_url",
-    "scope",
-    "token_auth",
-    "audience",
-)
 # Parameters of the authorization request that extra_auth_params may never override: they carry
 # the flow's security (state, PKCE, where the code goes).
 RESERVED_AUTH_PARAMS = frozenset(

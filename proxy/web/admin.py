@@ -564,7 +564,6 @@ async def put_tenant(request: web.Request) -> web.Response:
     if not isinstance(body.get("proxy_only"), bool):
         problems["proxy_only"] = "required: true or false"
     _raise(problems)
-    # TODO(vault owner): a public Vault.ensure_tenant(tid) would replace this private call.
     await svc.vault.ensure_tenant(tid)
     for _ in range(CAS_ATTEMPTS):
         tenant = await svc.store.get_tenant(tid)

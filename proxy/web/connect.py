@@ -223,10 +223,7 @@ def _render_form(
 def _audit(
     request: web.Request, session: ConnectSession, action: str, outcome: str = "ok", **detail: Any
 ) -> None:
-    audit = getattr(services_of(request.app), "audit", None)
-    if audit is None:
-        return
-    audit.record(
+    services_of(request.app).audit.record(
         AuditEvent(
             ts=time.time(),
             tenant_id=session.tenant_id,
