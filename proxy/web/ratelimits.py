@@ -123,10 +123,9 @@ async def describe(request: web.Request) -> web.Response:
     svc = services_of(request.app)
     target = limit_target(creds.record, creds.integration)
     view = await svc.limiter.describe(target)
-    state = await svc.limiter.peek(target)
-    return web.json_response(
-        {"scope": target.scope, "quota_key": target.quota_key, "rate_limit": state.to_contract(), **view}
-    )
+    # The contract's rate_limit object is the described state without its source (one read).
+    rate_limit = {k: v for k, v in view["state"].items() if k != "source"}
+    return web.json_response({"rate_limit": rate_limit, **view})
 
 
 async def reset(request: web.Request) -> web.Response:
