@@ -321,6 +321,11 @@ class Pipeline:
         else:
             base_url, host_key, path, query = self._absolute(plan, absolute_url, upgrade_scheme)
 
+        # The caller's own input is checked before anything is spent on the call: a malformed
+        # request must not use rate-limit quota, wait for it, or refresh a token.
+        headers = clean_request_headers(caller_headers)
+        url = self._url(base_url, path, query)
+
         decision = await self.svc.limiter.acquire(plan.target)
         if not decision.allowed:
             await self._wait_for_limit(plan, decision, max_wait_ms)
@@ -329,14 +334,9 @@ class Pipeline:
         token: str | None = None
         if injection is None:
             injection, token = await self._oauth_injection(plan)
-        headers, query = apply(injection, clean_request_headers(caller_headers), query)
-        url_key = (base_url, path, query)
-        url = self._urls.get(url_key)
-        if url is None:
-            url = URL(join_upstream(base_url, path, query), encoded=True)
-            if len(self._urls) >= URL_CACHE_SIZE:
-                self._urls.clear()
-            self._urls[url_key] = url
+        headers, injected_query = apply(injection, headers, query)
+        if injected_query != query:  # a credential carried in the query string
+            url = self._url(base_url, path, injected_query)
 
         timeout = plan.timeout
         if total_timeout_s is not None:
@@ -357,6 +357,17 @@ class Pipeline:
             host_key=host_key,
             token=token,
         )
+
+    def _url(self, base_url: str, path: str, query: str) -> URL:
+        """The joined and checked upstream URL (APIs see the same paths again and again)."""
+        key = (base_url, path, query)
+        url = self._urls.get(key)
+        if url is None:
+            url = URL(join_upstream(base_url, path, query), encoded=True)
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
 
     def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
         scheme, host, port, target = split_absolute(url)

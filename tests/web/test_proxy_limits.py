@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from tests.support.app import RunningService, running_service
 from tests.support.upstream import Upstream, running_upstream
@@ -46,6 +47,17 @@ async def get(svc: RunningService, path: str, **extra: str) -> tuple[int, dict[s
     async with svc.session.get(svc.url + path, headers=hdrs(svc, **extra)) as r:
         body = await r.json() if r.content_type == "application/json" else await r.read()
         return r.status, dict(r.headers), body
+
+
+async def test_a_malformed_call_spends_no_quota(svc: RunningService, upstream: Upstream) -> None:
+    await connect(svc, upstream, rate_limits=[{"limit": 1, "window": "1h"}])
+    for path in ("/proxy/a/%2e%2e/secret", "/proxy/a/..%2fsecret"):
+        url = URL(svc.url + path, encoded=True)  # sent as written, not normalised by the client
+        async with svc.session.get(url, headers=hdrs(svc)) as r:
+            assert r.status in (403, 422) and "X-Proxy-Error" in r.headers
+    assert upstream.seen == []
+    assert (await get(svc, "/proxy/echo"))[0] == 200  # the one call of the hour is still there
+    assert (await get(svc, "/proxy/echo"))[0] == 429
 
 
 async def test_configured_limit_answers_contract_429(svc: RunningService, upstream: Upstream) -> None:
