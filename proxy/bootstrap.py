@@ -113,7 +113,7 @@ def load_admin_token(settings: Settings) -> tuple[str, Path | None]:
 
 
 def load_secrets(settings: Settings) -> Secrets:
-    ensure_data_dir(settings)
+    # The data dir is created only where a file is written into it (dev mode, the SQLite store).
     ring, source = load_ring(settings)
     token, token_file = load_admin_token(settings)
     return Secrets(ring=ring, admin_token=token, key_source=source, admin_token_file=token_file)

@@ -59,11 +59,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve_one(settings: Settings, reuse_port: bool) -> None:
     from aiohttp import web
 
-    from proxy.web.app import build_app
+    from proxy.web.app import SERVICES, build_app
 
     app = build_app(settings)
     app.on_startup.append(_tune_collector)  # last: after the service has loaded everything
-    secrets = app[_services_key()].secrets
+    secrets = app[SERVICES].secrets
     if secrets.admin_token_file is not None:
         print(
             f'admin token: {secrets.admin_token_file}  (curl -H "Authorization: Bearer $(cat {secrets.admin_token_file})")',
@@ -102,12 +102,6 @@ async def _tune_collector(app: Any) -> None:
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
     gc.freeze()
-
-
-def _services_key() -> Any:
-    from proxy.web.app import SERVICES
-
-    return SERVICES
 
 
 def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:

@@ -317,7 +317,7 @@ def decrypt_value(
 def hash_api_key(secret: str) -> str:
     # Plain SHA-256 is enough: API keys are 256-bit random, so no password-style slow KDF is
     # needed to resist guessing, and a fast hash keeps per-request auth cheap.
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return api_key_digest(secret).hex()
 
 
 def api_key_digest(secret: str) -> bytes:

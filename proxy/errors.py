@@ -84,13 +84,6 @@ class Conflict(ProxyError):
     status = 409
 
 
-class Gone(ProxyError):
-    """A one-time thing (a connect link) that was used or has expired."""
-
-    code = "GONE"
-    status = 410
-
-
 class PayloadTooLarge(ProxyError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413

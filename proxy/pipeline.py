@@ -221,6 +221,10 @@ class Exchange:
     holds_slot: bool = False
     latency_s: float = 0.0
 
+    def may_retry(self, idempotency_key: bool) -> bool:
+        """Retries are asked for, and repeating the call is safe (see the module doc)."""
+        return bool(self.retries) and (self.method in IDEMPOTENT or idempotency_key)
+
 
 def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
     ms = headers.get("Retry-After-Ms")
@@ -371,9 +375,9 @@ class Pipeline:
 
     def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
         scheme, host, port, target = split_absolute(url)
-        explicit_port = urlsplit_port(url)
         if upgrade and plan.base_scheme == "https" and scheme == "http":
             scheme = "https"
+            explicit_port = urlsplit_port(url)
             port = explicit_port if explicit_port not in (None, 80) else 443
         _check_destination(self.svc.egress, plan, scheme, host)
         netloc = f"[{host}]" if ":" in host else host
@@ -431,9 +435,7 @@ class Pipeline:
         ex.holds_slot = True
 
         retries = ex.retries
-        if retries and not (ex.method in IDEMPOTENT or idempotency_key):
-            retries = 0
-        if retries and isinstance(body, aiohttp.StreamReader):
+        if not ex.may_retry(idempotency_key) or isinstance(body, aiohttp.StreamReader):
             retries = 0
         client = self.svc.client
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy import crypto
 from proxy.catalogue import Catalogue, Integration
-from proxy.errors import ConnectionNotFound, CryptoError, ValidationError
+from proxy.errors import Conflict, ConnectionNotFound, CryptoError, ValidationError
 from proxy.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.store import FLUSH_ALL
@@ -158,7 +158,7 @@ class Vault:
         )
         try:
             return await self.store.put_tenant(record, expected_version=None)
-        except Exception:
+        except Conflict:
             # Another replica created it first: use theirs.
             existing = await self.store.get_tenant(tenant_id)
             if existing is None:

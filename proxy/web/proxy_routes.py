@@ -44,7 +44,6 @@ from proxy.errors import (
 from proxy.headers import clean_response_headers
 from proxy.model import Caller, ConnectionStatus, check_id
 from proxy.pipeline import (
-    IDEMPOTENT,
     MAX_REPLAY_BODY,
     MAX_RETRIES,
     Body,
@@ -154,12 +153,7 @@ async def _body(request: web.Request, ex: Exchange, idempotency_key: bool) -> Bo
     if not request.body_exists:
         return None
     length = request.content_length
-    if (
-        ex.retries
-        and (ex.method in IDEMPOTENT or idempotency_key)
-        and length is not None
-        and length <= MAX_REPLAY_BODY
-    ):
+    if ex.may_retry(idempotency_key) and length is not None and length <= MAX_REPLAY_BODY:
         return await request.read()  # small and replayable: the one case worth buffering
     return request.content
 
