@@ -7,6 +7,14 @@ are secret (encrypted at rest, never shown), which are required before the conne
 header styles the upstream speaks, and OAuth2 endpoints. Everything is validated at start-up:
 a bad file stops the process with an error naming the file and key.
 
+Destination fields: some parameters decide where a secret goes or how it is framed (a base URL,
+an OAuth endpoint, a header name, a shop domain, a region). They are the operator's to set: an end
+user on a connect page may enter one only where the integration declares it ``user_settable``
+within a fixed list (``choices``) or host patterns (``user_hosts``). Which fields are destinations
+is derived here, once, from well-known names, explicit ``destination = true`` flags and every
+variable the base-URL and injected-name templates read, so an operator's integration cannot
+forget one.
+
 Pure module: no aiohttp, no redis. Templates are Jinja2 in an immutable sandbox, compiled once.
 """
 
@@ -15,12 +23,12 @@ from __future__ import annotations
 import base64
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy.errors import ConfigError, ValidationError
@@ -37,6 +45,22 @@ AUTH_KINDS = (
 FIELD_TYPES = ("string", "integer", "boolean", "url", "object", "any")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
 PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
+# Parameters that decide where a secret goes or how it is framed, whatever an integration says.
+DESTINATION_NAMES = frozenset(
+    {
+        "base_url",
+        "token_url",
+        "auth_url",
+        "revocation_url",
+        "header_name",
+        "location",
+        "query_param",
+        "cookie_name",
+        "shop_domain",
+        "region",
+        "allowed_hosts",
+    }
+)
 
 
 def _b64(value: Any) -> str:
@@ -58,6 +82,11 @@ class FieldSpec:
     help: str | None = None
     default: Any = None
     choices: tuple[str, ...] | None = None
+    # Decides where a secret goes or how it is framed (see the module docstring).
+    destination: bool = False
+    # An end user may set this destination on a connect page, within ``choices`` or ``user_hosts``.
+    user_settable: bool = False
+    user_hosts: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +116,8 @@ class Integration:
     oauth2: OAuth2Spec | None = None
     test_request: dict[str, Any] | None = None
     source: str = "builtin"
+    # Every parameter that decides where a secret goes or how it is framed (derived at load).
+    destination_names: frozenset[str] = frozenset()
     _compiled: dict[str, Template] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -107,6 +138,20 @@ class Integration:
         spec = self.field(name)
         # Unknown parameters of a known integration are kept secret: safe by default.
         return spec.secret if spec is not None else True
+
+    def is_destination(self, name: str) -> bool:
+        return name in self.destination_names
+
+    def destination_values(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The effective value of every destination field (catalogue defaults applied)."""
+        out: dict[str, Any] = {}
+        for name in self.destination_names:
+            value = params.get(name)
+            if value is None or value == "":
+                spec = self.field(name)
+                value = spec.default if spec is not None else None
+            out[name] = value
+        return out
 
     def missing_required(self, present: set[str]) -> list[str]:
         return [f.name for f in self.fields if f.required and f.name not in present]
@@ -204,7 +249,20 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         if unknown:
             raise ConfigError(f"{where}.fields[{i}]", f"unknown keys {sorted(unknown)}")
         choices = raw.get("choices")
-        specs.append(FieldSpec(**{**raw, "choices": tuple(choices) if choices else None}))
+        user_hosts = raw.get("user_hosts")
+        if user_hosts is not None and not (
+            isinstance(user_hosts, list) and user_hosts and all(isinstance(h, str) and h for h in user_hosts)
+        ):
+            raise ConfigError(f"{where}.fields[{i}].user_hosts", "must be a non-empty list of host patterns")
+        specs.append(
+            FieldSpec(
+                **{
+                    **raw,
+                    "choices": tuple(choices) if choices else None,
+                    "user_hosts": tuple(user_hosts) if user_hosts is not None else None,
+                }
+            )
+        )
     inject = data.get("inject", {})
     oauth_raw = data.get("oauth2")
     oauth = None
@@ -244,6 +302,7 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         test_request=data.get("test"),
         source=source,
     )
+    integration = _with_destinations(integration, where)
     if auth.startswith("oauth2_"):
         # Tokens land in parameters at run time: they must be declared secret or they would be
         # stored in the clear.
@@ -260,6 +319,39 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
     ):
         raise ConfigError(f"{where}.inject", "a template integration needs headers, query or cookies")
     return integration
+
+
+def _template_vars(template: str) -> set[str]:
+    if "{" not in template:
+        return set()
+    return set(meta.find_undeclared_variables(_ENV.parse(template)))
+
+
+def _with_destinations(integration: Integration, where: str) -> Integration:
+    """``integration`` with its destination fields derived, and user-settable ones checked."""
+    names = {f.name for f in integration.fields if f.destination or f.name in DESTINATION_NAMES}
+    if integration.base_url is not None:
+        names |= _template_vars(integration.base_url)
+    for name_tpl, _ in (*integration.inject_headers, *integration.inject_query, *integration.inject_cookies):
+        names |= _template_vars(name_tpl)
+    for i, spec in enumerate(integration.fields):
+        if not spec.user_settable:
+            if spec.user_hosts is not None:
+                raise ConfigError(f"{where}.fields[{i}].user_hosts", "only applies with user_settable = true")
+            continue
+        if spec.name not in names:
+            raise ConfigError(
+                f"{where}.fields[{i}].user_settable", "only destination fields are declared user-settable"
+            )
+        if spec.secret:
+            raise ConfigError(f"{where}.fields[{i}].user_settable", "a secret field cannot be a destination")
+        # An end user may only ever pick a destination from a bounded set.
+        if not spec.choices and not spec.user_hosts:
+            raise ConfigError(
+                f"{where}.fields[{i}].user_settable",
+                "a user-settable destination needs choices or user_hosts patterns that bound it",
+            )
+    return replace(integration, destination_names=frozenset(names))
 
 
 class Catalogue:

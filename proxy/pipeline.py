@@ -165,6 +165,9 @@ class Plan:
         patterns = record.allowed_hosts
         if patterns is None:
             patterns = integration.allowed_hosts
+        if creds.host_binding is not None:
+            # A runtime user connection goes only where its default connection is bound.
+            patterns = creds.host_binding
         self.host_patterns: tuple[str, ...] = tuple(patterns) if patterns is not None else (host,)
         # Problems of the base URL itself are found once and raised on every call.
         self.refusal: ProxyError | None = None
@@ -185,6 +188,11 @@ class Plan:
 
 def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, host: str) -> None:
     """Host binding, https-only credentials and the egress guard's literal check."""
+    if not plan.host_patterns:
+        raise HostNotAllowed(
+            f"runtime user connection {plan.record.connection_id!r} has no default connection of "
+            "its integration to take its destination from; reconnect it against an existing default"
+        )
     if not egress_mod.host_matches(host, plan.host_patterns):
         raise HostNotAllowed(
             f"host {host!r} is not among connection {plan.record.connection_id!r}'s allowed hosts "

@@ -5,6 +5,11 @@ parameters are secret). Tenant data keys are created lazily on a tenant's first 
 the newest master key, and cached unwrapped in memory only. Decrypted credentials (and which
 connection a runtime user resolves to) are cached for ``credential_cache_ttl_s`` and dropped at
 once on a local change or a peer's invalidation.
+
+The destination rules of ``proxy.destinations`` are applied here, where every write and every
+decryption passes: ``save`` refuses a destination change under a kept secret whichever handler
+wrote it, and ``decrypt`` gives a runtime user connection its default connection's destination
+and host binding.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from proxy import crypto
+from proxy import crypto, destinations
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import Conflict, ConnectionNotFound, CryptoError, ValidationError
 from proxy.metrics import CREDENTIAL_CACHE_TALLY
@@ -38,6 +43,8 @@ class Credentials:
     record: ConnectionRecord
     integration: Integration
     params: Mapping[str, Any]
+    # A runtime user connection's calls are bound to its default's hosts (None: its own binding).
+    host_binding: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Credentials({self.record.tenant_id}/{self.record.connection_id}, params=<redacted>)"
@@ -206,6 +213,11 @@ class Vault:
             status = compute_status(integration, record)
         now = time.time()
         record = record.evolve(status=status, updated_at=now, created_at=record.created_at or now)
+        old = await self.store.get_connection(record.tenant_id, record.connection_id)
+        destinations.check_write(integration, old, record)
+        if expected_version is ANY_VERSION:
+            # The rule was checked against this version: a write racing in between is a conflict.
+            expected_version = old.version if old is not None else None
         stored = await self.store.put_connection(record, expected_version)
         # The store's write told the other replicas; this one drops its own copies now.
         await self.invalidate(record.tenant_id, record.connection_id)
@@ -234,6 +246,13 @@ class Vault:
             self._current_dek.pop(tenant_id, None)
         else:
             self._creds.pop((tenant_id, connection_id), None)
+            # Runtime user connections carry their default's destination: drop them with it.
+            for key in [
+                k
+                for k, (_, c) in self._creds.items()
+                if k[0] == tenant_id and c.record.default_connection_id == connection_id
+            ]:
+                del self._creds[key]
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -290,7 +309,17 @@ class Vault:
                 params[name] = crypto.decrypt_value(
                     lookup, record.tenant_id, record.connection_id, name, token
                 )
-        return Credentials(record=record, integration=integration, params=MappingProxyType(params))
+        binding: tuple[str, ...] | None = None
+        if record.default_connection_id and record.runtime_user_id:
+            default = await self.store.get_connection(record.tenant_id, record.default_connection_id)
+            if default is None or default.integration_id != record.integration_id:
+                binding = ()  # nothing vouches for this user's destination: refuse every call
+            else:
+                params = destinations.inherit(integration, params, default)
+                binding = destinations.inherited_binding(integration, default)
+        return Credentials(
+            record=record, integration=integration, params=MappingProxyType(params), host_binding=binding
+        )
 
     # --- rotation ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 
 from proxy import crypto
 from proxy.catalogue import Catalogue
-from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing
+from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing, ValidationError
 from proxy.model import ConnectionRecord
 from proxy.store.base import ANY_VERSION, ExpectedVersion
 from proxy.store.sqlite import SqliteStore
@@ -198,3 +198,21 @@ async def test_replica_with_a_different_key_is_refused_before_any_data(store: An
     other = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
     with pytest.raises(CryptoError, match="version 1 is not the key this store was set up with"):
         await other.verify_keys()
+
+
+async def test_every_write_through_the_vault_keeps_a_secret_at_its_destination(store: Any) -> None:
+    """The one enforcement point of "a destination never changes under a kept secret": admin
+    PUT/PATCH, the connect form, the OAuth callback and token refreshes all write through
+    ``Vault.save``, with any expected version."""
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    saved = await put(vault, "t1", "c1")
+    moved = saved.evolve(public_params={"base_url": "https://evil.example.com"})
+    for expected in (saved.version, ANY_VERSION):
+        with pytest.raises(ValidationError) as err:
+            await vault.save(moved, expected)
+        assert "parameters.token" in err.value.fields and CANARY not in str(err.value)
+    assert (await vault.credentials("t1", "c1")).params["base_url"] == "https://api.example.com"
+    # With the secret sealed again in the same write, the move is the writer's decision.
+    _, secret = await vault.encrypt_params("t1", "c1", vault.catalogue.get("http_bearer"), {"token": "new"})
+    stored = await vault.save(moved.evolve(secret_params=secret), saved.version)
+    assert stored.public_params["base_url"] == "https://evil.example.com"

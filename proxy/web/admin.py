@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import crypto
 from proxy.catalogue import Integration
+from proxy.destinations import USERS_CHOOSE_OPTION
 from proxy.errors import Conflict, NotFound, ValidationError
 from proxy.model import ApiKeyRecord, AuditEvent, Caller, ConnectionRecord, check_id, parse_rate_limits
 from proxy.store.base import AuditQuery, ExpectedVersion
@@ -135,6 +136,8 @@ def _check_options(raw: Any, problems: Problems) -> dict[str, Any]:
         "quota_key": (lambda v: isinstance(v, str) and bool(_id_ok(v)), "must be an identifier"),
         "quota_weight": (_positive_number, "must be a number > 0"),
         "proxy_only": (lambda v: isinstance(v, bool), "must be true or false"),
+        # Lets this default's runtime users pick their own destination, within its host binding.
+        USERS_CHOOSE_OPTION: (lambda v: isinstance(v, bool), "must be true or false"),
         "reserve": (lambda v: _int_in(v, 0), "must be an integer >= 0"),
     }
     out: dict[str, Any] = {}

@@ -263,16 +263,22 @@ async def test_patch_merges_parameters(svc: RunningService) -> None:
         "PATCH",
         path,
         headers=svc.admin_headers,
-        json={
-            "parameters": {"header_name": None, "api_key": "********", "location": "query"},
-            "metadata": {"m": 1},
-        },
+        json={"parameters": {"api_key": "********"}, "metadata": {"m": 1}},
     )
     assert status == 200, body
-    assert body["parameters"] == {"api_key": "********", "base_url": "https://a.example", "location": "query"}
     assert body["metadata"] == {"m": 1}
     creds = await svc.services.vault.credentials("t1", "c1")
     assert creds.params["api_key"] == SECRET  # the placeholder kept the stored secret
+    # A new destination (header name, location) carries the secret again in the same write.
+    status, body, _ = await call(
+        svc,
+        "PATCH",
+        path,
+        headers=svc.admin_headers,
+        json={"parameters": {"header_name": None, "api_key": SECRET, "location": "query"}},
+    )
+    assert status == 200, body
+    assert body["parameters"] == {"api_key": "********", "base_url": "https://a.example", "location": "query"}
     status, body, _ = await call(
         svc, "PATCH", path, headers=svc.admin_headers, json={"parameters": {"api_key": "new-secret-value"}}
     )
