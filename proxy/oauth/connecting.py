@@ -6,6 +6,11 @@ connection exists, is active and is of the same integration; a runtime user has 
 connection per default), opening a link (unknown / used / expired), consuming it atomically,
 starting an authorization-code flow (state + PKCE + browser binding), and writing the user's
 parameters or tokens into the connection (the admin's shell if there is one).
+
+Where a connection's secrets go is never the link holder's choice: destination fields come from
+the session's preset, the connection already stored, the default connection (runtime users) or
+the integration, and the page at most shows the host. ``FormScope`` says, per session, what the
+end user may enter (``proxy.destinations`` holds the rules).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import hashlib
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy import destinations
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import ValidationError
 from proxy.model import ConnectionRecord, ConnectionStatus, parse_rate_limits
@@ -26,10 +33,23 @@ from proxy.oauth.sessions import ConnectSession, SessionRequest
 from proxy.oauth.tokens import TokenManager
 from proxy.settings import Settings
 from proxy.store.base import Store
+from proxy.urls import validate_base_url
 from proxy.vault import Vault
 
 EXPIRED_GRACE_S = 3600  # an expired session is kept this long to say "expired" rather than "unknown"
 LinkProblem = Literal["unknown", "used", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class FormScope:
+    """What one session's page shows and what the end user may change."""
+
+    values: dict[str, Any]  # public values shown in inputs
+    secrets_set: set[str]  # stored secrets a blank input keeps
+    hidden: frozenset[str]  # never inputs: the operator's destinations and presets
+    settable: dict[str, tuple[str, ...] | None]  # destinations the user may enter, with bounds
+    locked: dict[str, Any]  # the operator's values written with the user's
+    host: str | None  # where the credentials will go, shown read only
 
 
 def generated_id(integration_id: str, runtime_user_id: str | None) -> str:
@@ -62,6 +82,7 @@ class Connector:
             )
         integration = self.catalogue.get(req.integration_id)
         cid, existing = await self._precheck(tenant_id, req)
+        await self._check_destinations(tenant_id, integration, req, existing)
         if sessions.uses_oauth_redirect(integration):
             client = await self.oauth_client(tenant_id, integration, existing, req.default_connection_id)
             try:
@@ -91,11 +112,77 @@ class Connector:
             return_url=req.return_url,
             allowed_origins=req.allowed_origins,
             csrf_key=sessions.new_csrf_key(),
+            parameters=dict(req.parameters),
+            display_name=req.display_name,
+            logo_url=req.logo_url,
+            user_settable=dict(req.user_settable),
         )
         await self.store.put_ephemeral(
             sessions.SESSION_NAMESPACE, sid, session.to_dict(), ttl + EXPIRED_GRACE_S
         )
         return session, token
+
+    async def _check_destinations(
+        self, tid: str, integration: Integration, req: SessionRequest, existing: ConnectionRecord | None
+    ) -> None:
+        """The preset carries no secret and valid values; every destination the connection needs
+        comes from someone with authority, or is one the end user may enter within bounds."""
+        problems: dict[str, str] = {}
+        for name in req.parameters:
+            spec = integration.field(name)
+            if spec is None:
+                problems[f"parameters.{name}"] = f"is not a parameter of integration {integration.id!r}"
+            elif spec.secret:
+                problems[f"parameters.{name}"] = (
+                    "is a secret: a connect session carries none; the end user enters it on the page"
+                )
+        for key, problem in integration.validate_params(req.parameters).items():
+            problems.setdefault(key, problem)
+        base_url = req.parameters.get("base_url")
+        if (
+            integration.base_url is None
+            and isinstance(base_url, str)
+            and "parameters.base_url" not in problems
+        ):
+            url_problem = validate_base_url(base_url)
+            if url_problem:
+                problems["parameters.base_url"] = url_problem
+        for name in req.user_settable:
+            if not integration.is_destination(name):
+                problems[f"user_settable.{name}"] = (
+                    "is not a destination field of this integration; only destinations are bounded"
+                )
+        default = None
+        if req.default_connection_id:
+            default = await self.store.get_connection(tid, req.default_connection_id)
+        settable = destinations.user_settable_fields(
+            integration, req.user_settable, default, bool(req.runtime_user_id)
+        )
+        if req.runtime_user_id and default is not None:
+            for name in req.parameters:
+                if integration.is_destination(name) and not destinations.users_choose(default):
+                    problems[f"parameters.{name}"] = (
+                        "is a destination: runtime user connections take theirs from the default "
+                        "connection; change it there"
+                    )
+        known: set[str] = set(req.parameters)
+        if existing is not None:
+            known |= set(existing.public_params)
+        if default is not None:
+            known |= set(default.public_params)
+        for spec in integration.fields:
+            needed = spec.required and spec.default is None and integration.is_destination(spec.name)
+            if needed and spec.name not in known and spec.name not in settable:
+                problems[f"parameters.{spec.name}"] = (
+                    "is where the credentials go and nobody set it: give it in the session's "
+                    "parameters (end users cannot choose a destination), or allow a bounded choice "
+                    f'with "user_settable": {{"{spec.name}": ["*.example.com"]}}'
+                )
+        if problems:
+            raise ValidationError(
+                "cannot create the connect session: " + "; ".join(f"{k} {v}" for k, v in problems.items()),
+                fields=problems,
+            )
 
     async def _precheck(self, tid: str, req: SessionRequest) -> tuple[str, ConnectionRecord | None]:
         """The pre-checks; returns the connection id the session will write and its record now."""
@@ -212,19 +299,41 @@ class Connector:
 
     # --- the form ------------------------------------------------------------------------------------
 
-    async def form_values(self, session: ConnectSession) -> tuple[dict[str, Any], set[str]]:
-        """Public values to show (the connection's, else its default's) and stored secret names."""
-        values: dict[str, Any] = {}
+    async def form_scope(self, session: ConnectSession, integration: Integration) -> FormScope:
+        """What the page shows and accepts: public values (the connection's, else its default's),
+        stored secret names, and which fields are the operator's."""
+        tid = session.tenant_id
+        default = None
         if session.default_connection_id:
-            default = await self.store.get_connection(session.tenant_id, session.default_connection_id)
-            if default is not None:
-                values.update(default.public_params)
-        existing = await self.store.get_connection(session.tenant_id, session.connection_id)
-        secrets_set: set[str] = set()
+            default = await self.store.get_connection(tid, session.default_connection_id)
+        existing = await self.store.get_connection(tid, session.connection_id)
+        settable = destinations.user_settable_fields(
+            integration, session.user_settable, default, bool(session.runtime_user_id)
+        )
+        values: dict[str, Any] = {}
+        if default is not None:
+            values.update(default.public_params)
         if existing is not None:
             values.update(existing.public_params)
-            secrets_set = set(existing.secret_params)
-        return values, secrets_set
+        # The operator's destination values, in order of authority: the preset, then (runtime
+        # users) the default connection, then what the connection already holds.
+        locked: dict[str, Any] = {}
+        for name in integration.destination_names - set(settable):
+            if session.runtime_user_id and default is not None and name in default.public_params:
+                locked[name] = default.public_params[name]
+            elif existing is not None and name in existing.public_params:
+                locked[name] = existing.public_params[name]
+        locked.update(session.parameters)
+        values.update(locked)
+        secrets_set: set[str] = set(existing.secret_params) if existing is not None else set()
+        if existing is not None and any(
+            existing.public_params.get(n) != v for n, v in locked.items() if integration.is_destination(n)
+        ):
+            secrets_set = set()  # a new destination: the stored secrets must be entered again
+        hidden = frozenset((integration.destination_names - set(settable)) | set(session.parameters))
+        defaults = {f.name: f.default for f in integration.fields if f.default is not None}
+        host = destinations.destination_host(integration, {**defaults, **values})
+        return FormScope(values, secrets_set, hidden, settable, locked, host)
 
     async def save(
         self,
@@ -234,14 +343,25 @@ class Connector:
         tokens: flows.TokenSet | None = None,
     ) -> ConnectionRecord:
         """Writes the user's parameters (or tokens) into the connection: the shell an admin made,
-        or a new one. New runtime user connections inherit the default connection's base URL.
-        ``None`` values clear a public parameter."""
+        or a new one, with the operator's destination values (``FormScope.locked``) over
+        anything else. A destination the user chose within bounds becomes the connection's
+        host binding. ``None`` values clear a public parameter."""
         tid, cid = session.tenant_id, session.connection_id
+        scope = await self.form_scope(session, integration)
+        chosen = {n for n in scope.settable if params.get(n) is not None}
+        params = {**params, **scope.locked}
         existing = await self.store.get_connection(tid, cid)
-        if existing is None and session.default_connection_id and "base_url" not in params:
-            default = await self.store.get_connection(tid, session.default_connection_id)
-            if default is not None and "base_url" in default.public_params:
-                params = {**params, "base_url": default.public_params["base_url"]}
+        binding: tuple[str, ...] | None = existing.allowed_hosts if existing is not None else None
+        if chosen:
+            defaults = {f.name: f.default for f in integration.fields if f.default is not None}
+            public_now = dict(existing.public_params) if existing is not None else {}
+            host = destinations.destination_host(integration, {**defaults, **public_now, **params})
+            if host is None:
+                raise ValidationError(
+                    "the destination you entered does not make a valid address",
+                    fields={n: "does not make a valid address" for n in chosen},
+                )
+            binding = (host,)
         given = {k: v for k, v in params.items() if v is not None}
         public, secret = await self.vault.encrypt_params(tid, cid, integration, given)
         if existing is not None:
@@ -256,6 +376,7 @@ class Connector:
                 status_detail=None,
                 runtime_user_id=session.runtime_user_id or existing.runtime_user_id,
                 default_connection_id=session.default_connection_id or existing.default_connection_id,
+                allowed_hosts=binding,
             )
         else:
             record = ConnectionRecord(
@@ -267,6 +388,7 @@ class Connector:
                 runtime_user_id=session.runtime_user_id,
                 default_connection_id=session.default_connection_id,
                 rate_limits=parse_rate_limits(list(integration.default_rate_limits)),
+                allowed_hosts=binding,
                 metadata={"created_via": "connect"},
             )
         if tokens is not None:

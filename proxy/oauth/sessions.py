@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from proxy import destinations
 from proxy.catalogue import FieldSpec, Integration
 from proxy.errors import ValidationError
 from proxy.model import check_id
@@ -82,10 +83,18 @@ class ConnectSession:
     return_url: str | None = None
     allowed_origins: tuple[str, ...] = ()
     csrf_key: str = field(default="", repr=False)
+    # The operator's preset (non-secret, locked on the page) and what the page calls the app.
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    display_name: str | None = None
+    logo_url: str | None = None
+    # Destination fields the operator lets the end user enter, each bounded by host patterns.
+    user_settable: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["allowed_origins"] = list(self.allowed_origins)
+        d["parameters"] = dict(self.parameters)
+        d["user_settable"] = {k: list(v) for k, v in self.user_settable.items()}
         return d
 
     @classmethod
@@ -93,6 +102,8 @@ class ConnectSession:
         known = set(cls.__dataclass_fields__)
         d = {k: v for k, v in data.items() if k in known}
         d["allowed_origins"] = tuple(d.get("allowed_origins") or ())
+        d["parameters"] = dict(d.get("parameters") or {})
+        d["user_settable"] = {k: tuple(v) for k, v in (d.get("user_settable") or {}).items()}
         return cls(**d)
 
     def opens_with(self, secret: str) -> bool:
@@ -134,6 +145,10 @@ class SessionRequest:
     default_connection_id: str | None
     return_url: str | None
     allowed_origins: tuple[str, ...]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    display_name: str | None = None
+    logo_url: str | None = None
+    user_settable: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def normalize_origin(value: Any) -> str | None:
@@ -230,6 +245,27 @@ def parse_session_request(body: Any) -> SessionRequest:
                     )
                 elif origin not in origins:
                     origins.append(origin)
+    preset = body.get("parameters")
+    if preset is None:
+        preset = {}
+    elif not isinstance(preset, dict) or len(preset) > 50:
+        problems["parameters"] = "must be an object of at most 50 non-secret parameters"
+        preset = {}
+    display_name = body.get("display_name")
+    if display_name is not None and (
+        not isinstance(display_name, str)
+        or not 0 < len(display_name.strip()) <= 100
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in display_name)
+    ):
+        problems["display_name"] = "must be a name of 1-100 printable characters"
+        display_name = None
+    logo_url = None
+    if body.get("logo_url") not in (None, ""):
+        logo_url = check_return_url(body["logo_url"])
+        if logo_url is None or not logo_url.lower().startswith("https://"):
+            problems["logo_url"] = "must be an absolute https URL without spaces or credentials"
+            logo_url = None
+    user_settable = _user_settable(body.get("user_settable"), problems)
     if problems:
         raise ValidationError(
             "the connect session request is invalid: " + "; ".join(f"{k} {v}" for k, v in problems.items()),
@@ -237,8 +273,45 @@ def parse_session_request(body: Any) -> SessionRequest:
         )
     assert integration_id is not None
     return SessionRequest(
-        integration_id, connection_id, runtime_user_id, default_id, return_url, tuple(origins)
+        integration_id,
+        connection_id,
+        runtime_user_id,
+        default_id,
+        return_url,
+        tuple(origins),
+        parameters=dict(preset),
+        display_name=display_name.strip() if display_name else None,
+        logo_url=logo_url,
+        user_settable=user_settable,
     )
+
+
+def _user_settable(raw: Any, problems: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """``{"base_url": ["*.example.com"]}``: fields an end user may enter, each within host patterns."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > 20:
+        problems["user_settable"] = 'must be an object like {"base_url": ["*.example.com"]}'
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, patterns in raw.items():
+        if not (
+            isinstance(patterns, list)
+            and 0 < len(patterns) <= 20
+            and all(isinstance(p, str) and _pattern_ok(p) for p in patterns)
+        ):
+            problems[f"user_settable.{name}"] = (
+                "must be a non-empty list of host names or *.suffix patterns (no bare '*')"
+            )
+            continue
+        out[str(name)] = tuple(p.strip().lower() for p in patterns)
+    return out
+
+
+def _pattern_ok(pattern: str) -> bool:
+    # A bound that admits everything is no bound: "*" or "*.com"-style single labels are refused.
+    body = pattern.strip().lower().removeprefix("*.")
+    return bool(_HOST_RE.fullmatch(body)) and "." in body and len(pattern) <= 255
 
 
 def return_url_with(url: str, **params: str) -> str:
@@ -311,20 +384,27 @@ def build_form(
     secrets_set: frozenset[str] | set[str] = frozenset(),
     errors: Mapping[str, str] | None = None,
     reenter: frozenset[str] | set[str] = frozenset(),
+    hidden: frozenset[str] | set[str] = frozenset(),
+    settable: Mapping[str, tuple[str, ...] | None] | None = None,
 ) -> list[FormField]:
     """Form fields with current public values; secret inputs are always rendered empty
-    (``reenter`` names secrets the user had typed, so the page can ask for them again)."""
+    (``reenter`` names secrets the user had typed, so the page can ask for them again).
+    ``hidden`` fields (the operator's: destinations, session presets) are not inputs at all."""
     errors = errors or {}
+    settable = settable or {}
     out = []
     for spec in user_fields(integration):
+        if spec.name in hidden or (spec.name in integration.destination_names and spec.name not in settable):
+            continue
         value = "" if spec.secret else _shown(values.get(spec.name, spec.default))
+        bound = settable.get(spec.name) or (spec.user_hosts if spec.name in settable else None)
         out.append(
             FormField(
                 name=spec.name,
                 label=_label(spec),
                 widget=_widget(spec),
                 required=spec.required and not (spec.secret and spec.name in secrets_set),
-                help=spec.help,
+                help=f"Must be under {', '.join(bound)}." if bound else spec.help,
                 choices=spec.choices or (),
                 value=value,
                 is_set=spec.secret and spec.name in secrets_set,
@@ -364,12 +444,21 @@ def parse_form(
     form: Mapping[str, str],
     *,
     present: frozenset[str] | set[str] = frozenset(),
+    hidden: frozenset[str] | set[str] = frozenset(),
+    settable: Mapping[str, tuple[str, ...] | None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """(parameters to write, field -> problem). ``present`` names parameters already stored:
-    a blank secret input keeps the stored secret instead of failing "required"."""
+    a blank secret input keeps the stored secret instead of failing "required". ``hidden``
+    fields are never read from the form, whatever was posted; a user-settable destination
+    (``settable``) is checked against its bounds."""
     params: dict[str, Any] = {}
     problems: dict[str, str] = {}
+    settable = settable or {}
     for spec in user_fields(integration):
+        if spec.name in hidden:
+            continue
+        if spec.name in integration.destination_names and spec.name not in settable:
+            continue  # the operator's: a value posted for it is ignored, never stored
         if spec.type == "boolean":
             params[spec.name] = form.get(spec.name, "").lower() in ("on", "true", "1", "yes")
             continue
@@ -385,6 +474,8 @@ def parse_form(
                 params[spec.name] = None  # cleared by the user
             continue
         value, problem = _convert(spec, raw)
+        if problem is None and spec.name in settable:
+            problem = destinations.check_user_destination(integration, spec.name, value, settable[spec.name])
         if problem:
             problems[spec.name] = problem
         else:

@@ -25,6 +25,7 @@ import secrets
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp_jinja2
 import jinja2
@@ -111,11 +112,14 @@ _PAGES: dict[str, tuple[int, str, str, str]] = {
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def _security_headers(resp: web.StreamResponse, nonce: str | None, origins: tuple[str, ...]) -> None:
+def _security_headers(
+    resp: web.StreamResponse, nonce: str | None, origins: tuple[str, ...], image_origin: str | None = None
+) -> None:
     ancestors = " ".join(origins) if origins else "'none'"
     src = f"'nonce-{nonce}'" if nonce else "'none'"
+    images = f"data: {image_origin}" if image_origin else "data:"
     resp.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; script-src {src}; style-src {src}; img-src data:; connect-src 'self'; "
+        f"default-src 'none'; script-src {src}; style-src {src}; img-src {images}; connect-src 'self'; "
         f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
     )
     if not origins:
@@ -133,11 +137,12 @@ def _page(
     status: int = 200,
     origins: tuple[str, ...] = (),
     error_code: str | None = None,
+    image_origin: str | None = None,
 ) -> web.Response:
     nonce = secrets.token_urlsafe(16)
     html = aiohttp_jinja2.render_string(template, request, {**context, "nonce": nonce}, app_key=TEMPLATES)
     resp = web.Response(text=html, content_type="text/html", status=status)
-    _security_headers(resp, nonce, origins)
+    _security_headers(resp, nonce, origins, image_origin)
     if error_code is not None:
         ERRORS.labels(code=error_code).inc()
         resp.headers["X-Proxy-Error"] = error_code
@@ -200,10 +205,14 @@ def _render_form(
     *,
     status: int = 200,
     error_code: str | None = None,
+    host: str | None = None,
 ) -> web.Response:
     base = request.path.rstrip("/")
     context = {
-        "label": integration.label,
+        "label": session.display_name or integration.label,
+        "custom_name": session.display_name is not None,
+        "logo_url": session.logo_url,
+        "host": host,
         "oauth": sessions.uses_oauth_redirect(integration),
         "fields": [f for f in fields if not f.advanced],
         "advanced": [f for f in fields if f.advanced],
@@ -217,7 +226,20 @@ def _render_form(
         "message_type": MESSAGE_TYPE,
     }
     origins = session.allowed_origins
-    return _page(request, "connect_form.html", context, status=status, origins=origins, error_code=error_code)
+    return _page(
+        request,
+        "connect_form.html",
+        context,
+        status=status,
+        origins=origins,
+        error_code=error_code,
+        image_origin=sessions.normalize_origin(_origin_of(session.logo_url)) if session.logo_url else None,
+    )
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _audit(
@@ -288,9 +310,15 @@ async def connect_page(request: web.Request) -> web.Response:
     if isinstance(session, web.Response):
         return session
     integration = services_of(request.app).catalogue.get(session.integration_id)
-    values, secrets_set = await _connector(request).form_values(session)
-    fields = sessions.build_form(integration, values=values, secrets_set=secrets_set)
-    return _render_form(request, session, integration, fields)
+    scope = await _connector(request).form_scope(session, integration)
+    fields = sessions.build_form(
+        integration,
+        values=scope.values,
+        secrets_set=scope.secrets_set,
+        hidden=scope.hidden,
+        settable=scope.settable,
+    )
+    return _render_form(request, session, integration, fields, host=scope.host)
 
 
 async def connect_status(request: web.Request) -> web.Response:
@@ -333,8 +361,11 @@ async def connect_submit(request: web.Request) -> web.Response:
         return _canned(request, "csrf", session)
     if sessions.uses_oauth_redirect(integration):
         return _canned(request, "wrong_kind", session)
-    values, secrets_set = await connector.form_values(session)
-    params, problems = sessions.parse_form(integration, form, present=secrets_set)
+    scope = await connector.form_scope(session, integration)
+    values, secrets_set = scope.values, scope.secrets_set
+    params, problems = sessions.parse_form(
+        integration, form, present=secrets_set, hidden=scope.hidden, settable=scope.settable
+    )
     base_url = params.get("base_url")
     if integration.base_url is None and isinstance(base_url, str) and "base_url" not in problems:
         problem = validate_base_url(base_url)
@@ -349,17 +380,25 @@ async def connect_submit(request: web.Request) -> web.Response:
             await connector.restore(session)
             return _exc_page(request, exc, session)
         _audit(request, session, "connect.complete", method="form")
-        return _success_page(request, session, integration.label)
+        return _success_page(request, session, session.display_name or integration.label)
     # Re-render with what the user typed, except secrets: those are never echoed back.
     for spec in integration.fields:
         if not spec.secret and spec.name in form:
             values[spec.name] = form[spec.name]
     typed = {f.name for f in integration.fields if f.secret and form.get(f.name, "").strip()}
     fields = sessions.build_form(
-        integration, values=values, secrets_set=secrets_set, errors=problems, reenter=typed
+        integration,
+        values=values,
+        secrets_set=secrets_set,
+        errors=problems,
+        reenter=typed,
+        hidden=scope.hidden,
+        settable=scope.settable,
     )
     _audit(request, session, "connect.submit", "invalid", fields=sorted(problems))
-    return _render_form(request, session, integration, fields, status=422, error_code="VALIDATION_ERROR")
+    return _render_form(
+        request, session, integration, fields, status=422, error_code="VALIDATION_ERROR", host=scope.host
+    )
 
 
 # --- OAuth2 --------------------------------------------------------------------------------------
@@ -450,7 +489,7 @@ async def _callback(request: web.Request) -> web.Response:
         await connector.restore(session)
         return _exc_page(request, exc, session)
     _audit(request, session, "connect.complete", method="oauth2")
-    return _success_page(request, session, integration.label)
+    return _success_page(request, session, session.display_name or integration.label)
 
 
 def setup(app: web.Application) -> None:

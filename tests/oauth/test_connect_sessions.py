@@ -6,6 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from proxy import destinations
 from proxy.catalogue import Catalogue
 from proxy.errors import ValidationError
 from proxy.oauth import sessions
@@ -154,14 +155,37 @@ def test_form_for_api_key_integration() -> None:
         and fields["api_key"].required
         and fields["api_key"].value == ""
     )
-    assert fields["location"].widget == "select" and fields["location"].choices == (
-        "header",
-        "query",
-        "cookie",
-    )
-    assert fields["location"].value == "header" and fields["location"].advanced
-    assert fields["base_url"].widget == "url" and fields["base_url"].value == "https://api.example"
     assert fields["api_key"].label == "API key"
+    # Where the key goes and how it is framed are the operator's: not inputs on the page.
+    assert set(fields) == {"api_key"}
+    assert not set(fields) & integration.destination_names
+    # A base URL the operator lets the end user choose is an input, with its bound as help.
+    bounded = {
+        f.name: f
+        for f in sessions.build_form(
+            integration,
+            values={"base_url": "https://api.example.com"},
+            settable={"base_url": ("*.example.com",)},
+        )
+    }
+    assert set(bounded) == {"api_key", "base_url"}
+    assert bounded["base_url"].widget == "url" and bounded["base_url"].value == "https://api.example.com"
+    assert bounded["base_url"].help == "Must be under *.example.com."
+    # A hidden field (a session preset) is not an input even when settable.
+    hidden = sessions.build_form(
+        integration, values={}, hidden={"base_url"}, settable={"base_url": ("*.example.com",)}
+    )
+    assert [f.name for f in hidden] == ["api_key"]
+
+
+def test_form_select_for_user_settable_choice() -> None:
+    integration = CATALOGUE.get("mailgun")
+    settable = destinations.user_settable_fields(integration, {}, None, runtime_user=False)
+    fields = {f.name: f for f in sessions.build_form(integration, values={}, settable=settable)}
+    assert fields["region"].widget == "select" and fields["region"].choices == ("us", "eu")
+    assert fields["region"].value == "us" and fields["region"].advanced
+    # Not declared settable: not shown.
+    assert "region" not in {f.name for f in sessions.build_form(integration, values={})}
 
 
 def test_form_never_shows_secret_values_and_marks_stored_ones() -> None:
@@ -188,25 +212,54 @@ def test_oauth_form_excludes_token_fields() -> None:
 
 def test_parse_form_converts_and_validates() -> None:
     integration = CATALOGUE.get("http_api_key")
+    posted = {
+        "api_key": "  k3y  ",
+        "base_url": "https://evil.example",
+        "location": "query",
+        "header_name": "",
+    }
+    params, problems = sessions.parse_form(integration, posted)
+    assert problems == {}
+    # Destination fields posted by the end user are ignored, never stored.
+    assert params == {"api_key": "k3y"}
+    _, problems = sessions.parse_form(integration, {"base_url": "not a url", "location": "body"})
+    assert problems == {"api_key": "is required"}
+    # A user-settable base URL is converted and checked against the session's host patterns.
+    settable = {"base_url": ("*.example.com",)}
+    params, problems = sessions.parse_form(
+        integration, {"api_key": "k", "base_url": "https://api.example.com/v1"}, settable=settable
+    )
+    assert problems == {} and params["base_url"] == "https://api.example.com/v1"
+    _, problems = sessions.parse_form(
+        integration, {"api_key": "k", "base_url": "not a url"}, settable=settable
+    )
+    assert problems == {"base_url": "must be a full URL starting with https://"}
+    _, problems = sessions.parse_form(
+        integration, {"api_key": "k", "base_url": "https://evil.example"}, settable=settable
+    )
+    assert problems == {"base_url": "must be a host under *.example.com"}
+    # ... and a hidden (preset) one is not read even if settable.
     params, problems = sessions.parse_form(
         integration,
-        {"api_key": "  k3y  ", "base_url": "https://api.example", "location": "query", "header_name": ""},
+        {"api_key": "k", "base_url": "https://evil.example"},
+        hidden={"base_url"},
+        settable=settable,
     )
-    assert problems == {}
-    assert params["api_key"] == "k3y" and params["location"] == "query" and params["header_name"] is None
-    _, problems = sessions.parse_form(integration, {"base_url": "not a url", "location": "body"})
-    assert problems == {
-        "api_key": "is required",
-        "base_url": "must be a full URL starting with https://",
-        "location": "must be one of header, query, cookie",
-    }
+    assert problems == {} and "base_url" not in params
+
+
+def test_parse_form_user_settable_choice() -> None:
+    integration = CATALOGUE.get("mailgun")
+    settable = destinations.user_settable_fields(integration, {}, None, runtime_user=False)
+    params, problems = sessions.parse_form(integration, {"api_key": "k", "region": "eu"}, settable=settable)
+    assert problems == {} and params["region"] == "eu"
+    _, problems = sessions.parse_form(integration, {"api_key": "k", "region": "asia"}, settable=settable)
+    assert problems == {"region": "must be one of us, eu"}
 
 
 def test_parse_form_blank_stored_secret_is_kept() -> None:
     integration = CATALOGUE.get("http_basic")
-    params, problems = sessions.parse_form(
-        integration, {"username": "bob", "base_url": "https://x.example"}, present={"password"}
-    )
+    params, problems = sessions.parse_form(integration, {"username": "bob"}, present={"password"})
     assert problems == {} and "password" not in params
 
 

@@ -114,10 +114,15 @@ async def test_api_key_form_connects_and_returns_to_the_app(svc: RunningService,
             integration_id="http_api_key",
             connection_id="c1",
             return_url=f"{app_origin}/done?from=connect",
+            # The operator lets the end user choose the base URL, within bounds: the one
+            # destination input this page can have.
+            user_settable={"base_url": ["*.example.com"]},
         )
         await page.goto(data["url"])
         assert await page.title() == "Connect HTTP API key"
         assert await page.get_by_label("API key").get_attribute("type") == "password"
+        assert await page.get_by_text("Must be under *.example.com.").is_visible()
+        assert await page.locator("[name=location]").count() == 0
         # A bad base URL shows the error state; the typed key is not sent back into the page.
         await page.get_by_label("API key").fill("sk-browser-123")
         await page.get_by_label("Base URL").fill("api.example.com")
@@ -141,6 +146,8 @@ async def test_api_key_form_connects_and_returns_to_the_app(svc: RunningService,
         # The success page takes the user back to the app with the outcome.
         await page.wait_for_url(f"{app_origin}/done?**", timeout=10_000)
         assert "connection_id=c1" in page.url and "status=active" in page.url and "from=connect" in page.url
+        _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/c1")
+        assert view["allowed_hosts"] == ["api.example.com"]  # the chosen host binds the connection
 
 
 async def test_oauth_button_goes_through_the_provider(
@@ -172,12 +179,21 @@ async def _frame(page: Page) -> Frame:
 async def test_iframe_on_allowed_origin_gets_the_message(svc: RunningService, page: Page) -> None:
     async with host_app() as app_origin:
         data = await connect_session(
-            svc, integration_id="http_bearer", connection_id="c1", allowed_origins=[app_origin]
+            svc,
+            integration_id="http_bearer",
+            connection_id="c1",
+            allowed_origins=[app_origin],
+            parameters={"base_url": "https://api.example.com"},
         )
         await page.goto(f"{app_origin}/host?src={data['url']}")
         frame = await _frame(page)
+        # The operator's destination is shown, not asked for.
+        assert (
+            await frame.locator("#destination").inner_text()
+            == "Your credentials will be sent to api.example.com only."
+        )
+        assert await frame.locator("input[name=base_url]").count() == 0
         await frame.get_by_label("Token").fill("tok-in-frame")
-        await frame.get_by_label("Base URL").fill("https://api.example.com")
         await frame.get_by_role("button", name="Connect").click()
         await page.wait_for_function("window.messages.length > 0", timeout=10_000)
         messages = await page.evaluate("window.messages")
@@ -194,7 +210,11 @@ async def test_iframe_on_allowed_origin_gets_the_message(svc: RunningService, pa
 async def test_iframe_on_other_origin_is_blocked(svc: RunningService, page: Page) -> None:
     async with host_app() as allowed, host_app("localhost") as other:
         data = await connect_session(
-            svc, integration_id="http_bearer", connection_id="c1", allowed_origins=[allowed]
+            svc,
+            integration_id="http_bearer",
+            connection_id="c1",
+            allowed_origins=[allowed],
+            parameters={"base_url": "https://api.example.com"},
         )
         console: list[str] = []
         page.on("console", lambda m: console.append(m.text))

@@ -34,8 +34,16 @@ async def sqlite_svc(tmp_path: Path) -> AsyncIterator[RunningService]:
         yield s
 
 
+API = "https://api.example.com"
+
+
 async def new_session(svc: RunningService, **body: Any) -> dict[str, Any]:
-    status, data = await svc.admin("POST", SESSIONS, json={"integration_id": "http_api_key", **body})
+    """A session; an http_api_key one gets the operator's base URL unless the test says otherwise
+    (end users never choose where credentials go)."""
+    body = {"integration_id": "http_api_key", **body}
+    if body["integration_id"] == "http_api_key" and not {"parameters", "default_connection_id"} & set(body):
+        body["parameters"] = {"base_url": API}
+    status, data = await svc.admin("POST", SESSIONS, json=body)
     assert status == 201, data
     return dict(data)
 
@@ -110,7 +118,14 @@ async def test_create_session_needs_admin(svc: RunningService) -> None:
             "allowed_origins[0]",
         ),
         ({"integration_id": "http_api_key", "runtime_user_id": "u1"}, "default_connection_id"),
-        ({"integration_id": "http_oauth2_authorization_code"}, "oauth2"),
+        (
+            # The operator gives the destination, so what is missing is the OAuth app itself.
+            {
+                "integration_id": "http_oauth2_authorization_code",
+                "parameters": {"base_url": "https://api.example.com"},
+            },
+            "oauth2",
+        ),
     ],
 )
 async def test_create_session_validation(
@@ -158,6 +173,9 @@ async def test_page_headers_limit_framing_to_allowed_origins(svc: RunningService
     nonce = re.search(r"'nonce-([^']+)'", csp)
     assert nonce and f'nonce="{nonce.group(1)}"' in html
     assert 'type="password" name="api_key"' in html and "Connect HTTP API key" in html
+    # Where the key goes is the operator's: shown, not an input.
+    assert 'name="base_url"' not in html and 'name="location"' not in html
+    assert "Your credentials will be sent to <strong>api.example.com</strong> only." in html
 
     bare = await new_session(svc)
     _, _, headers = await get(svc, bare["url"])
@@ -202,10 +220,11 @@ async def test_form_submit_creates_active_connection_and_consumes_link(svc: Runn
         svc, connection_id="c1", return_url="https://app.example.com/back?x=1", allowed_origins=[ORIGIN]
     )
     csrf = await open_form(svc, data["url"])
+    # Destination fields posted by the link holder are ignored: the operator's preset wins.
     form = {
         "csrf": csrf,
         "api_key": "sk-live-9f8e7d",
-        "base_url": "https://api.example.com/v2",
+        "base_url": "https://evil.example/v2",
         "location": "query",
     }
     status, html, headers = await post_form(svc, data["url"], form, headers={"Origin": svc.url})
@@ -220,7 +239,8 @@ async def test_form_submit_creates_active_connection_and_consumes_link(svc: Runn
 
     status, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/c1")
     assert status == 200 and view["status"] == "active"
-    assert view["parameters"]["api_key"] == "********" and view["parameters"]["location"] == "query"
+    assert view["parameters"]["api_key"] == "********" and view["parameters"]["base_url"] == API
+    assert "location" not in view["parameters"]  # the default (header) applies, not the posted "query"
     creds = await svc.services.vault.credentials(T, "c1")
     assert creds.params["api_key"] == "sk-live-9f8e7d"
 
@@ -232,13 +252,15 @@ async def test_form_submit_creates_active_connection_and_consumes_link(svc: Runn
 
 async def test_validation_errors_rerender_without_echoing_secrets(sqlite_svc: RunningService) -> None:
     svc = sqlite_svc
-    data = await new_session(svc, connection_id="c1")
+    # A base URL the operator lets the end user choose (within bounds) is a form input.
+    data = await new_session(
+        svc, connection_id="c1", parameters={}, user_settable={"base_url": ["*.example.com"]}
+    )
     csrf = await open_form(svc, data["url"])
     form = {
         "csrf": csrf,
         "api_key": "sk-secret-do-not-echo",
         "base_url": "ftp://files.example.com",
-        "location": "header",
     }
     status, html, headers = await post_form(svc, data["url"], form)
     assert status == 422 and headers["X-Proxy-Error"] == "VALIDATION_ERROR"
@@ -246,19 +268,27 @@ async def test_validation_errors_rerender_without_echoing_secrets(sqlite_svc: Ru
     assert 'value="ftp://files.example.com"' in html  # non-secret input is kept for correction
     assert "Base URL must be a full URL starting with https://" in html
     assert "Please correct the highlighted fields" in html
+    status, html, _ = await post_form(
+        svc, data["url"], {**form, "base_url": "https://files.elsewhere.example"}
+    )
+    assert status == 422 and "Base URL must be a host under *.example.com" in html
+    assert "sk-secret-do-not-echo" not in html
     status, html, _ = await post_form(svc, data["url"], {"csrf": csrf, "base_url": "https://api.example.com"})
     assert status == 422 and "API key is required" in html
-    # The link still works after validation errors.
+    # The link still works after validation errors; the chosen host binds the connection.
     status, _, _ = await post_form(
         svc, data["url"], {"csrf": csrf, "api_key": "k", "base_url": "https://api.example.com"}
     )
     assert status == 200
+    _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/c1")
+    assert view["parameters"]["base_url"] == "https://api.example.com"
+    assert view["allowed_hosts"] == ["api.example.com"]
 
 
 async def test_csrf_and_origin_are_enforced(sqlite_svc: RunningService) -> None:
     svc = sqlite_svc
     data, other = await new_session(svc), await new_session(svc)
-    good = {"api_key": "k", "base_url": "https://api.example.com"}
+    good = {"api_key": "k"}
     status, html, headers = await post_form(svc, data["url"], good)
     assert status == 403 and headers["X-Proxy-Error"] == "FORBIDDEN" and "Reload the page" in html
     other_csrf = await open_form(svc, other["url"])
@@ -291,26 +321,24 @@ async def test_admin_shell_is_filled_in(svc: RunningService) -> None:
             "metadata": {"team": "ops"},
         },
     )
+    # The shell's base URL is the destination: shown, not an input.
     data = await new_session(svc, integration_id="http_basic", connection_id="shell")
     status, html, _ = await get(svc, data["url"])
-    assert 'value="https://erp.example.com"' in html
-    form = {
-        "csrf": csrf_of(html),
-        "username": "alice",
-        "password": "pw-1",
-        "base_url": "https://erp.example.com",
-    }
+    assert 'name="base_url"' not in html
+    assert "Your credentials will be sent to <strong>erp.example.com</strong> only." in html
+    form = {"csrf": csrf_of(html), "username": "alice", "password": "pw-1"}
     status, html, _ = await post_form(svc, data["url"], form)
     assert status == 200
     _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/shell")
     assert view["status"] == "active" and view["metadata"] == {"team": "ops"}
     assert view["parameters"]["username"] == "alice"
+    assert view["parameters"]["base_url"] == "https://erp.example.com"
 
     # Reconnecting: a stored secret may be left blank and is kept.
     again = await new_session(svc, integration_id="http_basic", connection_id="shell")
     status, html, _ = await get(svc, again["url"])
     assert "leave blank to keep it" in html and "pw-1" not in html
-    form = {"csrf": csrf_of(html), "username": "bob", "password": "", "base_url": "https://erp.example.com"}
+    form = {"csrf": csrf_of(html), "username": "bob", "password": ""}
     status, _, _ = await post_form(svc, again["url"], form)
     assert status == 200
     creds = await svc.services.vault.credentials(T, "shell")
@@ -330,14 +358,17 @@ async def test_runtime_user_connection_through_the_form(svc: RunningService) -> 
         svc, integration_id="http_bearer", runtime_user_id="user-a", default_connection_id="crm"
     )
     status, html, _ = await get(svc, data["url"])
-    assert 'value="https://crm.example.com"' in html  # prefilled from the default connection
+    # The destination is the default connection's: shown, not an input.
+    assert 'name="base_url"' not in html
+    assert "Your credentials will be sent to <strong>crm.example.com</strong> only." in html
     status, _, _ = await post_form(
         svc,
         data["url"],
-        {"csrf": csrf_of(html), "token": "user-a-token", "base_url": "https://crm.example.com"},
+        {"csrf": csrf_of(html), "token": "user-a-token", "base_url": "https://evil.example"},
     )
     assert status == 200
     _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/{data['connection_id']}")
+    assert view["parameters"]["base_url"] == "https://crm.example.com"  # the posted one is ignored
     assert (view["runtime_user_id"], view["default_connection_id"], view["status"]) == (
         "user-a",
         "crm",
@@ -363,9 +394,13 @@ async def test_runtime_user_connection_through_the_form(svc: RunningService) -> 
 
 async def test_connect_events_are_audited(sqlite_svc: RunningService) -> None:
     svc = sqlite_svc
-    data = await new_session(svc, connection_id="c1")
+    data = await new_session(
+        svc, connection_id="c1", parameters={}, user_settable={"base_url": ["*.example.com"]}
+    )
     csrf = await open_form(svc, data["url"])
-    await post_form(svc, data["url"], {"csrf": csrf, "api_key": "sk-audit-canary"})
+    await post_form(
+        svc, data["url"], {"csrf": csrf, "api_key": "sk-audit-canary", "base_url": "https://evil.example"}
+    )
     await post_form(
         svc, data["url"], {"csrf": csrf, "api_key": "sk-audit-canary", "base_url": "https://api.example.com"}
     )
@@ -378,7 +413,7 @@ async def test_connect_events_are_audited(sqlite_svc: RunningService) -> None:
         ("connect.submit", "invalid"),
         ("connect.complete", "ok"),
     ]
-    assert "sk-audit-canary" not in str(body)
+    assert "sk-audit-canary" not in str(body) and "evil.example" not in str(body)
     assert body["items"][0]["actor"] == f"connect:{data['session_id']}"
 
 
@@ -388,7 +423,7 @@ async def test_status_endpoint(sqlite_svc: RunningService) -> None:
     async with svc.session.get(data["url"] + "/status") as r:
         assert r.status == 200 and (await r.json()) == {"status": "pending", "connection_id": None}
     csrf = await open_form(svc, data["url"])
-    await post_form(svc, data["url"], {"csrf": csrf, "api_key": "k", "base_url": "https://api.example.com"})
+    await post_form(svc, data["url"], {"csrf": csrf, "api_key": "k"})
     async with svc.session.get(data["url"] + "/status") as r:
         assert (await r.json()) == {"status": "connected", "connection_id": "c1"}
     async with svc.session.get(f"{svc.url}/connect/{data['session_id']}.{'y' * 43}/status") as r:
@@ -399,6 +434,6 @@ async def test_double_submit_connects_once(sqlite_svc: RunningService) -> None:
     svc = sqlite_svc
     data = await new_session(svc, connection_id="c1")
     csrf = await open_form(svc, data["url"])
-    form = {"csrf": csrf, "api_key": "k", "base_url": "https://api.example.com"}
+    form = {"csrf": csrf, "api_key": "k"}
     results = await asyncio.gather(*(post_form(svc, data["url"], form) for _ in range(5)))
     assert sorted(r[0] for r in results) == [200, 410, 410, 410, 410]
