@@ -31,8 +31,9 @@ from proxy.catalogue import OAuth2Spec
 FailureKind = Literal["reauth", "client", "rejected", "transient", "protocol"]
 TokenAuth = Literal["basic", "post"]
 
-# The names the token manager stores in a connection (``expires_at`` is epoch seconds).
-TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "scope")
+# The names the token manager stores in a connection (``expires_at`` and ``issued_at`` are epoch
+# seconds; ``issued_at`` tells a token's lifetime, so a short-lived one is renewed halfway).
+TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "issued_at", "scope")
 # Parameters of the authorization request that extra_auth_params may never override: they carry
 # the flow's security (state, PKCE, where the code goes).
 RESERVED_AUTH_PARAMS = frozenset(
@@ -247,6 +248,7 @@ class TokenSet:
     expires_at: int | None = None
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    issued_at: int | None = None  # set with expires_at: the token's lifetime is the difference
 
     def to_params(self) -> dict[str, Any]:
         """The connection parameters to store (None removes a stale value)."""
@@ -254,6 +256,7 @@ class TokenSet:
             "access_token": self.access_token,
             "refresh_token": self.refresh_token,
             "expires_at": self.expires_at,
+            "issued_at": self.issued_at,
             "scope": self.scope,
         }
 
@@ -266,6 +269,19 @@ def expires_soon(expires_at: Any, now: float, skew_s: float) -> bool:
         return float(expires_at) - skew_s <= now
     except (TypeError, ValueError):
         return True  # a garbled expiry is treated as expired: refreshing is the safe side
+
+
+def refresh_margin(expires_at: Any, issued_at: Any, skew_s: float) -> float:
+    """How long before expiry a token is renewed: ``skew_s``, or half its lifetime when that is
+    shorter. Without the halving, a token living less than ``skew_s`` would count as expiring
+    from the moment it was issued and be refreshed on every call."""
+    try:
+        lifetime = float(expires_at) - float(issued_at)
+    except (TypeError, ValueError):
+        return skew_s  # lifetime unknown (e.g. tokens set by an admin): the plain margin
+    if isinstance(expires_at, bool) or isinstance(issued_at, bool) or not lifetime > 0:
+        return skew_s
+    return min(skew_s, lifetime / 2)
 
 
 def error_code(value: Any) -> str | None:
@@ -378,6 +394,7 @@ def parse_token_response(
         access_token=access,
         token_type="Bearer",
         expires_at=int(now + seconds) if seconds is not None else None,
+        issued_at=int(now) if seconds is not None else None,
         refresh_token=refresh if isinstance(refresh, str) and refresh else previous_refresh_token,
         scope=scope if isinstance(scope, str) and scope else requested_scope,
     )

@@ -170,6 +170,7 @@ def test_parse_success_computes_absolute_expiry() -> None:
         "access_token": "a",
         "refresh_token": "r",
         "expires_at": 4600,
+        "issued_at": 1000,
         "scope": "x y",
     }
     assert "'a'" not in repr(tokens) and "'r'" not in repr(tokens)
@@ -242,3 +243,14 @@ def test_expires_soon() -> None:
     assert not flows.expires_soon(1061, now=1000, skew_s=60)
     assert not flows.expires_soon(None, now=1000, skew_s=60)
     assert flows.expires_soon("garbage", now=1000, skew_s=60)
+
+
+def test_refresh_margin_is_half_the_lifetime_of_short_lived_tokens() -> None:
+    assert flows.refresh_margin(4600, 1000, 60) == 60  # an hour: a minute early
+    assert flows.refresh_margin(1020, 1000, 60) == 10  # twenty seconds: halfway
+    assert not flows.expires_soon(1020, now=1009, skew_s=flows.refresh_margin(1020, 1000, 60))
+    assert flows.expires_soon(1020, now=1010, skew_s=flows.refresh_margin(1020, 1000, 60))
+    # Lifetime unknown or nonsensical: the plain margin.
+    for issued in (None, "x", True, 1020, 1030):
+        assert flows.refresh_margin(1020, issued, 60) == 60
+    assert flows.refresh_margin(None, 1000, 60) == 60

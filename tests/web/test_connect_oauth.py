@@ -147,7 +147,7 @@ async def test_authorization_code_flow_end_to_end(
 async def test_refresh_through_proxy_happens_once_for_concurrent_calls(
     svc: RunningService, authserver: AuthServer, browser: Browser
 ) -> None:
-    authserver.control(expires_in=30)
+    authserver.control(expires_in=0)  # due for refresh at once
     await connected(svc, authserver, browser)
     old = (await svc.services.vault.credentials(T, "crm")).params["refresh_token"]
     authserver.control(expires_in=3600, delay_s=0.3)
@@ -162,7 +162,7 @@ async def test_refresh_through_proxy_happens_once_for_concurrent_calls(
 async def test_invalid_grant_needs_reauth_then_reconnect(
     svc: RunningService, authserver: AuthServer, browser: Browser
 ) -> None:
-    authserver.control(expires_in=30)
+    authserver.control(expires_in=0)  # due for refresh at once
     await connected(svc, authserver, browser)
     authserver.control(fail_next=["invalid_grant"], expires_in=3600)
     key = await svc.mint_key(T)
