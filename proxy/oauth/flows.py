@@ -39,6 +39,11 @@ TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "issued_at", "sco
 RESERVED_AUTH_PARAMS = frozenset(
     {"response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"}
 )
+# A connection's ``auth_params``: extra authorization-request parameters (``prompt``,
+# ``access_type``...). Refused at the admin API when they name a reserved parameter or ``scope``
+# (which has its own parameter); dropped when building the URL all the same (defence in depth).
+AUTH_PARAMS = "auth_params"
+_AUTH_PARAMS_MAX = 50
 _ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
@@ -90,6 +95,36 @@ class ClientConfig:
             raise OAuthConfigError(missing, grant)
 
 
+def auth_params_problems(value: Any) -> dict[str, str]:
+    """What is wrong with a connection's ``auth_params`` (field -> problem; names, never values)."""
+    where = f"parameters.{AUTH_PARAMS}"
+    if not isinstance(value, dict):
+        return {where: "must be an object of parameter name -> string value"}
+    if len(value) > _AUTH_PARAMS_MAX:
+        return {where: f"at most {_AUTH_PARAMS_MAX} parameters"}
+    problems: dict[str, str] = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable():
+            problems[where] = "parameter names must be printable strings of 1-100 characters"
+        elif name in RESERVED_AUTH_PARAMS:
+            problems[f"{where}.{name}"] = (
+                "is set by the authorization flow itself (state, PKCE, redirect) and cannot be overridden"
+            )
+        elif name == "scope":
+            problems[f"{where}.{name}"] = "use the connection's scope parameter instead"
+        elif not isinstance(v, str) or len(v) > 2000:
+            problems[f"{where}.{name}"] = "must be a string of at most 2000 characters"
+    return problems
+
+
+def _auth_params(value: Any) -> dict[str, str]:
+    """The usable entries of a stored ``auth_params`` (anything malformed is ignored here: the
+    admin API refuses it on the way in)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -131,7 +166,11 @@ def client_config(
         token_auth="post" if token_auth == "post" else "basic",
         audience=pick("audience"),
         pkce=spec.pkce if spec is not None else True,
-        extra_auth_params=dict(spec.extra_auth_params) if spec is not None else {},
+        # The integration's own, then the connection's (or its default connection's) on top.
+        extra_auth_params={
+            **(dict(spec.extra_auth_params) if spec is not None else {}),
+            **_auth_params(params.get(AUTH_PARAMS) if AUTH_PARAMS in params else fb.get(AUTH_PARAMS)),
+        },
     )
 
 
@@ -147,7 +186,10 @@ def authorization_url(
     assert client.auth_url is not None and client.client_id is not None
     parts = urlsplit(client.auth_url)
     ours = set(RESERVED_AUTH_PARAMS) | {"scope"}
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    extra = set(client.extra_auth_params)  # replace same-named ones hard-coded in auth_url
+    query = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours and k not in extra
+    ]
     query += [("response_type", "code"), ("client_id", client.client_id), ("redirect_uri", redirect_uri)]
     if client.scope:
         query.append(("scope", client.scope))

@@ -50,6 +50,52 @@ def test_authorization_url_has_every_rfc_parameter_and_keeps_endpoint_query() ->
     assert "%20" in parts.query and "+" not in parts.query  # spaces as %20 in a URL
 
 
+def test_connection_auth_params_reach_the_authorize_url_but_never_the_flows_own() -> None:
+    spec = OAuth2Spec(
+        auth_url="https://id.example.com/authorize?prompt=login", extra_auth_params={"a": "spec"}
+    )
+    params = {
+        "client_id": "c",
+        "token_url": "https://id.example.com/token",
+        # "state" and "scope" are refused by the admin API; a stored record carrying them anyway
+        # (written before that check) still cannot steer the flow.
+        "auth_params": {"prompt": "consent", "a": "mine", "state": "evil", "scope": "admin", "n": 1},
+    }
+    client = flows.client_config(params, spec)
+    q = parse_qs(
+        urlsplit(
+            flows.authorization_url(client, redirect_uri="https://p/cb", state="s", code_challenge="c")
+        ).query
+    )
+    assert q["prompt"] == ["consent"]  # replaces the one hard-coded in auth_url
+    assert q["a"] == ["mine"] and q["state"] == ["s"] and "scope" not in q and "n" not in q
+    # A runtime user's connection without its own uses its default connection's.
+    inherited = flows.client_config({}, spec, fallback=params)
+    assert inherited.extra_auth_params["prompt"] == "consent"
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"state": "x"}, "parameters.auth_params.state"),
+        ({"code_challenge": "x"}, "parameters.auth_params.code_challenge"),
+        ({"redirect_uri": "https://evil.example"}, "parameters.auth_params.redirect_uri"),
+        ({"client_id": "x"}, "parameters.auth_params.client_id"),
+        ({"response_type": "token"}, "parameters.auth_params.response_type"),
+        ({"scope": "x"}, "parameters.auth_params.scope"),
+        ({"prompt": 1}, "parameters.auth_params.prompt"),
+        (["prompt"], "parameters.auth_params"),
+        ({"": "x"}, "parameters.auth_params"),
+    ],
+)
+def test_auth_params_problems(value: object, field: str) -> None:
+    assert field in flows.auth_params_problems(value)
+
+
+def test_auth_params_problems_accepts_plain_extras() -> None:
+    assert flows.auth_params_problems({"prompt": "consent", "access_type": "offline"}) == {}
+
+
 def test_authorization_url_without_pkce_omits_challenge() -> None:
     url = flows.authorization_url(CLIENT, redirect_uri="https://p/cb", state="s", code_challenge=None)
     assert "code_challenge" not in url

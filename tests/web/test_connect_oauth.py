@@ -302,3 +302,33 @@ async def test_client_credentials_minted_once_for_many_proxied_calls(
     results = await asyncio.gather(*(proxy_me(svc, key, "svc") for _ in range(10)))
     assert [s for s, _ in results] == [200] * 10
     assert authserver.count("client_credentials") == 1
+
+
+async def test_auth_params_reach_the_provider_and_cannot_override_the_flow(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser
+) -> None:
+    svc = sqlite_svc
+    path = f"/admin/tenants/{T}/connections/crm"
+    for bad in ({"state": "mine"}, {"redirect_uri": "https://evil.example/cb"}, {"prompt": 1}):
+        body = {"integration_id": OAUTH, "parameters": {**authserver.endpoints(), "auth_params": bad}}
+        status, data = await svc.admin("PUT", path, json=body)
+        assert status == 422 and data["error"] == "VALIDATION_ERROR", data
+        assert f"parameters.auth_params.{next(iter(bad))}" in data["fields"]
+    assert (await svc.admin("GET", path))[0] == 404  # nothing stored
+    # An OpenID provider keeps offline_access only with prompt=consent: now a field of its own.
+    extras = {"prompt": "consent", "access_type": "offline"}
+    view = await svc.put_connection(
+        T, "crm", {"integration_id": OAUTH, "parameters": {**authserver.endpoints(), "auth_params": extras}}
+    )
+    assert view["parameters"]["auth_params"] == extras  # not a secret: shown as set
+    status, data = await svc.admin(
+        "PATCH", path, json={"parameters": {"auth_params": {"code_challenge": "x"}}}
+    )
+    assert status == 422 and "parameters.auth_params.code_challenge" in data["fields"]
+
+    data = await session(svc, connection_id="crm")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200
+    sent = authserver.state()["last_authorize"]
+    assert sent["prompt"] == "consent" and sent["access_type"] == "offline"
+    assert sent["redirect_uri"] == svc.url + "/oauth/callback" and sent["code_challenge_method"] == "S256"
