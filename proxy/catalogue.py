@@ -69,6 +69,10 @@ class OAuth2Spec:
     token_auth: str = "basic"
     pkce: bool = True
     extra_auth_params: dict[str, str] = field(default_factory=dict)
+    # RFC 9207: the issuer identifier the callback's ``iss`` must equal, and whether the server's
+    # metadata says it always sends ``iss`` (then a callback without one is refused).
+    issuer: str | None = None
+    iss_parameter_supported: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,11 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         token_auth = oauth_raw.get("token_auth", "basic")
         if token_auth not in ("basic", "post"):
             raise ConfigError(f"{where}.oauth2.token_auth", "must be basic or post")
+        issuer = oauth_raw.get("issuer")
+        if issuer is not None and not (
+            isinstance(issuer, str) and issuer.startswith(("https://", "http://"))
+        ):
+            raise ConfigError(f"{where}.oauth2.issuer", "must be the server's issuer URL (RFC 8414 metadata)")
         oauth = OAuth2Spec(
             auth_url=oauth_raw.get("auth_url"),
             token_url=oauth_raw.get("token_url"),
@@ -220,6 +229,11 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
             token_auth=token_auth,
             pkce=bool(oauth_raw.get("pkce", True)),
             extra_auth_params=dict(oauth_raw.get("extra_auth_params", {})),
+            issuer=issuer,
+            # Named as in the server's RFC 8414 metadata, so it can be copied from there.
+            iss_parameter_supported=bool(
+                oauth_raw.get("authorization_response_iss_parameter_supported", False)
+            ),
         )
     base_url = data.get("base_url")
     if base_url is not None:

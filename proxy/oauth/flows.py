@@ -82,6 +82,8 @@ class ClientConfig:
     audience: str | None = None
     pkce: bool = True
     extra_auth_params: Mapping[str, str] = field(default_factory=dict)
+    issuer: str | None = None  # RFC 9207: what the callback's ``iss`` must be
+    require_iss: bool = False  # the server always sends ``iss`` (its metadata says so)
 
     def require(self, grant: str) -> None:
         """Raises ``OAuthConfigError`` naming every field the grant needs and lacks."""
@@ -125,6 +127,10 @@ def _auth_params(value: Any) -> dict[str, str]:
     return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+def _flag(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -166,6 +172,9 @@ def client_config(
         token_auth="post" if token_auth == "post" else "basic",
         audience=pick("audience"),
         pkce=spec.pkce if spec is not None else True,
+        issuer=pick(ISSUER) or (spec.issuer if spec is not None else None),
+        require_iss=_flag(params.get(ISS_SUPPORTED) if ISS_SUPPORTED in params else fb.get(ISS_SUPPORTED))
+        or (spec.iss_parameter_supported if spec is not None else False),
         # The integration's own, then the connection's (or its default connection's) on top.
         extra_auth_params={
             **(dict(spec.extra_auth_params) if spec is not None else {}),
@@ -198,6 +207,50 @@ def authorization_url(
         query += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     query += [(k, str(v)) for k, v in client.extra_auth_params.items() if k not in ours]
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), ""))
+
+
+# --- authorization response (RFC 9207) -----------------------------------------------------------
+
+ISSUER = "issuer"
+ISS_SUPPORTED = "authorization_response_iss_parameter_supported"
+
+
+def _origin(url: str | None) -> tuple[str, str] | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return (parts.scheme.lower(), parts.netloc.lower()) if parts.scheme and parts.netloc else None
+
+
+def issuer_problem(client: ClientConfig, received: str | None) -> str | None:
+    """Why an authorization response's ``iss`` must be refused (RFC 9207), or None.
+
+    Mix-up defence: a user who signs in at a malicious authorization server (or is sent back by
+    one) could otherwise have another server's code exchanged with our client secret. Rules:
+    - ``iss`` must equal the declared ``issuer`` exactly (RFC 9207 §2.4: simple string comparison);
+    - with no issuer declared, it must at least be on the authorization endpoint's origin;
+    - without ``iss``, the response is refused only when the server is declared to always send
+      it (``authorization_response_iss_parameter_supported``), as RFC 9207 §2.4 requires.
+    The received value is never quoted back: it comes from whoever sent the browser here.
+    """
+    if received is None:
+        if client.require_iss:
+            return (
+                "the authorization server's answer does not say who issued it (no iss parameter), "
+                "although the server is declared to always send one"
+            )
+        return None
+    if client.issuer is not None:
+        if received != client.issuer:
+            return f"the answer comes from another authorization server than {client.issuer!r}"
+        return None
+    expected = _origin(client.auth_url)
+    if expected is None or _origin(received) != expected:
+        return (
+            "the answer names an issuer that is not the authorization endpoint's server; if that "
+            "server's issuer lives elsewhere, declare it as the connection's issuer"
+        )
+    return None
 
 
 # --- token requests (RFC 6749 §4.1.3, §6, §4.4; RFC 7009 §2.1) -----------------------------------

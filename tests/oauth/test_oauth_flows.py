@@ -96,6 +96,37 @@ def test_auth_params_problems_accepts_plain_extras() -> None:
     assert flows.auth_params_problems({"prompt": "consent", "access_type": "offline"}) == {}
 
 
+def test_issuer_problem_rfc9207() -> None:
+    declared = ClientConfig(
+        client_id="c", auth_url="https://id.example.com/authorize", issuer="https://id.example.com/t1"
+    )
+    assert flows.issuer_problem(declared, "https://id.example.com/t1") is None
+    assert flows.issuer_problem(declared, "https://id.example.com/t1/") is not None  # exact comparison
+    assert flows.issuer_problem(declared, "https://evil.example") is not None
+    assert flows.issuer_problem(declared, None) is None  # not declared to always send it
+    # No issuer declared: at least the authorization endpoint's own server.
+    plain = ClientConfig(client_id="c", auth_url="https://ID.example.com/authorize")
+    assert flows.issuer_problem(plain, "https://id.example.com") is None
+    assert flows.issuer_problem(plain, "https://id.example.com.evil.example") is not None
+    assert flows.issuer_problem(plain, "not a url") is not None
+    # Declared to always send it: a missing iss is refused.
+    required = flows.client_config(
+        {
+            "client_id": "c",
+            "issuer": "https://id.example.com",
+            "authorization_response_iss_parameter_supported": True,
+        },
+        OAuth2Spec(auth_url="https://id.example.com/authorize"),
+    )
+    assert required.require_iss and flows.issuer_problem(required, None) is not None
+    spec = OAuth2Spec(
+        auth_url="https://a.example/auth", issuer="https://a.example", iss_parameter_supported=True
+    )
+    from_spec = flows.client_config({"client_id": "c"}, spec)
+    assert (from_spec.issuer, from_spec.require_iss) == ("https://a.example", True)
+    assert "evil" not in (flows.issuer_problem(from_spec, "https://evil.example") or "evil")  # never echoed
+
+
 def test_authorization_url_without_pkce_omits_challenge() -> None:
     url = flows.authorization_url(CLIENT, redirect_uri="https://p/cb", state="s", code_challenge=None)
     assert "code_challenge" not in url

@@ -332,3 +332,51 @@ async def test_auth_params_reach_the_provider_and_cannot_override_the_flow(
     sent = authserver.state()["last_authorize"]
     assert sent["prompt"] == "consent" and sent["access_type"] == "offline"
     assert sent["redirect_uri"] == svc.url + "/oauth/callback" and sent["code_challenge_method"] == "S256"
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_callback_naming_another_issuer_is_refused(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser, declared: bool
+) -> None:
+    """RFC 9207 mix-up defence: the answer says another server issued it. Nothing is stored."""
+    svc = sqlite_svc
+    params = {**authserver.endpoints(), **({"issuer": authserver.url} if declared else {})}
+    await svc.put_connection(T, "crm", {"integration_id": OAUTH, "parameters": params})
+    authserver.control(iss="https://evil.example")
+    data = await session(svc, connection_id="crm")
+    callback = await browser.sign_in(data["url"])
+    assert parse_qs(urlsplit(callback).query)["iss"] == ["https://evil.example"]
+    status, html, headers = await browser.get(callback)
+    assert status == 400 and headers["X-Proxy-Error"] == "OAUTH_ISSUER_MISMATCH"
+    assert "another authorization server" in html or "not the authorization endpoint" in html
+    assert "evil.example" not in html  # the sender's value is not echoed
+    assert authserver.count("code_exchanges") == 0
+    _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/crm")
+    assert view["status"] == "pending" and "access_token" not in view["parameters"]
+    # The link is still good: with the right issuer the same link connects.
+    authserver.control(iss="self")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200
+    _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/crm")
+    assert view["status"] == "active"
+
+
+async def test_callback_without_iss_is_refused_when_the_server_always_sends_it(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser
+) -> None:
+    svc = sqlite_svc
+    params = {
+        **authserver.endpoints(),
+        "issuer": authserver.url,
+        "authorization_response_iss_parameter_supported": True,
+    }
+    await svc.put_connection(T, "crm", {"integration_id": OAUTH, "parameters": params})
+    data = await session(svc, connection_id="crm")
+    callback = await browser.sign_in(data["url"])  # the server is not sending iss (its default)
+    assert "iss" not in parse_qs(urlsplit(callback).query)
+    status, html, headers = await browser.get(callback)
+    assert status == 400 and headers["X-Proxy-Error"] == "OAUTH_ISSUER_MISMATCH" and "no iss" in html
+    assert authserver.count("code_exchanges") == 0
+    authserver.control(iss="self")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200 and authserver.count("code_exchanges") == 1
