@@ -37,6 +37,7 @@ AUTH_KINDS = (
 FIELD_TYPES = ("string", "integer", "boolean", "url", "object", "any")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
 PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
+IMPLICIT_SOURCE = "implicit"  # the source of an integration id that no file describes
 
 
 def _b64(value: Any) -> str:
@@ -96,6 +97,11 @@ class Integration:
     @property
     def proxyable(self) -> bool:
         return self.auth != "opaque"
+
+    @property
+    def catalogued(self) -> bool:
+        """False for an id nobody described (``opaque_integration``): stored, never proxied."""
+        return self.source != IMPLICIT_SOURCE
 
     @property
     def secret_names(self) -> frozenset[str]:
@@ -168,7 +174,9 @@ def _check_type(spec: FieldSpec, value: Any) -> str | None:
 
 def opaque_integration(integration_id: str) -> Integration:
     """A custom integration id nobody described: Connection Service only, every parameter secret."""
-    return Integration(id=integration_id, label=integration_id, auth="opaque", fields=(), source="implicit")
+    return Integration(
+        id=integration_id, label=integration_id, auth="opaque", fields=(), source=IMPLICIT_SOURCE
+    )
 
 
 # --- loading -----------------------------------------------------------------------------------
