@@ -61,6 +61,7 @@ DESTINATION_NAMES = frozenset(
         "allowed_hosts",
     }
 )
+IMPLICIT_SOURCE = "implicit"  # the source of an integration id that no file describes
 
 
 def _b64(value: Any) -> str:
@@ -98,6 +99,10 @@ class OAuth2Spec:
     token_auth: str = "basic"
     pkce: bool = True
     extra_auth_params: dict[str, str] = field(default_factory=dict)
+    # RFC 9207: the issuer identifier the callback's ``iss`` must equal, and whether the server's
+    # metadata says it always sends ``iss`` (then a callback without one is refused).
+    issuer: str | None = None
+    iss_parameter_supported: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ class Integration:
     @property
     def proxyable(self) -> bool:
         return self.auth != "opaque"
+
+    @property
+    def catalogued(self) -> bool:
+        """False for an id nobody described (``opaque_integration``): stored, never proxied."""
+        return self.source != IMPLICIT_SOURCE
 
     @property
     def secret_names(self) -> frozenset[str]:
@@ -209,7 +219,9 @@ def _check_type(spec: FieldSpec, value: Any) -> str | None:
 
 def opaque_integration(integration_id: str) -> Integration:
     """A custom integration id nobody described: Connection Service only, every parameter secret."""
-    return Integration(id=integration_id, label=integration_id, auth="opaque", fields=(), source="implicit")
+    return Integration(
+        id=integration_id, label=integration_id, auth="opaque", fields=(), source=IMPLICIT_SOURCE
+    )
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -270,6 +282,11 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         token_auth = oauth_raw.get("token_auth", "basic")
         if token_auth not in ("basic", "post"):
             raise ConfigError(f"{where}.oauth2.token_auth", "must be basic or post")
+        issuer = oauth_raw.get("issuer")
+        if issuer is not None and not (
+            isinstance(issuer, str) and issuer.startswith(("https://", "http://"))
+        ):
+            raise ConfigError(f"{where}.oauth2.issuer", "must be the server's issuer URL (RFC 8414 metadata)")
         oauth = OAuth2Spec(
             auth_url=oauth_raw.get("auth_url"),
             token_url=oauth_raw.get("token_url"),
@@ -278,6 +295,11 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
             token_auth=token_auth,
             pkce=bool(oauth_raw.get("pkce", True)),
             extra_auth_params=dict(oauth_raw.get("extra_auth_params", {})),
+            issuer=issuer,
+            # Named as in the server's RFC 8414 metadata, so it can be copied from there.
+            iss_parameter_supported=bool(
+                oauth_raw.get("authorization_response_iss_parameter_supported", False)
+            ),
         )
     base_url = data.get("base_url")
     if base_url is not None:

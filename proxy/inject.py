@@ -82,9 +82,16 @@ class Injection:
 
 
 def not_proxyable(integration: Integration) -> IntegrationNotProxyable:
+    if not integration.catalogued:
+        why = (
+            "it is not in the integration catalogue, so its connections are served to the Connection "
+            "Service only; GET /admin/integrations lists the integrations the proxy serves (operators "
+            "add their own with integrations_dirs)"
+        )
+    else:
+        why = "its agents speak another protocol; read its parameters from the Connection Service instead"
     return IntegrationNotProxyable(
-        f"integration {integration.id!r} is not proxied (its agents speak another protocol); "
-        "read its parameters from the Connection Service instead",
+        f"integration {integration.id!r} is not proxied: {why}",
         fields={"connection_id": f"integration {integration.id!r} is not proxied"},
     )
 

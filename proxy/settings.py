@@ -34,6 +34,7 @@ class Settings:
     master_key: str | None = field(default=None, repr=False)
     master_key_file: Path | None = None
     admin_token: str | None = field(default=None, repr=False)
+    # Unset, load_settings derives it from listen_host:listen_port (see default_public_url).
     public_url: str = "http://127.0.0.1:8080"
     egress_allow: tuple[str, ...] = ()
     trusted_networks: tuple[IPNetwork, ...] = ()
@@ -146,11 +147,26 @@ def _listen(key: str, v: Any) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _url(key: str, v: Any) -> str:
+def _url(key: str, v: Any) -> str | None:
+    if v is None or v == "":
+        return None  # unset: the default applies (public_url: derived from listen)
     text = _str(key, v).rstrip("/")
     if not text.startswith(("http://", "https://")):
         raise ConfigError(key, "must be an absolute http(s) URL")
     return text
+
+
+def default_public_url(host: str, port: int) -> str:
+    """Where the service is reached when no ``public_url`` is set: its own listen address.
+
+    Connect links and the OAuth redirect URI are built from it, so a service listening on
+    another port than the default must not hand out links to 127.0.0.1:8080. A wildcard listen
+    address is no address a browser can open; its loopback stands in for it.
+    """
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal in a URL
+    return f"http://{host}:{port}"
 
 
 def _redis_url(key: str, v: Any) -> str | None:
@@ -263,8 +279,15 @@ def load_settings(
         parsed = _PARSERS[key](key, v)
         if key == "listen":
             values["listen_host"], values["listen_port"] = parsed
+        elif parsed is None and key == "public_url":
+            continue
         else:
             values[key] = parsed
+    if "public_url" not in values:
+        defaults = Settings()
+        values["public_url"] = default_public_url(
+            values.get("listen_host", defaults.listen_host), values.get("listen_port", defaults.listen_port)
+        )
     settings = Settings(**values)
     _cross_check(settings)
     return settings

@@ -85,7 +85,28 @@ def redacted_view(integration: Integration, record: ConnectionRecord) -> dict[st
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "version": record.version,
+        **served_by(integration),
     }
+
+
+def served_by(integration: Integration) -> dict[str, Any]:
+    """Who hands this connection's credentials out, and a notice when the proxy never does.
+
+    A connection of an integration id nobody described is still stored (Runtara's custom agents
+    read theirs from the Connection Service), so an admin answer must say it will not be proxied
+    rather than let a typo in ``integration_id`` pass silently.
+    """
+    if integration.proxyable:
+        return {"served_by": ["proxy", "connection_service"], "notice": None}
+    if not integration.catalogued:
+        notice = (
+            f"integration {integration.id!r} is not in the catalogue (GET /admin/integrations): the "
+            "connection is stored and served to the Connection Service only, and every parameter is "
+            "kept secret; the proxy refuses it with INTEGRATION_NOT_PROXYABLE"
+        )
+    else:
+        notice = f"integration {integration.id!r} is served to the Connection Service only, never proxied"
+    return {"served_by": ["connection_service"], "notice": notice}
 
 
 class Vault:

@@ -72,6 +72,25 @@ def test_sandbox_refuses_attribute_escapes() -> None:
         integ.render(dict(integ.inject_headers)["A"], {"token": "s"})
 
 
+def test_oauth2_issuer_identification_is_read_from_the_oauth2_table() -> None:
+    oauth2 = {
+        "auth_url": "https://id.example.com/authorize",
+        "issuer": "https://id.example.com",
+        "authorization_response_iss_parameter_supported": True,
+    }
+    fields = [{"name": "access_token", "secret": True}, {"name": "refresh_token", "secret": True}]
+    fields.append({"name": "client_secret", "secret": True})
+    data = {"id": "idp", "auth": "oauth2_authorization_code", "fields": fields, "oauth2": oauth2}
+    spec = parse_integration(data, "t").oauth2
+    assert spec is not None and (spec.issuer, spec.iss_parameter_supported) == (
+        "https://id.example.com",
+        True,
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_integration({**data, "oauth2": {**oauth2, "issuer": "id.example.com"}}, "t")
+    assert info.value.key == "t: idp.oauth2.issuer"
+
+
 def test_param_validation_names_fields() -> None:
     api = Catalogue.load().get("http_api_key")
     problems = api.validate_params({"location": "body", "base_url": "ftp://x", "api_key": "k"})

@@ -109,3 +109,36 @@ def test_example_config_loads() -> None:
 def test_secrets_not_in_repr() -> None:
     s = load_settings(env={"PROXY_ADMIN_TOKEN": "canary-admin-token-123", "PROXY_MASTER_KEY": "canary-key"})
     assert "canary" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "public_url"),
+    [
+        ({}, {}, "http://127.0.0.1:8080"),
+        ({"PROXY_LISTEN": "127.0.0.1:9123"}, {}, "http://127.0.0.1:9123"),
+        ({}, {"listen": "localhost:9124"}, "http://localhost:9124"),  # serve --listen
+        ({"PROXY_LISTEN": "0.0.0.0:9125"}, {}, "http://127.0.0.1:9125"),
+        ({"PROXY_LISTEN": "[::]:9126"}, {}, "http://[::1]:9126"),
+        ({"PROXY_LISTEN": "[::1]:9127"}, {}, "http://[::1]:9127"),
+        ({"PROXY_LISTEN": "127.0.0.1:9128", "PROXY_PUBLIC_URL": ""}, {}, "http://127.0.0.1:9128"),
+        # An explicit public URL always wins over the listen address.
+        (
+            {"PROXY_LISTEN": "0.0.0.0:9129", "PROXY_PUBLIC_URL": "https://cp.example.com"},
+            {},
+            "https://cp.example.com",
+        ),
+    ],
+)
+def test_public_url_follows_the_listen_address_unless_set(
+    env: dict[str, str], overrides: dict[str, str], public_url: str
+) -> None:
+    assert load_settings(env=env, overrides=overrides).public_url == public_url
+
+
+def test_public_url_in_a_file_wins_over_the_listen_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('public_url = "https://cp.example.com/"\n')
+    assert (
+        load_settings(cfg, env={}, overrides={"listen": "127.0.0.1:9130"}).public_url
+        == "https://cp.example.com"
+    )

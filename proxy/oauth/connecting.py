@@ -471,6 +471,15 @@ class Connector:
             problem = "session"
         return pending, session, problem
 
+    async def issuer_problem(self, session: ConnectSession, iss: str | None) -> str | None:
+        """Why the callback's ``iss`` (RFC 9207) must be refused, or None (``flows.issuer_problem``)."""
+        integration = self.catalogue.get(session.integration_id)
+        existing = await self.store.get_connection(session.tenant_id, session.connection_id)
+        client = await self.oauth_client(
+            session.tenant_id, integration, existing, session.default_connection_id
+        )
+        return flows.issuer_problem(client, iss)
+
     async def finish_oauth(
         self, session: ConnectSession, pending: oauth_state.PendingAuthorization, code: str
     ) -> flows.TokenSet:

@@ -31,13 +31,19 @@ from proxy.catalogue import OAuth2Spec
 FailureKind = Literal["reauth", "client", "rejected", "transient", "protocol"]
 TokenAuth = Literal["basic", "post"]
 
-# The names the token manager stores in a connection (``expires_at`` is epoch seconds).
-TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "scope")
+# The names the token manager stores in a connection (``expires_at`` and ``issued_at`` are epoch
+# seconds; ``issued_at`` tells a token's lifetime, so a short-lived one is renewed halfway).
+TOKEN_PARAMS = ("access_token", "refresh_token", "expires_at", "issued_at", "scope")
 # Parameters of the authorization request that extra_auth_params may never override: they carry
 # the flow's security (state, PKCE, where the code goes).
 RESERVED_AUTH_PARAMS = frozenset(
     {"response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"}
 )
+# A connection's ``auth_params``: extra authorization-request parameters (``prompt``,
+# ``access_type``...). Refused at the admin API when they name a reserved parameter or ``scope``
+# (which has its own parameter); dropped when building the URL all the same (defence in depth).
+AUTH_PARAMS = "auth_params"
+_AUTH_PARAMS_MAX = 50
 _ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
@@ -76,6 +82,8 @@ class ClientConfig:
     audience: str | None = None
     pkce: bool = True
     extra_auth_params: Mapping[str, str] = field(default_factory=dict)
+    issuer: str | None = None  # RFC 9207: what the callback's ``iss`` must be
+    require_iss: bool = False  # the server always sends ``iss`` (its metadata says so)
 
     def require(self, grant: str) -> None:
         """Raises ``OAuthConfigError`` naming every field the grant needs and lacks."""
@@ -87,6 +95,40 @@ class ClientConfig:
         missing = [name for name in needed if not getattr(self, name)]
         if missing:
             raise OAuthConfigError(missing, grant)
+
+
+def auth_params_problems(value: Any) -> dict[str, str]:
+    """What is wrong with a connection's ``auth_params`` (field -> problem; names, never values)."""
+    where = f"parameters.{AUTH_PARAMS}"
+    if not isinstance(value, dict):
+        return {where: "must be an object of parameter name -> string value"}
+    if len(value) > _AUTH_PARAMS_MAX:
+        return {where: f"at most {_AUTH_PARAMS_MAX} parameters"}
+    problems: dict[str, str] = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 100 or not name.isprintable():
+            problems[where] = "parameter names must be printable strings of 1-100 characters"
+        elif name in RESERVED_AUTH_PARAMS:
+            problems[f"{where}.{name}"] = (
+                "is set by the authorization flow itself (state, PKCE, redirect) and cannot be overridden"
+            )
+        elif name == "scope":
+            problems[f"{where}.{name}"] = "use the connection's scope parameter instead"
+        elif not isinstance(v, str) or len(v) > 2000:
+            problems[f"{where}.{name}"] = "must be a string of at most 2000 characters"
+    return problems
+
+
+def _auth_params(value: Any) -> dict[str, str]:
+    """The usable entries of a stored ``auth_params`` (anything malformed is ignored here: the
+    admin API refuses it on the way in)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _flag(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
 
 
 def _text(value: Any) -> str | None:
@@ -130,7 +172,14 @@ def client_config(
         token_auth="post" if token_auth == "post" else "basic",
         audience=pick("audience"),
         pkce=spec.pkce if spec is not None else True,
-        extra_auth_params=dict(spec.extra_auth_params) if spec is not None else {},
+        issuer=pick(ISSUER) or (spec.issuer if spec is not None else None),
+        require_iss=_flag(params.get(ISS_SUPPORTED) if ISS_SUPPORTED in params else fb.get(ISS_SUPPORTED))
+        or (spec.iss_parameter_supported if spec is not None else False),
+        # The integration's own, then the connection's (or its default connection's) on top.
+        extra_auth_params={
+            **(dict(spec.extra_auth_params) if spec is not None else {}),
+            **_auth_params(params.get(AUTH_PARAMS) if AUTH_PARAMS in params else fb.get(AUTH_PARAMS)),
+        },
     )
 
 
@@ -146,7 +195,10 @@ def authorization_url(
     assert client.auth_url is not None and client.client_id is not None
     parts = urlsplit(client.auth_url)
     ours = set(RESERVED_AUTH_PARAMS) | {"scope"}
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    extra = set(client.extra_auth_params)  # replace same-named ones hard-coded in auth_url
+    query = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours and k not in extra
+    ]
     query += [("response_type", "code"), ("client_id", client.client_id), ("redirect_uri", redirect_uri)]
     if client.scope:
         query.append(("scope", client.scope))
@@ -155,6 +207,50 @@ def authorization_url(
         query += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     query += [(k, str(v)) for k, v in client.extra_auth_params.items() if k not in ours]
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), ""))
+
+
+# --- authorization response (RFC 9207) -----------------------------------------------------------
+
+ISSUER = "issuer"
+ISS_SUPPORTED = "authorization_response_iss_parameter_supported"
+
+
+def _origin(url: str | None) -> tuple[str, str] | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return (parts.scheme.lower(), parts.netloc.lower()) if parts.scheme and parts.netloc else None
+
+
+def issuer_problem(client: ClientConfig, received: str | None) -> str | None:
+    """Why an authorization response's ``iss`` must be refused (RFC 9207), or None.
+
+    Mix-up defence: a user who signs in at a malicious authorization server (or is sent back by
+    one) could otherwise have another server's code exchanged with our client secret. Rules:
+    - ``iss`` must equal the declared ``issuer`` exactly (RFC 9207 §2.4: simple string comparison);
+    - with no issuer declared, it must at least be on the authorization endpoint's origin;
+    - without ``iss``, the response is refused only when the server is declared to always send
+      it (``authorization_response_iss_parameter_supported``), as RFC 9207 §2.4 requires.
+    The received value is never quoted back: it comes from whoever sent the browser here.
+    """
+    if received is None:
+        if client.require_iss:
+            return (
+                "the authorization server's answer does not say who issued it (no iss parameter), "
+                "although the server is declared to always send one"
+            )
+        return None
+    if client.issuer is not None:
+        if received != client.issuer:
+            return f"the answer comes from another authorization server than {client.issuer!r}"
+        return None
+    expected = _origin(client.auth_url)
+    if expected is None or _origin(received) != expected:
+        return (
+            "the answer names an issuer that is not the authorization endpoint's server; if that "
+            "server's issuer lives elsewhere, declare it as the connection's issuer"
+        )
+    return None
 
 
 # --- token requests (RFC 6749 §4.1.3, §6, §4.4; RFC 7009 §2.1) -----------------------------------
@@ -247,6 +343,7 @@ class TokenSet:
     expires_at: int | None = None
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    issued_at: int | None = None  # set with expires_at: the token's lifetime is the difference
 
     def to_params(self) -> dict[str, Any]:
         """The connection parameters to store (None removes a stale value)."""
@@ -254,6 +351,7 @@ class TokenSet:
             "access_token": self.access_token,
             "refresh_token": self.refresh_token,
             "expires_at": self.expires_at,
+            "issued_at": self.issued_at,
             "scope": self.scope,
         }
 
@@ -266,6 +364,19 @@ def expires_soon(expires_at: Any, now: float, skew_s: float) -> bool:
         return float(expires_at) - skew_s <= now
     except (TypeError, ValueError):
         return True  # a garbled expiry is treated as expired: refreshing is the safe side
+
+
+def refresh_margin(expires_at: Any, issued_at: Any, skew_s: float) -> float:
+    """How long before expiry a token is renewed: ``skew_s``, or half its lifetime when that is
+    shorter. Without the halving, a token living less than ``skew_s`` would count as expiring
+    from the moment it was issued and be refreshed on every call."""
+    try:
+        lifetime = float(expires_at) - float(issued_at)
+    except (TypeError, ValueError):
+        return skew_s  # lifetime unknown (e.g. tokens set by an admin): the plain margin
+    if isinstance(expires_at, bool) or isinstance(issued_at, bool) or not lifetime > 0:
+        return skew_s
+    return min(skew_s, lifetime / 2)
 
 
 def error_code(value: Any) -> str | None:
@@ -378,6 +489,7 @@ def parse_token_response(
         access_token=access,
         token_type="Bearer",
         expires_at=int(now + seconds) if seconds is not None else None,
+        issued_at=int(now) if seconds is not None else None,
         refresh_token=refresh if isinstance(refresh, str) and refresh else previous_refresh_token,
         scope=scope if isinstance(scope, str) and scope else requested_scope,
     )

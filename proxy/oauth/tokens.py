@@ -256,7 +256,10 @@ class TokenManager:
     # --- authorization code: refresh -----------------------------------------------------------
 
     def _expiring(self, params: Any) -> bool:
-        return flows.expires_soon(params.get("expires_at"), self.clock(), REFRESH_SKEW_S)
+        expires_at = params.get("expires_at")
+        # A minute early, or halfway through for short-lived tokens (as minted tokens below).
+        margin = flows.refresh_margin(expires_at, params.get("issued_at"), REFRESH_SKEW_S)
+        return flows.expires_soon(expires_at, self.clock(), margin)
 
     def _is_forced(self, key: Key, token: Any) -> bool:
         mark = self._forced.get(key)

@@ -22,6 +22,7 @@ from proxy.catalogue import Integration
 from proxy.destinations import USERS_CHOOSE_OPTION
 from proxy.errors import Conflict, NotFound, ValidationError
 from proxy.model import ApiKeyRecord, AuditEvent, Caller, ConnectionRecord, check_id, parse_rate_limits
+from proxy.oauth import flows
 from proxy.store.base import AuditQuery, ExpectedVersion
 from proxy.urls import validate_base_url
 from proxy.vault import REDACTED, redacted_view
@@ -181,6 +182,8 @@ def _check_params(
 ) -> None:
     for key, problem in integration.validate_params(params).items():
         problems[key] = problem
+    if integration.auth == "oauth2_authorization_code" and params.get(flows.AUTH_PARAMS) is not None:
+        problems.update(flows.auth_params_problems(params[flows.AUTH_PARAMS]))
     for name, value in params.items():
         if not isinstance(name, str) or not name or len(name) > 200:
             problems["parameters"] = "parameter names must be non-empty strings"

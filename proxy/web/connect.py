@@ -457,6 +457,19 @@ async def _callback(request: web.Request) -> web.Response:
             _audit(request, session, "connect.oauth_callback", "refused", reason=problem)
         page = problem if problem in ("state", "used", "expired") else "binding"
         return _canned(request, page, session)
+    # Before anything else in the answer (errors included) is believed: RFC 9207 §2.4.
+    mixup = await connector.issuer_problem(session, q.get("iss"))
+    if mixup is not None:
+        _audit(request, session, "connect.oauth_callback", "refused", reason="issuer")
+        return _error_page(
+            request,
+            400,
+            "OAUTH_ISSUER_MISMATCH",
+            "This sign-in cannot be completed",
+            f"Nothing was connected: {mixup}. Go back to the connect page and start again.",
+            session,
+            error="issuer_mismatch",
+        )
     provider_error = q.get("error")
     if provider_error is not None:
         code = error_code(provider_error) or "unrecognised_error"

@@ -50,6 +50,83 @@ def test_authorization_url_has_every_rfc_parameter_and_keeps_endpoint_query() ->
     assert "%20" in parts.query and "+" not in parts.query  # spaces as %20 in a URL
 
 
+def test_connection_auth_params_reach_the_authorize_url_but_never_the_flows_own() -> None:
+    spec = OAuth2Spec(
+        auth_url="https://id.example.com/authorize?prompt=login", extra_auth_params={"a": "spec"}
+    )
+    params = {
+        "client_id": "c",
+        "token_url": "https://id.example.com/token",
+        # "state" and "scope" are refused by the admin API; a stored record carrying them anyway
+        # (written before that check) still cannot steer the flow.
+        "auth_params": {"prompt": "consent", "a": "mine", "state": "evil", "scope": "admin", "n": 1},
+    }
+    client = flows.client_config(params, spec)
+    q = parse_qs(
+        urlsplit(
+            flows.authorization_url(client, redirect_uri="https://p/cb", state="s", code_challenge="c")
+        ).query
+    )
+    assert q["prompt"] == ["consent"]  # replaces the one hard-coded in auth_url
+    assert q["a"] == ["mine"] and q["state"] == ["s"] and "scope" not in q and "n" not in q
+    # A runtime user's connection without its own uses its default connection's.
+    inherited = flows.client_config({}, spec, fallback=params)
+    assert inherited.extra_auth_params["prompt"] == "consent"
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"state": "x"}, "parameters.auth_params.state"),
+        ({"code_challenge": "x"}, "parameters.auth_params.code_challenge"),
+        ({"redirect_uri": "https://evil.example"}, "parameters.auth_params.redirect_uri"),
+        ({"client_id": "x"}, "parameters.auth_params.client_id"),
+        ({"response_type": "token"}, "parameters.auth_params.response_type"),
+        ({"scope": "x"}, "parameters.auth_params.scope"),
+        ({"prompt": 1}, "parameters.auth_params.prompt"),
+        (["prompt"], "parameters.auth_params"),
+        ({"": "x"}, "parameters.auth_params"),
+    ],
+)
+def test_auth_params_problems(value: object, field: str) -> None:
+    assert field in flows.auth_params_problems(value)
+
+
+def test_auth_params_problems_accepts_plain_extras() -> None:
+    assert flows.auth_params_problems({"prompt": "consent", "access_type": "offline"}) == {}
+
+
+def test_issuer_problem_rfc9207() -> None:
+    declared = ClientConfig(
+        client_id="c", auth_url="https://id.example.com/authorize", issuer="https://id.example.com/t1"
+    )
+    assert flows.issuer_problem(declared, "https://id.example.com/t1") is None
+    assert flows.issuer_problem(declared, "https://id.example.com/t1/") is not None  # exact comparison
+    assert flows.issuer_problem(declared, "https://evil.example") is not None
+    assert flows.issuer_problem(declared, None) is None  # not declared to always send it
+    # No issuer declared: at least the authorization endpoint's own server.
+    plain = ClientConfig(client_id="c", auth_url="https://ID.example.com/authorize")
+    assert flows.issuer_problem(plain, "https://id.example.com") is None
+    assert flows.issuer_problem(plain, "https://id.example.com.evil.example") is not None
+    assert flows.issuer_problem(plain, "not a url") is not None
+    # Declared to always send it: a missing iss is refused.
+    required = flows.client_config(
+        {
+            "client_id": "c",
+            "issuer": "https://id.example.com",
+            "authorization_response_iss_parameter_supported": True,
+        },
+        OAuth2Spec(auth_url="https://id.example.com/authorize"),
+    )
+    assert required.require_iss and flows.issuer_problem(required, None) is not None
+    spec = OAuth2Spec(
+        auth_url="https://a.example/auth", issuer="https://a.example", iss_parameter_supported=True
+    )
+    from_spec = flows.client_config({"client_id": "c"}, spec)
+    assert (from_spec.issuer, from_spec.require_iss) == ("https://a.example", True)
+    assert "evil" not in (flows.issuer_problem(from_spec, "https://evil.example") or "evil")  # never echoed
+
+
 def test_authorization_url_without_pkce_omits_challenge() -> None:
     url = flows.authorization_url(CLIENT, redirect_uri="https://p/cb", state="s", code_challenge=None)
     assert "code_challenge" not in url
@@ -170,6 +247,7 @@ def test_parse_success_computes_absolute_expiry() -> None:
         "access_token": "a",
         "refresh_token": "r",
         "expires_at": 4600,
+        "issued_at": 1000,
         "scope": "x y",
     }
     assert "'a'" not in repr(tokens) and "'r'" not in repr(tokens)
@@ -242,3 +320,14 @@ def test_expires_soon() -> None:
     assert not flows.expires_soon(1061, now=1000, skew_s=60)
     assert not flows.expires_soon(None, now=1000, skew_s=60)
     assert flows.expires_soon("garbage", now=1000, skew_s=60)
+
+
+def test_refresh_margin_is_half_the_lifetime_of_short_lived_tokens() -> None:
+    assert flows.refresh_margin(4600, 1000, 60) == 60  # an hour: a minute early
+    assert flows.refresh_margin(1020, 1000, 60) == 10  # twenty seconds: halfway
+    assert not flows.expires_soon(1020, now=1009, skew_s=flows.refresh_margin(1020, 1000, 60))
+    assert flows.expires_soon(1020, now=1010, skew_s=flows.refresh_margin(1020, 1000, 60))
+    # Lifetime unknown or nonsensical: the plain margin.
+    for issued in (None, "x", True, 1020, 1030):
+        assert flows.refresh_margin(1020, issued, 60) == 60
+    assert flows.refresh_margin(None, 1000, 60) == 60

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ async def test_code_exchange_stores_tokens_encrypted(
 
 
 async def test_refresh_on_expiry_rotates_and_persists(replica: Replica, authserver: AuthServer) -> None:
-    authserver.control(expires_in=30)  # inside the 60 s skew: due for refresh at once
+    authserver.control(expires_in=0)  # expired on arrival: due for refresh at once
     old = await oauth_connection(replica, authserver)
     authserver.control(expires_in=3600)
     token = await replica.tokens.access_token(await replica.creds("crm"))
@@ -175,15 +176,35 @@ async def test_refresh_on_expiry_rotates_and_persists(replica: Replica, authserv
     assert authserver.count("refreshes") == 1
 
 
+async def test_short_lived_tokens_are_refreshed_halfway_not_on_every_call(
+    replica: Replica, authserver: AuthServer
+) -> None:
+    # The real server issues 20-second tokens: shorter than the one-minute refresh margin, which
+    # used to make every call refresh. The manager's clock steps one second per call.
+    authserver.control(expires_in=20)
+    now = [float(int(time.time()))]
+    replica.tokens.clock = lambda: now[0]
+    await oauth_connection(replica, authserver)
+    seen = []
+    for _ in range(40):
+        now[0] += 1
+        seen.append(await replica.tokens.access_token(await replica.creds("crm")))
+    # Renewed at 10, 20, 30 and 40 s: halfway through each token's life.
+    assert authserver.count("refreshes") == 4
+    assert len(set(seen)) == 5 and seen[8] != seen[9] and seen[9] == seen[18] != seen[19]
+    assert await api_me(replica, authserver, seen[-1]) == 200
+    assert (await replica.creds("crm")).params["issued_at"] == int(now[0])
+
+
 async def test_non_rotating_server_keeps_refresh_token(replica: Replica, authserver: AuthServer) -> None:
-    authserver.control(expires_in=10, rotate=False)
+    authserver.control(expires_in=0, rotate=False)
     old = await oauth_connection(replica, authserver)
     await replica.tokens.access_token(await replica.creds("crm"))
     assert (await replica.creds("crm")).params["refresh_token"] == old["refresh_token"]
 
 
 async def test_twenty_concurrent_calls_refresh_once(replica: Replica, authserver: AuthServer) -> None:
-    authserver.control(expires_in=5)
+    authserver.control(expires_in=0)  # due for refresh at once
     await oauth_connection(replica, authserver)
     authserver.control(expires_in=3600, delay_s=0.3)
     creds = await replica.creds("crm")
@@ -203,7 +224,7 @@ async def test_concurrent_refresh_across_replicas_happens_once(
 
     a, b = await make_replica(new_store(), ring), await make_replica(new_store(), ring)
     try:
-        authserver.control(expires_in=5)
+        authserver.control(expires_in=0)  # due for refresh at once
         await oauth_connection(a, authserver)
         authserver.control(expires_in=3600, delay_s=0.4)
         ca, cb = await a.creds("crm"), await b.creds("crm")
@@ -218,7 +239,7 @@ async def test_concurrent_refresh_across_replicas_happens_once(
 
 
 async def test_invalid_grant_marks_needs_reauth(replica: Replica, authserver: AuthServer) -> None:
-    authserver.control(expires_in=5)
+    authserver.control(expires_in=0)  # due for refresh at once
     await oauth_connection(replica, authserver)
     authserver.control(fail_next=["invalid_grant"])
     with pytest.raises(ConnectionNotAuthorized) as info:
@@ -234,7 +255,7 @@ async def test_invalid_grant_marks_needs_reauth(replica: Replica, authserver: Au
 
 
 async def test_transient_failure_changes_nothing(replica: Replica, authserver: AuthServer) -> None:
-    authserver.control(expires_in=5)
+    authserver.control(expires_in=0)  # due for refresh at once
     await oauth_connection(replica, authserver)
     authserver.control(fail_next=["500"], expires_in=3600)
     with pytest.raises(UpstreamUnreachable) as info:
@@ -284,7 +305,7 @@ async def test_runtime_user_connection_uses_default_connections_client(
     replica: Replica, authserver: AuthServer
 ) -> None:
     await oauth_connection(replica, authserver, cid="default")
-    authserver.control(expires_in=5)
+    authserver.control(expires_in=0)  # due for refresh at once
     user_tokens = await obtain_tokens(replica, authserver)
     authserver.control(expires_in=3600)
     await put_connection(

@@ -13,7 +13,8 @@ the proxy can get things wrong:
 - ``POST /revoke``: records what was revoked.
 - ``GET /api/me``: a protected resource; 401 for unknown, revoked or expired tokens.
 - ``GET /control`` (counters, revocations, last requests) and ``POST /control`` (settings:
-  ``deny``, ``expires_in``, ``rotate``, ``delay_s``, ``fail_next`` (a queue of ``invalid_grant``,
+  ``deny``, ``expires_in``, ``iss`` (RFC 9207: ``"self"`` sends this server's URL, any other
+  string is sent as is), ``rotate``, ``delay_s``, ``fail_next`` (a queue of ``invalid_grant``,
   ``invalid_client``, ``500``...), ``fail_always``, ``clients``, ``expire_access_tokens``,
   ``reset``).
 
@@ -61,6 +62,7 @@ def _fresh_state() -> dict[str, Any]:
             "fail_always": None,
             "issue_refresh": True,
             "token_content_type": "json",
+            "iss": None,
         },
         "codes": {},
         "access": {},
@@ -102,6 +104,9 @@ def _oauth_error(error: str, status: int = 400) -> web.Response:
 async def authorize(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     st["counts"]["authorize"] += 1
+    iss = st["config"]["iss"]
+    # RFC 9207: "self" is this server's own issuer identifier (its base URL); else sent as given.
+    ident = {"iss": f"{request.scheme}://{request.host}" if iss == "self" else str(iss)} if iss else {}
     q = dict(request.query)
     st["last_authorize"] = q
     client_id, redirect_uri = q.get("client_id"), q.get("redirect_uri")
@@ -109,11 +114,11 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, text="unknown client_id or missing redirect_uri")
     state = q.get("state", "")
     if st["config"]["deny"]:
-        raise _redirect(redirect_uri, error="access_denied", state=state)
+        raise _redirect(redirect_uri, error="access_denied", state=state, **ident)
     if q.get("response_type") != "code":
-        raise _redirect(redirect_uri, error="unsupported_response_type", state=state)
+        raise _redirect(redirect_uri, error="unsupported_response_type", state=state, **ident)
     if not q.get("code_challenge") or q.get("code_challenge_method") != "S256":
-        raise _redirect(redirect_uri, error="invalid_request", state=state)
+        raise _redirect(redirect_uri, error="invalid_request", state=state, **ident)
     code = "code_" + secrets.token_urlsafe(16)
     st["codes"][code] = {
         "client_id": client_id,
@@ -122,7 +127,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         "scope": q.get("scope"),
         "exp": time.time() + 60,
     }
-    raise _redirect(redirect_uri, code=code, state=state)
+    raise _redirect(redirect_uri, code=code, state=state, **ident)
 
 
 def _client_auth(request: web.Request, form: dict[str, str], st: dict[str, Any]) -> tuple[str | None, str]:

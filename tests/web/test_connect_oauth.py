@@ -147,7 +147,7 @@ async def test_authorization_code_flow_end_to_end(
 async def test_refresh_through_proxy_happens_once_for_concurrent_calls(
     svc: RunningService, authserver: AuthServer, browser: Browser
 ) -> None:
-    authserver.control(expires_in=30)
+    authserver.control(expires_in=0)  # due for refresh at once
     await connected(svc, authserver, browser)
     old = (await svc.services.vault.credentials(T, "crm")).params["refresh_token"]
     authserver.control(expires_in=3600, delay_s=0.3)
@@ -162,7 +162,7 @@ async def test_refresh_through_proxy_happens_once_for_concurrent_calls(
 async def test_invalid_grant_needs_reauth_then_reconnect(
     svc: RunningService, authserver: AuthServer, browser: Browser
 ) -> None:
-    authserver.control(expires_in=30)
+    authserver.control(expires_in=0)  # due for refresh at once
     await connected(svc, authserver, browser)
     authserver.control(fail_next=["invalid_grant"], expires_in=3600)
     key = await svc.mint_key(T)
@@ -302,3 +302,81 @@ async def test_client_credentials_minted_once_for_many_proxied_calls(
     results = await asyncio.gather(*(proxy_me(svc, key, "svc") for _ in range(10)))
     assert [s for s, _ in results] == [200] * 10
     assert authserver.count("client_credentials") == 1
+
+
+async def test_auth_params_reach_the_provider_and_cannot_override_the_flow(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser
+) -> None:
+    svc = sqlite_svc
+    path = f"/admin/tenants/{T}/connections/crm"
+    for bad in ({"state": "mine"}, {"redirect_uri": "https://evil.example/cb"}, {"prompt": 1}):
+        body = {"integration_id": OAUTH, "parameters": {**authserver.endpoints(), "auth_params": bad}}
+        status, data = await svc.admin("PUT", path, json=body)
+        assert status == 422 and data["error"] == "VALIDATION_ERROR", data
+        assert f"parameters.auth_params.{next(iter(bad))}" in data["fields"]
+    assert (await svc.admin("GET", path))[0] == 404  # nothing stored
+    # An OpenID provider keeps offline_access only with prompt=consent: now a field of its own.
+    extras = {"prompt": "consent", "access_type": "offline"}
+    view = await svc.put_connection(
+        T, "crm", {"integration_id": OAUTH, "parameters": {**authserver.endpoints(), "auth_params": extras}}
+    )
+    assert view["parameters"]["auth_params"] == extras  # not a secret: shown as set
+    status, data = await svc.admin(
+        "PATCH", path, json={"parameters": {"auth_params": {"code_challenge": "x"}}}
+    )
+    assert status == 422 and "parameters.auth_params.code_challenge" in data["fields"]
+
+    data = await session(svc, connection_id="crm")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200
+    sent = authserver.state()["last_authorize"]
+    assert sent["prompt"] == "consent" and sent["access_type"] == "offline"
+    assert sent["redirect_uri"] == svc.url + "/oauth/callback" and sent["code_challenge_method"] == "S256"
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_callback_naming_another_issuer_is_refused(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser, declared: bool
+) -> None:
+    """RFC 9207 mix-up defence: the answer says another server issued it. Nothing is stored."""
+    svc = sqlite_svc
+    params = {**authserver.endpoints(), **({"issuer": authserver.url} if declared else {})}
+    await svc.put_connection(T, "crm", {"integration_id": OAUTH, "parameters": params})
+    authserver.control(iss="https://evil.example")
+    data = await session(svc, connection_id="crm")
+    callback = await browser.sign_in(data["url"])
+    assert parse_qs(urlsplit(callback).query)["iss"] == ["https://evil.example"]
+    status, html, headers = await browser.get(callback)
+    assert status == 400 and headers["X-Proxy-Error"] == "OAUTH_ISSUER_MISMATCH"
+    assert "another authorization server" in html or "not the authorization endpoint" in html
+    assert "evil.example" not in html  # the sender's value is not echoed
+    assert authserver.count("code_exchanges") == 0
+    _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/crm")
+    assert view["status"] == "pending" and "access_token" not in view["parameters"]
+    # The link is still good: with the right issuer the same link connects.
+    authserver.control(iss="self")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200
+    _, view = await svc.admin("GET", f"/admin/tenants/{T}/connections/crm")
+    assert view["status"] == "active"
+
+
+async def test_callback_without_iss_is_refused_when_the_server_always_sends_it(
+    sqlite_svc: RunningService, authserver: AuthServer, browser: Browser
+) -> None:
+    svc = sqlite_svc
+    params = {
+        **authserver.endpoints(),
+        "issuer": authserver.url,
+        "authorization_response_iss_parameter_supported": True,
+    }
+    await svc.put_connection(T, "crm", {"integration_id": OAUTH, "parameters": params})
+    data = await session(svc, connection_id="crm")
+    callback = await browser.sign_in(data["url"])  # the server is not sending iss (its default)
+    assert "iss" not in parse_qs(urlsplit(callback).query)
+    status, html, headers = await browser.get(callback)
+    assert status == 400 and headers["X-Proxy-Error"] == "OAUTH_ISSUER_MISMATCH" and "no iss" in html
+    assert authserver.count("code_exchanges") == 0
+    authserver.control(iss="self")
+    status, _, _ = await browser.get(await browser.sign_in(data["url"]))
+    assert status == 200 and authserver.count("code_exchanges") == 1

@@ -355,6 +355,43 @@ async def test_opaque_integration_refused(svc: RunningService, upstream: Upstrea
     assert "integration 'sftp' is not proxied" in json.loads(body)["message"]
 
 
+async def test_integration_outside_the_catalogue_is_stored_but_said_to_be_connection_service_only(
+    svc: RunningService, upstream: Upstream
+) -> None:
+    body = {
+        "integration_id": "acme_custom_agent",
+        "parameters": {"token": "tok-123", "base_url": upstream.url},
+    }
+    view = await svc.put_connection("t1", "custom", body)  # stored: Runtara's custom agents need it
+    assert view["served_by"] == ["connection_service"]
+    assert "not in the catalogue" in view["notice"] and "GET /admin/integrations" in view["notice"]
+    assert "tok-123" not in json.dumps(view)
+    _, got = await svc.admin("GET", "/admin/tenants/t1/connections/custom")
+    assert got["served_by"] == ["connection_service"] and got["notice"] == view["notice"]
+    # Catalogued integrations say so as well: no notice.
+    await connect(svc, upstream, "b1", "http_bearer", {"token": "t"})
+    _, bearer = await svc.admin("GET", "/admin/tenants/t1/connections/b1")
+    assert bearer["served_by"] == ["proxy", "connection_service"] and bearer["notice"] is None
+    _, listed = await svc.admin("GET", "/admin/tenants/t1/connections")
+    assert {i["connection_id"]: i["served_by"] for i in listed["items"]}["custom"] == ["connection_service"]
+
+    status, headers, raw = await call(svc, "/proxy/x", "custom")
+    error = json.loads(raw)
+    assert (status, headers["X-Proxy-Error"], error["error"]) == (
+        422,
+        "INTEGRATION_NOT_PROXYABLE",
+        "INTEGRATION_NOT_PROXYABLE",
+    )
+    assert (
+        "not in the integration catalogue" in error["message"]
+        and "GET /admin/integrations" in error["message"]
+    )
+    assert upstream.seen == []
+    # The Connection Service hands it out.
+    async with svc.session.get(svc.url + "/connections/t1/custom", headers=svc.admin_headers) as r:
+        assert r.status == 200 and (await r.json())["parameters"]["token"] == "tok-123"
+
+
 async def test_runtime_user_override(svc: RunningService, upstream: Upstream) -> None:
     await connect(svc, upstream, "c1", "http_bearer", {"token": "default-token"})
     await connect(
