@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -44,12 +45,21 @@ log = logging.getLogger("proxy.envelope")
 # Bodies up to this size are classified inline (~2 ms of the C parser at most) and answered in
 # one write; larger ones go to the pool and are streamed.
 INLINE_MAX = 64 * 1024
-# Slices written per loop turn: ~1-3 ms of base64 or escaping each.
-B64_SLICE = 3 * 256 * 1024  # a multiple of 3, so slices encode independently
-TEXT_SLICE = 256 * 1024  # characters
-RAW_SLICE = 1024 * 1024
+# Slices written per loop turn: well under a millisecond of base64 or escaping each, so even
+# envelope_max_concurrent calls encoding at once leave the loop a turn every few milliseconds.
+B64_SLICE = 3 * 64 * 1024  # a multiple of 3, so slices encode independently
+TEXT_SLICE = 64 * 1024  # characters
+RAW_SLICE = 256 * 1024
 READ_CHUNK = 64 * 1024
-POOL_WORKERS = max(1, min(2, os.cpu_count() or 1))
+# One helper, at a lower priority: the JSON check is throughput work, and on a small machine a
+# busy helper per core would take the CPU the event loop needs to stay responsive.
+POOL_WORKERS = 1
+HELPER_NICE = 10
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(HELPER_NICE)
 
 
 class EnvelopeGate:
@@ -85,7 +95,9 @@ class BodyClassifier:
             return classify(data)
         if self._pool is None:
             # spawn, not fork: forking a process that runs threads (the store, the executor) is unsafe.
-            self._pool = ProcessPoolExecutor(POOL_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                POOL_WORKERS, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+            )
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, classify, data)
         except BrokenProcessPool:
