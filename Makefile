@@ -61,6 +61,7 @@ bench: $(VENV)/.installed-test check-system
 	$(BIN)/python bench/connection_service.py
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/ratelimit.py
+	$(BIN)/python bench/resources.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

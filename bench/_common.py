@@ -303,6 +303,7 @@ def start_service(
     workers: int = 1,
     redis_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Service:
     port = free_port()
     data = tmp / f"data-{name}"
@@ -320,7 +321,7 @@ def start_service(
     if redis_url:
         env["PROXY_REDIS_URL"] = redis_url
     env.update(extra_env or {})
-    argv = [PY, "-m", "proxy", "serve"]
+    argv = [*wrapper, PY, "-m", "proxy", "serve"]  # wrapper: e.g. prlimit, which execs the service
     if workers > 1:
         argv += ["--workers", str(workers)]
     proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus)

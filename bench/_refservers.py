@@ -4,11 +4,13 @@
   It parses as little as possible so the upstream costs the shared CPUs little.
 - ``json``: a bare aiohttp handler returning a fixed JSON document (the Connection Service's
   reference: same framework, no auth, no store, no decryption, no audit).
+- ``file``: a bare aiohttp handler answering ``GET /doc`` with the bytes of ``--body-file`` as
+  they are (``--content-type``), for large-answer benchmarks.
 - ``passthrough``: a bare aiohttp pass-through (the proxy's reference: the same hop with no
   features): reads the request, forwards it with one ClientSession, streams the answer back,
   with one fixed ``Authorization`` header added as the only "injection".
 
-Usage: ``python bench/_refservers.py MODE --port P [--body-file F] [--upstream URL] [--token T]``.
+Usage: ``python bench/_refservers.py MODE --port P [--body-file F] [--content-type T] [--upstream URL] [--token T]``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,23 @@ async def serve_json(port: int, body_file: Path) -> None:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/connections/{tenant}/{conn}", handler)
+    await _run(app, port)
+
+
+async def serve_file(port: int, body_file: Path, content_type: str) -> None:
+    from aiohttp import web
+
+    body = body_file.read_bytes()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/doc", handler)
     await _run(app, port)
 
 
@@ -176,16 +195,19 @@ async def _run(app: object, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("upstream", "json", "passthrough"))
+    parser.add_argument("mode", choices=("upstream", "json", "file", "passthrough"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--body-file", type=Path)
     parser.add_argument("--upstream")
     parser.add_argument("--token", default="bench-upstream-token")
+    parser.add_argument("--content-type", default="application/json")
     args = parser.parse_args()
     if args.mode == "upstream":
         asyncio.run(serve_upstream(args.port))
     elif args.mode == "json":
         asyncio.run(serve_json(args.port, args.body_file))
+    elif args.mode == "file":
+        asyncio.run(serve_file(args.port, args.body_file, args.content_type))
     else:
         asyncio.run(serve_passthrough(args.port, args.upstream.rstrip("/"), args.token))
 

@@ -57,9 +57,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve_one(settings: Settings, reuse_port: bool) -> None:
-    from aiohttp import web
-
     from proxy.web.app import SERVICES, build_app
+    from proxy.web.connguard import serve
 
     app = build_app(settings)
     app.on_startup.append(_tune_collector)  # last: after the service has loaded everything
@@ -69,15 +68,9 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
             f'admin token: {secrets.admin_token_file}  (curl -H "Authorization: Bearer $(cat {secrets.admin_token_file})")',
             flush=True,
         )
-    web.run_app(
-        app,
-        host=settings.listen_host,
-        port=settings.listen_port,
-        reuse_port=reuse_port or None,
-        access_log=None,
-        print=lambda msg: print(msg.replace("======== ", "").replace(" ========", ""), flush=True),
-        shutdown_timeout=10,
-    )
+    # Not web.run_app: the listening socket uses the connection guard (connection cap, request
+    # head deadline) as its protocol factory, which run_app cannot be given.
+    asyncio.run(serve(app, settings, reuse_port=reuse_port, announce=lambda msg: print(msg, flush=True)))
 
 
 # Young-generation threshold of the cyclic collector (CPython's default is 700). See below.

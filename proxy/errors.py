@@ -131,6 +131,14 @@ class UpstreamUnreachable(ProxyError):
     status = 502
 
 
+class UpstreamResponseTooLarge(UpstreamUnreachable):
+    """The upstream's answer is larger than the envelope buffers (``envelope_max_response_bytes``).
+
+    Its own code: unlike an unreachable upstream, retrying the same call will not help."""
+
+    code = "UPSTREAM_RESPONSE_TOO_LARGE"
+
+
 class ServiceUnavailable(ProxyError):
     code = "SERVICE_UNAVAILABLE"
     status = 503

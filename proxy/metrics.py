@@ -216,6 +216,12 @@ STORE_ERRORS = Counter(
     ["backend"],
     registry=REGISTRY,
 )
+CLIENT_CONNECTIONS_CLOSED = Counter(
+    "proxy_client_connections_closed_total",
+    "Client connections closed by the resource bounds: over_limit (max_connections) or head_timeout.",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 # --- gauges computed from process state, and exposition ----------------------------------------

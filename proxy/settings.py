@@ -62,6 +62,17 @@ class Settings:
     proxy_only_tenants: tuple[str, ...] = ()
     log_level: str = "INFO"
     workers: int = 1
+    # Resource bounds (per process). Client connections served at once; beyond them a few more
+    # (connection_reserve) are accepted only to answer /healthz, the rest are closed at once.
+    max_connections: int = 1024
+    connection_reserve: int = 16
+    # A connection that has not sent a complete request head this long after connecting (or
+    # after the first byte of its next head) is closed: slowloris.
+    head_timeout_s: float = 10.0
+    # The envelope buffers the upstream's answer to wrap it in JSON: the most it buffers, and
+    # how many envelope calls run at once (beyond it: 503 with Retry-After).
+    envelope_max_response_bytes: int = 10 * 1024 * 1024
+    envelope_max_concurrent: int = 8
 
     @property
     def listen(self) -> str:
@@ -233,6 +244,11 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "proxy_only_tenants": _list,
     "log_level": _log_level,
     "workers": _int(1),
+    "max_connections": _int(1),
+    "connection_reserve": _int(0),
+    "head_timeout_s": _float(0.01),
+    "envelope_max_response_bytes": _int(1024),
+    "envelope_max_concurrent": _int(1),
 }
 
 

@@ -72,6 +72,12 @@ def test_contract_variables() -> None:
         ({"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY": "k"}, "admin_token"),
         ({"PROXY_ADMIN_TOKEN": "short"}, "admin_token"),
         ({"PROXY_AUDIT_RETENTION_DAYS": "-1"}, "audit_retention_days"),
+        ({"PROXY_MAX_CONNECTIONS": "0"}, "max_connections"),
+        ({"PROXY_MAX_CONNECTIONS": "lots"}, "max_connections"),
+        ({"PROXY_CONNECTION_RESERVE": "-1"}, "connection_reserve"),
+        ({"PROXY_HEAD_TIMEOUT_S": "0"}, "head_timeout_s"),
+        ({"PROXY_ENVELOPE_MAX_RESPONSE_BYTES": "10"}, "envelope_max_response_bytes"),
+        ({"PROXY_ENVELOPE_MAX_CONCURRENT": "0"}, "envelope_max_concurrent"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
@@ -104,6 +110,17 @@ def test_example_config_loads() -> None:
     assert isinstance(s, Settings)
     assert s.audit_flush_interval_s == 0.5
     assert s.audit_retention_days == 90
+
+
+def test_resource_bounds_have_safe_defaults_and_load_from_file_and_env(tmp_path: Path) -> None:
+    s = load_settings(env={})
+    assert (s.max_connections, s.connection_reserve, s.head_timeout_s) == (1024, 16, 10.0)
+    assert (s.envelope_max_response_bytes, s.envelope_max_concurrent) == (10 * 1024 * 1024, 8)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max_connections = 50\nhead_timeout_s = 2.5\n[envelope]\nmax_response_bytes = 4096\n")
+    s = load_settings(cfg, env={"PROXY_ENVELOPE_MAX_CONCURRENT": "3"})
+    assert (s.max_connections, s.head_timeout_s) == (50, 2.5)
+    assert (s.envelope_max_response_bytes, s.envelope_max_concurrent) == (4096, 3)
 
 
 def test_secrets_not_in_repr() -> None:

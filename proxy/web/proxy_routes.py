@@ -52,15 +52,18 @@ from proxy.pipeline import (
     outcome_of,
     parse_control_int,
 )
+from proxy.web import envelope_answer
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
 from proxy.web.errors import NON_ORIGIN_FORM, Handler, error_response, request_id_of
 
 __all__ = ["PIPELINE", "WATCHER", "DisconnectWatcher", "setup"]
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
+ENVELOPE_GATE = web.AppKey("envelope_gate", envelope_answer.EnvelopeGate)
+ENVELOPE_CLASSIFIER = web.AppKey("envelope_classifier", envelope_answer.BodyClassifier)
 CHUNK = 64 * 1024
 ENVELOPE_MAX_BODY = 32 * 1024 * 1024
-# The envelope carries the body base64-encoded inside JSON: 4/3 of the body plus headers.
+# The envelope carries the request body base64-encoded inside JSON: 4/3 of the body plus headers.
 ENVELOPE_MAX_REQUEST = ENVELOPE_MAX_BODY * 4 // 3 + 1024 * 1024
 DISCONNECT_POLL_S = 0.25
 SMALL_BODY = 64 * 1024
@@ -349,26 +352,15 @@ def _envelope_body(payload: dict[str, Any], headers: dict[str, str]) -> bytes | 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _envelope_response(status: int, up_headers: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
+def _envelope_headers(up_headers: list[tuple[str, str]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in up_headers:
         key = name.lower()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    body: Any = None
-    if data:
-        try:
-            body = json.loads(data)
-        except ValueError:
-            body = data.decode("utf-8", errors="replace")
-    return {
-        "status": status,
-        "headers": headers,
-        "body": body,
-        "body_raw": base64.b64encode(data).decode("ascii"),
-    }
+    return headers
 
 
-async def envelope(request: web.Request) -> web.Response:
+async def envelope(request: web.Request) -> web.StreamResponse:
     pipeline = request.app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
@@ -376,11 +368,16 @@ async def envelope(request: web.Request) -> web.Response:
     status: int | None = None
     watcher = request.app[WATCHER]
     watched = watcher.add(request)
+    gate = request.app[ENVELOPE_GATE]
+    entered = False
     try:
         caller = await caller_for(request, allow_trusted=True)
         org = request.headers.get("X-Org-Id")
         if not org:
             raise BadRequest("X-Org-Id is required: it names the tenant (organisation) of the call")
+        # Before the request body is read: a refused call holds nothing.
+        gate.enter()
+        entered = True
         raw = await _read_capped(request.content, ENVELOPE_MAX_REQUEST, "the envelope request")
         try:
             payload = json.loads(raw)
@@ -417,13 +414,19 @@ async def envelope(request: web.Request) -> web.Response:
         up = await pipeline.open(ex, body, idempotency_key=idem)
         status = up.status
         try:
-            data = await _read_capped(up.content, ENVELOPE_MAX_BODY, "the upstream response")
+            data = await envelope_answer.read_body(
+                up, services_of(request.app).settings.envelope_max_response_bytes
+            )
         except (aiohttp.ClientError, OSError, TimeoutError):
             raise UpstreamUnreachable(
                 "the upstream broke off its response mid-body; retry the call"
             ) from None
+        up.release()  # the body is read: the upstream connection goes back to the pool while we encode
         outcome = outcome_of(status)
-        return web.json_response(_envelope_response(status, clean_response_headers(up.headers.items()), data))
+        headers_out = _envelope_headers(clean_response_headers(up.headers.items()))
+        return await envelope_answer.answer(
+            request, request.app[ENVELOPE_CLASSIFIER], status, headers_out, data
+        )
     except ProxyError as exc:
         outcome = exc.code
         raise
@@ -431,6 +434,8 @@ async def envelope(request: web.Request) -> web.Response:
         outcome = "client_disconnected"
         raise
     finally:
+        if entered:
+            gate.leave()
         watcher.remove(watched)
         if up is not None:
             up.close()
@@ -519,12 +524,15 @@ async def _record_test_result(
 
 async def _close_pipeline(app: web.Application) -> None:
     app[WATCHER].close()
+    app[ENVELOPE_CLASSIFIER].close()
     await app[PIPELINE].close()
 
 
 def setup(app: web.Application) -> None:
     app[PIPELINE] = Pipeline(services_of(app))
     app[WATCHER] = DisconnectWatcher()
+    app[ENVELOPE_GATE] = envelope_answer.EnvelopeGate(services_of(app).settings.envelope_max_concurrent)
+    app[ENVELOPE_CLASSIFIER] = envelope_answer.BodyClassifier()
     # Dispatched from inside error_middleware, so forward-proxy errors get the same JSON shape.
     app[NON_ORIGIN_FORM] = forward_proxy
     r = app.router

@@ -21,6 +21,11 @@ RATIO = re.compile(r"^ratio (?P<name>.+?): (?P<value>n/a|\d+\.\d+) \(target (?P<
 EXPECTED = {
     "connection_service.py": ["connection-proxy/bare rps @1 conns", "connection-proxy/bare rps @64 conns"],
     "proxy.py": ["connection-proxy/bare CPU per request @64 conns", "workers 2/1 rps @64 conns"],
+    "resources.py": [
+        "healthz p99 ms during 8 concurrent max-size envelope calls",
+        "service peak RSS MiB (helpers included) during them",
+        "healthz answered on the kept-alive connection during the slowloris (share)",
+    ],
     "ratelimit.py": [
         "redis commands per admitted proxied call",
         "redis commands per locally denied call",

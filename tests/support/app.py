@@ -17,6 +17,7 @@ SIGTERM and kill tests), with ``PROXY_*`` variables only from the arguments, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -36,6 +37,7 @@ from aiohttp import web
 
 from proxy.settings import Settings, load_settings
 from proxy.web.app import SERVICES, Services, build_app
+from proxy.web.connguard import ConnectionGuard, start_guarded
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +82,7 @@ class RunningService:
     url: str
     app: web.Application
     session: aiohttp.ClientSession
+    guard: ConnectionGuard | None = None
     admin_token: str = ADMIN_TOKEN
 
     @property
@@ -130,12 +133,18 @@ async def running_service(
     app = build_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    server: asyncio.Server | None = None
+    guard: ConnectionGuard | None = None
     try:
-        site = web.SockSite(runner, sock)
-        await site.start()
+        # Served like `serve` does: through the connection guard (cap, request-head deadline).
+        guard, server = await start_guarded(runner, settings, sock=sock)
         async with aiohttp.ClientSession() as session:
-            yield RunningService(url=f"http://127.0.0.1:{port}", app=app, session=session)
+            yield RunningService(url=f"http://127.0.0.1:{port}", app=app, session=session, guard=guard)
     finally:
+        if server is not None:
+            server.close()
+        if guard is not None:
+            guard.close()
         await runner.cleanup()
         sock.close()
 

@@ -91,7 +91,7 @@ async def test_binary_round_trip(svc: RunningService, upstream: Upstream) -> Non
     status, _, data = await post(svc, {"url": "/download?n=70000", "connection_id": "c1"})
     assert status == 200
     assert base64.b64decode(data["body_raw"]) == pattern_bytes(70000)
-    assert isinstance(data["body"], str)  # not JSON: text, with the exact bytes in body_raw
+    assert data["body"] is None  # binary (not UTF-8): only body_raw, the exact bytes
 
 
 async def test_upstream_errors_are_200_with_their_status(svc: RunningService, upstream: Upstream) -> None:
