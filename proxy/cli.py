@@ -18,26 +18,19 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from proxy import __version__, crypto
+from proxy import __version__, crypto, logs
 from proxy.errors import ProxyError
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy.cli")
 
 
-class _RedactingFilter(logging.Filter):
-    """Belt and braces: secrets never go to logs by design; this drops any line that would
-    quote an Authorization header all the same."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage().lower()
-        return "authorization: bearer" not in msg and "authorization: basic" not in msg
-
-
 def _setup_logging(level: str) -> None:
+    # Redaction first, so not even a record made while logging is being set up is unscrubbed.
+    logs.install()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactingFilter())
+    handler.addFilter(logs.RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
