@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy import logs
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
-from proxy.bootstrap import Secrets, load_secrets
+from proxy.bootstrap import Secrets, load_secrets, ring_reader
 from proxy.catalogue import Catalogue
 from proxy.egress import EgressPolicy
 from proxy.oauth.tokens import TokenManager
@@ -69,7 +69,7 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
     logs.install([secrets.admin_token, settings.jwt_hs256_secret])
     store = open_store(settings)
     catalogue = Catalogue.load(settings.integrations_dirs)
-    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s)
+    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s, ring_reader(settings))
     return Services(
         settings=settings,
         secrets=secrets,
