@@ -88,9 +88,9 @@ async def keep_answering(
     return n
 
 
-async def wait_for_output(sp: ServiceProcess, text: str, timeout: float = 10.0) -> None:
+async def wait_for_output(sp: ServiceProcess, text: str, timeout: float = 10.0, count: int = 1) -> None:
     deadline = time.monotonic() + timeout
-    while text not in sp.output():
+    while sp.output().count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} not logged:\n{sp.output()[-3000:]}"
         await asyncio.sleep(0.05)
 
@@ -221,3 +221,21 @@ def test_keys_generate_writes_private_files(tmp_path: Path) -> None:
     again = keys(dict(os.environ), "generate", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
     assert versions(out) == (1,)
+
+
+async def test_sighup_to_a_workers_parent_reloads_every_worker(tmp_path: Path) -> None:
+    key_file = new_key_file(tmp_path / "master.key")
+    sp = start_service_process(
+        tmp_path / "data",
+        env={"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY_FILE": str(key_file)},
+        args=("--workers", "2"),
+    )
+    with sp:
+        # Both workers up and past start-up (the first answering /healthz is not enough).
+        await wait_for_output(sp, "Running on", count=2)
+        added = keys(sp.env, "add")
+        assert added.returncode == 0, added.stderr
+        sp.proc.send_signal(1)
+        await wait_for_output(sp, "master key ring re-read: versions [1, 2] (was [1])", count=2)
+        assert sp.proc.poll() is None  # SIGHUP reloads; it does not stop anything
+        assert sp.stop() == 0
