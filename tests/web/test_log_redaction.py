@@ -65,7 +65,10 @@ async def test_malformed_requests_never_log_the_credentials_they_carry(tmp_path:
                 api_key = (await r.json())["api_key"]
             async with session.post(
                 sp.url + "/admin/tenants/t1/connect-sessions",
-                json={"integration_id": "http_api_key"},
+                json={
+                    "integration_id": "http_api_key",
+                    "parameters": {"base_url": "https://api.example.com"},
+                },
                 headers=sp.admin_headers,
             ) as r:
                 assert r.status == 201
