@@ -4,12 +4,20 @@ Dev mode exists so `make run` works with no configuration: a master key and an a
 generated into the data dir (mode 0600) with a loud warning. With dev mode off, a missing key is a
 ``ConfigError`` before anything listens. Either way the ring must open every stored tenant key
 (checked by ``Vault.verify_keys`` right after this).
+
+A key file readable by group or others is refused (the master key opens every stored credential;
+a world-readable copy is how it leaks). The key-file edits of the ``keys`` commands (add a
+version, retire one) replace the file atomically with a private one, so a running service that
+re-reads it (SIGHUP, or meeting an unknown version) sees the old ring or the new, never half.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +48,16 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def write_new_private(path: Path, text: str) -> None:
+    """`keys generate --out`: creates ``path`` mode 0600; an existing file is never replaced."""
+    try:
+        _write_private(path, text)
+    except FileExistsError:
+        raise ConfigError("out", f"{path} already exists; a key file is never overwritten") from None
+    except OSError as exc:
+        raise ConfigError("out", f"cannot create {path}: {exc.strerror}") from None
 
 
 def _publish_private(path: Path, text: str) -> bool:
@@ -91,12 +109,35 @@ def load_ring(settings: Settings, create: bool = True) -> tuple[crypto.KeyRing, 
                 "PROXY_MASTER_KEY_FILE.",
                 path,
             )
+    key = "master_key_file" if settings.master_key_file else "data_dir"
     try:
-        text = path.read_text()
+        with open(path) as fh:
+            _check_private(fh.fileno(), path, key, settings)
+            text = fh.read()
     except OSError as exc:
-        key = "master_key_file" if settings.master_key_file else "data_dir"
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
     return crypto.KeyRing.parse(text), str(path)
+
+
+def _check_private(fd: int, path: Path, key: str, settings: Settings) -> None:
+    # fstat of the open file, not stat of the name: the file checked is the file read.
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    allowed = 0o040 if settings.master_key_file_group_readable else 0
+    if mode & 0o077 & ~allowed:
+        raise ConfigError(
+            key,
+            f"{path} has mode {mode:04o}: the master key file must not be readable by "
+            + ("others" if allowed else "group or others")
+            + f"; run `chmod 600 {path}` (or write it with `connection-proxy keys generate --out FILE`)",
+        )
+
+
+def ring_reader(settings: Settings) -> Callable[[], crypto.KeyRing] | None:
+    """Re-reads the configured key file (same checks as at start-up); None when the ring came
+    from PROXY_MASTER_KEY, which cannot change while the process runs."""
+    if settings.master_key:
+        return None
+    return lambda: load_ring(settings, create=False)[0]
 
 
 def load_admin_token(settings: Settings) -> tuple[str, Path | None]:
@@ -130,8 +171,55 @@ def append_key_version(settings: Settings) -> crypto.KeyRing:
         )
     ring, _ = load_ring(settings, create=False)
     new_ring = ring.with_new_key()
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    _write_private(tmp, new_ring.dump())
-    os.replace(tmp, path)  # atomic: the file is old or new, never half-written
+    _replace_private(path, new_ring.dump())
     return new_ring
+
+
+def _replace_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, text)
+    os.replace(tmp, path)  # atomic: the file is old or new, never half-written
+
+
+def check_retirable(ring: crypto.KeyRing, version: int) -> None:
+    """Refuses what retiring can never do: a version not in the ring, or the newest one."""
+    if version not in ring.versions:
+        raise ConfigError(
+            "master_key", f"version {version} is not in the key ring (it has {list(ring.versions)})"
+        )
+    if version == ring.newest_version:
+        raise ConfigError(
+            "master_key",
+            f"version {version} is the newest master key: every new data key is wrapped with it. "
+            "To stop using it, add a newer version (`connection-proxy keys add`, then SIGHUP every "
+            f"replica), run `connection-proxy keys rotate`, then `connection-proxy keys retire {version}`",
+        )
+
+
+def retire_key_version(settings: Settings, version: int) -> tuple[crypto.KeyRing, Path]:
+    """`keys retire`: removes ``version`` from the key file; the old file is kept, private, as a
+    backup beside it (returned). The caller has checked that nothing uses the version."""
+    path = key_file_path(settings)
+    if settings.master_key or path is None:
+        raise ConfigError(
+            "master_key",
+            f"the key ring comes from PROXY_MASTER_KEY; remove version {version} from it there and "
+            "restart each replica",
+        )
+    ring, _ = load_ring(settings, create=False)
+    check_retirable(ring, version)
+    new_ring = ring.without(version)
+    old_text = ring.dump()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(100):
+        backup = path.with_name(f"{path.name}.{stamp}{'' if n == 0 else f'.{n}'}.bak")
+        try:
+            _write_private(backup, old_text)  # O_EXCL: never overwrite an earlier backup
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise ConfigError("master_key_file", f"cannot find a free backup name beside {path}")
+    _replace_private(path, new_ring.dump())
+    return new_ring, backup

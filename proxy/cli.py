@@ -1,7 +1,11 @@
 """Command line: ``connection-proxy serve`` and the key-management commands.
 
-Every start-up failure (bad setting, missing or wrong master key) is printed as one clear line on
-stderr and exits with status 2 before anything listens.
+Every start-up failure (bad setting, missing or wrong master key, a key file readable by group or
+others) is printed as one clear line on stderr and exits with status 2 before anything listens.
+
+Key rotation is online: ``serve`` re-reads the key file on SIGHUP (a ``--workers`` parent passes
+the signal to every worker), and the vault re-reads it by itself when it meets a version it does
+not hold; the ``keys`` commands edit the file atomically, private, keeping a backup on retire.
 """
 
 from __future__ import annotations
@@ -12,32 +16,27 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from proxy import __version__, crypto
+from proxy import __version__, crypto, logs
 from proxy.errors import ProxyError
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy.cli")
 
 
-class _RedactingFilter(logging.Filter):
-    """Belt and braces: secrets never go to logs by design; this drops any line that would
-    quote an Authorization header all the same."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage().lower()
-        return "authorization: bearer" not in msg and "authorization: basic" not in msg
-
-
 def _setup_logging(level: str) -> None:
+    # Redaction first, so not even a record made while logging is being set up is unscrubbed.
+    logs.install()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactingFilter())
+    handler.addFilter(logs.RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -61,6 +60,7 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     from proxy.web.connguard import serve
 
     app = build_app(settings)
+    app.on_startup.append(_reload_keys_on_sighup)
     app.on_startup.append(_tune_collector)  # last: after the service has loaded everything
     secrets = app[SERVICES].secrets
     if secrets.admin_token_file is not None:
@@ -71,6 +71,32 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     # Not web.run_app: the listening socket uses the connection guard (connection cap, request
     # head deadline) as its protocol factory, which run_app cannot be given.
     asyncio.run(serve(app, settings, reuse_port=reuse_port, announce=lambda msg: print(msg, flush=True)))
+
+
+async def _reload_keys_on_sighup(app: Any) -> None:
+    from proxy.web.app import SERVICES
+
+    vault = app[SERVICES].vault
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            if not await vault.reload_ring():
+                log.info("SIGHUP: master key ring unchanged (versions %s)", list(vault.ring.versions))
+        except ProxyError as exc:  # a bad file must not take down a running service
+            log.error(
+                "SIGHUP: master key ring not reloaded, keeping versions %s: %s",
+                list(vault.ring.versions),
+                exc.message,
+            )
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        pending.add(task)  # keep a reference until done
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 
 # Young-generation threshold of the cyclic collector (CPython's default is 700). See below.
@@ -123,6 +149,7 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # every worker re-reads the key ring
     codes = [child.wait() for child in children]
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return max(codes, default=0)
@@ -141,7 +168,7 @@ def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def _with_vault(settings: Settings, action: str, version: int | None) -> int:
-    from proxy.bootstrap import append_key_version, load_ring
+    from proxy.bootstrap import append_key_version, check_retirable, load_ring, retire_key_version
     from proxy.catalogue import Catalogue
     from proxy.store import open_store
     from proxy.vault import Vault, check_retire
@@ -171,9 +198,13 @@ async def _with_vault(settings: Settings, action: str, version: int | None) -> i
             return 0
         if action == "retire":
             assert version is not None
+            check_retirable(ring, version)
             check_retire(await vault.kek_versions_in_use(), version)
-            ring.without(version)
-            print(f"master key v{version} wraps nothing any more: remove it from the key ring")
+            _, backup = retire_key_version(settings, version)
+            print(
+                f"master key v{version} wraps nothing any more: removed it from the key file "
+                f"(the old file is kept as {backup}; delete it once every replica runs without v{version})"
+            )
             return 0
         if action == "reencrypt":
             for tenant in await store.list_tenants():
@@ -195,12 +226,47 @@ async def _with_vault(settings: Settings, action: str, version: int | None) -> i
     raise AssertionError(action)
 
 
+def _generate(out: str | None) -> int:
+    from proxy.bootstrap import write_new_private
+
+    text = crypto.generate_master_key_text()
+    if out is not None:
+        write_new_private(Path(out), text)
+        print(f"wrote a new key-ring file {out} (mode 0600)", file=sys.stderr)
+        return 0
+    # `keys generate > FILE`: the shell made FILE with its umask (often 0644) before this ran;
+    # make it private before the key is written into it. A pipe or a terminal has no mode.
+    if stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+        try:
+            os.fchmod(sys.stdout.fileno(), 0o600)
+        except OSError:
+            print(
+                "connection-proxy: warning: cannot make the output file private; use --out FILE",
+                file=sys.stderr,
+            )
+    sys.stdout.write(text)
+    return 0
+
+
+def _add(settings: Settings) -> int:
+    from proxy.bootstrap import append_key_version
+
+    ring = append_key_version(settings)
+    v = ring.newest_version
+    print(
+        f"added master key version {v} (fingerprint {ring.fingerprint(v)}); copy the file to every "
+        "replica and send each SIGHUP, then run `connection-proxy keys rotate`"
+    )
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.keys_cmd == "generate":
-        print(crypto.generate_master_key_text(), end="")
-        return 0
+        return _generate(args.out)
     settings = _settings(args)
     _setup_logging(settings.log_level)
+    if args.keys_cmd == "add":
+        return _add(settings)
     action = {
         "rotate": "rotate-generate" if getattr(args, "generate", False) else "rotate",
         "retire": "retire",
@@ -222,15 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="master key ring and tenant data keys")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
-    generate = ksub.add_parser("generate", help="print a new key-ring file (one 32-byte key)")
+    generate = ksub.add_parser("generate", help="a new key-ring file (one 32-byte key), mode 0600")
+    generate.add_argument("--out", metavar="FILE", help="create FILE (mode 0600; refused if it exists)")
+    add = ksub.add_parser("add", help="add a new newest version to the key file (no store change)")
     rotate = ksub.add_parser("rotate", help="re-wrap every tenant key under the newest master key")
     rotate.add_argument("--generate", action="store_true", help="first add a new key version to the key file")
-    retire = ksub.add_parser("retire", help="check a master key version is unused before removing it")
+    retire = ksub.add_parser(
+        "retire", help="remove an unused master key version from the key file (keeps a backup)"
+    )
     retire.add_argument("version", type=int)
     status = ksub.add_parser("status", help="which master key versions are in use")
     reenc = ksub.add_parser("reencrypt", help="new tenant data keys; re-encrypt every record (resumable)")
     reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
-    for p in (generate, rotate, retire, status, reenc):
+    for p in (generate, add, rotate, retire, status, reenc):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     return parser
 

@@ -175,12 +175,13 @@ class CryptoError(ProxyError):
 
 
 class KeyVersionMissing(CryptoError):
-    def __init__(self, version: int, what: str = "stored data") -> None:
+    def __init__(self, version: int, what: str = "stored data", advice: str | None = None) -> None:
         super().__init__(
             f"master key version {version} is needed to open {what} but is not in the key ring; "
-            f"add it to PROXY_MASTER_KEY / PROXY_MASTER_KEY_FILE"
+            + (advice or "add it to PROXY_MASTER_KEY / PROXY_MASTER_KEY_FILE")
         )
         self.version = version
+        self.what = what
 
 
 class StoreUnavailable(ServiceUnavailable):

@@ -33,6 +33,9 @@ class Settings:
     dev_mode: bool = True
     master_key: str | None = field(default=None, repr=False)
     master_key_file: Path | None = None
+    # Accept a key file readable by its group (never by others): for Kubernetes, whose secret
+    # volumes with an fsGroup are mode 0440. Off by default.
+    master_key_file_group_readable: bool = False
     admin_token: str | None = field(default=None, repr=False)
     # Unset, load_settings derives it from listen_host:listen_port (see default_public_url).
     public_url: str = "http://127.0.0.1:8080"
@@ -217,6 +220,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "dev_mode": _bool,
     "master_key": _opt_str,
     "master_key_file": lambda k, v: Path(_str(k, v)) if _opt_str(k, v) else None,
+    "master_key_file_group_readable": _bool,
     "admin_token": _opt_str,
     "public_url": _url,
     "egress_allow": _list,

@@ -10,26 +10,43 @@ The destination rules of ``proxy.destinations`` are applied here, where every wr
 decryption passes: ``save`` refuses a destination change under a kept secret whichever handler
 wrote it, and ``decrypt`` gives a runtime user connection its default connection's destination
 and host binding.
+
+The key ring can change under a running service (rotation adds a version, retiring removes one):
+``reload_ring`` re-reads the key source on SIGHUP, and a tenant key wrapped by a version this
+process does not hold triggers one re-read (at most one per ``RING_REREAD_MIN_INTERVAL_S``, so a
+truly missing version cannot turn every request into a file read) before the call fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from proxy import crypto, destinations
 from proxy.catalogue import Catalogue, Integration
-from proxy.errors import Conflict, ConnectionNotFound, CryptoError, ValidationError
+from proxy.errors import (
+    Conflict,
+    ConnectionNotFound,
+    CryptoError,
+    KeyVersionMissing,
+    ProxyError,
+    ValidationError,
+)
 from proxy.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.store import FLUSH_ALL
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
 
+log = logging.getLogger("proxy.vault")
+
 REDACTED = "********"
+# A data key wrapped by an unknown master-key version re-reads the key source at most this often.
+RING_REREAD_MIN_INTERVAL_S = 2.0
 RESOLVE_CACHE_MAX = 4096
 # Labelled children looked up once: this counter moves on every proxied call.
 _CACHE_HIT = ("hit",)
@@ -110,9 +127,21 @@ def served_by(integration: Integration) -> dict[str, Any]:
 
 
 class Vault:
-    def __init__(self, store: Store, ring: crypto.KeyRing, catalogue: Catalogue, cache_ttl_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ring: crypto.KeyRing,
+        catalogue: Catalogue,
+        cache_ttl_s: float,
+        ring_source: Callable[[], crypto.KeyRing] | None = None,
+    ) -> None:
         self.store = store
         self.ring = ring
+        # Re-reads the key ring (the key file); None when it cannot change (PROXY_MASTER_KEY).
+        self._ring_source = ring_source
+        self._ring_lock = asyncio.Lock()
+        # When a re-read last failed to find a version (rate-limits looking for it again).
+        self._ring_missed: dict[int, float] = {}
         self.catalogue = catalogue
         self.cache_ttl_s = cache_ttl_s
         self._deks: dict[str, dict[int, bytes]] = {}
@@ -132,13 +161,14 @@ class Vault:
             self._load_tenant_keys(tenant)
         return len(tenants)
 
-    async def _check_fingerprints(self) -> None:
+    async def _check_fingerprints(self, ring: crypto.KeyRing | None = None) -> None:
         """Each master key version's (non-secret) fingerprint is recorded in the store the first
         time it is used; a replica started with a *different* key under the same version number
         (e.g. two dev-mode replicas sharing Redis) is refused before it writes anything."""
-        for version in self.ring.versions:
+        ring = ring or self.ring
+        for version in ring.versions:
             name = f"kek_fingerprint:{version}"
-            mine = self.ring.fingerprint(version)
+            mine = ring.fingerprint(version)
             recorded = await self.store.get_meta(name)
             if recorded is None:
                 await self.store.set_meta(name, mine)
@@ -172,8 +202,70 @@ class Vault:
                 if not create:
                     return None
                 tenant = await self._create_tenant(tenant_id)
-            self._load_tenant_keys(tenant)
+            try:
+                self._load_tenant_keys(tenant)
+            except KeyVersionMissing as exc:
+                # Rotation on another host may have wrapped it with a version added since start.
+                if not await self._reread_for(exc.version):
+                    raise self._missing(exc) from None
+                self._load_tenant_keys(tenant)
         return self._current_dek[tenant_id], self._deks[tenant_id]
+
+    async def reload_ring(self) -> bool:
+        """Re-reads the key source (SIGHUP); True if the ring changed. A ring whose versions do
+        not match the fingerprints the store recorded is refused and the old one kept."""
+        async with self._ring_lock:
+            return await self._reread()
+
+    async def _reread(self) -> bool:
+        if self._ring_source is None:
+            return False
+        ring = await asyncio.to_thread(self._ring_source)
+        if repr(ring) == repr(self.ring):  # versions and fingerprints: the same keys
+            return False
+        await self._check_fingerprints(ring)
+        old, self.ring = self.ring, ring
+        log.warning("master key ring re-read: versions %s (was %s)", list(ring.versions), list(old.versions))
+        return True
+
+    async def _reread_for(self, version: int) -> bool:
+        """Whether ``version`` is in the ring after at most one re-read. A version met for the
+        first time is looked for at once; one the file did not have is looked for again only
+        after ``RING_REREAD_MIN_INTERVAL_S``, so a missing key costs no file read per call."""
+        async with self._ring_lock:
+            if version in self.ring.versions:  # another call re-read it meanwhile
+                return True
+            if time.monotonic() - self._ring_missed.get(version, float("-inf")) < RING_REREAD_MIN_INTERVAL_S:
+                return False
+            try:
+                await self._reread()
+            except ProxyError as exc:
+                log.error(
+                    "master key ring re-read failed, keeping versions %s: %s",
+                    list(self.ring.versions),
+                    exc.message,
+                )
+            if version not in self.ring.versions:
+                self._ring_missed[version] = time.monotonic()
+                return False
+        return True
+
+    def _missing(self, exc: KeyVersionMissing) -> KeyVersionMissing:
+        """The error once re-reading did not help, with advice that fits where the ring comes from."""
+        have = list(self.ring.versions)
+        if self._ring_source is None:
+            advice = (
+                f"this process took its ring (versions {have}) from PROXY_MASTER_KEY, which cannot "
+                f"change while it runs: restart it with a ring that holds version {exc.version}"
+            )
+        else:
+            advice = (
+                f"the key file (PROXY_MASTER_KEY_FILE) was re-read and holds versions {have}: copy the "
+                f"ring that holds version {exc.version} there on every replica; the service re-reads "
+                "it on SIGHUP and when it next needs that version"
+            )
+        log.error("master key version %d is missing (ring has %s)", exc.version, have)
+        return KeyVersionMissing(exc.version, exc.what, advice=advice)
 
     async def _create_tenant(self, tenant_id: str) -> TenantRecord:
         dek = crypto.generate_dek()
@@ -323,6 +415,13 @@ class Vault:
         params.update(record.public_params)
         if record.secret_params:
             keys = await self._tenant_keys(record.tenant_id, create=False)
+            if keys is not None and not {
+                crypto.token_dek_version(t) for t in record.secret_params.values()
+            } <= set(keys[1]):
+                # A peer re-encrypted with a data key this process has not loaded yet (its
+                # invalidation is still on the way): read the tenant's key record again.
+                self._deks.pop(record.tenant_id, None)
+                keys = await self._tenant_keys(record.tenant_id, create=False)
             if keys is None:
                 raise CryptoError(f"tenant {record.tenant_id!r} has encrypted data but no key record")
             lookup = self._dek_lookup(record.tenant_id)

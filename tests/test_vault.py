@@ -3,6 +3,7 @@ re-encryption (interrupted halfway, rerun, nothing lost)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -216,3 +217,63 @@ async def test_every_write_through_the_vault_keeps_a_secret_at_its_destination(s
     _, secret = await vault.encrypt_params("t1", "c1", vault.catalogue.get("http_bearer"), {"token": "new"})
     stored = await vault.save(moved.evolve(secret_params=secret), saved.version)
     assert stored.public_params["base_url"] == "https://evil.example.com"
+
+
+class RingFile:
+    """A key source standing in for the key file: what it returns can change, reads are counted."""
+
+    def __init__(self, ring: crypto.KeyRing) -> None:
+        self.ring = ring
+        self.reads = 0
+
+    def __call__(self) -> crypto.KeyRing:
+        self.reads += 1
+        return self.ring
+
+
+async def test_a_version_added_elsewhere_is_reread_once_then_used(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.vault
+
+    monkeypatch.setattr(proxy.vault, "RING_REREAD_MIN_INTERVAL_S", 0.3)
+    old = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    new = old.with_new_key()
+    await put(make_vault(store, new), "t1", "c1")  # wrapped under version 2, as after a rotation
+    source = RingFile(old)  # this replica's file does not have version 2 yet
+    stale = Vault(store, old, Catalogue.load(), 5.0, ring_source=source)
+    record = await store.get_connection("t1", "c1")
+    for _ in range(5):
+        with pytest.raises(KeyVersionMissing) as info:
+            await stale.decrypt(record)
+    assert source.reads == 1  # rate-limited: one re-read, not one per call
+    assert "PROXY_MASTER_KEY_FILE" in info.value.message and "SIGHUP" in info.value.message
+    assert "add it to" not in info.value.message  # the start-up advice is wrong here
+    source.ring = new  # the operator copies the new file
+    await asyncio.sleep(0.35)
+    assert (await stale.decrypt(record)).params["token"] == CANARY
+    assert source.reads == 2 and stale.ring.versions == (1, 2)
+
+
+async def test_ring_from_the_environment_says_restart(store: Any) -> None:
+    old = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    await put(make_vault(store, old.with_new_key()), "t1", "c1")
+    fixed = Vault(store, old, Catalogue.load(), 5.0, ring_source=None)
+    with pytest.raises(
+        KeyVersionMissing, match="PROXY_MASTER_KEY, which cannot change while it runs: restart"
+    ):
+        await fixed.decrypt(await store.get_connection("t1", "c1"))
+    assert await fixed.reload_ring() is False
+
+
+async def test_reload_refuses_a_different_key_under_a_known_version(store: Any) -> None:
+    ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    vault = Vault(store, ring, Catalogue.load(), 5.0, ring_source=RingFile(ring))
+    await vault.verify_keys()  # records version 1's fingerprint
+    await put(vault, "t1", "c1")
+    assert await vault.reload_ring() is False  # same ring: nothing to do
+    vault._ring_source = RingFile(crypto.KeyRing.parse(crypto.generate_master_key_text()))
+    with pytest.raises(CryptoError, match="not the key this store was set up with"):
+        await vault.reload_ring()
+    assert vault.ring is ring
+    assert (await vault.credentials("t1", "c1")).params["token"] == CANARY

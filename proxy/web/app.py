@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from proxy import logs
 from proxy.audit import AuditLog
 from proxy.auth import Authenticator
-from proxy.bootstrap import Secrets, load_secrets
+from proxy.bootstrap import Secrets, load_secrets, ring_reader
 from proxy.catalogue import Catalogue
 from proxy.egress import EgressPolicy
 from proxy.oauth.tokens import TokenManager
@@ -64,9 +65,11 @@ class Services:
 
 def build_services(settings: Settings, secrets: Secrets | None = None) -> Services:
     secrets = secrets or load_secrets(settings)
+    # This process's own secrets are masked verbatim in every log record from now on.
+    logs.install([secrets.admin_token, settings.jwt_hs256_secret])
     store = open_store(settings)
     catalogue = Catalogue.load(settings.integrations_dirs)
-    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s)
+    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s, ring_reader(settings))
     return Services(
         settings=settings,
         secrets=secrets,

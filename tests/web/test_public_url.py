@@ -18,7 +18,9 @@ def test_connect_links_point_at_the_listen_address_when_no_public_url_is_set(tmp
     ) as sp:
         req = urllib.request.Request(
             sp.url + "/admin/tenants/t1/connect-sessions",
-            data=json.dumps({"integration_id": "http_bearer"}).encode(),
+            data=json.dumps(
+                {"integration_id": "http_bearer", "parameters": {"base_url": "https://api.example.com"}}
+            ).encode(),
             headers={**sp.admin_headers, "Content-Type": "application/json"},
             method="POST",
         )
