@@ -257,6 +257,16 @@ def test_parse_form_user_settable_choice() -> None:
     assert problems == {"region": "must be one of us, eu"}
 
 
+def test_parse_form_refuses_a_framing_header_name_and_control_characters() -> None:
+    # The connect page writes through Integration.validate_params, like the admin API.
+    integration = CATALOGUE.get("http_api_key")
+    base = {"api_key": "k", "base_url": "https://api.example.com"}
+    _, problems = sessions.parse_form(integration, {**base, "header_name": "Transfer-Encoding"})
+    assert "header_name" in problems
+    _, problems = sessions.parse_form(integration, {**base, "api_key": "k\x7fx"})
+    assert "api_key" in problems
+
+
 def test_parse_form_blank_stored_secret_is_kept() -> None:
     integration = CATALOGUE.get("http_basic")
     params, problems = sessions.parse_form(integration, {"username": "bob"}, present={"password"})
