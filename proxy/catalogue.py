@@ -208,8 +208,7 @@ class Integration:
         """The parameter names ``templates`` refer to."""
         names: set[str] = set()
         for template in templates:
-            if "{" in template:
-                names |= meta.find_undeclared_variables(_ENV.parse(template))
+            names |= _template_vars(template)
         return frozenset(names)
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, str]:

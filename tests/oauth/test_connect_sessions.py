@@ -257,13 +257,15 @@ def test_parse_form_user_settable_choice() -> None:
     assert problems == {"region": "must be one of us, eu"}
 
 
-def test_parse_form_refuses_a_framing_header_name_and_control_characters() -> None:
-    # The connect page writes through Integration.validate_params, like the admin API.
+def test_parse_form_never_takes_a_header_name_and_refuses_control_characters() -> None:
+    # header_name is the operator's (a destination): a posted one is ignored, never stored; the
+    # values the form does take pass Integration.validate_params like the admin API's.
     integration = CATALOGUE.get("http_api_key")
-    base = {"api_key": "k", "base_url": "https://api.example.com"}
-    _, problems = sessions.parse_form(integration, {**base, "header_name": "Transfer-Encoding"})
-    assert "header_name" in problems
-    _, problems = sessions.parse_form(integration, {**base, "api_key": "k\x7fx"})
+    params, problems = sessions.parse_form(
+        integration, {"api_key": "k-1", "header_name": "Transfer-Encoding"}
+    )
+    assert "header_name" not in params and problems == {}
+    _, problems = sessions.parse_form(integration, {"api_key": "k\x7fx"})
     assert "api_key" in problems
 
 
