@@ -5,7 +5,10 @@ directories with the ``integrations_dirs`` setting). A file says which parameter
 are secret (encrypted at rest, never shown), which are required before the connection is
 *active*, how credentials are injected, the base URL (fixed or templated), which rate-limit
 header styles the upstream speaks, and OAuth2 endpoints. Everything is validated at start-up:
-a bad file stops the process with an error naming the file and key.
+a bad file stops the process with an error naming the file and key, including a static inject
+header, query or cookie name that ``proxy.headers`` forbids (a credential must never frame or
+route a request). ``validate_params`` is the one write-time check every connection write calls:
+it applies the same rules to the parameters that become injected names and values.
 
 Destination fields: some parameters decide where a secret goes or how it is framed (a base URL,
 an OAuth endpoint, a header name, a shop domain, a region). They are the operator's to set: an end
@@ -32,6 +35,13 @@ from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy.errors import ConfigError, ValidationError
+from proxy.headers import (
+    cookie_name_problem,
+    cookie_value_problem,
+    injected_header_problem,
+    query_name_problem,
+    value_problem,
+)
 
 AUTH_KINDS = (
     "bearer",
@@ -43,6 +53,20 @@ AUTH_KINDS = (
     "opaque",
 )
 FIELD_TYPES = ("string", "integer", "boolean", "url", "object", "any")
+# The built-in api_key kind: which parameter names which kind of injected name.
+API_KEY_NAME_PARAMS = {
+    "header_name": injected_header_problem,
+    "query_param": query_name_problem,
+    "cookie_name": cookie_name_problem,
+}
+# Parameters each built-in kind renders into the request (templates: those their templates use).
+_INJECTED_BY_KIND: dict[str, frozenset[str]] = {
+    "bearer": frozenset({"token"}),
+    "api_key": frozenset({"api_key", *API_KEY_NAME_PARAMS}),
+    "basic": frozenset({"username"}),  # the password travels base64-encoded: any character is fine
+    "oauth2_authorization_code": frozenset({"access_token"}),
+    "oauth2_client_credentials": frozenset({"access_token"}),
+}
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
 PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
 # Parameters that decide where a secret goes or how it is framed, whatever an integration says.
@@ -166,14 +190,52 @@ class Integration:
     def missing_required(self, present: set[str]) -> list[str]:
         return [f.name for f in self.fields if f.required and f.name not in present]
 
+    @property
+    def injected_params(self) -> frozenset[str]:
+        """Parameters rendered into the proxied request (so: no control characters in them)."""
+        if self.auth == "template":
+            return self.template_params(
+                *(
+                    t
+                    for pairs in (self.inject_headers, self.inject_query, self.inject_cookies)
+                    for p in pairs
+                    for t in p
+                )
+            )
+        return _INJECTED_BY_KIND.get(self.auth, frozenset())
+
+    def template_params(self, *templates: str) -> frozenset[str]:
+        """The parameter names ``templates`` refer to."""
+        names: set[str] = set()
+        for template in templates:
+            names |= _template_vars(template)
+        return frozenset(names)
+
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, str]:
-        """Returns field -> problem for values of the wrong shape (names only, never values)."""
+        """Returns field -> problem for values of the wrong shape (names only, never values).
+
+        Every connection write (admin API, connect pages) calls this, so the injection rules of
+        ``proxy.headers`` hold for what gets stored: injected parameters carry no control
+        character, and the api_key kind's header, query and cookie names are allowed names.
+        """
         problems: dict[str, str] = {}
+        injected = self.injected_params if self.proxyable else frozenset()
         for name, value in params.items():
             spec = self.field(name)
-            if spec is None or value is None:
+            if value is None:
                 continue
-            problem = _check_type(spec, value)
+            problem = _check_type(spec, value) if spec is not None else None
+            if problem is None and name in injected and isinstance(value, str):
+                problem = value_problem(value)
+                if problem is None and self.auth == "api_key" and name in API_KEY_NAME_PARAMS:
+                    problem = API_KEY_NAME_PARAMS[name](value.strip())
+                elif (
+                    problem is None
+                    and self.auth == "api_key"
+                    and name == "api_key"
+                    and params.get("location") == "cookie"
+                ):
+                    problem = cookie_value_problem(value)
             if problem:
                 problems[f"parameters.{name}"] = problem
         return problems
@@ -227,7 +289,14 @@ def opaque_integration(integration_id: str) -> Integration:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _pairs(where: str, raw: Any) -> tuple[tuple[str, str], ...]:
+_NAME_RULES = {
+    "headers": injected_header_problem,
+    "query": query_name_problem,
+    "cookies": cookie_name_problem,
+}
+
+
+def _pairs(where: str, raw: Any, kind: str | None = None) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
@@ -238,6 +307,13 @@ def _pairs(where: str, raw: Any) -> tuple[tuple[str, str], ...]:
             _ENV.from_string(name)
         except TemplateError as exc:
             raise ConfigError(f"{where}.{name}", f"bad template: {exc}") from None
+        # Static names and values are checked here, once; templated ones when injected.
+        rule = _NAME_RULES.get(kind or "")
+        problem = rule(name.strip()) if rule is not None and "{" not in name else None
+        if problem is None and "{" not in tpl:
+            problem = cookie_value_problem(tpl) if kind == "cookies" else value_problem(tpl)
+        if problem is not None:
+            raise ConfigError(f"{where}.{name}", problem)
     return tuple(raw.items())
 
 
@@ -317,9 +393,9 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         allowed_hosts=tuple(hosts) if hosts is not None else None,
         ratelimit_styles=tuple(styles) if styles is not None else None,
         default_rate_limits=tuple(data.get("default_rate_limits", ())),
-        inject_headers=_pairs(f"{where}.inject.headers", inject.get("headers")),
-        inject_query=_pairs(f"{where}.inject.query", inject.get("query")),
-        inject_cookies=_pairs(f"{where}.inject.cookies", inject.get("cookies")),
+        inject_headers=_pairs(f"{where}.inject.headers", inject.get("headers"), "headers"),
+        inject_query=_pairs(f"{where}.inject.query", inject.get("query"), "query"),
+        inject_cookies=_pairs(f"{where}.inject.cookies", inject.get("cookies"), "cookies"),
         oauth2=oauth,
         test_request=data.get("test"),
         source=source,

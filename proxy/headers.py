@@ -13,21 +13,40 @@ belongs to this service (``X-Proxy-Error`` tells callers the proxy, not the upst
 error), so an upstream must not be able to forge it.
 
 This runs on every request: one pass over the headers, with each distinct name classified once.
+
+The second half is the one rule for what a *stored credential* may be injected as (checked when
+a connection is written, when the catalogue loads, and again when the credential is injected):
+an injected header must not frame the request (``Content-Length``, ``Transfer-Encoding``), route
+it (``Host``, ``Forwarded``, ``X-Forwarded-*``, method and URL overrides), manage the connection
+or talk to the proxy; a ``Transfer-Encoding: chunked`` next to the caller's ``Content-Length``
+would let the caller's body carry a second request past the base path, the limiter and the audit.
+Injected values hold no control character at all. Pure: imported by the catalogue and the injector.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote_plus
 
 from proxy.errors import ValidationError
 
 __all__ = [
     "CONTROL_HEADERS",
     "CONTROL_PREFIXES",
+    "FRAMING_HEADERS",
     "HOP_BY_HOP",
+    "INJECT_FORBIDDEN",
+    "INJECT_FORBIDDEN_PREFIXES",
     "clean_request_headers",
     "clean_response_headers",
+    "cookie_name_problem",
+    "cookie_value_problem",
+    "injected_header_problem",
+    "query_name_problem",
+    "redact_secrets",
+    "value_problem",
+    "without_framing",
 ]
 
 HOP_BY_HOP: frozenset[str] = frozenset(
@@ -162,3 +181,113 @@ def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, 
         elif kind == _CONNECTION:
             named = _connection_tokens(value, named)
     return _without(kept, named)
+
+
+# --- what a credential may be injected as ------------------------------------------------------
+
+# Describe how the request body is delimited. A caller never picks them in the envelope (the
+# proxy frames the body it builds) and an injection never sets them.
+FRAMING_HEADERS: frozenset[str] = frozenset(
+    {"content-length", "transfer-encoding", "te", "trailer", "expect"}
+)
+
+# Header names an injected credential may not use: framing and connection management (request
+# smuggling), routing (where the upstream or a gateway in front of it sends the call, so the base
+# path could be left), ``Cookie`` (cookies have their own location, whose values are checked for
+# ';'), and everything addressed to this proxy. ``Authorization`` is the usual target and allowed.
+INJECT_FORBIDDEN: frozenset[str] = (
+    HOP_BY_HOP
+    | FRAMING_HEADERS
+    | (CONTROL_HEADERS - {"authorization"})
+    | {
+        "cookie",
+        "forwarded",
+        "via",
+        "x-host",
+        "x-original-host",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method",
+        "x-http-method-override",
+        "x-method-override",
+    }
+)
+INJECT_FORBIDDEN_PREFIXES: tuple[str, ...] = ("proxy-", "x-forwarded-", *CONTROL_PREFIXES)
+MAX_INJECTED_NAME = 256
+# Unicode Cc: C0, DEL and C1 (NEL, U+0085, ends a line for some parsers). Tab is refused too:
+# no credential holds one, and some servers fold or split on it.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_COOKIE_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f;]")
+
+
+def injected_header_problem(name: str) -> str | None:
+    """Why ``name`` cannot carry an injected credential, or None. Never mentions a value."""
+    if not name or len(name) > MAX_INJECTED_NAME or not _TOKEN.fullmatch(name):
+        return "is not a valid HTTP field name (RFC 9110 token)"
+    lname = name.lower()
+    if lname in INJECT_FORBIDDEN or lname.startswith(INJECT_FORBIDDEN_PREFIXES):
+        return (
+            "names a header that frames or routes the request or is addressed to the proxy "
+            "(hop-by-hop, Content-Length, Transfer-Encoding, Host, Forwarded, X-Forwarded-*, "
+            "Cookie, Proxy-*, X-Proxy-*, ...); a credential cannot be sent in it"
+        )
+    return None
+
+
+def query_name_problem(name: str) -> str | None:
+    if not name or len(name) > MAX_INJECTED_NAME or _CONTROL_CHARS.search(name):
+        return "must be a non-empty query parameter name without control characters"
+    return None
+
+
+def cookie_name_problem(name: str) -> str | None:
+    if not name or len(name) > MAX_INJECTED_NAME or not _TOKEN.fullmatch(name):
+        return "is not a valid cookie name (RFC 6265 token)"
+    return None
+
+
+def value_problem(value: str) -> str | None:
+    if _CONTROL_CHARS.search(value):
+        return "contains a control character (CR, LF, NUL, tab, DEL, ...)"
+    return None
+
+
+def cookie_value_problem(value: str) -> str | None:
+    if _COOKIE_BAD.search(value):
+        return "contains ';' or a control character"
+    return None
+
+
+def without_framing(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``items`` less the framing headers, for requests whose body the proxy frames itself."""
+    return [(name, value) for name, value in items if name.lower() not in FRAMING_HEADERS]
+
+
+# Relayed as sent even when it happens to hold a secret's digits: rewriting it would corrupt the
+# response framing, and a length reveals nothing.
+_NOT_REDACTED = frozenset({"content-length"})
+
+
+def redact_secrets(
+    items: list[tuple[str, str]], secrets: tuple[str, ...], placeholder: str = "********"
+) -> list[tuple[str, str]]:
+    """``items`` with every occurrence of a ``secrets`` string in a value replaced.
+
+    ``secrets`` should hold the encoded forms too (see ``inject.Injection.scrub``); a value that
+    holds a secret only in some other percent-encoding is replaced whole. Cost: a substring scan
+    per value and secret, and a decode only of values with a '%' or '+'.
+    """
+    if not secrets:
+        return items
+    out: list[tuple[str, str]] = []
+    for name, value in items:
+        if name.lower() not in _NOT_REDACTED:
+            for secret in secrets:
+                if secret in value:
+                    value = value.replace(secret, placeholder)
+            if "%" in value or "+" in value:
+                decoded = unquote_plus(value)
+                if any(secret in decoded for secret in secrets):
+                    value = placeholder
+        out.append((name, value))
+    return out

@@ -8,8 +8,12 @@ Security invariants:
 - exactly one credential reaches the upstream: any caller-supplied header, cookie or query
   parameter of the same name is removed before the injected one is added, so a caller can neither
   override the stored credential nor smuggle a second one past the upstream's checks;
-- a rendered value holding CR, LF or NUL (or ``;`` in a cookie) is refused, never sent: it would
-  split the request or inject further headers/cookies;
+- a credential is never injected into a header that frames or routes the request, and a
+  rendered value holding any control character (or ``;`` in a cookie) is refused, never sent
+  (``proxy.headers`` holds that one rule; connection writes and the catalogue apply it too, this
+  is the last line for values that reached the store some other way);
+- ``Injection.scrub`` lists the secret as it may come back in a response header (raw and
+  percent-encoded), so proxy-only connections can redact it before the answer is relayed;
 - messages name integrations, parameters and header names only, never a value.
 
 Pure module: no aiohttp, no redis. ``apply`` runs on every proxied call, so the per-call work is
@@ -23,19 +27,25 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from proxy.catalogue import Integration
 from proxy.errors import ConnectionNotAuthorized, IntegrationNotProxyable, ValidationError
+from proxy.headers import (
+    cookie_name_problem,
+    cookie_value_problem,
+    injected_header_problem,
+    query_name_problem,
+    value_problem,
+)
 
 __all__ = ["Injection", "InjectionCache", "apply", "build_injection", "not_proxyable"]
 
 Pair = tuple[str, str]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
-_BAD_COOKIE_VALUE = re.compile(r"[\r\n\x00;]")
 _QUERY_VALUE_SAFE = "-._~"
+_MIN_SCRUB = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +65,11 @@ class Injection:
     query_suffix: str = field(init=False, repr=False, compare=False)
     cookie_names: frozenset[str] = field(init=False, repr=False, compare=False)
     cookie_suffix: str = field(init=False, repr=False, compare=False)
+    # The rendered values that carry a secret (and the secrets inside them); None: all values do.
+    # Templates set it, so a static companion header (an API version) is not redacted.
+    secret_values: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    # The forms of the secret to redact from response headers, longest first.
+    scrub: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         drop = {name.lower() for name, _ in self.headers}
@@ -72,6 +87,7 @@ class Injection:
         )
         object.__setattr__(self, "cookie_names", frozenset(name for name, _ in self.cookies))
         object.__setattr__(self, "cookie_suffix", "; ".join(f"{n}={v}" for n, v in self.cookies))
+        object.__setattr__(self, "scrub", _scrub_forms(self))
 
     def __repr__(self) -> str:
         # Values are credentials: only the names are shown.
@@ -79,6 +95,30 @@ class Injection:
             f"Injection(headers={[n for n, _ in self.headers]}, query={[n for n, _ in self.query]}, "
             f"cookies={[n for n, _ in self.cookies]})"
         )
+
+
+def _scrub_forms(injection: Injection) -> tuple[str, ...]:
+    """What of ``injection`` must never come back to the caller, in the forms it may come back in.
+
+    The credential part of an ``Authorization`` value (``tok`` of ``Bearer tok``), the whole value, and secret
+    parameters found inside a value (``secret_values``); only the shortest of nested candidates is kept (redacting
+    ``tok`` redacts ``Bearer tok``). Each is listed raw and percent-encoded (as a query string or
+    a ``Location`` would carry it).
+    """
+    values = injection.secret_values
+    if values is None:
+        values = tuple(v for _, v in (*injection.headers, *injection.query, *injection.cookies))
+    candidates: set[str] = set(values)
+    for name, value in injection.headers:
+        scheme, sep, rest = value.partition(" ")
+        if name.lower() == "authorization" and sep and _TOKEN.fullmatch(scheme):
+            candidates.add(rest.strip())
+    # Shorter strings are ordinary header text ("1", "en"): redacting them would mangle answers,
+    # and the whole value they came from still is redacted.
+    candidates = {c for c in candidates if len(c) >= _MIN_SCRUB}
+    kept = [c for c in candidates if not any(o != c and o in c for o in candidates)]
+    forms = {f for c in kept for f in (c, quote(c, safe=""), quote_plus(c, safe=""))}
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def not_proxyable(integration: Integration) -> IntegrationNotProxyable:
@@ -108,37 +148,43 @@ def _param(integration: Integration, params: Mapping[str, Any], name: str) -> st
 
 
 def _check_header(integration: Integration, name: str, value: str) -> Pair:
-    if not _TOKEN.fullmatch(name):
+    problem = injected_header_problem(name)
+    if problem is not None:
+        # A header name is not a secret, but a non-token one may be garbage: shown only if valid.
+        shown = f" {name[:64]!r}" if _TOKEN.fullmatch(name) else ""
         raise ValidationError(
-            f"integration {integration.id!r} injects a header whose name is not a valid HTTP "
-            "field name; fix the integration or the connection's header parameters",
-            fields={"header_name": "invalid HTTP field name"},
+            f"integration {integration.id!r} would inject its credential into header{shown}, which "
+            f"{problem}; fix the integration or the connection's header_name",
+            fields={"header_name": problem},
         )
-    if _BAD_VALUE.search(value):
+    problem = value_problem(value)
+    if problem is not None:
         raise ValidationError(
-            f"the credential integration {integration.id!r} injects into header {name!r} contains "
-            "CR, LF or NUL; fix the connection's parameters",
-            fields={name: "CR, LF or NUL in the rendered value"},
+            f"the credential integration {integration.id!r} injects into header {name!r} {problem}; "
+            "fix the connection's parameters",
+            fields={name: f"the rendered value {problem}"},
         )
     return name, value
 
 
 def _check_query(integration: Integration, name: str, value: str) -> Pair:
-    if not name or _BAD_VALUE.search(name) or _BAD_VALUE.search(value):
+    problem = query_name_problem(name) or value_problem(value)
+    if problem is not None:
         raise ValidationError(
-            f"integration {integration.id!r} injects a query parameter with an empty name or "
-            "CR, LF or NUL; fix the connection's parameters",
-            fields={name or "query_param": "invalid query parameter"},
+            f"integration {integration.id!r} injects a query parameter that {problem}; "
+            "fix the connection's parameters",
+            fields={"query_param": problem},
         )
     return name, value
 
 
 def _check_cookie(integration: Integration, name: str, value: str) -> Pair:
-    if not _TOKEN.fullmatch(name) or _BAD_COOKIE_VALUE.search(value):
+    problem = cookie_name_problem(name) or cookie_value_problem(value)
+    if problem is not None:
         raise ValidationError(
-            f"integration {integration.id!r} injects a cookie whose name is not a token or whose "
-            "value holds ';', CR, LF or NUL; fix the connection's parameters",
-            fields={name if _TOKEN.fullmatch(name) else "cookie_name": "invalid cookie"},
+            f"integration {integration.id!r} injects a cookie whose name or value {problem}; "
+            "fix the connection's parameters",
+            fields={"cookie_name" if cookie_name_problem(name) else name: problem},
         )
     return name, value
 
@@ -151,6 +197,20 @@ def _render_pairs(
         name = integration.render(name_tpl, params) if "{" in name_tpl else name_tpl
         out.append((name.strip(), integration.render(value_tpl, params)))
     return out
+
+
+def _secret_values(
+    integration: Integration, params: Mapping[str, Any], templates: Sequence[Pair], rendered: Sequence[Pair]
+) -> tuple[str, ...]:
+    """The rendered values whose templates use a secret parameter, and those secrets' values."""
+    secret = integration.secret_names
+    carried = [
+        value
+        for (name_tpl, value_tpl), (_, value) in zip(templates, rendered, strict=True)
+        if integration.template_params(name_tpl, value_tpl) & secret
+    ]
+    raw = [str(params[n]) for n in secret if params.get(n) not in (None, "")]
+    return (*carried, *(r for r in raw if any(r in v for v in carried)))
 
 
 def build_injection(
@@ -196,18 +256,18 @@ def build_injection(
         token = access_token if access_token else _param(integration, params, "access_token")
         return Injection(headers=(_check_header(integration, "Authorization", f"Bearer {token}"),))
     if kind == "template":
+        headers = _render_pairs(integration, integration.inject_headers, params)
+        query = _render_pairs(integration, integration.inject_query, params)
+        cookies = _render_pairs(integration, integration.inject_cookies, params)
         return Injection(
-            headers=tuple(
-                _check_header(integration, n, v)
-                for n, v in _render_pairs(integration, integration.inject_headers, params)
-            ),
-            query=tuple(
-                _check_query(integration, n, v)
-                for n, v in _render_pairs(integration, integration.inject_query, params)
-            ),
-            cookies=tuple(
-                _check_cookie(integration, n, v)
-                for n, v in _render_pairs(integration, integration.inject_cookies, params)
+            headers=tuple(_check_header(integration, n, v) for n, v in headers),
+            query=tuple(_check_query(integration, n, v) for n, v in query),
+            cookies=tuple(_check_cookie(integration, n, v) for n, v in cookies),
+            secret_values=_secret_values(
+                integration,
+                params,
+                (*integration.inject_headers, *integration.inject_query, *integration.inject_cookies),
+                (*headers, *query, *cookies),
             ),
         )
     raise not_proxyable(integration)

@@ -13,7 +13,15 @@ Security invariants kept here:
 - redirects are passed back to the caller, never followed (a redirect could carry the injected
   credential to another host);
 - a call whose body cannot be replayed, or whose method is not idempotent without an
-  ``Idempotency-Key``, is never retried.
+  ``Idempotency-Key``, is never retried;
+- ``TRACE`` is refused on every front end: an upstream answers it by echoing the request, and
+  with it the injected credential;
+- an absolute target (forward-proxy mode, an absolute envelope URL) stays under the base URL's
+  path exactly as a path-mode call does: a credential scoped to ``https://h/api`` never reaches
+  ``https://h/other``;
+- for proxy-only connections (the connection's option, its tenant's flag) the injected secret is
+  redacted from the response headers (``Exchange.scrub``): an upstream that echoes it in a
+  ``Location`` or a header must not hand it to the caller. Bodies are relayed as they are.
 
 Hot path: everything derived from a connection's decrypted ``Credentials`` (base URL, host
 binding, limit target, timeouts, injection) is computed once per ``Credentials`` object and
@@ -41,6 +49,7 @@ from proxy import egress as egress_mod
 from proxy.errors import (
     Forbidden,
     HostNotAllowed,
+    MethodNotAllowed,
     ProxyError,
     RateLimited,
     ServiceUnavailable,
@@ -63,7 +72,7 @@ from proxy.oauth.tokens import not_authorized
 from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals import parse_response
 from proxy.ratelimit.targets import limit_target
-from proxy.urls import join_upstream, split_absolute, validate_base_url
+from proxy.urls import escape_error, join_upstream, split_absolute, validate_base_url
 from proxy.vault import Credentials
 
 if TYPE_CHECKING:
@@ -73,7 +82,7 @@ log = logging.getLogger("proxy.pipeline")
 
 __all__ = ["Body", "Exchange", "Pipeline", "Plan"]
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRIES = 5
 MAX_REPLAY_BODY = 1 << 20
@@ -120,7 +129,9 @@ class Plan:
     """Everything about one decrypted connection that does not change per call."""
 
     __slots__ = (
+        "base_path",
         "base_scheme",
+        "base_tail",
         "base_url",
         "creds",
         "host",
@@ -131,6 +142,7 @@ class Plan:
         "latency_labels",
         "max_wait_ms",
         "oauth",
+        "proxy_only",
         "record",
         "refusal",
         "retries",
@@ -160,6 +172,10 @@ class Plan:
         scheme, host, port, _ = split_absolute(base_url)
         self.base_url = base_url
         self.base_scheme = scheme
+        base_parts = urlsplit(base_url)
+        self.base_path = base_parts.path
+        # What follows the origin when an absolute target is rebuilt in path mode's terms.
+        self.base_tail = base_parts.path + (f"?{base_parts.query}" if base_parts.query else "")
         self.host = host
         self.host_key = f"{host}:{port}"
         patterns = record.allowed_hosts
@@ -184,6 +200,7 @@ class Plan:
         self.oauth = integration.auth in OAUTH_KINDS
         self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
         self.latency_labels = (integration.id,)
+        self.proxy_only = record.proxy_only  # the tenant's flag is read per call (it is cached)
 
 
 def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, host: str) -> None:
@@ -226,6 +243,8 @@ class Exchange:
     retries: int
     host_key: str
     token: str | None = field(default=None, repr=False)  # the OAuth access token sent, if any
+    # Forms of the injected secret to redact from the response headers (proxy-only connections).
+    scrub: tuple[str, ...] = field(default=(), repr=False)
     holds_slot: bool = False
     latency_s: float = 0.0
 
@@ -252,6 +271,15 @@ def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
         return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
     except (TypeError, ValueError, IndexError):
         return 0.0
+
+
+def refuse_trace(method: str) -> None:
+    """TRACE makes the upstream echo the request back, injected credential included."""
+    if method == "TRACE":
+        raise MethodNotAllowed(
+            "TRACE is refused: the upstream would echo the request back to you, and with it the "
+            "credential the proxy injects; use another method"
+        )
 
 
 def parse_control_int(value: str | None, name: str, cap: int) -> int | None:
@@ -323,6 +351,7 @@ class Pipeline:
         ``absolute_url`` the host must be one of the connection's allowed hosts; ``upgrade_scheme``
         (forward-proxy mode) sends to https when the base URL is https.
         """
+        refuse_trace(method)
         creds = await self.credentials(tenant_id, connection_id, runtime_user_id)
         plan = self.plan_for(creds)
         if absolute_url is None:
@@ -349,6 +378,9 @@ class Pipeline:
         headers, injected_query = apply(injection, headers, query)
         if injected_query != query:  # a credential carried in the query string
             url = self._url(base_url, path, injected_query)
+        scrub: tuple[str, ...] = ()
+        if plan.proxy_only or await self.svc.tenant_flags.proxy_only(tenant_id):
+            scrub = injection.scrub
 
         timeout = plan.timeout
         if total_timeout_s is not None:
@@ -368,6 +400,7 @@ class Pipeline:
             retries=plan.retries if retries is None else retries,
             host_key=host_key,
             token=token,
+            scrub=scrub,
         )
 
     def _url(self, base_url: str, path: str, query: str) -> URL:
@@ -382,17 +415,30 @@ class Pipeline:
         return url
 
     def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
+        """(base URL, host key, path, query) of an absolute target, in path mode's terms.
+
+        The target's path must lie under the base URL's path; the rest of it is then joined
+        under that path by ``join_upstream`` like a path-mode path (same ``..`` checks, same
+        refusal), so both modes reach exactly the same URLs.
+        """
         scheme, host, port, target = split_absolute(url)
         if upgrade and plan.base_scheme == "https" and scheme == "http":
             scheme = "https"
             explicit_port = urlsplit_port(url)
             port = explicit_port if explicit_port not in (None, 80) else 443
         _check_destination(self.svc.egress, plan, scheme, host)
+        path, _, query = target.partition("?")
+        prefix = plan.base_path.rstrip("/")
+        if prefix:
+            # Compared raw and case-sensitively, at a segment boundary: "/API", "/%61pi" and
+            # "/apix" are not under "/api".
+            if path != prefix and not path.startswith(prefix + "/"):
+                raise escape_error(outside=True)
+            path = path[len(prefix) :]
         netloc = f"[{host}]" if ":" in host else host
         default = 443 if scheme == "https" else 80
-        origin = f"{scheme}://{netloc}{'' if port == default else f':{port}'}/"
-        path, _, query = target.partition("?")
-        return origin, f"{host}:{port}", path, query
+        base = f"{scheme}://{netloc}{'' if port == default else f':{port}'}{plan.base_tail}"
+        return base, f"{host}:{port}", path, query
 
     async def _wait_for_limit(self, plan: Plan, decision: Decision, max_wait_ms: int | None) -> None:
         """Wait for the limit when the caller (or the connection) allows it, else 429."""

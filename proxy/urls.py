@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 from proxy.errors import Forbidden, ValidationError
 
 __all__ = [
+    "escape_error",
     "join_upstream",
     "same_origin_host",
     "split_absolute",
@@ -44,8 +45,14 @@ _MAX_DECODE_ROUNDS = 4
 _ESCAPE = "path escapes the connection's base path"
 
 
-def _escape_error() -> Forbidden:
-    # The path is not quoted back: some APIs carry tokens in it, and messages get logged.
+def escape_error(outside: bool = False) -> Forbidden:
+    """The refusal of a path that would leave the base path (a ``..``, or an absolute target
+    outside it). The path is not quoted back: some APIs carry tokens in it, and messages get logged."""
+    if outside:
+        return Forbidden(
+            f"{_ESCAPE}: the target URL's path is not under the base URL's path; a connection's "
+            "credential only goes to URLs under its base URL"
+        )
     return Forbidden(
         f"{_ESCAPE}: '..' segments (in any encoding) are refused; send the path relative to "
         f"the connection's base URL"
@@ -100,7 +107,7 @@ def _check_path(path: str, allow_encoded_slash: bool) -> None:
             continue
         verdict = _segment_escapes(segment, allow_encoded_slash)
         if verdict is True:
-            raise _escape_error()
+            raise escape_error()
         if verdict is None:
             raise Forbidden(
                 f"{_ESCAPE}: a '\\' or an encoded '/' or '\\' (%5C, %2F) inside a path segment is "

@@ -548,4 +548,43 @@ def check_retire(in_use: set[int], version: int) -> None:
         )
 
 
-__all__ = ["ANY_VERSION", "Credentials", "Vault", "check_retire", "compute_status", "redacted_view"]
+__all__ = [
+    "ANY_VERSION",
+    "Credentials",
+    "TenantFlags",
+    "Vault",
+    "check_retire",
+    "compute_status",
+    "redacted_view",
+]
+
+
+class TenantFlags:
+    """Whether a tenant is proxy-only (its flag, or the ``proxy_only_tenants`` setting), cached
+    like credentials so the hot path skips the store. One per process: the Connection Service
+    (public parameters only) and the proxy (redacting echoed secrets) read the same answer, and
+    a tenant update forgets it."""
+
+    def __init__(self, store: Store, configured: tuple[str, ...], ttl_s: float) -> None:
+        self.store = store
+        self.configured = frozenset(configured)
+        self.ttl = max(ttl_s, 0.0)
+        self._cache: dict[str, tuple[float, bool]] = {}
+
+    async def proxy_only(self, tenant_id: str) -> bool:
+        if tenant_id in self.configured:
+            return True
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        tenant = await self.store.get_tenant(tenant_id)
+        flag = bool(tenant is not None and tenant.proxy_only)
+        if self.ttl > 0:
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[tenant_id] = (now + self.ttl, flag)
+        return flag
+
+    def forget(self, tenant_id: str) -> None:
+        self._cache.pop(tenant_id, None)

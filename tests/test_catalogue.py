@@ -9,6 +9,8 @@ import pytest
 from proxy.catalogue import Catalogue, parse_integration
 from proxy.errors import ConfigError, ValidationError
 
+CAT = Catalogue.load()
+
 CONTRACT_IDS = {
     "http_bearer",
     "http_api_key",
@@ -145,3 +147,60 @@ def test_oauth_integration_must_declare_token_fields_secret(tmp_path: Path) -> N
     )
     with pytest.raises(ConfigError, match="refresh_token"):
         Catalogue.load((tmp_path,))
+
+
+@pytest.mark.parametrize(
+    ("table", "name"),
+    [("headers", "Transfer-Encoding"), ("headers", "Host"), ("headers", "X-Proxy-Foo"), ("cookies", "a b")],
+)
+def test_operator_template_with_forbidden_static_name_stops_start_up(
+    tmp_path: Path, table: str, name: str
+) -> None:
+    (tmp_path / "smuggle.toml").write_text(
+        '[[integration]]\nid = "smuggle"\nauth = "template"\nbase_url = "https://api.acme.test"\n'
+        'fields = [{name = "key", secret = true}]\n'
+        f'[integration.inject.{table}]\n"{name}" = "{{{{ key }}}}"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        Catalogue.load((tmp_path,))
+    message = str(info.value)
+    assert "smuggle.toml" in message and f"inject.{table}.{name}" in message
+
+
+def test_operator_template_with_control_character_in_static_value_stops_start_up(tmp_path: Path) -> None:
+    (tmp_path / "ctl.toml").write_text(
+        '[[integration]]\nid = "ctl"\nauth = "template"\nbase_url = "https://api.acme.test"\n'
+        '[integration.inject.headers]\nX-Key = "a\\u000bb"\n'
+    )
+    with pytest.raises(ConfigError, match=r"inject\.headers\.X-Key"):
+        Catalogue.load((tmp_path,))
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"header_name": "Transfer-Encoding"}, "parameters.header_name"),
+        ({"header_name": "Content-Length"}, "parameters.header_name"),
+        ({"header_name": "X-Forwarded-Host"}, "parameters.header_name"),
+        ({"query_param": "a\x01"}, "parameters.query_param"),
+        ({"cookie_name": "s id"}, "parameters.cookie_name"),
+        ({"api_key": "k\x01"}, "parameters.api_key"),
+        ({"api_key": "k\x7f"}, "parameters.api_key"),
+        ({"api_key": "k\x0b"}, "parameters.api_key"),
+        ({"api_key": "k;admin=1", "location": "cookie"}, "parameters.api_key"),
+    ],
+)
+def test_write_time_checks_refuse_what_would_frame_the_request(params: dict[str, str], field: str) -> None:
+    problems = CAT.get("http_api_key").validate_params(params)
+    assert field in problems
+    assert params.get("api_key", "\x00") not in problems[field]  # never the secret
+
+
+def test_write_time_value_checks_cover_each_kind_and_leave_opaque_secrets_alone() -> None:
+    assert "parameters.token" in CAT.get("http_bearer").validate_params({"token": "t\x01"})
+    assert "parameters.username" in CAT.get("http_basic").validate_params({"username": "u\x7f"})
+    assert CAT.get("http_basic").validate_params({"password": "any\tthing"}) == {}  # sent base64-encoded
+    assert "parameters.api_key" in CAT.get("mailgun").validate_params({"api_key": "k\x0b"})
+    # A PEM key is multi-line and never injected into a request.
+    assert CAT.get("sftp").validate_params({"private_key": "-----BEGIN-----\nabc\n-----END-----"}) == {}
+    assert CAT.get("http_api_key").validate_params({"header_name": "X-API-Key", "api_key": "k"}) == {}

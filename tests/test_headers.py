@@ -10,6 +10,13 @@ from proxy.headers import (
     HOP_BY_HOP,
     clean_request_headers,
     clean_response_headers,
+    cookie_name_problem,
+    cookie_value_problem,
+    injected_header_problem,
+    query_name_problem,
+    redact_secrets,
+    value_problem,
+    without_framing,
 )
 
 
@@ -177,3 +184,102 @@ def test_name_verdicts_are_cached_per_spelling_and_stay_right_when_the_cache_flo
         assert clean_response_headers(
             [("Authorization", "kept upstream-side"), ("X-Proxy-Error", "forged")]
         ) == [("Authorization", "kept upstream-side")]
+
+
+# --- what a credential may be injected as ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Transfer-Encoding",
+        "content-length",
+        "Host",
+        "Connection",
+        "Upgrade",
+        "TE",
+        "Trailer",
+        "Keep-Alive",
+        "Expect",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "Proxy-Anything",
+        "X-Proxy-Max-Wait-Ms",
+        "X-Connection-Id",
+        "X-Tenant-Id",
+        "X-Runtime-User-Id",
+        "X-Org-Id",
+        "Forwarded",
+        "Via",
+        "X-Forwarded-For",
+        "X-Forwarded-Host",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-HTTP-Method-Override",
+        "Cookie",
+        "X Bad",
+        "X-Bad:",
+        "",
+        "X-Ä",
+        "X" * 300,
+    ],
+)
+def test_injected_header_names_that_frame_route_or_reach_the_proxy_are_refused(name: str) -> None:
+    assert injected_header_problem(name) is not None
+
+
+@pytest.mark.parametrize(
+    "name", ["Authorization", "X-API-Key", "Api-Key", "X-Shopify-Access-Token", "x-goog-api-key"]
+)
+def test_ordinary_credential_header_names_are_allowed(name: str) -> None:
+    assert injected_header_problem(name) is None
+
+
+@pytest.mark.parametrize("bad", ["\x01", "\x7f", "\x0b", "\t", "\r", "\n", "\x00", "\x85", "\x1b[2J"])
+def test_values_with_any_control_character_are_refused(bad: str) -> None:
+    assert value_problem(f"key{bad}rest") is not None
+    assert cookie_value_problem(f"key{bad}rest") is not None
+    assert query_name_problem(f"k{bad}") is not None
+
+
+def test_plain_values_and_names_pass() -> None:
+    assert value_problem("sk_live_abc/+=~ ünï") is None
+    assert cookie_value_problem("abc") is None and cookie_value_problem("a;b") is not None
+    assert query_name_problem("api_key") is None and query_name_problem("") is not None
+    assert cookie_name_problem("sid") is None and cookie_name_problem("s id") is not None
+
+
+def test_without_framing_drops_only_framing_headers() -> None:
+    items = [
+        ("Content-Length", "1000"),
+        ("transfer-encoding", "chunked"),
+        ("TE", "trailers"),
+        ("Trailer", "X"),
+        ("Expect", "100-continue"),
+        ("Content-Type", "text/plain"),
+        ("X-Custom", "1"),
+    ]
+    assert without_framing(items) == [("Content-Type", "text/plain"), ("X-Custom", "1")]
+
+
+def test_redact_secrets_in_any_header_raw_and_encoded() -> None:
+    secrets = ("s3cr%2Ft%2Bk", "s3cr/t+k")  # longest first, as Injection.scrub lists them
+    items = [
+        ("Location", "https://h/next?api_key=s3cr%2Ft%2Bk&page=2"),
+        ("X-Echo", "Bearer s3cr/t+k"),
+        ("Link", "<https://h/?k=s3cr%2ft%2bk>"),  # lower-case escapes: not listed, still caught
+        ("Content-Length", "42"),
+        ("Content-Type", "application/json"),
+    ]
+    assert redact_secrets(items, secrets) == [
+        ("Location", "https://h/next?api_key=********&page=2"),
+        ("X-Echo", "Bearer ********"),
+        ("Link", "********"),
+        ("Content-Length", "42"),
+        ("Content-Type", "application/json"),
+    ]
+    assert redact_secrets(items, ()) is items  # nothing to redact: no work at all
+
+
+def test_redact_never_rewrites_the_content_length() -> None:
+    assert redact_secrets([("Content-Length", "1234")], ("1234",)) == [("Content-Length", "1234")]

@@ -129,6 +129,58 @@ def test_semicolon_in_cookie_value_refused() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "name", ["Transfer-Encoding", "Content-Length", "Host", "X-Proxy-Retries", "Forwarded"]
+)
+def test_framing_or_routing_header_name_refused_at_injection(name: str) -> None:
+    # The defensive check for values that reached the store without the write-time one.
+    with pytest.raises(ValidationError) as info:
+        build_injection(
+            CAT.get("http_api_key"), _params("http_api_key", api_key="k-secret", header_name=name)
+        )
+    assert info.value.status == 422
+    assert "k-secret" not in info.value.message
+
+
+@pytest.mark.parametrize("bad", ["\x01", "\x7f", "\x0b", "\x85"])
+def test_control_characters_refused_at_injection(bad: str) -> None:
+    for location in ("header", "query", "cookie"):
+        with pytest.raises(ValidationError) as info:
+            build_injection(
+                CAT.get("http_api_key"), _params("http_api_key", api_key=f"k{bad}", location=location)
+            )
+        assert bad not in info.value.message
+
+
+def test_scrub_lists_the_credential_raw_and_encoded() -> None:
+    inj = build_injection(CAT.get("http_bearer"), _params("http_bearer", token="t/k+n="))
+    assert set(inj.scrub) == {"t/k+n=", "t%2Fk%2Bn%3D"}  # not "Bearer ...": "t/k+n=" covers it
+    assert len(inj.scrub[0]) >= len(inj.scrub[-1])  # longest first
+    basic = build_injection(CAT.get("http_basic"), _params("http_basic", username="u", password="p"))
+    assert base64.b64encode(b"u:p").decode() in basic.scrub
+    query = build_injection(
+        CAT.get("http_api_key"), _params("http_api_key", api_key="key 1", location="query")
+    )
+    assert set(query.scrub) == {"key 1", "key%201", "key+1"}
+    short = build_injection(CAT.get("http_bearer"), _params("http_bearer", token="ab"))
+    assert set(short.scrub) == {"Bearer ab", "Bearer%20ab", "Bearer+ab"}  # "ab" alone would mangle answers
+
+
+def test_scrub_of_a_template_skips_static_companion_values() -> None:
+    integration = parse_integration(
+        {
+            "id": "t",
+            "auth": "template",
+            "fields": [{"name": "key", "secret": True}],
+            "inject": {"headers": {"Authorization": "Token token={{ key }}", "X-Api-Version": "2024-01-01"}},
+        },
+        "test",
+    )
+    inj = build_injection(integration, {"key": "sekrit"})
+    assert "sekrit" in inj.scrub
+    assert not any("2024" in form for form in inj.scrub)
+
+
 def test_bad_header_name_refused() -> None:
     with pytest.raises(ValidationError):
         build_injection(CAT.get("http_api_key"), _params("http_api_key", api_key="k", header_name="X Bad:"))

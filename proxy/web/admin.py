@@ -583,9 +583,7 @@ async def put_tenant(request: web.Request) -> web.Response:
             continue
     else:
         raise Conflict(f"tenant {tid!r} kept changing while it was being updated; retry")
-    forget = svc.extras.get("forget_tenant_flags")
-    if callable(forget):
-        forget(tid)
+    svc.tenant_flags.forget(tid)
     _audit(request, caller, tid, "tenant.update", None, proxy_only=body["proxy_only"])
     return _tenant_view(request, tid, body["proxy_only"])
 

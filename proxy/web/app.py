@@ -29,7 +29,7 @@ from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream_client import make_session
-from proxy.vault import Vault
+from proxy.vault import TenantFlags, Vault
 from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
 from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware
@@ -54,6 +54,7 @@ class Services:
     auth: Authenticator
     egress: EgressPolicy
     tokens: TokenManager
+    tenant_flags: TenantFlags
     http: aiohttp.ClientSession | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -81,6 +82,7 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
         auth=Authenticator(settings, store, secrets.admin_token),
         egress=EgressPolicy(settings.egress_allow),
         tokens=TokenManager(vault, store, settings),
+        tenant_flags=TenantFlags(store, settings.proxy_only_tenants, settings.credential_cache_ttl_s),
     )
 
 

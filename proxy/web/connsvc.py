@@ -60,33 +60,6 @@ UNLIMITED_TTL_S: Final = 0.25
 METADATA: Final = "connection.metadata"
 
 
-class _TenantFlags:
-    """Tenant proxy-only flags, cached like credentials so the hot path skips the store."""
-
-    def __init__(self, svc: Services) -> None:
-        self.svc = svc
-        self.ttl = max(svc.settings.credential_cache_ttl_s, 0.0)
-        self._cache: dict[str, tuple[float, bool]] = {}
-
-    async def proxy_only(self, tenant_id: str) -> bool:
-        if tenant_id in self.svc.settings.proxy_only_tenants:
-            return True
-        now = time.monotonic()
-        hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        tenant = await self.svc.store.get_tenant(tenant_id)
-        flag = bool(tenant is not None and tenant.proxy_only)
-        if self.ttl > 0:
-            if len(self._cache) > 10000:
-                self._cache.clear()
-            self._cache[tenant_id] = (now + self.ttl, flag)
-        return flag
-
-    def forget(self, tenant_id: str) -> None:
-        self._cache.pop(tenant_id, None)
-
-
 def _parse_path(request: web.Request, prefix: str) -> tuple[str, str, bool] | None:
     """(tenant, connection, is_metadata) from the raw path, or None when it is no such URL."""
     raw = request.raw_path.split("?", 1)[0]
@@ -246,7 +219,7 @@ class _ConnectionService:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
         self.prefix = svc.settings.connection_service_prefix
-        self.flags = _TenantFlags(svc)
+        self.flags = svc.tenant_flags
         self.targets = _Targets()
         self.quota = _Quota(svc.limiter, svc.settings.service_quota_per_minute)
         self.ok = CONNECTION_SERVICE.labels(outcome="ok")
@@ -345,7 +318,6 @@ async def _audit_release(
 
 def setup(app: web.Application) -> None:
     front = _ConnectionService(services_of(app))
-    front.svc.extras["forget_tenant_flags"] = front.flags.forget
     # One catch-all route: the handler splits the raw path itself (see the module docstring).
     # GET only: a HEAD would count against the connection's limits without a body to use.
     app.router.add_get(front.prefix + "/{tail:.*}", front.handle, allow_head=False)

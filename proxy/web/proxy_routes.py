@@ -41,7 +41,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.headers import clean_response_headers
+from proxy.headers import clean_response_headers, redact_secrets, without_framing
 from proxy.model import Caller, ConnectionStatus, check_id
 from proxy.pipeline import (
     MAX_REPLAY_BODY,
@@ -51,6 +51,7 @@ from proxy.pipeline import (
     Pipeline,
     outcome_of,
     parse_control_int,
+    refuse_trace,
 )
 from proxy.web import envelope_answer
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
@@ -168,9 +169,11 @@ def _abort(request: web.Request) -> None:
 
 
 async def _stream_back(
-    request: web.Request, up: aiohttp.ClientResponse, outcome: str
+    request: web.Request, up: aiohttp.ClientResponse, outcome: str, scrub: tuple[str, ...]
 ) -> tuple[web.StreamResponse, str]:
     """Copy the upstream response to the client; returns it with the outcome to record.
+
+    ``scrub``: the injected secret's forms, redacted from the headers (proxy-only connections).
 
     The returned response is always handed back to aiohttp as is: after a disconnect or an
     abort its final write fails quietly inside aiohttp, which is what we want.
@@ -190,10 +193,11 @@ async def _stream_back(
             raise UpstreamUnreachable(
                 "the upstream broke off its response mid-body; retry the call"
             ) from None
-        headers = clean_response_headers(up.headers.items())  # web.Response copies it into its own multidict
+        # web.Response copies the list into its own multidict.
+        headers = redact_secrets(clean_response_headers(up.headers.items()), scrub)
         return web.Response(status=up.status, reason=up.reason, body=body, headers=headers), outcome
     resp = web.StreamResponse(status=up.status, reason=up.reason)
-    resp.headers.extend(clean_response_headers(up.headers.items()))
+    resp.headers.extend(redact_secrets(clean_response_headers(up.headers.items()), scrub))
     try:
         await resp.prepare(request)
     except ConnectionError:
@@ -234,6 +238,7 @@ async def proxy_path(
     watcher = app[WATCHER]
     watched = watcher.add(request)
     try:
+        refuse_trace(request.method)  # before anything else: nothing to authenticate for
         # The contract's trusted networks cover the Connection Service and the envelope only.
         caller = await caller_for(request, allow_trusted=False, app=app)
         h = request.headers
@@ -266,7 +271,7 @@ async def proxy_path(
         idem = "Idempotency-Key" in h
         up = await pipeline.open(ex, await _body(request, ex, idem), idempotency_key=idem)
         status = up.status
-        resp, outcome = await _stream_back(request, up, outcome_of(status))
+        resp, outcome = await _stream_back(request, up, outcome_of(status), ex.scrub)
         return resp
     except ProxyError as exc:
         outcome = exc.code
@@ -390,7 +395,9 @@ async def envelope(request: web.Request) -> web.StreamResponse:
         method = str(_envelope_field(payload, "method", str, False) or "GET").upper()
         url = _envelope_field(payload, "url", str, True)
         given = _envelope_field(payload, "headers", dict, False) or {}
-        headers = {str(k): str(v) for k, v in given.items() if v is not None}
+        # The proxy frames the body it sends: a caller's Content-Length or Transfer-Encoding
+        # would truncate it, hang the upstream, or split it into a second request.
+        headers = dict(without_framing((str(k), str(v)) for k, v in given.items() if v is not None))
         body = _envelope_body(payload, headers)
         timeout_ms = _envelope_field(payload, "timeout_ms", (int, float), False)
         absolute = url if url[:7].lower() == "http://" or url[:8].lower() == "https://" else None
@@ -423,7 +430,7 @@ async def envelope(request: web.Request) -> web.StreamResponse:
             ) from None
         up.release()  # the body is read: the upstream connection goes back to the pool while we encode
         outcome = outcome_of(status)
-        headers_out = _envelope_headers(clean_response_headers(up.headers.items()))
+        headers_out = _envelope_headers(redact_secrets(clean_response_headers(up.headers.items()), ex.scrub))
         return await envelope_answer.answer(
             request, request.app[ENVELOPE_CLASSIFIER], status, headers_out, data
         )

@@ -257,6 +257,18 @@ def test_parse_form_user_settable_choice() -> None:
     assert problems == {"region": "must be one of us, eu"}
 
 
+def test_parse_form_never_takes_a_header_name_and_refuses_control_characters() -> None:
+    # header_name is the operator's (a destination): a posted one is ignored, never stored; the
+    # values the form does take pass Integration.validate_params like the admin API's.
+    integration = CATALOGUE.get("http_api_key")
+    params, problems = sessions.parse_form(
+        integration, {"api_key": "k-1", "header_name": "Transfer-Encoding"}
+    )
+    assert "header_name" not in params and problems == {}
+    _, problems = sessions.parse_form(integration, {"api_key": "k\x7fx"})
+    assert "api_key" in problems
+
+
 def test_parse_form_blank_stored_secret_is_kept() -> None:
     integration = CATALOGUE.get("http_basic")
     params, problems = sessions.parse_form(integration, {"username": "bob"}, present={"password"})

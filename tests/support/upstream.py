@@ -281,10 +281,90 @@ async def running_upstream(host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
         await up.stop()
 
 
+@dataclass
+class RawUpstream:
+    """A bare HTTP/1.1 server on a socket that counts the requests it parses.
+
+    It reads requests off each connection the way a lenient origin does (``Transfer-Encoding:
+    chunked`` wins over ``Content-Length``, RFC 9112 6.3), so a smuggled second request inside a
+    body shows up in ``requests`` as a second request line. Answers ``200 ok`` to each.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[str] = field(default_factory=list)  # request lines, in order
+    heads: list[bytes] = field(default_factory=list)  # raw header blocks, in order
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                self.requests.append(lines[0])
+                self.heads.append(head)
+                fields = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    fields[name.strip().lower()] = value.strip().lower()
+                if "chunked" in fields.get("transfer-encoding", ""):
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                        await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                elif fields.get("content-length"):
+                    await reader.readexactly(int(fields["content-length"]))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):  # pooled keep-alive connections of the proxy
+                writer.close()
+            await self._server.wait_closed()
+            self._server = None
+
+
+@contextlib.asynccontextmanager
+async def running_raw_upstream(host: str = "127.0.0.1") -> AsyncIterator[RawUpstream]:
+    up = RawUpstream(host=host)
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
+
+
 def seen_json(body: bytes) -> dict[str, object]:
     data = json.loads(body)
     assert isinstance(data, dict)
     return data
 
 
-__all__ = ["PATTERN", "Seen", "Upstream", "pattern_bytes", "running_upstream", "seen_json"]
+__all__ = [
+    "PATTERN",
+    "RawUpstream",
+    "Seen",
+    "Upstream",
+    "pattern_bytes",
+    "running_raw_upstream",
+    "running_upstream",
+    "seen_json",
+]

@@ -196,6 +196,35 @@ async def test_validation_errors_name_every_field_and_never_echo_values(sqlite_s
     assert await svc.services.store.get_connection("t1", "c1") is None
 
 
+async def test_injected_names_that_frame_the_request_and_control_characters_are_refused(
+    sqlite_svc: RunningService,
+) -> None:
+    svc = sqlite_svc
+    path = "/admin/tenants/t1/connections/c1"
+    base = {"api_key": "k-secret", "base_url": "https://api.example.com"}
+    for params, field in [
+        ({"header_name": "Transfer-Encoding"}, "parameters.header_name"),
+        ({"header_name": "X-Proxy-Retries"}, "parameters.header_name"),
+        ({"location": "query", "query_param": "k\x00"}, "parameters.query_param"),
+        ({"location": "cookie", "cookie_name": "a=b"}, "parameters.cookie_name"),
+        ({"api_key": "k-secret\x01"}, "parameters.api_key"),
+        ({"api_key": "k-secret\x7f"}, "parameters.api_key"),
+        ({"api_key": "k-secret\x0b"}, "parameters.api_key"),
+    ]:
+        status, data = await svc.admin(
+            "PUT", path, json={"integration_id": "http_api_key", "parameters": {**base, **params}}
+        )
+        assert (status, data["error"]) == (422, "VALIDATION_ERROR"), params
+        assert field in data["fields"], data
+        assert "k-secret" not in json.dumps(data)
+    # PATCH goes through the same check.
+    await svc.put_connection("t1", "c1", {"integration_id": "http_api_key", "parameters": base})
+    status, data = await svc.admin("PATCH", path, json={"parameters": {"header_name": "Content-Length"}})
+    assert status == 422 and "parameters.header_name" in data["fields"]
+    status, data = await svc.admin("GET", path)
+    assert "header_name" not in data["parameters"]  # nothing was stored: the default applies
+
+
 async def test_runtara_rate_limit_shape_and_valid_options(sqlite_svc: RunningService) -> None:
     view = await sqlite_svc.put_connection(
         "t1",

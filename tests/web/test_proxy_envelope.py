@@ -163,3 +163,55 @@ async def test_untrusted_caller_needs_a_key(tmp_path: Path, upstream: Upstream) 
             s, {"url": "/echo", "connection_id": "c1"}, org="org2", Authorization=f"Bearer {key}"
         )
         assert (status, data["error"]) == (404, "CONNECTION_NOT_FOUND")
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        {"Content-Length": "1000"},  # more than the body: the upstream would wait for the rest
+        {"Content-Length": "2"},  # less: the rest of the body would read as the next request
+        {"Transfer-Encoding": "chunked", "content-length": "5"},
+        {"TE": "trailers", "Trailer": "X-Sig", "Expect": "100-continue"},
+    ],
+)
+async def test_caller_framing_headers_are_dropped(
+    svc: RunningService, upstream: Upstream, framing: dict[str, str]
+) -> None:
+    # The proxy frames the body it builds from the envelope, whatever the caller claims.
+    status, _, data = await post(
+        svc,
+        {
+            "method": "POST",
+            "url": "/upload",
+            "headers": {**framing, "X-Kept": "1"},
+            "body": "hello",
+            "connection_id": "c1",
+            "timeout_ms": 5000,
+        },
+    )
+    assert status == 200, data
+    assert (data["status"], data["body"]) == (200, {"len": 5, "sha256": hashlib.sha256(b"hello").hexdigest()})
+    seen = upstream.seen[-1]
+    assert seen.header("Content-Length") == ["5"]
+    assert seen.header("X-Kept") == ["1"]
+    assert not {"transfer-encoding", "te", "trailer", "expect"} & seen.header_names
+    assert len(upstream.seen) == 1
+
+
+async def test_absolute_url_outside_the_base_path_is_refused(tmp_path: Path, upstream: Upstream) -> None:
+    async with running_service(tmp_path, trusted_networks=["127.0.0.1/32"]) as s:
+        await s.put_connection(
+            "org1",
+            "api",
+            {
+                "integration_id": "http_bearer",
+                "parameters": {"token": "tok", "base_url": upstream.url + "/api"},
+            },
+        )
+        status, _, data = await post(s, {"url": upstream.url + "/api/echo", "connection_id": "api"})
+        assert (status, data["body"]["path"]) == (200, "/api/echo")
+        for outside in ("/other", "/apix", "/", "/API/echo"):
+            status, _, data = await post(s, {"url": upstream.url + outside, "connection_id": "api"})
+            assert (status, data["error"]) == (403, "FORBIDDEN"), outside
+            assert "base path" in data["message"]
+        assert len(upstream.seen) == 1

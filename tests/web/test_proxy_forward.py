@@ -56,7 +56,7 @@ async def test_absolute_form_request(svc: RunningService, upstream: Upstream) ->
     key = await svc.mint_key("t1")
     status, _, body = await raw_request(
         svc,
-        f"POST http://127.0.0.1:{upstream.port}/echo/fwd?x=1&y=%2F HTTP/1.1\n"
+        f"POST http://127.0.0.1:{upstream.port}/base/echo/fwd?x=1&y=%2F HTTP/1.1\n"
         f"Host: 127.0.0.1:{upstream.port}\n"
         f"Proxy-Authorization: Bearer {key}\n"
         "X-Connection-Id: c1\n"
@@ -67,8 +67,8 @@ async def test_absolute_form_request(svc: RunningService, upstream: Upstream) ->
     )
     assert status == 200, body
     seen = upstream.seen[-1]
-    # The request's own path and query (not under the base path), with the credential injected.
-    assert (seen.method, seen.path, seen.query) == ("POST", "/echo/fwd", "x=1&y=%2F")
+    # The request's own path (under the base path) and query, with the credential injected.
+    assert (seen.method, seen.path, seen.query) == ("POST", "/base/echo/fwd", "x=1&y=%2F")
     assert seen.header("Authorization") == ["Bearer tok"]
     assert "proxy-authorization" not in seen.header_names
     assert "x-connection-id" not in seen.header_names
@@ -91,6 +91,46 @@ async def test_absolute_form_to_another_host_refused(svc: RunningService, upstre
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ("/other", "FORBIDDEN"),
+        ("/basement", "FORBIDDEN"),
+        ("/", "FORBIDDEN"),
+        ("/BASE/echo", "FORBIDDEN"),
+        ("/base/%2e%2e/other", "VALIDATION_ERROR"),
+        ("/base/%252e%252e/other", "FORBIDDEN"),  # double-encoded: path mode's own check
+        ("/base/../other", "VALIDATION_ERROR"),  # not even a valid absolute target
+    ],
+)
+async def test_absolute_form_outside_the_base_path_is_refused(
+    svc: RunningService, upstream: Upstream, target: str, code: str
+) -> None:
+    # The same refusal as path mode's "/proxy/../other": the credential is scoped to /base.
+    key = await svc.mint_key("t1")
+    status, headers, body = await raw_request(
+        svc,
+        f"GET http://127.0.0.1:{upstream.port}{target} HTTP/1.1\n"
+        f"Host: x\nProxy-Authorization: Bearer {key}\nX-Connection-Id: c1\nConnection: close\n",
+    )
+    assert headers["x-proxy-error"] == code, body
+    if code == "FORBIDDEN":
+        assert status == 403
+        assert "escapes the connection's base path" in json.loads(body)["message"]
+    assert upstream.seen == []
+
+
+async def test_absolute_form_at_the_base_path_itself(svc: RunningService, upstream: Upstream) -> None:
+    key = await svc.mint_key("t1")
+    status, _, body = await raw_request(
+        svc,
+        f"GET http://127.0.0.1:{upstream.port}/base?x=1 HTTP/1.1\n"
+        f"Host: x\nProxy-Authorization: Bearer {key}\nX-Connection-Id: c1\nConnection: close\n",
+    )
+    assert status == 200, body
+    assert (upstream.seen[-1].path, upstream.seen[-1].query) == ("/base", "x=1")
+
+
 async def test_absolute_form_needs_auth(svc: RunningService, upstream: Upstream) -> None:
     status, headers, _ = await raw_request(
         svc,
@@ -107,12 +147,12 @@ async def test_absolute_form_for_an_admin_route_is_still_proxied(
     key = await svc.mint_key("t1")
     status, _, body = await raw_request(
         svc,
-        f"GET http://127.0.0.1:{upstream.port}/admin/tenants/t1/connections HTTP/1.1\n"
+        f"GET http://127.0.0.1:{upstream.port}/base/admin/tenants/t1/connections HTTP/1.1\n"
         f"Host: x\nProxy-Authorization: Bearer {key}\nX-Connection-Id: c1\nConnection: close\n",
     )
     assert status == 200
-    assert upstream.seen[-1].path == "/admin/tenants/t1/connections"
-    assert json.loads(body)["path"] == "/admin/tenants/t1/connections"  # the upstream's echo
+    assert upstream.seen[-1].path == "/base/admin/tenants/t1/connections"
+    assert json.loads(body)["path"] == "/base/admin/tenants/t1/connections"  # the upstream's echo
 
 
 async def test_connect_refused_with_pointer_to_path_mode(svc: RunningService) -> None:
