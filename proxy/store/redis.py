@@ -305,6 +305,7 @@ class RedisStore(Store):
         self._closing = False
         self._scripts: dict[str, Any] = {}
         self._lost: StoreLost | None = None
+        self._accepting = False
         self._watcher: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -350,7 +351,7 @@ class RedisStore(Store):
         """Runs on every new connection before its first command: a Redis that came back empty
         (or another Redis at the same address) is refused before anything is written to it."""
         await conn.on_connect()
-        if self.identity is None:  # still opening: open() reads and writes the marker itself
+        if self.identity is None or self._accepting:  # open() / accept_loss() set the marker
             return
         await conn.send_command("HMGET", META, STORE_ID_KEY, STORE_REPLACES_KEY, check_health=False)
         found, replaces = await conn.read_response()
@@ -408,6 +409,7 @@ class RedisStore(Store):
         if self._client is None:
             raise StoreUnavailable("redis store is closed (accept_loss); open it first")
         new = new_identity()
+        self._accepting = True
         try:
             pipe = self._client.pipeline(transaction=True)
             pipe.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
@@ -418,6 +420,8 @@ class RedisStore(Store):
                 f"redis store unavailable during accept_loss ({type(exc).__name__}); check that "
                 "Redis is running and reachable at the configured PROXY_REDIS_URL"
             ) from exc
+        finally:
+            self._accepting = False
         log.warning("store accepted as it is now: new identity %s replaces %s", new, self.identity)
         self._judge(new, self.identity)
         return new
