@@ -186,3 +186,14 @@ class KeyVersionMissing(CryptoError):
 
 class StoreUnavailable(ServiceUnavailable):
     """The store (SQLite or Redis) cannot be reached or answered with an error."""
+
+
+class StoreLost(StoreUnavailable):
+    """The store is not the one this process opened: its data was lost (Redis flushed or
+    restarted empty, the SQLite file deleted or replaced). Every store operation is refused, so
+    nothing acknowledged can land in a store that does not hold its key records."""
+
+
+class KeyRecordChanged(CryptoError):
+    """A write was refused because the tenant key record it was encrypted under is no longer the
+    one in the store (lost, or replaced). Nothing was written; a retry encrypts afresh."""

@@ -15,6 +15,12 @@ The key ring can change under a running service (rotation adds a version, retiri
 ``reload_ring`` re-reads the key source on SIGHUP, and a tenant key wrapped by a version this
 process does not hold triggers one re-read (at most one per ``RING_REREAD_MIN_INTERVAL_S``, so a
 truly missing version cannot turn every request into a file read) before the call fails.
+
+Every acknowledged write decrypts later: a record with secrets is written only after its tokens
+were opened with the cached data keys, and only if the store, in the same atomic write, still
+holds the wrapped keys those came from (``_put_checked``). A cached key whose record the store
+lost (Redis flushed, a file replaced) is never trusted for a write, and a tenant whose key
+record is gone while its connections remain gets no new keys over their ciphertexts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from proxy.errors import (
     Conflict,
     ConnectionNotFound,
     CryptoError,
+    KeyRecordChanged,
     KeyVersionMissing,
     ProxyError,
     ValidationError,
@@ -146,6 +153,8 @@ class Vault:
         self.cache_ttl_s = cache_ttl_s
         self._deks: dict[str, dict[int, bytes]] = {}
         self._current_dek: dict[str, int] = {}
+        # tenant -> dek version -> wrapped blob (base64) the cached key was unwrapped from.
+        self._blobs: dict[str, dict[int, str]] = {}
         self._creds: dict[tuple[str, str], tuple[float, Credentials]] = {}
         # (tenant, connection, runtime user) -> (expires, connection id to use).
         self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
@@ -187,6 +196,7 @@ class Vault:
             )
         self._deks[tenant.tenant_id] = keys
         self._current_dek[tenant.tenant_id] = tenant.current_dek_version
+        self._blobs[tenant.tenant_id] = {int(v): str(w["blob"]) for v, w in tenant.wrapped_deks.items()}
 
     async def ensure_tenant(self, tenant_id: str) -> None:
         """Creates the tenant's key record if it has none yet (idempotent, race-safe)."""
@@ -268,6 +278,13 @@ class Vault:
         return KeyVersionMissing(exc.version, exc.what, advice=advice)
 
     async def _create_tenant(self, tenant_id: str) -> TenantRecord:
+        if (await self.store.list_connections(tenant_id, limit=1)).items:
+            # Keys are created before a tenant's first connection, so its key record was lost:
+            # new keys would leave every stored ciphertext of the tenant unreadable for good.
+            raise CryptoError(
+                f"tenant {tenant_id!r} has connections but no key record: the store lost it. "
+                "Nothing was written; restore the store's backup"
+            )
         dek = crypto.generate_dek()
         wrapped = crypto.wrap_dek(self.ring, tenant_id, 1, dek)
         record = TenantRecord(
@@ -331,10 +348,70 @@ class Vault:
         if expected_version is ANY_VERSION:
             # The rule was checked against this version: a write racing in between is a conflict.
             expected_version = old.version if old is not None else None
-        stored = await self.store.put_connection(record, expected_version)
+        stored = await self._put_checked(record, expected_version)
         # The store's write told the other replicas; this one drops its own copies now.
         await self.invalidate(record.tenant_id, record.connection_id)
         return stored
+
+    async def _put_checked(
+        self, record: ConnectionRecord, expected_version: ExpectedVersion
+    ) -> ConnectionRecord:
+        """The store write of a record, conditional on the key record its secrets open with."""
+        if not record.secret_params:
+            return await self.store.put_connection(record, expected_version)
+        try:
+            return await self.store.put_connection(
+                record, expected_version, key_check=await self._key_check(record)
+            )
+        except KeyRecordChanged:
+            # The cached key record is stale: a re-wrap (same keys, new blobs: the retry passes)
+            # or a lost/replaced record (the reloaded keys do not open the tokens: refused).
+            self._forget_keys(record.tenant_id)
+        try:
+            return await self.store.put_connection(
+                record, expected_version, key_check=await self._key_check(record)
+            )
+        except KeyRecordChanged:
+            self._forget_keys(record.tenant_id)
+            raise
+
+    async def _key_check(self, record: ConnectionRecord) -> dict[str, str]:
+        """Opens every token with the tenant's keys (cached, else loaded) and returns the
+        wrapped blobs they came from, for the store to compare atomically with the write."""
+        tenant_id = record.tenant_id
+        keys = await self._tenant_keys(tenant_id, create=False)
+        blobs = self._blobs.get(tenant_id)
+        if keys is None or blobs is None:
+            raise KeyRecordChanged(
+                f"tenant {tenant_id!r} has no key record in the store (it was lost); nothing was "
+                "written: retry the request"
+            )
+        deks = keys[1]
+
+        def lookup(version: int) -> bytes:
+            if version not in deks:
+                raise CryptoError(f"tenant {tenant_id!r} has no data key version {version}")
+            return deks[version]
+
+        used: set[int] = set()
+        for name, token in record.secret_params.items():
+            try:
+                crypto.decrypt_value(lookup, tenant_id, record.connection_id, name, token)
+            except CryptoError:
+                self._forget_keys(tenant_id)
+                raise KeyRecordChanged(
+                    f"field {name!r} of connection {record.connection_id!r} (tenant {tenant_id!r}) "
+                    "does not open with the tenant's key record (the store lost or replaced the "
+                    "record it was sealed under); nothing was written: retry the request, and if "
+                    "this persists, replace the connection with PUT"
+                ) from None
+            used.add(crypto.token_dek_version(token))
+        return {str(v): blobs[v] for v in used}
+
+    def _forget_keys(self, tenant_id: str) -> None:
+        self._deks.pop(tenant_id, None)
+        self._current_dek.pop(tenant_id, None)
+        self._blobs.pop(tenant_id, None)
 
     async def delete(self, tenant_id: str, connection_id: str) -> bool:
         removed = await self.store.delete_connection(tenant_id, connection_id)
@@ -349,14 +426,14 @@ class Vault:
             self._creds.clear()
             self._deks.clear()
             self._current_dek.clear()
+            self._blobs.clear()
             return
         for rkey in [k for k in self._resolved if k[0] == tenant_id]:
             del self._resolved[rkey]
         if connection_id is None:
             for key in [k for k in self._creds if k[0] == tenant_id]:
                 del self._creds[key]
-            self._deks.pop(tenant_id, None)
-            self._current_dek.pop(tenant_id, None)
+            self._forget_keys(tenant_id)
         else:
             self._creds.pop((tenant_id, connection_id), None)
             # Runtime user connections carry their default's destination: drop them with it.
@@ -506,7 +583,7 @@ class Vault:
                 integration = self.catalogue.get(record.integration_id)
                 secrets = {k: v for k, v in creds.params.items() if k in record.secret_params}
                 _, secret = await self.encrypt_params(tenant_id, record.connection_id, integration, secrets)
-                await self.store.put_connection(record.evolve(secret_params=secret), record.version)
+                await self._put_checked(record.evolve(secret_params=secret), record.version)
                 done += 1
             if page.next_cursor is None:
                 break

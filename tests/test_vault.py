@@ -117,12 +117,12 @@ class FlakyStore:
         return getattr(self._inner, name)
 
     async def put_connection(
-        self, record: ConnectionRecord, expected_version: ExpectedVersion
+        self, record: ConnectionRecord, expected_version: ExpectedVersion, **kw: Any
     ) -> ConnectionRecord:
         if self._left == 0:
             raise RuntimeError("simulated crash")
         self._left -= 1
-        return await self._inner.put_connection(record, expected_version)
+        return await self._inner.put_connection(record, expected_version, **kw)
 
 
 async def test_reencryption_interrupted_then_resumed_loses_nothing(store: Any) -> None:

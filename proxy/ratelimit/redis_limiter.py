@@ -17,7 +17,10 @@ their own next round trip. A lost message is covered by the TTL.
 When Redis fails, each call is bounded by ``timeout_s``; ``fail_mode="open"`` serves it from an
 in-process LocalLimiter with the same windows, ``"closed"`` raises ServiceUnavailable. After a
 failure Redis is left alone for ``breaker_s`` (no hammering of a dead server), then tried again:
-limiting resumes on Redis by itself, no restart.
+limiting resumes on Redis by itself, no restart. Connections that died while Redis restarted
+are health-checked and replaced before use, and a peek, an observation (a monotonic merge) or a
+describe meeting one is repeated once on a fresh connection; an acquire never is, since it may
+have consumed quota before its reply was lost (``proxy.redisconn``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import ServiceUnavailable
@@ -52,6 +53,7 @@ from proxy.ratelimit.limiter import (
     state_of,
 )
 from proxy.ratelimit.signals import Observation
+from proxy.redisconn import client_options, retry_safe
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
@@ -123,12 +125,7 @@ class RedisLimiter(Limiter):
     @classmethod
     def create(cls, source: Client | str, *, fail_mode: str, timeout_s: float) -> RedisLimiter:
         if isinstance(source, str):
-            client = Redis.from_url(
-                source,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),  # a retry would multiply the bounded timeout
-            )
+            client = Redis.from_url(source, **client_options(timeout_s))
             return cls(client, fail_mode=fail_mode, timeout_s=timeout_s, owns_client=True)
         return cls(source, fail_mode=fail_mode, timeout_s=timeout_s)
 
@@ -145,7 +142,11 @@ class RedisLimiter(Limiter):
             return None
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply: list[Any] = await self._script(keys=keys, args=args)
+                if args[0] == "a":  # consumes quota: never repeated
+                    reply: list[Any] = await self._script(keys=keys, args=args)
+                else:
+                    with retry_safe():
+                        reply = await self._script(keys=keys, args=args)
         except _FAILURES as exc:
             self._down_until = time.monotonic() + self._breaker_s
             if not self._failing:
@@ -287,7 +288,8 @@ class RedisLimiter(Limiter):
         if time.monotonic() >= self._down_until:
             try:
                 async with asyncio.timeout(self._timeout_s * 4):
-                    return await self._describe(target, spec, keys)
+                    with retry_safe():
+                        return await self._describe(target, spec, keys)
             except _FAILURES:
                 self._down_until = time.monotonic() + self._breaker_s
         self._unavailable()
@@ -329,8 +331,9 @@ class RedisLimiter(Limiter):
                 keys.add(keys_for(scope, q, False)[0])
         try:
             async with asyncio.timeout(self._timeout_s * 4):
-                for key in keys:  # separate slots: one DEL each
-                    await self._client.delete(key)
+                with retry_safe():  # DEL again deletes nothing more
+                    for key in keys:  # separate slots: one DEL each
+                        await self._client.delete(key)
         except _FAILURES:
             RATELIMIT_BACKEND_ERRORS.labels(mode=self.fail_mode).inc()
             raise ServiceUnavailable(

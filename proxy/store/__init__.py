@@ -14,10 +14,11 @@ import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+import secrets
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from proxy.errors import Conflict, ValidationError
+from proxy.errors import Conflict, KeyRecordChanged, StoreLost, ValidationError
 from proxy.model import ConnectionRecord, check_id
 from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, InvalidationCallback, Store
 
@@ -31,6 +32,10 @@ log = logging.getLogger("proxy.store")
 # (subscriber reconnected, or fell behind the change log): drop every cached entry.
 FLUSH_ALL: Final = "*"
 SCHEMA_VERSION_KEY: Final = "schema_version"
+# The store's identity marker (see Store.identity) and the marker it replaced on accept_loss.
+STORE_ID_KEY: Final = "store_id"
+STORE_REPLACES_KEY: Final = "store_id_replaces"
+MANAGED_META: Final = frozenset({SCHEMA_VERSION_KEY, STORE_ID_KEY, STORE_REPLACES_KEY})
 MAX_PAGE: Final = 1000
 
 
@@ -101,8 +106,65 @@ def bad_cursor() -> ValidationError:
 
 
 def reserved_meta(key: str) -> None:
-    if key == SCHEMA_VERSION_KEY:
+    if key in MANAGED_META:
         raise ValidationError(f"meta key {key!r} is managed by the store itself", fields={"key": "reserved"})
+
+
+def new_identity() -> str:
+    return secrets.token_hex(16)
+
+
+def judge_identity(mine: str, found: str | None, replaces: str | None) -> str | None:
+    """What an instance that opened ``mine`` makes of the marker it reads now: ``mine`` (all
+    well), the new marker (an operator accepted the loss of ``mine``: adopt it), or None (lost)."""
+    if found == mine:
+        return mine
+    if found is not None and replaces == mine:
+        return found
+    return None
+
+
+def store_lost(kind: str, mine: str, what: str, recover: str) -> StoreLost:
+    return StoreLost(
+        f"the {kind} store is not the one this replica opened (identity {mine!r}): {what}. Reads "
+        f"and writes are refused so nothing is written over the ciphertexts it held. {recover} "
+        "(see 'Lost store data' in the README)"
+    )
+
+
+def redis_lost(mine: str, found: str | None) -> StoreLost:
+    if found is None:
+        what = "its identity marker is gone, so Redis lost its data (flushed, or restarted empty)"
+    else:
+        what = f"it now carries identity {found!r}: another store answers at that address"
+    return store_lost(
+        "redis",
+        mine,
+        what,
+        "Restore the Redis backup (replicas resume by themselves once their identity is back), "
+        "or accept the store as it is now with POST /admin/store/accept-loss",
+    )
+
+
+def key_check_holds(tenant: dict[str, Any] | None, check: Mapping[str, str]) -> bool:
+    """Whether a tenant record (its JSON) still holds the wrapped data keys of ``check``."""
+    if tenant is None:
+        return False
+    wrapped = tenant.get("wrapped_deks")
+    if not isinstance(wrapped, dict):
+        return False
+    for version, blob in check.items():
+        entry = wrapped.get(version)
+        if not isinstance(entry, dict) or entry.get("blob") != blob:
+            return False
+    return True
+
+
+def key_record_changed(tenant_id: str) -> KeyRecordChanged:
+    return KeyRecordChanged(
+        f"tenant {tenant_id!r}'s key record changed or vanished while the write was prepared "
+        "(the store lost or replaced it); nothing was written: retry the request"
+    )
 
 
 def ephemeral_digest(key: str) -> str:

@@ -13,7 +13,7 @@ always the previous one plus one.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -64,7 +64,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raises StoreUnavailable unless the back end answers."""
+        """Raises StoreUnavailable unless the back end answers (StoreLost once it lost its data)."""
+
+    # --- identity (lost-data detection) ----------------------------------------------------
+    # Every store carries a random marker written once, when it is first opened. An instance
+    # remembers the marker it opened and keeps checking it; one that finds it missing or changed
+    # (Redis flushed or restarted empty, the SQLite file deleted or replaced) refuses every
+    # operation with ``StoreLost`` instead of writing new data over what it can no longer see.
+    identity: str | None = None
+
+    @abc.abstractmethod
+    async def accept_loss(self) -> str:
+        """The operator's decision to carry on with the store as it is now: marks it with a new
+        identity (recording the one it replaces, so running instances adopt it) and returns it."""
 
     # --- metadata (schema version, key-ring bookkeeping) -----------------------------------
     @abc.abstractmethod
@@ -90,9 +102,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_connection(
-        self, record: ConnectionRecord, expected_version: ExpectedVersion
+        self,
+        record: ConnectionRecord,
+        expected_version: ExpectedVersion,
+        *,
+        key_check: Mapping[str, str] | None = None,
     ) -> ConnectionRecord:
-        """CAS write of the whole record, keeping the runtime-user index in step atomically."""
+        """CAS write of the whole record, keeping the runtime-user index in step atomically.
+
+        ``key_check`` maps data key versions to the wrapped-key blobs the record's secrets were
+        sealed under: the write happens only if the tenant record holds exactly those, checked
+        in the same atomic step (else ``KeyRecordChanged``, nothing written)."""
 
     @abc.abstractmethod
     async def delete_connection(self, tenant_id: str, connection_id: str) -> bool: ...

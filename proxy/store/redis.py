@@ -35,7 +35,19 @@ write). Own writes are delivered too. The subscriber reconnects with backoff; af
 reconnect it cannot know what it missed and delivers ``(FLUSH_ALL, None)``.
 
 Failures (refused, timed out, error replies) raise ``StoreUnavailable`` naming the operation,
-never the URL (it may carry a password). Client retries are off so a dead Redis fails fast.
+never the URL (it may carry a password). A dead Redis fails fast: timeouts are never retried;
+a command that meets a dead pooled connection is repeated once on a fresh one only when it is
+safe to repeat (``proxy.redisconn``).
+
+Lost data: ``cp:meta`` carries the store's identity marker (``store_id``), written once. Every
+new connection reads it before carrying a command (``_on_connect``: a Redis restarted empty is
+caught before the first write reaches it), and a watcher re-reads it every
+``IDENTITY_CHECK_S`` (a ``FLUSHDB`` leaves connections up). Missing or changed, the store
+refuses every operation with ``StoreLost`` until the marker is back (a restored backup) or an
+operator accepts the loss (``accept_loss``), and delivers ``FLUSH_ALL`` so no cache outlives
+the data it came from. ``cp:meta`` is its own slot, so no script can check the marker
+atomically in Cluster; the write that matters, a connection's ciphertexts, is instead checked
+atomically against its tenant's key record (same slot), see ``put_connection``.
 """
 
 from __future__ import annotations
@@ -48,20 +60,22 @@ import math
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, NoReturn, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.errors import ConfigError, Conflict, StoreUnavailable
+from proxy.errors import ConfigError, Conflict, StoreLost, StoreUnavailable
 from proxy.model import ID_RE, ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord, check_id
+from proxy.redisconn import client_options, retry_safe
 from proxy.store import (
     FLUSH_ALL,
     SCHEMA_VERSION_KEY,
+    STORE_ID_KEY,
+    STORE_REPLACES_KEY,
     audit_json,
     audit_matches,
     bad_cursor,
@@ -69,8 +83,12 @@ from proxy.store import (
     deliver,
     dumps,
     ephemeral_digest,
+    judge_identity,
+    key_record_changed,
+    new_identity,
     next_version,
     page_limit,
+    redis_lost,
     reserved_meta,
     runtime_user_taken,
 )
@@ -95,11 +113,25 @@ MAX_BATCH: Final = 1000
 PUBSUB_PING_S: Final = 5.0
 KEEPALIVE: Final = "keepalive"
 PUBSUB_DEAD_S: Final = 15.0
+# How often a running store re-reads its identity marker (a FLUSHDB closes no connection).
+IDENTITY_CHECK_S: Final = 1.0
 
 _PUT_CONNECTION = """
 local rec, cidx = KEYS[1], KEYS[2]
 local mode, expected, json, cid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ru, dc, integ, prefix = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+-- The ciphertexts are written only while the tenant key record still holds the wrapped data keys
+-- they were sealed under (same slot: the tenant record shares the prefix's hash tag).
+if ARGV[11] ~= '' then
+  local t = redis.call('HGET', prefix .. 'tenant', 'd')
+  if not t then return {'nokeys', 0} end
+  local wrapped = cjson.decode(t)['wrapped_deks']
+  if type(wrapped) ~= 'table' then return {'nokeys', 0} end
+  for v, blob in pairs(cjson.decode(ARGV[11])) do
+    local w = wrapped[v]
+    if type(w) ~= 'table' or w['blob'] ~= blob then return {'nokeys', 0} end
+  end
+end
 local cur = redis.call('HMGET', rec, 'v', 'ru', 'dc', 'in')
 local curv = cur[1] and tonumber(cur[1])
 if (mode == 'new' and curv) or (mode == 'ver' and curv ~= tonumber(expected)) then
@@ -272,15 +304,29 @@ class RedisStore(Store):
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
         self._scripts: dict[str, Any] = {}
+        self._lost: StoreLost | None = None
+        self._accepting = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     # --- plumbing ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _guard(self, op: str) -> Iterator[Client]:
+    def _guard(self, op: str, *, safe: bool = False) -> Iterator[Client]:
+        """The client for one operation. ``safe``: its commands may be repeated once on a fresh
+        connection (reads, and writes whose repeat changes nothing; see proxy.redisconn)."""
         if self._client is None:
             raise StoreUnavailable(f"redis store is closed ({op}); open it first")
+        if self._lost is not None:
+            raise self._lost
         try:
-            yield self._client
+            if safe:
+                with retry_safe():
+                    yield self._client
+            else:
+                yield self._client
         except (RedisError, OSError) as exc:
+            if self._lost is not None:  # the connection was refused by the identity check
+                raise self._lost from None
             # Only the class name: the URL (and so a password) never reaches the message.
             raise StoreUnavailable(
                 f"redis store unavailable during {op} ({type(exc).__name__}); check that Redis is "
@@ -294,38 +340,138 @@ class RedisStore(Store):
             script = self._scripts[source] = r.register_script(source)
         return script
 
-    async def _script(self, op: str, source: str, keys: list[str], args: list[Any]) -> Any:
-        with self._guard(op) as r:
+    async def _script(
+        self, op: str, source: str, keys: list[str], args: list[Any], *, safe: bool = False
+    ) -> Any:
+        with self._guard(op, safe=safe) as r:
             return await self._registered(r, source)(keys=keys, args=args)
+
+    # --- identity ---------------------------------------------------------------------------
+    async def _on_connect(self, conn: Any) -> None:
+        """Runs on every new connection before its first command: a Redis that came back empty
+        (or another Redis at the same address) is refused before anything is written to it."""
+        await conn.on_connect()
+        if self.identity is None or self._accepting:  # open() / accept_loss() set the marker
+            return
+        await conn.send_command("HMGET", META, STORE_ID_KEY, STORE_REPLACES_KEY, check_health=False)
+        found, replaces = await conn.read_response()
+        self._judge(found, replaces)
+        if self._lost is not None:
+            raise RedisConnectionError("the store's identity marker does not match")
+
+    def _judge(self, found: str | None, replaces: str | None) -> None:
+        mine = self.identity
+        if mine is None:
+            return
+        verdict = judge_identity(mine, found, replaces)
+        if verdict is None:
+            if self._lost is None:
+                self._lost = redis_lost(mine, found)
+                log.error("%s", self._lost.message)
+                self._flush_caches()
+            return
+        if verdict != mine:
+            log.warning(
+                "store identity %s was replaced by %s (an operator accepted a data loss); adopting "
+                "it and dropping every cache",
+                mine,
+                verdict,
+            )
+            self.identity = verdict
+        elif self._lost is None:
+            return
+        else:
+            log.warning("store identity %s is back (restored); serving again", mine)
+        self._lost = None
+        self._flush_caches()
+
+    def _flush_caches(self) -> None:
+        """Nothing cached from a store that vanished may be used against what replaced it."""
+        task = asyncio.get_running_loop().create_task(deliver(self._callbacks, FLUSH_ALL, None))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _watch_identity(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(IDENTITY_CHECK_S)
+            client = self._client
+            if client is None:
+                return
+            try:
+                async with asyncio.timeout(max(self.timeout_s * 4, 1.0)):
+                    with retry_safe():
+                        found, replaces = await client.hmget(META, [STORE_ID_KEY, STORE_REPLACES_KEY])
+            except (RedisError, OSError, TimeoutError):
+                continue  # unreachable is reported by every operation; a new connection re-checks
+            self._judge(found, replaces)
+
+    async def accept_loss(self) -> str:
+        if self._client is None:
+            raise StoreUnavailable("redis store is closed (accept_loss); open it first")
+        new = new_identity()
+        self._accepting = True
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
+            pipe.hset(META, mapping={STORE_ID_KEY: new, STORE_REPLACES_KEY: self.identity or ""})
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(
+                f"redis store unavailable during accept_loss ({type(exc).__name__}); check that "
+                "Redis is running and reachable at the configured PROXY_REDIS_URL"
+            ) from exc
+        finally:
+            self._accepting = False
+        log.warning("store accepted as it is now: new identity %s replaces %s", new, self.identity)
+        self._judge(new, self.identity)
+        return new
 
     # --- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
         if self._client is not None:
             return
+        self._closing = False
         self._client = aioredis.Redis.from_url(
             self._url,
             decode_responses=True,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
+            redis_connect_func=self._on_connect,
+            **client_options(self.timeout_s),
         )
         try:
-            with self._guard("open") as r:
+            with self._guard("open", safe=True) as r:
                 await r.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
-                found = await r.hget(META, SCHEMA_VERSION_KEY)
+                # A store opened without a marker is taken as new (a first start, or one from
+                # before markers existed): nothing here can tell it from a Redis that lost its
+                # data before this process started, so say so loudly when it has no tenants.
+                marked = await r.hsetnx(META, STORE_ID_KEY, new_identity())
+                found, identity = await r.hmget(META, [SCHEMA_VERSION_KEY, STORE_ID_KEY])
+                tenants = await r.scard(TENANTS)
             if not (found or "").isdigit() or int(found or 0) > SCHEMA_VERSION:
                 raise ConfigError(
                     "redis_url",
                     f"this Redis holds connection-proxy data of schema {found!r}, newer than the "
                     f"{SCHEMA_VERSION} this version knows; upgrade connection-proxy or use another database",
                 )
+            if marked:
+                log.warning(
+                    "redis store had no identity marker: marked it as store %s (%d tenants). If this "
+                    "Redis held connection-proxy data before, that data is lost: restore the backup "
+                    "before writing",
+                    identity,
+                    int(tenants),
+                )
+            self.identity = str(identity)
+            self._watcher = asyncio.create_task(self._watch_identity(), name="redis-identity")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait({self._watcher}, timeout=2.0)
+            self._watcher = None
         if self._listener is not None:
             self._listener.cancel()
             # Bounded: a client library that turns the cancellation into a connection error
@@ -339,25 +485,25 @@ class RedisStore(Store):
                 await client.aclose()  # type: ignore[attr-defined, unused-ignore]
 
     async def ping(self) -> None:
-        with self._guard("ping") as r:
+        with self._guard("ping", safe=True) as r:
             await r.ping()
 
     # --- meta -------------------------------------------------------------------------------
     async def get_meta(self, key: str) -> str | None:
-        with self._guard("get_meta") as r:
+        with self._guard("get_meta", safe=True) as r:
             value = await r.hget(META, key)
         return None if value is None else str(value)
 
     async def set_meta(self, key: str, value: str) -> None:
         reserved_meta(key)
-        with self._guard("set_meta") as r:
+        with self._guard("set_meta", safe=True) as r:
             await r.hset(META, key, value)
 
     # --- tenants ----------------------------------------------------------------------------
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
         if not ID_RE.match(tenant_id):
             return None
-        with self._guard("get_tenant") as r:
+        with self._guard("get_tenant", safe=True) as r:
             v, d = await r.hmget(_prefix(tenant_id) + "tenant", ["v", "d"])
         if v is None or d is None:
             return None
@@ -366,7 +512,7 @@ class RedisStore(Store):
     async def put_tenant(self, record: TenantRecord, expected_version: ExpectedVersion) -> TenantRecord:
         t = check_id("tenant_id", record.tenant_id)
         mode, expected = _cas_args(expected_version)
-        with self._guard("put_tenant") as r:
+        with self._guard("put_tenant", safe=True) as r:  # SADD: a repeat changes nothing
             await r.sadd(TENANTS, t)  # registry first: see module docstring
         status, value = await self._script(
             "put_tenant",
@@ -379,7 +525,7 @@ class RedisStore(Store):
         return replace(record, version=int(value))
 
     async def list_tenants(self) -> list[TenantRecord]:
-        with self._guard("list_tenants") as r:
+        with self._guard("list_tenants", safe=True) as r:
             ids = sorted(await r.smembers(TENANTS))
             pipe = r.pipeline(transaction=False)
             for t in ids:
@@ -395,12 +541,16 @@ class RedisStore(Store):
     async def get_connection(self, tenant_id: str, connection_id: str) -> ConnectionRecord | None:
         if not ID_RE.match(tenant_id):
             return None
-        with self._guard("get_connection") as r:
+        with self._guard("get_connection", safe=True) as r:
             v, d = await r.hmget(_conn_key(tenant_id, connection_id), ["v", "d"])
         return _connection(v, d)
 
     async def put_connection(
-        self, record: ConnectionRecord, expected_version: ExpectedVersion
+        self,
+        record: ConnectionRecord,
+        expected_version: ExpectedVersion,
+        *,
+        key_check: Mapping[str, str] | None = None,
     ) -> ConnectionRecord:
         check_connection_ids(record)
         t, c = record.tenant_id, record.connection_id
@@ -420,8 +570,11 @@ class RedisStore(Store):
                 _prefix(t),
                 CHANNEL,
                 dumps({"t": t, "c": c}),
+                dumps(dict(key_check)) if key_check else "",
             ],
         )
+        if status == "nokeys":
+            raise key_record_changed(t)
         if status == "taken":
             raise runtime_user_taken(t, record.default_connection_id or "", record.runtime_user_id or "")
         if status != "ok":
@@ -465,7 +618,7 @@ class RedisStore(Store):
         start = "-" if cursor is None else f"({cursor}"
         batch = min(max(limit + 1, 50), MAX_BATCH)
         items: list[ConnectionRecord] = []
-        with self._guard("list_connections") as r:
+        with self._guard("list_connections", safe=True) as r:
             while len(items) <= limit:
                 ids = await r.zrangebylex(index, start, "+", start=0, num=batch)
                 if not ids:
@@ -502,28 +655,33 @@ class RedisStore(Store):
             _FIND_USER_CONNECTION,
             [f"{p}ruc/{default_connection_id}/{runtime_user_id}"],
             [p],
+            safe=True,
         )
         return _connection(row[0], row[1]) if row else None
 
     # --- API keys ---------------------------------------------------------------------------
     async def put_api_key(self, record: ApiKeyRecord) -> None:
         t = check_id("tenant_id", record.tenant_id)
-        with self._guard("put_api_key") as r:
+        with self._guard("put_api_key", safe=True) as r:
             await r.sadd(_prefix(t) + "keys", record.key_id)  # index first: see module docstring
         last = "" if record.last_used_at is None else repr(float(record.last_used_at))
         await self._script(
-            "put_api_key", _PUT_API_KEY, [f"cp:apikey:{record.key_id}"], [dumps(record.to_dict()), last]
+            "put_api_key",
+            _PUT_API_KEY,
+            [f"cp:apikey:{record.key_id}"],
+            [dumps(record.to_dict()), last],
+            safe=True,  # the same fields again; last_used_at only moves forward
         )
 
     async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        with self._guard("get_api_key") as r:
+        with self._guard("get_api_key", safe=True) as r:
             d, u = await r.hmget(f"cp:apikey:{key_id}", ["d", "u"])
         return _api_key(d, u)
 
     async def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
         if not ID_RE.match(tenant_id):
             return []
-        with self._guard("list_api_keys") as r:
+        with self._guard("list_api_keys", safe=True) as r:
             ids = list(await r.smembers(_prefix(tenant_id) + "keys"))
             pipe = r.pipeline(transaction=False)
             for key_id in ids:
@@ -535,7 +693,7 @@ class RedisStore(Store):
     async def touch_api_keys(self, last_used: dict[str, float]) -> None:
         if not last_used:
             return
-        with self._guard("touch_api_keys") as r:
+        with self._guard("touch_api_keys", safe=True) as r:
             script = self._registered(r, _TOUCH_API_KEY)
             pipe = r.pipeline(transaction=False)
             for key_id, ts in last_used.items():
@@ -564,7 +722,7 @@ class RedisStore(Store):
         # Entry ids are >= their event's ts in ms (see _APPEND_AUDIT): trimming below the cutoff
         # id never removes a newer event (one that arrived late may stay a little longer).
         cutoff = f"{max(0, math.floor(before_ts * 1000))}-0"
-        with self._guard("prune_audit") as r:
+        with self._guard("prune_audit", safe=True) as r:
             total = 0
             for t in sorted(await r.smembers(AUDIT_TENANTS)):
                 total += int(await r.xtrim(_prefix(t) + "audit", minid=cutoff, approximate=False))
@@ -590,7 +748,7 @@ class RedisStore(Store):
         batch = min(max(2 * (limit + 1), 100), MAX_BATCH)
         items: list[tuple[str, AuditEvent]] = []
         scanned, last_id, exhausted = 0, None, False
-        with self._guard("query_audit") as r:
+        with self._guard("query_audit", safe=True) as r:
             while len(items) <= limit and scanned < AUDIT_SCAN_BUDGET:
                 entries = await r.xrevrange(key, max=end, min=start, count=batch)
                 for entry_id, fields in entries:
@@ -609,11 +767,11 @@ class RedisStore(Store):
 
     # --- one-time tokens --------------------------------------------------------------------
     async def put_ephemeral(self, namespace: str, key: str, value: dict[str, Any], ttl_s: float) -> None:
-        with self._guard("put_ephemeral") as r:
+        with self._guard("put_ephemeral", safe=True) as r:
             await r.set(_ephemeral_key(namespace, key), dumps(value), px=_ttl_ms(ttl_s))
 
     async def get_ephemeral(self, namespace: str, key: str) -> dict[str, Any] | None:
-        with self._guard("get_ephemeral") as r:
+        with self._guard("get_ephemeral", safe=True) as r:
             value = await r.get(_ephemeral_key(namespace, key))
         return None if value is None else _loads(value)
 
@@ -634,7 +792,7 @@ class RedisStore(Store):
 
     # --- invalidation -----------------------------------------------------------------------
     async def publish_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
-        with self._guard("publish_invalidation") as r:
+        with self._guard("publish_invalidation", safe=True) as r:
             await r.publish(CHANNEL, dumps({"t": tenant_id, "c": connection_id}))
 
     async def subscribe_invalidations(self, callback: InvalidationCallback) -> None:

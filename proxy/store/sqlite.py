@@ -17,6 +17,11 @@ Why it looks like this:
   ``changes`` in the same transaction; ``subscribe_invalidations`` polls it every 0.25 s and
   names what changed. Own writes are delivered too (caches treat flushes idempotently). A
   subscriber that fell behind the trimmed log gets ``(FLUSH_ALL, None)``.
+- Lost data: a database file deleted or replaced while the service runs leaves this process
+  writing into an unlinked inode, lost at the next start. Every operation first compares the
+  path's (device, inode) with the file opened (one ``stat``, about a microsecond) and, when it
+  differs, refuses with ``StoreLost``; ``accept_loss`` reopens whatever file is there now. The
+  identity marker (``store_id`` in ``meta``) is kept as on Redis and reported by ``/readyz``.
 - The data directory is created 0700 and the database file 0600 (it holds ciphertext and key
   hashes; SQLite gives its -wal/-shm files the same mode).
 """
@@ -31,27 +36,33 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from proxy.errors import ConfigError, ProxyError, StoreUnavailable
+from proxy.errors import ConfigError, ProxyError, StoreLost, StoreUnavailable
 from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord, check_id
 from proxy.store import (
     FLUSH_ALL,
     SCHEMA_VERSION_KEY,
+    STORE_ID_KEY,
+    STORE_REPLACES_KEY,
     audit_json,
     bad_cursor,
     check_connection_ids,
     deliver,
     dumps,
     ephemeral_digest,
+    key_check_holds,
+    key_record_changed,
+    new_identity,
     next_version,
     page_limit,
     reserved_meta,
     runtime_user_taken,
+    store_lost,
 )
 from proxy.store.base import AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
 
@@ -120,6 +131,8 @@ class SqliteStore(Store):
         self._callbacks: list[InvalidationCallback] = []
         self._poller: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._lost: StoreLost | None = None
 
     # --- plumbing ---------------------------------------------------------------------------
     async def _run(self, op: str, fn: Callable[[Db], T]) -> T:
@@ -132,6 +145,7 @@ class SqliteStore(Store):
         db = self._db
         if db is None:
             raise StoreUnavailable(f"embedded store is closed ({op}); open it first")
+        self._check_file()
         try:
             return fn(db)
         except sqlite3.Error as exc:
@@ -158,6 +172,27 @@ class SqliteStore(Store):
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
 
+    def _check_file(self) -> None:
+        """The file at ``path`` must still be the one opened (see the module docstring)."""
+        if self._lost is None:
+            try:
+                st = os.stat(self.path)
+                now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            if now == self._file:
+                return
+            what = "its file was deleted" if now is None else "its file was replaced by another one"
+            self._lost = store_lost(
+                "embedded",
+                self.identity or "?",
+                f"{what} at {self.path} while the service ran",
+                "Put the backup back at that path and restart the service, or accept the file "
+                "there now with POST /admin/store/accept-loss",
+            )
+            log.error("%s", self._lost.message)
+        raise self._lost
+
     # --- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
         if self._executor is not None:
@@ -166,6 +201,7 @@ class SqliteStore(Store):
         loop = asyncio.get_running_loop()
         try:
             self._db = await loop.run_in_executor(self._executor, self._connect)
+            self.identity = await self.get_meta(STORE_ID_KEY)
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -193,6 +229,8 @@ class SqliteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._write(db, self._migrate, durable=True)
+            st = os.stat(self.path)
+            self._file = (st.st_dev, st.st_ino)
         except ConfigError:
             db.close()
             raise
@@ -228,6 +266,34 @@ class SqliteStore(Store):
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION)),
         )
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (STORE_ID_KEY, new_identity()))
+
+    async def accept_loss(self) -> str:
+        """Reopens the file now at ``path`` (creating it if gone) and marks it anew."""
+        if self._executor is None:
+            raise StoreUnavailable("embedded store is closed (accept_loss); open it first")
+        old = self.identity or ""
+
+        def reopen() -> str:
+            if self._db is not None:
+                _close_db(self._db)
+            self._db = self._connect()
+            new = new_identity()
+            self._write(
+                self._db,
+                lambda db: db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [(STORE_ID_KEY, new), (STORE_REPLACES_KEY, old)],
+                ),
+                durable=True,
+            )
+            return new
+
+        new = await asyncio.get_running_loop().run_in_executor(self._executor, reopen)
+        log.warning("embedded store accepted as it is now: new identity %s replaces %s", new, old)
+        self.identity, self._lost = new, None
+        await deliver(self._callbacks, FLUSH_ALL, None)
+        return new
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -325,12 +391,21 @@ class SqliteStore(Store):
         return _connection(row) if row else None
 
     async def put_connection(
-        self, record: ConnectionRecord, expected_version: ExpectedVersion
+        self,
+        record: ConnectionRecord,
+        expected_version: ExpectedVersion,
+        *,
+        key_check: Mapping[str, str] | None = None,
     ) -> ConnectionRecord:
         check_connection_ids(record)
         t, c = record.tenant_id, record.connection_id
 
         def tx(db: Db) -> ConnectionRecord:
+            if key_check:
+                # In the write's own transaction: the key record cannot change in between.
+                tenant = db.execute("SELECT json FROM tenants WHERE tenant_id = ?", (t,)).fetchone()
+                if not key_check_holds(_loads(tenant[0]) if tenant else None, key_check):
+                    raise key_record_changed(t)
             row = db.execute(
                 "SELECT version FROM connections WHERE tenant_id = ? AND connection_id = ?", (t, c)
             ).fetchone()

@@ -652,6 +652,25 @@ async def list_integrations(request: web.Request) -> web.Response:
     return web.json_response({"items": items})
 
 
+async def accept_store_loss(request: web.Request) -> web.Response:
+    """The operator's way out of a detected store loss without a backup: carry on with the store
+    as it is now. Every replica that opened the lost store adopts the new identity."""
+    await _admin(request)
+    body = await read_json_object(request)
+    if body.get("confirm") is not True:
+        raise ValidationError(
+            "accepting the store as it is now makes every replica serve from it again, and what it "
+            "lost stays lost: connections, API keys and tenant keys must be created anew. Restore "
+            'the backup instead if there is one; otherwise send {"confirm": true}',
+            fields={"confirm": "required: true"},
+        )
+    svc = services_of(request.app)
+    identity = await svc.store.accept_loss()
+    # Re-records the key ring's fingerprints (lost with the rest) and proves it opens what is left.
+    tenants = await svc.vault.verify_keys()
+    return web.json_response({"status": "accepted", "store_id": identity, "tenants": tenants})
+
+
 def setup(app: web.Application) -> None:
     conn = "/admin/tenants/{tenant_id}/connections/{connection_id}"
     r = app.router
@@ -667,3 +686,4 @@ def setup(app: web.Application) -> None:
     r.add_put("/admin/tenants/{tenant_id}", put_tenant)
     r.add_get("/admin/tenants/{tenant_id}", get_tenant)
     r.add_get("/admin/integrations", list_integrations)
+    r.add_post("/admin/store/accept-loss", accept_store_loss)

@@ -1,4 +1,5 @@
-"""Operations endpoints: liveness, readiness (store and Redis reachable), Prometheus metrics."""
+"""Operations endpoints: liveness, readiness (store and Redis reachable, and still the store this
+replica opened: a lost store answers 503 naming what happened and what to do), Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ async def readyz(request: web.Request) -> web.Response:
         await svc.store.ping()
     except ProxyError as exc:
         raise ServiceUnavailable(f"not ready: {exc.message}") from None
-    return web.json_response({"status": "ready", "store": svc.store.name})
+    return web.json_response({"status": "ready", "store": svc.store.name, "store_id": svc.store.identity})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.errors import Conflict, ValidationError
+from proxy.errors import Conflict, KeyRecordChanged, ValidationError
 from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, RateWindow, TenantRecord
 from proxy.store.base import ANY_VERSION, AuditQuery, Store
 from proxy.store.redis import RedisStore
@@ -535,3 +535,40 @@ async def test_meta_get_set(open_store: Factory) -> None:
     with pytest.raises(ValidationError):
         await a.set_meta("schema_version", "7")
     await a.ping()
+
+
+# --- writes conditional on the tenant key record -----------------------------------------------
+
+
+def _tenant(blob: str, version: int = 1) -> TenantRecord:
+    wrapped = {"kek_version": 1, "dek_version": version, "blob": blob}
+    return TenantRecord(tenant_id="t1", current_dek_version=version, wrapped_deks={str(version): wrapped})
+
+
+async def test_put_connection_holds_only_while_the_key_record_does(store: Store) -> None:
+    # No key record at all: refused, nothing written.
+    with pytest.raises(KeyRecordChanged):
+        await store.put_connection(conn("c1"), None, key_check={"1": "YmxvYi1h"})
+    assert await store.get_connection("t1", "c1") is None
+    tenant = await store.put_tenant(_tenant("YmxvYi1h"), None)
+    stored = await store.put_connection(conn("c1"), None, key_check={"1": "YmxvYi1h"})
+    assert stored.version == 1
+    # The key record was replaced (a loss, then new keys): the old blob no longer matches.
+    await store.put_tenant(_tenant("YmxvYi1i"), tenant.version)
+    for check in ({"1": "YmxvYi1h"}, {"2": "YmxvYi1i"}):
+        with pytest.raises(KeyRecordChanged):
+            await store.put_connection(conn("c1", status="active"), 1, key_check=check)
+    got = await store.get_connection("t1", "c1")
+    assert got is not None and got.version == 1 and got.status != "active"
+
+
+async def test_store_identity_is_written_once_and_shared(open_store: Factory) -> None:
+    a = await open_store()
+    b = await open_store()
+    assert a.identity and a.identity == b.identity
+    with pytest.raises(ValidationError):
+        await a.set_meta("store_id", "forged")
+    new = await a.accept_loss()
+    assert new != b.identity and a.identity == new
+    c = await open_store()
+    assert c.identity == new

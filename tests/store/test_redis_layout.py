@@ -8,16 +8,18 @@ top-level command the keys of it and of the script commands it ran must share on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreLost, StoreUnavailable
 from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord
 from proxy.settings import Settings
 from proxy.store import FLUSH_ALL, open_store
@@ -203,9 +205,34 @@ async def test_dead_redis_fails_fast_and_store_recovers(store: RedisStore, redis
             assert name in exc.value.message
     finally:
         redis_server.start()
-    # The pool reconnects by itself (this server keeps no data across restarts).
+    # This server keeps no data across restarts: it came back empty, and the store says so
+    # instead of writing into it ...
+    with pytest.raises(StoreLost):
+        await store.put_connection(ConnectionRecord("t", "c", "x"), None)
+    # ... until its data is back (a restored backup carries the identity marker): the store
+    # notices within its identity check interval, and the pool reconnects by itself.
+    _restore_marker(redis_server, store)
+    await _until_ping(store, 3.0)
     stored = await store.put_connection(ConnectionRecord("t", "c", "x"), None)
     assert await store.get_connection("t", "c") == stored
+
+
+async def _until_ping(store: RedisStore, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await store.ping()
+            return
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def _restore_marker(redis_server: RedisServer, store: RedisStore) -> None:
+    """What restoring a backup of this store does to ``cp:meta``, for a server without data."""
+    assert store.identity is not None
+    redis.Redis(port=redis_server.port).hset("cp:meta", "store_id", store.identity)
 
 
 async def test_subscriber_survives_a_redis_restart_and_flushes_everything(
@@ -216,12 +243,21 @@ async def test_subscriber_survives_a_redis_restart_and_flushes_everything(
     redis_server.stop()
     await asyncio.sleep(0.3)
     redis_server.start()
+    _restore_marker(redis_server, store)
     assert await asyncio.wait_for(got.get(), 5) == (FLUSH_ALL, None)
     writer = RedisStore(redis_url)
     await writer.open()
     try:
-        await writer.put_connection(ConnectionRecord("t", "after", "x"), None)
-        assert await asyncio.wait_for(got.get(), 1) == ("t", "after")
+        # The first FLUSH_ALL may be the loss being noticed, before the subscription is back:
+        # write until a change is heard (at most 5 s).
+        heard: set[tuple[str, str | None]] = set()
+        deadline = time.monotonic() + 5
+        while ("t", "after") not in heard and time.monotonic() < deadline:
+            await writer.put_connection(ConnectionRecord("t", "after", "x"), ANY_VERSION)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    heard.add(await asyncio.wait_for(got.get(), 0.3))
+        assert ("t", "after") in heard
     finally:
         await writer.close()
 
