@@ -18,7 +18,6 @@ error messages carry the provider's error *code* only (validated), never a body 
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
+from proxy import jsonin
 from proxy.catalogue import OAuth2Spec
 
 FailureKind = Literal["reauth", "client", "rejected", "transient", "protocol"]
@@ -394,7 +394,7 @@ def _decode(content_type: str, body: bytes) -> dict[str, Any] | None:
         return dict(parse_qsl(text, keep_blank_values=True))
     if ctype.endswith("json") or ctype.endswith("+json") or text.startswith("{"):
         try:
-            data = json.loads(text)
+            data = jsonin.loads(text)  # a provider's answer is outside input too
         except ValueError:
             return None
         return data if isinstance(data, dict) else None

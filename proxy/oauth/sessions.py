@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy import destinations
+from proxy import destinations, jsonin
 from proxy.catalogue import FieldSpec, Integration
 from proxy.errors import ValidationError
 from proxy.model import check_id
@@ -430,7 +430,9 @@ def _convert(spec: FieldSpec, raw: str) -> tuple[Any, str | None]:
         return raw, None
     if spec.type == "object":
         try:
-            value = json.loads(raw)
+            value = jsonin.loads(raw)
+        except jsonin.JsonInputError as exc:
+            return None, f"must be a plain JSON object ({exc.reason})"
         except ValueError:
             return None, "must be a JSON object"
         return (value, None) if isinstance(value, dict) else (None, "must be a JSON object")
