@@ -75,6 +75,15 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise _unauthenticated("the Authorization header must be 'Bearer <api key, admin token or JWT>'")
+    if not token.isascii():
+        # Header bytes that are not UTF-8 arrive as lone surrogates, which cannot be encoded
+        # for the comparisons below: no credential looks like that.
+        try:
+            token.encode()
+        except UnicodeEncodeError:
+            raise _unauthenticated(
+                "the bearer credential is not valid UTF-8; send the api key, admin token or JWT as issued"
+            ) from None
     return token
 
 

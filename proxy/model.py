@@ -16,7 +16,9 @@ from typing import Any
 from proxy.errors import ValidationError
 
 # Ids end up in URLs, Redis hash tags and log lines: no braces (hash tags), slashes or controls.
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=~-]{0,199}$")
+# Anchored with \A...\Z, not ^...$: "$" also matches before a trailing newline, which let
+# "acme\n" through every ``ID_RE.match``.
+ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@+=~-]{0,199}\Z")
 
 
 def check_id(kind: str, value: str) -> str:

@@ -572,7 +572,8 @@ class SqliteStore(Store):
         sql = "SELECT seq, json FROM audit WHERE tenant_id = ?"
         args: list[Any] = [query.tenant_id]
         if query.cursor is not None:
-            if not query.cursor.isdigit():
+            # ASCII digits that fit SQLite's 64-bit integer ("²".isdigit() is True)
+            if not (query.cursor.isascii() and query.cursor.isdigit() and len(query.cursor) <= 18):
                 raise bad_cursor()
             sql += " AND seq < ?"
             args.append(int(query.cursor))

@@ -69,7 +69,7 @@ def _if_match(request: web.Request) -> int | None:
     if raw is None:
         return None
     text = raw.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # "²".isdigit() is True
         raise ValidationError(
             "If-Match must be the connection's version number (from GET or the last write)",
             fields={"If-Match": "must be a version number"},
@@ -476,7 +476,7 @@ async def _revoke_and_delete(request: web.Request, caller: Caller, record: Conne
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= 1000:
         raise ValidationError("limit must be an integer from 1 to 1000", fields={"limit": "must be 1-1000"})
     return int(raw)
 
@@ -598,20 +598,29 @@ async def get_tenant(request: web.Request) -> web.Response:
 # --- audit and catalogue -----------------------------------------------------------------------
 
 
+# Year 9999: every bound the stores can turn into a key or a column comparison.
+_MAX_TIME = 253402300799.0
+
+
 def _time(request: web.Request, name: str) -> float | None:
     raw = request.query.get(name)
     if not raw:
         return None
+    value: float | None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        try:
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            value = None
+    # float() also reads "nan", "inf" and "1e400" (inf): no store can page by those.
+    if value is None or not 0.0 <= value <= _MAX_TIME:
         raise ValidationError(
-            f"{name} must be a Unix time in seconds or an ISO 8601 time", fields={name: "invalid time"}
-        ) from None
+            f"{name} must be a Unix time in seconds (0 to year 9999) or an ISO 8601 time",
+            fields={name: "invalid time"},
+        )
+    return value
 
 
 async def query_audit(request: web.Request) -> web.Response:
