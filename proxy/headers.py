@@ -10,7 +10,8 @@ ever come from an injection attempt.
 
 On the way back, hop-by-hop headers are dropped, and so is the ``X-Proxy-*`` namespace: it
 belongs to this service (``X-Proxy-Error`` tells callers the proxy, not the upstream, made an
-error), so an upstream must not be able to forge it.
+error), so an upstream must not be able to forge it. A value with a control character is not
+cleaned but refused (a 502): the answer is not valid HTTP and cannot be relayed as sent.
 
 This runs on every request: one pass over the headers, with each distinct name classified once.
 
@@ -29,7 +30,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote_plus
 
-from proxy.errors import ValidationError
+from proxy.errors import UpstreamUnreachable, ValidationError
 
 __all__ = [
     "CONTROL_HEADERS",
@@ -42,7 +43,10 @@ __all__ = [
     "clean_response_headers",
     "cookie_name_problem",
     "cookie_value_problem",
+    "has_control",
     "injected_header_problem",
+    "is_token",
+    "malformed_response",
     "query_name_problem",
     "redact_secrets",
     "value_problem",
@@ -81,8 +85,23 @@ CONTROL_HEADERS: frozenset[str] = frozenset(
 )
 
 _REQUEST_DROP = HOP_BY_HOP | CONTROL_HEADERS
-# RFC 9110 token: the only characters a field name may hold.
+# RFC 9110 token: the only characters a field name (or a method) may hold.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What HTTP/1.1 cannot carry in a field value or reason phrase (RFC 9110 5.5: no controls but
+# HTAB). The same set aiohttp refuses to write: relaying such a value would fail mid-response.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def is_token(value: str) -> bool:
+    """Whether ``value`` is an RFC 9110 token (a method or a field name)."""
+    return _TOKEN.fullmatch(value) is not None
+
+
+def has_control(value: str) -> bool:
+    """Whether ``value`` holds a character no HTTP field value or reason phrase may hold."""
+    # isprintable() is one C pass and true for nearly every real value; only the rest (tabs,
+    # obs-text, controls) pay for the regex.
+    return not value.isprintable() and _CONTROL.search(value) is not None
 
 
 def _connection_tokens(value: str, into: set[str] | None) -> set[str]:
@@ -163,12 +182,22 @@ def clean_request_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, s
     return _without(kept, named)
 
 
+def malformed_response(what: str) -> UpstreamUnreachable:
+    """The 502 for an upstream answer that is not valid HTTP and so cannot be relayed."""
+    return UpstreamUnreachable(
+        f"the upstream sent a malformed response ({what}); nothing was relayed. The API, or "
+        "something between it and the proxy, is broken: report it to its operator"
+    )
+
+
 def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's headers that go back to the caller, in order, duplicates kept.
 
-    Drops hop-by-hop headers, those the ``Connection`` header names and ``X-Proxy-*``; keeps
-    ``Content-Length``, ``Content-Encoding`` and ``Set-Cookie`` as the upstream sent them.
-    A header with an invalid name or a CR/LF/NUL in its value is dropped, not passed on.
+    Drops hop-by-hop headers, those the ``Connection`` header names, ``X-Proxy-*`` and headers
+    with an invalid name; keeps ``Content-Length``, ``Content-Encoding`` and ``Set-Cookie`` as
+    the upstream sent them. A kept header whose value holds a control character makes the whole
+    answer an ``UpstreamUnreachable`` (502): it cannot be relayed (the client's connection
+    would break mid-response) and silently dropping it would hand on an altered answer.
     """
     kept: list[tuple[str, str, str]] = []
     named: set[str] | None = None
@@ -176,8 +205,9 @@ def clean_response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, 
     for name, value in items:
         kind, lname = cache.get(name) or _classify(name, HOP_BY_HOP, cache)
         if kind == _KEEP:
-            if not ("\r" in value or "\n" in value or "\x00" in value):
-                kept.append((lname, name, value))
+            if not value.isprintable() and _CONTROL.search(value):
+                raise malformed_response(f"header {_shown(name)} holds a control character")
+            kept.append((lname, name, value))
         elif kind == _CONNECTION:
             named = _connection_tokens(value, named)
     return _without(kept, named)

@@ -57,7 +57,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.headers import clean_request_headers
+from proxy.headers import clean_request_headers, has_control, malformed_response
 from proxy.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
 from proxy.metrics import (
     RATELIMIT_DECISIONS_TALLY,
@@ -287,7 +287,7 @@ def parse_control_int(value: str | None, name: str, cap: int) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > 12:
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:  # "²".isdigit() is True
         raise ValidationError(f"{name} must be a non-negative integer", fields={name: "not an integer"})
     return min(int(value), cap)
 
@@ -567,6 +567,17 @@ class Pipeline:
                 )
 
     def _answered(self, ex: Exchange, resp: ClientResponse, latency_s: float) -> ClientResponse:
+        # No protocol switch passes the proxy (the new protocol would bypass every check and
+        # the injected credential would sit on a raw tunnel), and a status line that cannot be
+        # written back to the caller is not relayed. aiohttp consumes 100 and 103 itself.
+        if resp.status < 200 or (resp.reason and has_control(resp.reason)):
+            resp.close()
+            what = (
+                f"HTTP {resp.status}, which the proxy does not pass on"
+                if resp.status < 200
+                else "a control character in its reason phrase"
+            )
+            raise malformed_response(what)
         ex.latency_s = latency_s
         UPSTREAM_LATENCY_TALLY.observe(ex.plan.latency_labels, latency_s)
         return resp
