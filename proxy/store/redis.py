@@ -57,6 +57,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections import defaultdict
@@ -253,9 +254,20 @@ def _conn_key(tenant_id: str, connection_id: str) -> str:
     return f"{_prefix(tenant_id)}c:{connection_id}"
 
 
+_STREAM_ID_RE = re.compile(r"\A([0-9]{1,20})(?:-([0-9]{1,20}))?\Z")
+_U64 = 1 << 64
+
+
 def _stream_id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    """A stream entry id as Redis accepts it; ValueError otherwise. (``int`` alone takes "-1",
+    " 1", "1_0" and ids past 64 bits, which Redis then refuses with an error.)"""
+    m = _STREAM_ID_RE.match(text)
+    if m is None:
+        raise ValueError("not a stream id")
+    ms, seq = int(m.group(1)), int(m.group(2) or 0)
+    if ms >= _U64 or seq >= _U64:
+        raise ValueError("not a stream id")
+    return ms, seq
 
 
 def _loads(text: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import jinja2
 from aiohttp import web
 
 from proxy.catalogue import Integration
-from proxy.errors import ProxyError
+from proxy.errors import BadRequest, ProxyError
 from proxy.metrics import ERRORS
 from proxy.model import AuditEvent, check_id
 from proxy.oauth import sessions
@@ -355,7 +355,12 @@ async def connect_submit(request: web.Request) -> web.Response:
         return session
     connector = _connector(request)
     integration = connector.catalogue.get(session.integration_id)
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    try:
+        posted = await request.post()
+    except ValueError:  # UnicodeDecodeError: a form that is not UTF-8 (no browser sends one)
+        exc = BadRequest("the form is not UTF-8 encoded; submit it from the connect page")
+        return _exc_page(request, exc, session)
+    form = {k: v for k, v in posted.items() if isinstance(v, str)}
     if not _same_origin(request) or not session.csrf_ok(form.get("csrf"), time.time()):
         _audit(request, session, "connect.submit", "refused", reason="csrf")
         return _canned(request, "csrf", session)

@@ -23,12 +23,14 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy import jsonin
 from proxy.errors import (
     BadRequest,
     Conflict,
@@ -41,7 +43,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.headers import clean_response_headers, redact_secrets, without_framing
+from proxy.headers import clean_response_headers, is_token, redact_secrets, without_framing
 from proxy.model import Caller, ConnectionStatus, check_id
 from proxy.pipeline import (
     MAX_REPLAY_BODY,
@@ -336,6 +338,44 @@ def _envelope_field(payload: dict[str, Any], name: str, kind: type | tuple[type,
     return value
 
 
+# The longest an envelope call may take: its answer is buffered, so a call longer than the
+# service's own longest upstream timeout setting would gain nothing.
+ENVELOPE_MAX_TIMEOUT_MS = 3_600_000
+# What HTTP/1.1 cannot carry in a field value (RFC 9110 5.5: no controls but HTAB), and lone
+# surrogates, which no encoding can write.
+_BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def _check_envelope_call(method: str, url: str, headers: dict[str, str], timeout_ms: float | None) -> None:
+    """The envelope's own fields that path mode gets checked by the HTTP parser: the method is
+    an RFC 9110 token, header values hold no control characters, ``timeout_ms`` is a finite,
+    bounded number and ``url`` can be encoded. (Header names are checked with the rest of the
+    caller's headers by ``clean_request_headers``.) Values are never quoted back: a header may
+    carry a secret."""
+    if not is_token(method) or len(method) > 32:
+        raise ValidationError(
+            "envelope field 'method' must be an HTTP method such as GET or POST",
+            fields={"method": "not an HTTP method token"},
+        )
+    for name, value in headers.items():
+        if not value.isprintable() and _BAD_FIELD_VALUE.search(value):
+            raise ValidationError(
+                f"envelope header {name[:64]!r} has a value with control characters; remove them",
+                fields={"headers": "control character in a header value"},
+            )
+    if timeout_ms is not None and not 0 <= timeout_ms <= ENVELOPE_MAX_TIMEOUT_MS:  # NaN fails too
+        raise ValidationError(
+            f"envelope field 'timeout_ms' must be a number of milliseconds from 0 to "
+            f"{ENVELOPE_MAX_TIMEOUT_MS} (0: the connection's own timeouts)",
+            fields={"timeout_ms": "out of range"},
+        )
+    if _BAD_FIELD_VALUE.search(url):
+        raise ValidationError(
+            "envelope field 'url' holds control characters or unpaired surrogates; percent-encode them",
+            fields={"url": "invalid characters"},
+        )
+
+
 def _envelope_body(payload: dict[str, Any], headers: dict[str, str]) -> bytes | None:
     raw = payload.get("body_raw")
     if raw is not None:
@@ -351,7 +391,13 @@ def _envelope_body(payload: dict[str, Any], headers: dict[str, str]) -> bytes | 
     if body is None:
         return None
     if isinstance(body, str):
-        return body.encode()
+        try:
+            return body.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON)
+            raise ValidationError(
+                "envelope field 'body' is not valid Unicode (an unpaired surrogate); send body_raw",
+                fields={"body": "invalid Unicode"},
+            ) from None
     if not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
     return json.dumps(body, separators=(",", ":")).encode()
@@ -385,7 +431,9 @@ async def envelope(request: web.Request) -> web.StreamResponse:
         entered = True
         raw = await _read_capped(request.content, ENVELOPE_MAX_REQUEST, "the envelope request")
         try:
-            payload = json.loads(raw)
+            payload = jsonin.loads(raw)
+        except jsonin.JsonInputError as exc:
+            raise BadRequest(f"the envelope body is refused: {exc.reason}") from None
         except ValueError:
             raise BadRequest("the envelope body must be a JSON object") from None
         if not isinstance(payload, dict):
@@ -398,8 +446,9 @@ async def envelope(request: web.Request) -> web.StreamResponse:
         # The proxy frames the body it sends: a caller's Content-Length or Transfer-Encoding
         # would truncate it, hang the upstream, or split it into a second request.
         headers = dict(without_framing((str(k), str(v)) for k, v in given.items() if v is not None))
-        body = _envelope_body(payload, headers)
         timeout_ms = _envelope_field(payload, "timeout_ms", (int, float), False)
+        _check_envelope_call(method, url, headers, timeout_ms)
+        body = _envelope_body(payload, headers)
         absolute = url if url[:7].lower() == "http://" or url[:8].lower() == "https://" else None
         path, _, query = ("" if absolute else url).partition("?")
         ex = await pipeline.prepare(
