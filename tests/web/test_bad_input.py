@@ -200,7 +200,9 @@ async def test_ids_with_a_trailing_newline_are_refused(svc: RunningService, bad:
 
 async def test_a_connect_form_that_is_not_utf8_is_a_400_page(svc: RunningService) -> None:
     status, session = await svc.admin(
-        "POST", "/admin/tenants/t1/connect-sessions", json={"integration_id": "http_bearer"}
+        "POST",
+        "/admin/tenants/t1/connect-sessions",
+        json={"integration_id": "http_bearer", "parameters": {"base_url": "https://api.example.com/"}},
     )
     assert status == 201
     status, headers, _ = await raw(

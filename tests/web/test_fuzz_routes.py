@@ -77,7 +77,11 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                 status, session = await svc.admin(
                     "POST",
                     "/admin/tenants/t1/connect-sessions",
-                    json={"integration_id": "http_bearer", "connection_id": "cc"},
+                    json={
+                        "integration_id": "http_bearer",
+                        "connection_id": "cc",
+                        "parameters": {"base_url": up.url + "/"},
+                    },
                 )
                 assert status == 201, session
                 async with svc.session.get(f"{svc.url}/connect/{session['token']}") as r:
