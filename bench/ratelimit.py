@@ -49,7 +49,7 @@ def limiter_api() -> tuple[Any, Any, Any, Any]:
     try:
         from proxy.model import RateWindow
         from proxy.ratelimit.limiter import LimitTarget, LocalLimiter
-        from proxy.ratelimit.redis_limiter import RedisLimiter
+        from proxy.ratelimit.redis import RedisLimiter
     except ImportError as exc:
         raise c.Unavailable(f"the limiter is not importable yet ({exc})") from None
     return LimitTarget, LocalLimiter, RedisLimiter, RateWindow
@@ -138,7 +138,7 @@ async def cost_rows(redis_url: str, n: int) -> list[tuple[str, Cost | str, str]]
 
 def _limiter_sha() -> bytes:
     try:
-        from proxy.ratelimit.redis_limiter import SCRIPT
+        from proxy.ratelimit.redis import SCRIPT
     except ImportError:
         return b""
     return hashlib.sha1(SCRIPT.encode()).hexdigest().encode()

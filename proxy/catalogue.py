@@ -6,7 +6,7 @@ are secret (encrypted at rest, never shown), which are required before the conne
 *active*, how credentials are injected, the base URL (fixed or templated), which rate-limit
 header styles the upstream speaks, and OAuth2 endpoints. Everything is validated at start-up:
 a bad file stops the process with an error naming the file and key, including a static inject
-header, query or cookie name that ``proxy.headers`` forbids (a credential must never frame or
+header, query or cookie name that ``proxy.pipeline.headers`` forbids (a credential must never frame or
 route a request). ``validate_params`` is the one write-time check every connection write calls:
 it applies the same rules to the parameters that become injected names and values.
 
@@ -35,7 +35,7 @@ from jinja2 import StrictUndefined, Template, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from proxy.errors import ConfigError, ValidationError
-from proxy.headers import (
+from proxy.pipeline.headers import (
     cookie_name_problem,
     cookie_value_problem,
     injected_header_problem,
@@ -215,7 +215,7 @@ class Integration:
         """Returns field -> problem for values of the wrong shape (names only, never values).
 
         Every connection write (admin API, connect pages) calls this, so the injection rules of
-        ``proxy.headers`` hold for what gets stored: injected parameters carry no control
+        ``proxy.pipeline.headers`` hold for what gets stored: injected parameters carry no control
         character, and the api_key kind's header, query and cookie names are allowed names.
         """
         problems: dict[str, str] = {}

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import __version__, crypto, logs
+from proxy import __version__
 from proxy.errors import ProxyError
+from proxy.observe import logs
+from proxy.security import crypto
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy.cli")
@@ -132,7 +134,7 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
             settings.workers,
         )
     # Dev-mode key and token files are created here, once, before any worker reads them.
-    from proxy.bootstrap import load_secrets
+    from proxy.security.bootstrap import load_secrets
 
     load_secrets(settings)
     children = []
@@ -168,10 +170,10 @@ def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def _with_vault(settings: Settings, action: str, version: int | None) -> int:
-    from proxy.bootstrap import append_key_version, check_retirable, load_ring, retire_key_version
     from proxy.catalogue import Catalogue
+    from proxy.security.bootstrap import append_key_version, check_retirable, load_ring, retire_key_version
     from proxy.store import open_store
-    from proxy.vault import Vault, check_retire
+    from proxy.vault.vault import Vault, check_retire
 
     if action == "rotate-generate":
         ring = append_key_version(settings)
@@ -227,7 +229,7 @@ async def _with_vault(settings: Settings, action: str, version: int | None) -> i
 
 
 def _generate(out: str | None) -> int:
-    from proxy.bootstrap import write_new_private
+    from proxy.security.bootstrap import write_new_private
 
     text = crypto.generate_master_key_text()
     if out is not None:
@@ -249,7 +251,7 @@ def _generate(out: str | None) -> int:
 
 
 def _add(settings: Settings) -> int:
-    from proxy.bootstrap import append_key_version
+    from proxy.security.bootstrap import append_key_version
 
     ring = append_key_version(settings)
     v = ring.newest_version

@@ -2,8 +2,8 @@
 
 These are plain frozen dataclasses with ``to_dict``/``from_dict`` so both store back ends
 (SQLite and Redis) persist exactly the same JSON and behave the same. Secret connection
-parameters only ever appear here as ciphertext tokens (see ``proxy.crypto``); decrypted values
-live in ``proxy.vault.Credentials`` and are never persisted.
+parameters only ever appear here as ciphertext tokens (see ``proxy.security.crypto``); decrypted values
+live in ``proxy.vault.vault.Credentials`` and are never persisted.
 """
 
 from __future__ import annotations

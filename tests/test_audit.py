@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.audit import AuditLog
 from proxy.errors import ServiceUnavailable
-from proxy.metrics import REGISTRY
 from proxy.model import AuditEvent
+from proxy.observe.audit import AuditLog
+from proxy.observe.metrics import REGISTRY
 from proxy.settings import Settings, load_settings
 from proxy.store.base import AuditQuery, Store
 from proxy.store.sqlite import SqliteStore
@@ -143,7 +143,7 @@ async def test_background_flusher_writes_without_explicit_flush(store: Store) ->
 async def test_retention_prunes_old_events_in_the_background(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy import audit
+    from proxy.observe import audit
 
     old = time.time() - 40 * 86400
     await store.append_audit([aged(old), aged(old + 1)])

@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from proxy import crypto
-from proxy.auth import Authenticator, bearer_token, peer_in
 from proxy.errors import ConfigError, Unauthenticated
 from proxy.model import ApiKeyRecord, Caller
+from proxy.security import crypto
+from proxy.security.auth import Authenticator, bearer_token, peer_in
 from proxy.settings import Settings, load_settings
 from proxy.store.base import Store
 from proxy.store.sqlite import SqliteStore

@@ -7,7 +7,7 @@ import multiprocessing
 import stat
 from pathlib import Path
 
-from proxy.bootstrap import DEV_KEY_FILE, DEV_TOKEN_FILE, load_secrets
+from proxy.security.bootstrap import DEV_KEY_FILE, DEV_TOKEN_FILE, load_secrets
 from proxy.settings import load_settings
 
 

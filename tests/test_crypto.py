@@ -1,4 +1,4 @@
-"""Unit tests for proxy.crypto: envelope encryption, key ring parsing and secret helpers."""
+"""Unit tests for proxy.security.crypto: envelope encryption, key ring parsing and secret helpers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from proxy import crypto
-from proxy.crypto import KeyRing, WrappedKey
 from proxy.errors import ConfigError, CryptoError, KeyVersionMissing, ProxyError, ValidationError
+from proxy.security import crypto
+from proxy.security.crypto import KeyRing, WrappedKey
 
 CANARY = "xq-SECRET-canary-4471"
 DEK = bytes(range(32))

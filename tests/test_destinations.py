@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from proxy import destinations
 from proxy.catalogue import Catalogue, parse_integration
 from proxy.errors import ConfigError, ValidationError
 from proxy.model import ConnectionRecord
+from proxy.security import destinations
 
 CATALOGUE = Catalogue.load()
 API_KEY = CATALOGUE.get("http_api_key")

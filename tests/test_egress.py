@@ -6,14 +6,14 @@ import ipaddress
 
 import pytest
 
-from proxy.egress import (
+from proxy.errors import ConfigError, HostNotAllowed
+from proxy.security.egress import (
     EgressPolicy,
     classify_address,
     host_matches,
     normalize_host,
     parse_ip_literal,
 )
-from proxy.errors import ConfigError, HostNotAllowed
 
 CLASSIFIED = [
     ("127.0.0.1", "loopback"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import UpstreamUnreachable, ValidationError
-from proxy.headers import (
+from proxy.pipeline.headers import (
     CONTROL_HEADERS,
     HOP_BY_HOP,
     clean_request_headers,
@@ -181,7 +181,7 @@ def test_constants() -> None:
 
 
 def test_name_verdicts_are_cached_per_spelling_and_stay_right_when_the_cache_floods() -> None:
-    from proxy import headers
+    from proxy.pipeline import headers
 
     for i in range(3 * headers._NAME_CACHE_MAX):
         assert clean_request_headers([(f"X-Custom-{i}", "v")]) == [(f"X-Custom-{i}", "v")]

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.catalogue import Catalogue, parse_integration
 from proxy.errors import ConnectionNotAuthorized, ValidationError
-from proxy.inject import Injection, InjectionCache, apply, build_injection
+from proxy.pipeline.inject import Injection, InjectionCache, apply, build_injection
 
 CAT = Catalogue.load()
 

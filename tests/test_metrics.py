@@ -10,8 +10,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy import metrics
-from proxy.metrics import REGISTRY, LatencyTally, Tally, flush_tallies
+from proxy.observe import metrics
+from proxy.observe.metrics import REGISTRY, LatencyTally, Tally, flush_tallies
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_tally_keeps_counting_after_a_flush() -> None:
 def test_with_workers_the_shared_files_carry_the_tallies_and_nothing_else(tmp_path: Path) -> None:
     # Multiprocess mode is chosen at import, so this runs in a fresh interpreter.
     code = (
-        "from proxy import metrics\n"
+        "from proxy.observe import metrics\n"
         "metrics.REQUESTS_TALLY.inc(('path', 'ok'))\n"
         "metrics.UPSTREAM_LATENCY_TALLY.observe(('http_bearer',), 0.003)\n"
         "print(metrics.exposition().decode())\n"

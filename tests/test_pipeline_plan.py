@@ -9,13 +9,13 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.catalogue import Catalogue
-from proxy.egress import EgressPolicy
 from proxy.errors import Forbidden, HostNotAllowed, ValidationError
 from proxy.model import ConnectionRecord, RateWindow
-from proxy.pipeline import Plan, _retry_after_s, parse_control_int
+from proxy.pipeline.pipeline import Plan, _retry_after_s, parse_control_int
 from proxy.ratelimit.targets import limit_target
+from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
-from proxy.vault import Credentials
+from proxy.vault.vault import Credentials
 
 CAT = Catalogue.load()
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.egress import EgressPolicy
-from proxy.settings import load_settings
-from proxy.upstream_client import (
+from proxy.pipeline.upstream.client import (
     SKIP_AUTO_HEADERS,
     LazyReadTimeoutProtocol,
     UpstreamRequest,
     install_lazy_read_timeout,
     make_session,
 )
+from proxy.security.egress import EgressPolicy
+from proxy.settings import load_settings
 from tests.support.upstream import Upstream, running_upstream
 
 

@@ -12,9 +12,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from proxy.egress import EgressPolicy
 from proxy.errors import HostNotAllowed
-from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
+from proxy.pipeline.upstream.resolver import GuardedResolver, literal_guard_middleware
+from proxy.security.egress import EgressPolicy
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import Forbidden, ValidationError
-from proxy.urls import join_upstream, same_origin_host, split_absolute, validate_base_url
+from proxy.pipeline.urls import join_upstream, same_origin_host, split_absolute, validate_base_url
 
 JOINS = [
     ("https://api.x.com/v2/", "users/1", "", "https://api.x.com/v2/users/1"),

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from proxy import crypto
 from proxy.catalogue import Catalogue
 from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing, ValidationError
 from proxy.model import ConnectionRecord
+from proxy.security import crypto
 from proxy.store.base import ANY_VERSION, ExpectedVersion
 from proxy.store.sqlite import SqliteStore
-from proxy.vault import Vault, check_retire, redacted_view
+from proxy.vault.vault import Vault, check_retire, redacted_view
 
 CANARY = "canary-secret-7f3a9b"
 
@@ -165,7 +165,7 @@ def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_keys_cli_rotate_status_retire(tmp_path: Path) -> None:
-    from proxy.bootstrap import load_secrets
+    from proxy.security.bootstrap import load_secrets
     from proxy.settings import load_settings
 
     settings = load_settings(env={"PROXY_DATA_DIR": str(tmp_path)})
@@ -234,9 +234,9 @@ class RingFile:
 async def test_a_version_added_elsewhere_is_reread_once_then_used(
     store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.vault
+    import proxy.vault.vault
 
-    monkeypatch.setattr(proxy.vault, "RING_REREAD_MIN_INTERVAL_S", 0.3)
+    monkeypatch.setattr(proxy.vault.vault, "RING_REREAD_MIN_INTERVAL_S", 0.3)
     old = crypto.KeyRing.parse(crypto.generate_master_key_text())
     new = old.with_new_key()
     await put(make_vault(store, new), "t1", "c1")  # wrapped under version 2, as after a rotation

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from proxy.egress import EgressPolicy
 from proxy.errors import (
     Conflict,
     ConnectionNotAuthorized,
@@ -41,13 +40,14 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.metrics import OAUTH_REFRESH
 from proxy.model import ConnectionRecord, ConnectionStatus
 from proxy.oauth import flows
 from proxy.oauth.flows import ClientConfig, OAuthConfigError, TokenEndpointError, TokenRequest, TokenSet
+from proxy.observe.metrics import OAUTH_REFRESH
+from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
 from proxy.store.base import Store
-from proxy.vault import Credentials, Vault
+from proxy.vault.vault import Credentials, Vault
 
 log = logging.getLogger("proxy.oauth")
 

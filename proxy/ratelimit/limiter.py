@@ -17,13 +17,13 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ValidationError
-from proxy.metrics import RATELIMIT_DECISIONS_TALLY, RATELIMIT_OBSERVATIONS
 from proxy.model import RateWindow
+from proxy.observe.metrics import RATELIMIT_DECISIONS_TALLY, RATELIMIT_OBSERVATIONS
 from proxy.ratelimit import gcra
-from proxy.ratelimit.signals import Observation
+from proxy.ratelimit.signals.core import Observation
 
 if TYPE_CHECKING:
-    from proxy.ratelimit.redis_limiter import Client
+    from proxy.ratelimit.redis import Client
     from proxy.settings import Settings
 
 
@@ -345,7 +345,7 @@ def make_limiter(settings: Settings, redis_client_or_url: Client | str | None = 
     source = redis_client_or_url if redis_client_or_url is not None else settings.redis_url
     if source is None:
         return LocalLimiter()
-    from proxy.ratelimit.redis_limiter import RedisLimiter
+    from proxy.ratelimit.redis import RedisLimiter
 
     return RedisLimiter.create(
         source, fail_mode=settings.ratelimit_fail_mode, timeout_s=settings.redis_timeout_s

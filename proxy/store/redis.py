@@ -37,7 +37,7 @@ reconnect it cannot know what it missed and delivers ``(FLUSH_ALL, None)``.
 Failures (refused, timed out, error replies) raise ``StoreUnavailable`` naming the operation,
 never the URL (it may carry a password). A dead Redis fails fast: timeouts are never retried;
 a command that meets a dead pooled connection is repeated once on a fresh one only when it is
-safe to repeat (``proxy.redisconn``).
+safe to repeat (``proxy.store.redisconn``).
 
 Lost data: ``cp:meta`` carries the store's identity marker (``store_id``), written once. Every
 new connection reads it before carrying a command (``_on_connect``: a Redis restarted empty is
@@ -71,7 +71,6 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ConfigError, Conflict, StoreLost, StoreUnavailable
 from proxy.model import ID_RE, ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord, check_id
-from proxy.redisconn import client_options, retry_safe
 from proxy.store import (
     FLUSH_ALL,
     SCHEMA_VERSION_KEY,
@@ -94,6 +93,7 @@ from proxy.store import (
     runtime_user_taken,
 )
 from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
+from proxy.store.redisconn import client_options, retry_safe
 
 log = logging.getLogger("proxy.store.redis")
 # The client runs with decode_responses=True, so every reply is str; redis-py's hints type replies
@@ -325,7 +325,7 @@ class RedisStore(Store):
     @contextlib.contextmanager
     def _guard(self, op: str, *, safe: bool = False) -> Iterator[Client]:
         """The client for one operation. ``safe``: its commands may be repeated once on a fresh
-        connection (reads, and writes whose repeat changes nothing; see proxy.redisconn)."""
+        connection (reads, and writes whose repeat changes nothing; see proxy.store.redisconn)."""
         if self._client is None:
             raise StoreUnavailable(f"redis store is closed ({op}); open it first")
         if self._lost is not None:

@@ -17,15 +17,15 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy import crypto
 from proxy.catalogue import Integration
-from proxy.destinations import USERS_CHOOSE_OPTION
 from proxy.errors import Conflict, NotFound, ValidationError
 from proxy.model import ApiKeyRecord, AuditEvent, Caller, ConnectionRecord, check_id, parse_rate_limits
 from proxy.oauth import flows
+from proxy.pipeline.urls import validate_base_url
+from proxy.security import crypto
+from proxy.security.destinations import USERS_CHOOSE_OPTION
 from proxy.store.base import AuditQuery, ExpectedVersion
-from proxy.urls import validate_base_url
-from proxy.vault import REDACTED, redacted_view
+from proxy.vault.vault import REDACTED, redacted_view
 from proxy.web.authn import caller_for, require_admin, services_of
 from proxy.web.bodies import read_json_object
 from proxy.web.errors import request_id_of

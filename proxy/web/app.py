@@ -16,20 +16,20 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from proxy import logs
-from proxy.audit import AuditLog
-from proxy.auth import Authenticator
-from proxy.bootstrap import Secrets, load_secrets, ring_reader
 from proxy.catalogue import Catalogue
-from proxy.egress import EgressPolicy
 from proxy.oauth.tokens import TokenManager
+from proxy.observe import logs
+from proxy.observe.audit import AuditLog
+from proxy.pipeline.upstream.client import make_session
 from proxy.ratelimit.limiter import Limiter, make_limiter
 from proxy.ratelimit.targets import connection_of_scope
+from proxy.security.auth import Authenticator
+from proxy.security.bootstrap import Secrets, load_secrets, ring_reader
+from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
-from proxy.upstream_client import make_session
-from proxy.vault import TenantFlags, Vault
+from proxy.vault.vault import TenantFlags, Vault
 from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
 from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware

@@ -5,7 +5,7 @@ creates a short-lived connect session (``POST /admin/tenants/{t}/connect-session
 opens its URL (directly or in an iframe of the partner's app) and either fills in a form (API
 key, basic, bearer, custom fields) or is sent through the provider's OAuth2 consent
 (authorization code + PKCE), after which the connection is saved encrypted and active. The
-decisions live in ``proxy.oauth.connecting``; this module is HTTP and rendering.
+decisions live in ``proxy.connect.flow``; this module is HTTP and rendering.
 
 Security, page by page:
 - HTML rendered with autoescaping; secret inputs are always empty, tokens never shown.
@@ -32,15 +32,15 @@ import jinja2
 from aiohttp import web
 
 from proxy.catalogue import Integration
+from proxy.connect import sessions
+from proxy.connect.flow import Connector
+from proxy.connect.sessions import ConnectSession
 from proxy.errors import BadRequest, ProxyError
-from proxy.metrics import ERRORS
 from proxy.model import AuditEvent, check_id
-from proxy.oauth import sessions
 from proxy.oauth import state as oauth_state
-from proxy.oauth.connecting import Connector
 from proxy.oauth.flows import OAuthConfigError, error_code
-from proxy.oauth.sessions import ConnectSession
-from proxy.urls import validate_base_url
+from proxy.observe.metrics import ERRORS
+from proxy.pipeline.urls import validate_base_url
 from proxy.web.authn import caller_for, require_admin, services_of
 from proxy.web.bodies import read_json_object
 from proxy.web.errors import request_id_of

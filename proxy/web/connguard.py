@@ -41,7 +41,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import ServiceUnavailable
-from proxy.metrics import CLIENT_CONNECTIONS_CLOSED
+from proxy.observe.metrics import CLIENT_CONNECTIONS_CLOSED
 from proxy.settings import Settings
 from proxy.web import ops
 from proxy.web.errors import error_response

@@ -35,12 +35,12 @@ from aiohttp import web
 
 from proxy.catalogue import Integration
 from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
-from proxy.metrics import CONNECTION_SERVICE
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
 from proxy.oauth.tokens import not_authorized
+from proxy.observe.metrics import CONNECTION_SERVICE
 from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.ratelimit.targets import limit_target
-from proxy.vault import Credentials
+from proxy.vault.vault import Credentials
 from proxy.web.authn import not_found, services_of
 from proxy.web.errors import request_id_of
 

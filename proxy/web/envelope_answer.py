@@ -37,8 +37,8 @@ from concurrent.futures.process import BrokenProcessPool
 import aiohttp
 from aiohttp import web
 
-from proxy.bodykind import BINARY, JSON, TEXT, classify
 from proxy.errors import ServiceUnavailable, UpstreamResponseTooLarge
+from proxy.pipeline.bodykind import BINARY, JSON, TEXT, classify
 
 log = logging.getLogger("proxy.envelope")
 
@@ -85,7 +85,7 @@ class EnvelopeGate:
 
 
 class BodyClassifier:
-    """``proxy.bodykind.classify`` off the loop for large bodies, in a lazily spawned pool."""
+    """``proxy.pipeline.bodykind.classify`` off the loop for large bodies, in a lazily spawned pool."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy import errors
-from proxy.metrics import ERRORS
+from proxy.observe.metrics import ERRORS
 
 log = logging.getLogger("proxy.web")
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.metrics import MULTIPROCESS, exposition, flush_tallies, sample_gauges_forever
+from proxy.observe.metrics import MULTIPROCESS, exposition, flush_tallies, sample_gauges_forever
 from proxy.web.authn import services_of
 
 

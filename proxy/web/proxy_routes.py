@@ -1,6 +1,6 @@
 """The proxy's front ends: path mode, Runtara's envelope, forward-proxy mode, connection test.
 
-All four run ``proxy.pipeline.Pipeline``; this module only reads the call the way each front end
+All four run ``proxy.pipeline.pipeline.Pipeline``; this module only reads the call the way each front end
 carries it and writes the answer back the way that front end expects:
 
 - ``ANY /proxy/{path}`` (the contract's path mode): streams both ways, constant memory;
@@ -43,9 +43,9 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.headers import clean_response_headers, is_token, redact_secrets, without_framing
 from proxy.model import Caller, ConnectionStatus, check_id
-from proxy.pipeline import (
+from proxy.pipeline.headers import clean_response_headers, is_token, redact_secrets, without_framing
+from proxy.pipeline.pipeline import (
     MAX_REPLAY_BODY,
     MAX_RETRIES,
     Body,

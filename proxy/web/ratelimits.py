@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import ValidationError
-from proxy.metrics import RATELIMIT_OBSERVATIONS
 from proxy.model import check_id
-from proxy.ratelimit import signals
+from proxy.observe.metrics import RATELIMIT_OBSERVATIONS
+from proxy.ratelimit.signals import core as signals
 from proxy.ratelimit.targets import limit_target
-from proxy.vault import Credentials
+from proxy.vault.vault import Credentials
 from proxy.web.authn import caller_for, require_admin, require_tenant_access, services_of
 from proxy.web.bodies import read_json_object
 

@@ -6,11 +6,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from proxy import destinations
 from proxy.catalogue import Catalogue
+from proxy.connect import sessions
+from proxy.connect.sessions import ConnectSession
 from proxy.errors import ValidationError
-from proxy.oauth import sessions
-from proxy.oauth.sessions import ConnectSession
+from proxy.security import destinations
 
 CATALOGUE = Catalogue.load()
 

@@ -19,18 +19,18 @@ import aiohttp
 import pytest
 
 from proxy.catalogue import Catalogue
-from proxy.crypto import KeyRing
-from proxy.egress import EgressPolicy
 from proxy.errors import ConnectionNotAuthorized, HostNotAllowed, UpstreamUnreachable
 from proxy.model import ConnectionRecord
 from proxy.oauth import state as pkce
 from proxy.oauth.tokens import TokenManager
+from proxy.pipeline.upstream.resolver import GuardedResolver
+from proxy.security.crypto import KeyRing
+from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
-from proxy.upstream_resolver import GuardedResolver
-from proxy.vault import Credentials, Vault
+from proxy.vault.vault import Credentials, Vault
 from tests.support.authserver import AuthServer, authserver_fixture, authserver_process_fixture  # noqa: F401
 
 TENANT = "acme"

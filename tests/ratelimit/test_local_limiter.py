@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import ValidationError
-from proxy.metrics import REGISTRY
 from proxy.model import RateWindow, parse_rate_limits
+from proxy.observe.metrics import REGISTRY
 from proxy.ratelimit.limiter import LimitState, LimitTarget, LocalLimiter, make_limiter
-from proxy.ratelimit.signals import Observation, Policy
+from proxy.ratelimit.signals.core import Observation, Policy
 from proxy.settings import Settings
 
 T0 = 1_800_000_000.0

@@ -25,8 +25,8 @@ import asyncio, json, sys, time
 from redis.asyncio import Redis
 from proxy.model import RateWindow
 from proxy.ratelimit.limiter import LimitTarget
-from proxy.ratelimit.redis_limiter import RedisLimiter
-from proxy.ratelimit.signals import Observation
+from proxy.ratelimit.redis import RedisLimiter
+from proxy.ratelimit.signals.core import Observation
 
 async def main(url: str, index: int, wired: bool) -> None:
     lim = RedisLimiter.create(url, fail_mode="closed", timeout_s=1.0)

@@ -13,12 +13,12 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.errors import ServiceUnavailable
-from proxy.metrics import REGISTRY
 from proxy.model import RateWindow
+from proxy.observe.metrics import REGISTRY
 from proxy.ratelimit import gcra
 from proxy.ratelimit.limiter import LimitTarget, compile_target, make_limiter, observation_args
-from proxy.ratelimit.redis_limiter import SCRIPT, RedisLimiter, _args, _outcome, keys_for
-from proxy.ratelimit.signals import Observation, Policy
+from proxy.ratelimit.redis import SCRIPT, RedisLimiter, _args, _outcome, keys_for
+from proxy.ratelimit.signals.core import Observation, Policy
 from proxy.settings import Settings
 from tests.support.redis_server import RedisServer
 
@@ -161,7 +161,7 @@ async def test_unconstrained_scope_with_nothing_learned_skips_redis_once_wired(
 async def test_remembered_nothing_expires_and_a_racing_invalidation_wins(
     redis_url: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy.ratelimit import redis_limiter
+    from proxy.ratelimit import redis as redis_limiter
 
     monkeypatch.setattr(redis_limiter, "CLEAR_TTL_S", 0.2)
     lim = Channel().join(RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5))

@@ -9,7 +9,7 @@ from email.utils import formatdate, parsedate_to_datetime
 import pytest
 from multidict import CIMultiDict
 
-from proxy.ratelimit.signals import (
+from proxy.ratelimit.signals.core import (
     MAX_COUNT,
     MAX_HORIZON_S,
     MAX_WINDOW_S,
@@ -18,7 +18,7 @@ from proxy.ratelimit.signals import (
     Policy,
     parse_response,
 )
-from proxy.ratelimit.signals_vendors import go_duration
+from proxy.ratelimit.signals.vendors import go_duration
 
 NOW = 1_700_000_000.0
 
@@ -57,7 +57,7 @@ def test_header_names_are_case_insensitive_and_pairs_are_accepted() -> None:
 
 
 def test_header_names_are_classified_once_and_the_cache_stays_bounded() -> None:
-    from proxy.ratelimit import signals
+    from proxy.ratelimit.signals import core as signals
 
     for i in range(3 * signals._NAMES_MAX):
         assert parse_response(200, [(f"X-Noise-{i}", "1")], now=NOW).is_empty()
@@ -625,7 +625,7 @@ def test_fuzz_never_raises_and_respects_bounds(caplog: pytest.LogCaptureFixture)
     rng = random.Random(20240501)
     styles_pool = [*STYLES, "unknown", "GITHUB", " openai "]
     printable = "".join(chr(c) for c in range(32, 127))
-    caplog.set_level(logging.WARNING, logger="proxy.ratelimit.signals")
+    caplog.set_level(logging.WARNING, logger="proxy.ratelimit.signals.core")
     for case in range(2000):
         pairs = []
         for _ in range(rng.randint(1, 6)):

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy import redisconn
 from proxy.model import ConnectionRecord, RateWindow
 from proxy.ratelimit.limiter import LimitTarget
-from proxy.ratelimit.redis_limiter import RedisLimiter
+from proxy.ratelimit.redis import RedisLimiter
+from proxy.store import redisconn
 from proxy.store.redis import RedisStore
 from tests.support.redis_server import RedisServer
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy import crypto
+from proxy.security import crypto
 from tests.support.app import RunningService, ServiceProcess, bearer, running_service, start_service_process
 
 SECRET = "tok-admin-secret-7f3a9c"

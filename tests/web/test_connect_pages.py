@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from multidict import CIMultiDictProxy
 
-from proxy.oauth import sessions
+from proxy.connect import sessions
 from tests.support.app import RunningService, bearer, running_service
 
 T = "t1"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.bodykind import BINARY, JSON, TEXT, classify
+from proxy.pipeline.bodykind import BINARY, JSON, TEXT, classify
 from tests.support.app import RunningService, running_service
 from tests.support.upstream import Upstream, pattern_bytes, running_upstream
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy import crypto
+from proxy.security import crypto
 from tests.support.app import REPO_ROOT, ServiceProcess, bearer, start_service_process
 
 CANARY = "rotation-canary-51e0c2"

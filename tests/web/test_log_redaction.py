@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import logs
+from proxy.observe import logs
 from tests.support.app import ADMIN_TOKEN, bearer, start_service_process
 
 

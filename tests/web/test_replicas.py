@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy import crypto
+from proxy.security import crypto
 from tests.support.app import ServiceProcess, bearer, start_service_process
 from tests.support.upstream import Upstream, running_upstream
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from proxy import crypto
+from proxy.security import crypto
 from proxy.store import redis as redis_store
 from tests.support.app import RunningService, running_service
 from tests.support.redis_server import RedisServer

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy import crypto
+from proxy.security import crypto
 from tests.support.app import bearer, start_service_process
 
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy import crypto
 from proxy.errors import ConfigError
+from proxy.security import crypto
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.bootstrap")

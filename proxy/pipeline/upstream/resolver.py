@@ -24,7 +24,7 @@ from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, Clie
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from proxy.egress import EgressPolicy, parse_ip_literal
+from proxy.security.egress import EgressPolicy, parse_ip_literal
 
 __all__ = ["GuardedResolver", "literal_guard_middleware"]
 

@@ -10,7 +10,7 @@ parameters or tokens into the connection (the admin's shell if there is one).
 Where a connection's secrets go is never the link holder's choice: destination fields come from
 the session's preset, the connection already stored, the default connection (runtime users) or
 the integration, and the page at most shows the host. ``FormScope`` says, per session, what the
-end user may enter (``proxy.destinations`` holds the rules).
+end user may enter (``proxy.security.destinations`` holds the rules).
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy import destinations
 from proxy.catalogue import Catalogue, Integration
+from proxy.connect import sessions
+from proxy.connect.sessions import ConnectSession, SessionRequest
 from proxy.errors import ValidationError
 from proxy.model import ConnectionRecord, ConnectionStatus, parse_rate_limits
-from proxy.oauth import flows, sessions
+from proxy.oauth import flows
 from proxy.oauth import state as oauth_state
 from proxy.oauth.flows import ClientConfig, OAuthConfigError
-from proxy.oauth.sessions import ConnectSession, SessionRequest
 from proxy.oauth.tokens import TokenManager
+from proxy.pipeline.urls import validate_base_url
+from proxy.security import destinations
 from proxy.settings import Settings
 from proxy.store.base import Store
-from proxy.urls import validate_base_url
-from proxy.vault import Vault
+from proxy.vault.vault import Vault
 
 EXPIRED_GRACE_S = 3600  # an expired session is kept this long to say "expired" rather than "unknown"
 LinkProblem = Literal["unknown", "used", "expired"]

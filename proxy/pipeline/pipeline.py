@@ -45,7 +45,6 @@ from aiohttp import ClientResponse, ClientTimeout
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy import egress as egress_mod
 from proxy.errors import (
     Forbidden,
     HostNotAllowed,
@@ -57,9 +56,9 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.headers import clean_request_headers, has_control, malformed_response
-from proxy.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
-from proxy.metrics import (
+from proxy.model import Caller, ConnectionStatus
+from proxy.oauth.tokens import not_authorized
+from proxy.observe.metrics import (
     RATELIMIT_DECISIONS_TALLY,
     REQUESTS_TALLY,
     UPSTREAM_INFLIGHT,
@@ -67,13 +66,14 @@ from proxy.metrics import (
     UPSTREAM_RESPONSES_TALLY,
     gauge_from,
 )
-from proxy.model import Caller, ConnectionStatus
-from proxy.oauth.tokens import not_authorized
+from proxy.pipeline.headers import clean_request_headers, has_control, malformed_response
+from proxy.pipeline.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
+from proxy.pipeline.urls import escape_error, join_upstream, split_absolute, validate_base_url
 from proxy.ratelimit.limiter import Decision
-from proxy.ratelimit.signals import parse_response
+from proxy.ratelimit.signals.core import parse_response
 from proxy.ratelimit.targets import limit_target
-from proxy.urls import escape_error, join_upstream, split_absolute, validate_base_url
-from proxy.vault import Credentials
+from proxy.security import egress as egress_mod
+from proxy.vault.vault import Credentials
 
 if TYPE_CHECKING:
     from proxy.web.app import Services

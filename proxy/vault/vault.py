@@ -6,7 +6,7 @@ the newest master key, and cached unwrapped in memory only. Decrypted credential
 connection a runtime user resolves to) are cached for ``credential_cache_ttl_s`` and dropped at
 once on a local change or a peer's invalidation.
 
-The destination rules of ``proxy.destinations`` are applied here, where every write and every
+The destination rules of ``proxy.security.destinations`` are applied here, where every write and every
 decryption passes: ``save`` refuses a destination change under a kept secret whichever handler
 wrote it, and ``decrypt`` gives a runtime user connection its default connection's destination
 and host binding.
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from proxy import crypto, destinations
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import (
     Conflict,
@@ -44,8 +43,9 @@ from proxy.errors import (
     ProxyError,
     ValidationError,
 )
-from proxy.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
+from proxy.observe.metrics import CREDENTIAL_CACHE_TALLY
+from proxy.security import crypto, destinations
 from proxy.store import FLUSH_ALL
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
 

@@ -6,7 +6,7 @@ private network behind it (SSRF). This module decides, without any I/O, whether 
 public and whether the operator's allow-list (``PROXY_EGRESS_ALLOW``) lets a non-public one
 through. It is applied twice: to IP literals in the URL (``check_literal``, because aiohttp does
 not resolve literals) and to every address DNS returns (``check_resolved``, see
-``proxy.upstream_resolver``), so DNS rebinding cannot slip past.
+``proxy.pipeline.upstream.resolver``), so DNS rebinding cannot slip past.
 
 It also holds ``host_matches`` for a connection's own ``allowed_hosts`` patterns, so that host
 normalisation (case, trailing dot, IDNA, ports) is done one way in one place.

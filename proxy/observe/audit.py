@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from proxy.errors import ServiceUnavailable
-from proxy.metrics import AUDIT_EVENTS, AUDIT_QUEUE
 from proxy.model import AuditEvent
+from proxy.observe.metrics import AUDIT_EVENTS, AUDIT_QUEUE
 from proxy.settings import Settings
 from proxy.store.base import Store
 

@@ -20,7 +20,7 @@ failure Redis is left alone for ``breaker_s`` (no hammering of a dead server), t
 limiting resumes on Redis by itself, no restart. Connections that died while Redis restarted
 are health-checked and replaced before use, and a peek, an observation (a monotonic merge) or a
 describe meeting one is repeated once on a fresh connection; an acquire never is, since it may
-have consumed quota before its reply was lost (``proxy.redisconn``).
+have consumed quota before its reply was lost (``proxy.store.redisconn``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.errors import ServiceUnavailable
-from proxy.metrics import RATELIMIT_BACKEND_ERRORS
+from proxy.observe.metrics import RATELIMIT_BACKEND_ERRORS
 from proxy.ratelimit import gcra
 from proxy.ratelimit.limiter import (
     Decision,
@@ -52,8 +52,8 @@ from proxy.ratelimit.limiter import (
     observation_args,
     state_of,
 )
-from proxy.ratelimit.signals import Observation
-from proxy.redisconn import client_options, retry_safe
+from proxy.ratelimit.signals.core import Observation
+from proxy.store.redisconn import client_options, retry_safe
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the

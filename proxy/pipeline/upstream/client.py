@@ -1,7 +1,7 @@
 """The one HTTP client the service uses to reach upstream APIs, and why it is not stock aiohttp.
 
 Every proxied call, OAuth token request and connection test goes through the session built by
-``make_session``. Its security properties come from ``proxy.upstream_resolver`` (egress guard in
+``make_session``. Its security properties come from ``proxy.pipeline.upstream.resolver`` (egress guard in
 the resolver and for IP literals), a dummy cookie jar (one tenant's cookies never ride along on
 another's call), no proxy environment variables, no automatic decompression and no headers of
 aiohttp's own.
@@ -32,9 +32,9 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, istr
 
-from proxy.egress import EgressPolicy
+from proxy.pipeline.upstream.resolver import GuardedResolver, literal_guard_middleware
+from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
-from proxy.upstream_resolver import GuardedResolver, literal_guard_middleware
 
 __all__ = ["SKIP_AUTO_HEADERS", "LazyReadTimeoutProtocol", "UpstreamRequest", "make_session"]
 

@@ -35,9 +35,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from proxy import crypto
 from proxy.errors import ConfigError, ProxyError, Unauthenticated
 from proxy.model import ID_RE, ApiKeyRecord, Caller
+from proxy.security import crypto
 from proxy.settings import Settings
 from proxy.store import FLUSH_ALL
 from proxy.store.base import Store

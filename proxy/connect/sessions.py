@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy import destinations, jsonin
+from proxy import jsonin
 from proxy.catalogue import FieldSpec, Integration
 from proxy.errors import ValidationError
 from proxy.model import check_id
 from proxy.oauth.flows import TOKEN_PARAMS
+from proxy.security import destinations
 
 SESSION_NAMESPACE = "connect"
 USED_NAMESPACE = "connect-used"

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from proxy.ratelimit import signals_vendors as _vendors
+from proxy.ratelimit.signals import vendors as _vendors
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.catalogue import Integration
-from proxy.egress import host_matches
 from proxy.errors import ValidationError
 from proxy.model import ConnectionRecord
+from proxy.security.egress import host_matches
 
 __all__ = [
     "USERS_CHOOSE_OPTION",

@@ -10,7 +10,7 @@ Security invariants:
   override the stored credential nor smuggle a second one past the upstream's checks;
 - a credential is never injected into a header that frames or routes the request, and a
   rendered value holding any control character (or ``;`` in a cookie) is refused, never sent
-  (``proxy.headers`` holds that one rule; connection writes and the catalogue apply it too, this
+  (``proxy.pipeline.headers`` holds that one rule; connection writes and the catalogue apply it too, this
   is the last line for values that reached the store some other way);
 - ``Injection.scrub`` lists the secret as it may come back in a response header (raw and
   percent-encoded), so proxy-only connections can redact it before the answer is relayed;
@@ -31,7 +31,7 @@ from urllib.parse import quote, quote_plus, unquote_plus
 
 from proxy.catalogue import Integration
 from proxy.errors import ConnectionNotAuthorized, IntegrationNotProxyable, ValidationError
-from proxy.headers import (
+from proxy.pipeline.headers import (
     cookie_name_problem,
     cookie_value_problem,
     injected_header_problem,

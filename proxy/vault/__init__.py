@@ -1,0 +1,1 @@
+"""The vault: connections in, decrypted credentials out; nothing plaintext at rest."""
