@@ -1,6 +1,6 @@
 """The header dialects behind :mod:`proxy.ratelimit.signals.core`: IETF drafts and vendor styles.
 
-Each parser takes the response's :class:`~proxy.ratelimit.signals.core.Reader` and the allowed style
+Each parser takes the response's :class:`~proxy.ratelimit.signals.reader.Reader` and the allowed style
 names, records the policies it recognises through ``Reader.add`` and returns the style name that
 matched (None when nothing did). They inherit the reader's guarantees: every value is validated
 and clamped there, so nothing here raises on upstream input.
@@ -15,14 +15,11 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import http_sf
 
-if TYPE_CHECKING:  # type-only: signals imports this module at runtime
-    from proxy.ratelimit.signals.core import Reader
-
-MAX_COUNT = 2**63 - 1  # beyond a signed 64-bit integer: garbage, and Redis can't hold it
+from proxy.ratelimit.signals.reader import MAX_COUNT, Reader
 
 
 def _sf(text: str | None, kind: str) -> Any:
