@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType, SimpleNamespace
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -25,9 +25,9 @@ def creds(integration_id: str, params: dict[str, Any], **record: Any) -> Credent
     return Credentials(record=rec, integration=CAT.get(integration_id), params=MappingProxyType(params))
 
 
-def services(egress_allow: tuple[str, ...] = ()) -> Any:
-    # The plan reads only these two services; both are the real classes.
-    return SimpleNamespace(settings=Settings(max_wait_ms_cap=5000), egress=EgressPolicy(egress_allow))
+def deps(egress_allow: tuple[str, ...] = ()) -> tuple[EgressPolicy, Settings]:
+    # The plan takes exactly these two services; both are the real classes.
+    return EgressPolicy(egress_allow), Settings(max_wait_ms_cap=5000)
 
 
 def test_limit_target_uses_connection_windows_then_integration_defaults() -> None:
@@ -56,7 +56,7 @@ def test_limit_target_quota_options() -> None:
 
 
 def test_plan_binds_to_base_host_by_default() -> None:
-    plan = Plan(creds("http_bearer", {"token": "t", "base_url": "https://api.example.com/v1"}), services())
+    plan = Plan(creds("http_bearer", {"token": "t", "base_url": "https://api.example.com/v1"}), *deps())
     assert plan.host_patterns == ("api.example.com",)
     assert plan.host_key == "api.example.com:443"
     assert plan.refusal is None
@@ -65,29 +65,29 @@ def test_plan_binds_to_base_host_by_default() -> None:
 
 def test_plan_refuses_plain_http_unless_egress_allowed() -> None:
     c = creds("http_bearer", {"token": "t", "base_url": "http://api.example.com/"})
-    assert isinstance(Plan(c, services()).refusal, Forbidden)
-    assert Plan(c, services(("api.example.com",))).refusal is None
+    assert isinstance(Plan(c, *deps()).refusal, Forbidden)
+    assert Plan(c, *deps(("api.example.com",))).refusal is None
 
 
 def test_plan_refuses_base_host_outside_allowed_hosts() -> None:
     c = creds(
         "http_bearer", {"token": "t", "base_url": "https://api.example.com/"}, allowed_hosts=("other.com",)
     )
-    assert isinstance(Plan(c, services()).refusal, HostNotAllowed)
+    assert isinstance(Plan(c, *deps()).refusal, HostNotAllowed)
 
 
 def test_plan_vendor_host_pattern() -> None:
     ok = creds("shopify_access_token", {"access_token": "a", "shop_domain": "s.myshopify.com"})
-    assert Plan(ok, services()).refusal is None
+    assert Plan(ok, *deps()).refusal is None
     bad = creds("shopify_access_token", {"access_token": "a", "shop_domain": "evil.com"})
-    assert isinstance(Plan(bad, services()).refusal, HostNotAllowed)
+    assert isinstance(Plan(bad, *deps()).refusal, HostNotAllowed)
 
 
 def test_plan_needs_a_valid_base_url() -> None:
     with pytest.raises(ValidationError, match="no base URL"):
-        Plan(creds("http_bearer", {"token": "t"}), services())
+        Plan(creds("http_bearer", {"token": "t"}), *deps())
     with pytest.raises(ValidationError, match="user info"):
-        Plan(creds("http_bearer", {"token": "t", "base_url": "https://u:p@h.com/"}), services())
+        Plan(creds("http_bearer", {"token": "t", "base_url": "https://u:p@h.com/"}), *deps())
 
 
 def test_plan_timeouts_and_knobs_from_options() -> None:
@@ -96,7 +96,7 @@ def test_plan_timeouts_and_knobs_from_options() -> None:
         {"token": "t", "base_url": "https://h.com"},
         options={"timeouts": {"connect_s": 1, "read_s": 2, "total_s": 3}, "retries": 9, "max_wait_ms": 99999},
     )
-    plan = Plan(c, services())
+    plan = Plan(c, *deps())
     assert (plan.timeout.sock_connect, plan.timeout.sock_read, plan.timeout.total) == (1, 2, 3)
     assert plan.retries == 5  # capped
     assert plan.max_wait_ms == 5000  # capped by max_wait_ms_cap
@@ -104,7 +104,7 @@ def test_plan_timeouts_and_knobs_from_options() -> None:
 
 def test_oauth_plan_defers_injection_to_the_token() -> None:
     c = creds("http_oauth2_authorization_code", {"access_token": "a", "base_url": "https://h.com"})
-    assert Plan(c, services()).injection is None
+    assert Plan(c, *deps()).injection is None
 
 
 @pytest.mark.parametrize(("raw", "expected"), [(None, None), ("0", 0), ("250", 250), ("99999", 5000)])

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -76,7 +76,11 @@ from proxy.security import egress as egress_mod
 from proxy.vault.vault import Credentials
 
 if TYPE_CHECKING:
-    from proxy.web.app import Services
+    from proxy.oauth.tokens import TokenManager
+    from proxy.observe.audit import AuditLog
+    from proxy.ratelimit.limiter import Limiter
+    from proxy.settings import Settings
+    from proxy.vault.vault import TenantFlags, Vault
 
 log = logging.getLogger("proxy.pipeline")
 
@@ -101,7 +105,7 @@ Body = bytes | aiohttp.StreamReader | None
 # --- per-connection plan -------------------------------------------------------------------------
 
 
-def _timeout(options: Mapping[str, Any], settings: Any) -> ClientTimeout:
+def _timeout(options: Mapping[str, Any], settings: Settings) -> ClientTimeout:
     raw = options.get("timeouts") or {}
     if not isinstance(raw, Mapping):
         raw = {}
@@ -152,7 +156,7 @@ class Plan:
         "timeout",
     )
 
-    def __init__(self, creds: Credentials, svc: Services) -> None:
+    def __init__(self, creds: Credentials, egress: egress_mod.EgressPolicy, settings: Settings) -> None:
         record, integration = creds.record, creds.integration
         self.creds = creds
         self.record = record
@@ -188,14 +192,14 @@ class Plan:
         # Problems of the base URL itself are found once and raised on every call.
         self.refusal: ProxyError | None = None
         try:
-            _check_destination(svc.egress, self, scheme, host)
+            _check_destination(egress, self, scheme, host)
         except ProxyError as exc:
             self.refusal = exc
         self.target = limit_target(record, integration)
         self.scope = self.target.scope
-        self.timeout = _timeout(record.options, svc.settings)
+        self.timeout = _timeout(record.options, settings)
         self.retries = _small_int(record.options.get("retries"), 0, MAX_RETRIES)
-        self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, svc.settings.max_wait_ms_cap)
+        self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, settings.max_wait_ms_cap)
         self.styles = integration.ratelimit_styles
         self.oauth = integration.auth in OAUTH_KINDS
         self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
@@ -293,8 +297,29 @@ def parse_control_int(value: str | None, name: str, cap: int) -> int | None:
 
 
 class Pipeline:
-    def __init__(self, svc: Services) -> None:
-        self.svc = svc
+    """The stages, wired to exactly the services they use (built by ``proxy.services``)."""
+
+    def __init__(
+        self,
+        *,
+        vault: Vault,
+        limiter: Limiter,
+        tokens: TokenManager,
+        tenant_flags: TenantFlags,
+        egress: egress_mod.EgressPolicy,
+        settings: Settings,
+        audit: AuditLog,
+        client: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.vault = vault
+        self.limiter = limiter
+        self.tokens = tokens
+        self.tenant_flags = tenant_flags
+        self.egress = egress
+        self.settings = settings
+        self.audit = audit
+        # The upstream client exists only once the services started; looked up per call.
+        self.client = client
         self._plans = InjectionCache()
         self._oauth_injections = InjectionCache()
         self._inflight: dict[str, int] = {}
@@ -309,14 +334,14 @@ class Pipeline:
     def plan_for(self, creds: Credentials) -> Plan:
         plan: Plan | None = self._plans.get(creds)
         if plan is None:
-            plan = Plan(creds, self.svc)
+            plan = Plan(creds, self.egress, self.settings)
             self._plans.put(creds, plan)
         return plan
 
     async def credentials(
         self, tenant_id: str, connection_id: str, runtime_user_id: str | None
     ) -> Credentials:
-        vault = self.svc.vault
+        vault = self.vault
         if runtime_user_id:
             connection_id = await vault.resolve(tenant_id, connection_id, runtime_user_id)
         creds = await vault.credentials(tenant_id, connection_id)
@@ -367,7 +392,7 @@ class Pipeline:
         headers = clean_request_headers(caller_headers)
         url = self._url(base_url, path, query)
 
-        decision = await self.svc.limiter.acquire(plan.target)
+        decision = await self.limiter.acquire(plan.target)
         if not decision.allowed:
             await self._wait_for_limit(plan, decision, max_wait_ms)
 
@@ -379,7 +404,7 @@ class Pipeline:
         if injected_query != query:  # a credential carried in the query string
             url = self._url(base_url, path, injected_query)
         scrub: tuple[str, ...] = ()
-        if plan.proxy_only or await self.svc.tenant_flags.proxy_only(tenant_id):
+        if plan.proxy_only or await self.tenant_flags.proxy_only(tenant_id):
             scrub = injection.scrub
 
         timeout = plan.timeout
@@ -426,7 +451,7 @@ class Pipeline:
             scheme = "https"
             explicit_port = urlsplit_port(url)
             port = explicit_port if explicit_port not in (None, 80) else 443
-        _check_destination(self.svc.egress, plan, scheme, host)
+        _check_destination(self.egress, plan, scheme, host)
         path, _, query = target.partition("?")
         prefix = plan.base_path.rstrip("/")
         if prefix:
@@ -442,8 +467,8 @@ class Pipeline:
 
     async def _wait_for_limit(self, plan: Plan, decision: Decision, max_wait_ms: int | None) -> None:
         """Wait for the limit when the caller (or the connection) allows it, else 429."""
-        limiter = self.svc.limiter
-        cap = self.svc.settings.max_wait_ms_cap
+        limiter = self.limiter
+        cap = self.settings.max_wait_ms_cap
         wait_ms = min(plan.max_wait_ms if max_wait_ms is None else max_wait_ms, cap)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
@@ -464,7 +489,7 @@ class Pipeline:
                 return
 
     async def _oauth_injection(self, plan: Plan) -> tuple[Injection, str | None]:
-        token = await self.svc.tokens.access_token(plan.creds)
+        token = await self.tokens.access_token(plan.creds)
         cached: Injection | None = self._oauth_injections.get(plan.creds, token)
         if cached is None:
             cached = build_injection(plan.integration, plan.creds.params, access_token=token)
@@ -478,7 +503,7 @@ class Pipeline:
 
         The per-host slot is held until ``finish``. Retries only when allowed (see module doc).
         """
-        cap = self.svc.settings.upstream_max_per_host
+        cap = self.settings.upstream_max_per_host
         inflight = self._inflight.get(ex.host_key, 0)
         if inflight >= cap:
             raise ServiceUnavailable(
@@ -491,7 +516,7 @@ class Pipeline:
         retries = ex.retries
         if not ex.may_retry(idempotency_key) or isinstance(body, aiohttp.StreamReader):
             retries = 0
-        client = self.svc.client
+        client = self.client()
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + (ex.timeout.total or 1e9)
@@ -557,7 +582,7 @@ class Pipeline:
             if resp is not None:
                 resp.close()
             await asyncio.sleep(delay)
-            decision = await self.svc.limiter.acquire(ex.plan.target)
+            decision = await self.limiter.acquire(ex.plan.target)
             if not decision.allowed:
                 raise RateLimited(
                     f"connection {ex.plan.record.connection_id!r} became rate limited while retrying; "
@@ -590,9 +615,9 @@ class Pipeline:
         plan = ex.plan
         obs = parse_response(status, headers, now=time.time(), styles=plan.styles)
         if not obs.is_empty():
-            self._spawn(self.svc.limiter.observe(plan.scope, obs, quota_key=plan.target.quota_key))
+            self._spawn(self.limiter.observe(plan.scope, obs, quota_key=plan.target.quota_key))
         if status == 401 and plan.oauth:
-            self._spawn(self.svc.tokens.on_unauthorized(plan.creds, ex.token))
+            self._spawn(self.tokens.on_unauthorized(plan.creds, ex.token))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -619,7 +644,7 @@ class Pipeline:
                 UPSTREAM_RESPONSES_TALLY.inc(
                     (ex.plan.integration.id, _STATUS_CLASS.get(status // 100, "other"))
                 )
-            self.svc.audit.record_use(
+            self.audit.record_use(
                 ex.caller.actor, ex.tenant_id, ex.connection_id, "proxy.use", outcome, ex.request_id
             )
         REQUESTS_TALLY.inc((front, outcome))

@@ -3,7 +3,7 @@
 One abstract :class:`Limiter` with two back ends: :class:`LocalLimiter` (this module, the embedded
 single-process default) and ``RedisLimiter`` (shared by every replica). Both run the algorithm of
 :mod:`proxy.ratelimit.gcra` and answer with the same :class:`Decision` / :class:`LimitState`, so
-callers never care which one they hold. :func:`make_limiter` picks one from the settings.
+callers never care which one they hold. ``proxy.services.make_limiter`` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from proxy.ratelimit import gcra
 from proxy.ratelimit.signals.core import Observation
 
 if TYPE_CHECKING:
-    from proxy.ratelimit.redis import Client
-    from proxy.settings import Settings
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,15 +337,3 @@ class LocalLimiter(Limiter):
         for key, g in list(self._groups.items()):
             if max([*g.tats.values(), *g.active.values(), 0]) + gcra.MAX_ACTIVE_HORIZON_US <= now:
                 del self._groups[key]
-
-
-def make_limiter(settings: Settings, redis_client_or_url: Client | str | None = None) -> Limiter:
-    """The Redis limiter when a client or URL (or ``settings.redis_url``) is given, else local."""
-    source = redis_client_or_url if redis_client_or_url is not None else settings.redis_url
-    if source is None:
-        return LocalLimiter()
-    from proxy.ratelimit.redis import RedisLimiter
-
-    return RedisLimiter.create(
-        source, fail_mode=settings.ratelimit_fail_mode, timeout_s=settings.redis_timeout_s
-    )

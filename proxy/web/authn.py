@@ -20,7 +20,7 @@ from proxy.errors import ConnectionNotFound, Forbidden
 from proxy.model import Caller
 
 if TYPE_CHECKING:
-    from proxy.web.app import Services
+    from proxy.services import Services
 
 # Defined here rather than in proxy.web.app (which re-exports it): app imports every web module,
 # and every request looks it up, so it must not cost an import per call.

@@ -45,7 +45,7 @@ from proxy.web.authn import not_found, services_of
 from proxy.web.errors import request_id_of
 
 if TYPE_CHECKING:
-    from proxy.web.app import Services
+    from proxy.services import Services
 
 STATUS_MAP: Final = {
     "active": "ACTIVE",

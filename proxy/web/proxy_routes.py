@@ -585,7 +585,17 @@ async def _close_pipeline(app: web.Application) -> None:
 
 
 def setup(app: web.Application) -> None:
-    app[PIPELINE] = Pipeline(services_of(app))
+    svc = services_of(app)
+    app[PIPELINE] = Pipeline(
+        vault=svc.vault,
+        limiter=svc.limiter,
+        tokens=svc.tokens,
+        tenant_flags=svc.tenant_flags,
+        egress=svc.egress,
+        settings=svc.settings,
+        audit=svc.audit,
+        client=lambda: svc.client,
+    )
     app[WATCHER] = DisconnectWatcher()
     app[ENVELOPE_GATE] = envelope_answer.EnvelopeGate(services_of(app).settings.envelope_max_concurrent)
     app[ENVELOPE_CLASSIFIER] = envelope_answer.BodyClassifier()

@@ -7,8 +7,9 @@ import pytest
 from proxy.errors import ValidationError
 from proxy.model import RateWindow, parse_rate_limits
 from proxy.observe.metrics import REGISTRY
-from proxy.ratelimit.limiter import LimitState, LimitTarget, LocalLimiter, make_limiter
+from proxy.ratelimit.limiter import LimitState, LimitTarget, LocalLimiter
 from proxy.ratelimit.signals.core import Observation, Policy
+from proxy.services import make_limiter
 from proxy.settings import Settings
 
 T0 = 1_800_000_000.0

@@ -34,7 +34,7 @@ async def main(url: str, index: int, wired: bool) -> None:
     store = None
     if wired:  # as the service wires it: invalidations through the store's channel
         from proxy.store.redis import RedisStore
-        from proxy.web.app import _announcer
+        from proxy.services import _announcer
         store = RedisStore(url, timeout_s=1.0)
         await store.open()
         await store.subscribe_invalidations(lim.on_invalidation)

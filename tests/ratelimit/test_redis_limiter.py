@@ -16,9 +16,10 @@ from proxy.errors import ServiceUnavailable
 from proxy.model import RateWindow
 from proxy.observe.metrics import REGISTRY
 from proxy.ratelimit import gcra
-from proxy.ratelimit.limiter import LimitTarget, compile_target, make_limiter, observation_args
+from proxy.ratelimit.limiter import LimitTarget, compile_target, observation_args
 from proxy.ratelimit.redis import SCRIPT, RedisLimiter, _args, _outcome, keys_for
 from proxy.ratelimit.signals.core import Observation, Policy
+from proxy.services import make_limiter
 from proxy.settings import Settings
 from tests.support.redis_server import RedisServer
 
