@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from proxy.errors import Conflict, KeyRecordChanged, StoreLost, ValidationError
 from proxy.model import ConnectionRecord, check_id
-from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, InvalidationCallback, Store
+from proxy.store.base import ANY_VERSION, FLUSH_ALL, AuditQuery, ExpectedVersion, InvalidationCallback, Store
 
 if TYPE_CHECKING:
     from proxy.model import AuditEvent
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.store")
 
-# Delivered as the tenant id of an invalidation when the store cannot tell what changed
-# (subscriber reconnected, or fell behind the change log): drop every cached entry.
-FLUSH_ALL: Final = "*"
 SCHEMA_VERSION_KEY: Final = "schema_version"
 # The store's identity marker (see Store.identity) and the marker it replaced on accept_loss.
 STORE_ID_KEY: Final = "store_id"

@@ -8,6 +8,11 @@ Concurrency: every mutable record carries a ``version``. ``put_*`` with ``expect
 is a compare-and-set: ``None`` means "must not exist yet", an int means "must still be at this
 version", ``ANY_VERSION`` overwrites. A lost race raises ``Conflict``. The stored version is
 always the previous one plus one.
+
+The contract is split by concern (lifecycle, identity, meta, tenants, connections, API keys,
+audit, one-time tokens, locks, invalidation); ``Store`` is all of them. Every method raises
+``StoreUnavailable`` when the back end cannot be reached, and ``StoreLost`` once the store is no
+longer the one opened (see ``IdentityStore``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ ANY_VERSION: Final = _AnyVersion()
 ExpectedVersion = int | None | _AnyVersion
 
 InvalidationCallback = Callable[[str, str | None], Awaitable[None] | None]
+# Delivered as the tenant id of an invalidation when the store cannot tell what changed
+# (subscriber reconnected, or fell behind the change log): drop every cached entry.
+FLUSH_ALL: Final = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +59,8 @@ class Page:
     next_cursor: str | None
 
 
-class Store(abc.ABC):
-    """Async storage. Methods raise ``StoreUnavailable`` when the back end cannot be reached."""
+class StoreLifecycle(abc.ABC):
+    """Opening, closing and answering readiness probes."""
 
     name: str = "store"
 
@@ -66,11 +74,15 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raises StoreUnavailable unless the back end answers (StoreLost once it lost its data)."""
 
-    # --- identity (lost-data detection) ----------------------------------------------------
-    # Every store carries a random marker written once, when it is first opened. An instance
-    # remembers the marker it opened and keeps checking it; one that finds it missing or changed
-    # (Redis flushed or restarted empty, the SQLite file deleted or replaced) refuses every
-    # operation with ``StoreLost`` instead of writing new data over what it can no longer see.
+
+class IdentityStore(abc.ABC):
+    """Lost-data detection.
+
+    Every store carries a random marker written once, when it is first opened. An instance
+    remembers the marker it opened and keeps checking it; one that finds it missing or changed
+    (Redis flushed or restarted empty, the SQLite file deleted or replaced) refuses every
+    operation with ``StoreLost`` instead of writing new data over what it can no longer see."""
+
     identity: str | None = None
 
     @abc.abstractmethod
@@ -78,14 +90,18 @@ class Store(abc.ABC):
         """The operator's decision to carry on with the store as it is now: marks it with a new
         identity (recording the one it replaces, so running instances adopt it) and returns it."""
 
-    # --- metadata (schema version, key-ring bookkeeping) -----------------------------------
+
+class MetaStore(abc.ABC):
+    """Metadata: schema version, key-ring bookkeeping."""
+
     @abc.abstractmethod
     async def get_meta(self, key: str) -> str | None: ...
 
     @abc.abstractmethod
     async def set_meta(self, key: str, value: str) -> None: ...
 
-    # --- tenants ---------------------------------------------------------------------------
+
+class TenantStore(abc.ABC):
     @abc.abstractmethod
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
 
@@ -96,7 +112,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_tenants(self) -> list[TenantRecord]: ...
 
-    # --- connections -----------------------------------------------------------------------
+
+class ConnectionStore(abc.ABC):
     @abc.abstractmethod
     async def get_connection(self, tenant_id: str, connection_id: str) -> ConnectionRecord | None: ...
 
@@ -136,7 +153,10 @@ class Store(abc.ABC):
     ) -> ConnectionRecord | None:
         """The runtime user connection overriding ``default_connection_id`` for that user."""
 
-    # --- caller API keys -------------------------------------------------------------------
+
+class ApiKeyStore(abc.ABC):
+    """Caller API keys (the records hold the hash of a key, never the key)."""
+
     @abc.abstractmethod
     async def put_api_key(self, record: ApiKeyRecord) -> None: ...
 
@@ -150,7 +170,8 @@ class Store(abc.ABC):
     async def touch_api_keys(self, last_used: dict[str, float]) -> None:
         """Batch update of last-used times (monotonic: never moves a time backwards)."""
 
-    # --- audit -----------------------------------------------------------------------------
+
+class AuditStore(abc.ABC):
     @abc.abstractmethod
     async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
 
@@ -163,7 +184,10 @@ class Store(abc.ABC):
         """Delete audit events older than ``before_ts`` (epoch seconds), every tenant; returns
         how many went. Idempotent, so replicas may prune concurrently."""
 
-    # --- one-time tokens (connect sessions, OAuth state) -----------------------------------
+
+class EphemeralStore(abc.ABC):
+    """One-time tokens: connect sessions, OAuth state."""
+
     @abc.abstractmethod
     async def put_ephemeral(self, namespace: str, key: str, value: dict[str, Any], ttl_s: float) -> None: ...
 
@@ -174,7 +198,10 @@ class Store(abc.ABC):
     async def pop_ephemeral(self, namespace: str, key: str) -> dict[str, Any] | None:
         """Atomic read-and-delete: of two concurrent callers, exactly one gets the value."""
 
-    # --- locks (single-flight token refresh, key rotation) ---------------------------------
+
+class LockStore(abc.ABC):
+    """Locks: single-flight token refresh, key rotation."""
+
     @abc.abstractmethod
     async def acquire_lock(self, name: str, ttl_s: float) -> str | None:
         """Returns an owner token, or None when someone else holds the lock."""
@@ -183,10 +210,29 @@ class Store(abc.ABC):
     async def release_lock(self, name: str, token: str) -> bool:
         """Releases only if ``token`` still owns the lock."""
 
-    # --- cache invalidation across replicas ------------------------------------------------
+
+class InvalidationStore(abc.ABC):
+    """Cache invalidation across replicas: what changed, or ``FLUSH_ALL`` when it cannot tell."""
+
     @abc.abstractmethod
     async def publish_invalidation(self, tenant_id: str, connection_id: str | None) -> None: ...
 
     @abc.abstractmethod
     async def subscribe_invalidations(self, callback: InvalidationCallback) -> None:
         """Starts delivering other replicas' invalidations to ``callback`` until close()."""
+
+
+class Store(
+    StoreLifecycle,
+    IdentityStore,
+    MetaStore,
+    TenantStore,
+    ConnectionStore,
+    ApiKeyStore,
+    AuditStore,
+    EphemeralStore,
+    LockStore,
+    InvalidationStore,
+):
+    """Async storage: the whole contract, as both back ends implement it. A component that needs
+    one concern takes only that part (``AuditStore``, ``LockStore``, ...); any ``Store`` is each."""
