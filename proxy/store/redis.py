@@ -71,8 +71,16 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ConfigError, Conflict, StoreLost, StoreUnavailable
 from proxy.model import ID_RE, ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord, check_id
-from proxy.store import (
+from proxy.store.base import (
+    ANY_VERSION,
     FLUSH_ALL,
+    AuditQuery,
+    ExpectedVersion,
+    InvalidationCallback,
+    Page,
+    Store,
+)
+from proxy.store.common import (
     SCHEMA_VERSION_KEY,
     STORE_ID_KEY,
     STORE_REPLACES_KEY,
@@ -92,7 +100,6 @@ from proxy.store import (
     reserved_meta,
     runtime_user_taken,
 )
-from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
 from proxy.store.redisconn import client_options, retry_safe
 
 log = logging.getLogger("proxy.store.redis")

@@ -44,8 +44,8 @@ from typing import Any, Final, TypeVar
 
 from proxy.errors import ConfigError, ProxyError, StoreLost, StoreUnavailable
 from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, TenantRecord, check_id
-from proxy.store import (
-    FLUSH_ALL,
+from proxy.store.base import FLUSH_ALL, AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
+from proxy.store.common import (
     SCHEMA_VERSION_KEY,
     STORE_ID_KEY,
     STORE_REPLACES_KEY,
@@ -64,7 +64,6 @@ from proxy.store import (
     runtime_user_taken,
     store_lost,
 )
-from proxy.store.base import AuditQuery, ExpectedVersion, InvalidationCallback, Page, Store
 
 log = logging.getLogger("proxy.store.sqlite")
 T = TypeVar("T")
