@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 
-from proxy.store import redis as redis_store
 from proxy.store.redis import RedisStore
+from proxy.store.redis import pubsub as redis_pubsub
 
 
 def _publishes(url: str) -> int:
@@ -21,8 +21,8 @@ def _publishes(url: str) -> int:
 async def test_idle_subscription_pings_at_most_once_per_interval(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_store, "PUBSUB_PING_S", 0.3)
-    monkeypatch.setattr(redis_store, "PUBSUB_DEAD_S", 2.0)
+    monkeypatch.setattr(redis_pubsub, "PUBSUB_PING_S", 0.3)
+    monkeypatch.setattr(redis_pubsub, "PUBSUB_DEAD_S", 2.0)
     store = RedisStore(redis_url, timeout_s=1.0)
     await store.open()
     flushes: list[Any] = []

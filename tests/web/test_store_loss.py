@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from proxy.security import crypto
-from proxy.store import redis as redis_store
+from proxy.store.redis import lifecycle as redis_lifecycle
 from tests.support.app import RunningService, running_service
 from tests.support.redis_server import RedisServer
 
@@ -95,7 +95,7 @@ async def test_lost_redis_data_under_running_writes_loses_no_acknowledged_write(
         # The loss is reported, with what to do, instead of 200 / 401s.
         status, body = await _readyz(svc)
         assert status == 503 and "accept-loss" in body["message"], body
-        late = [e for e in log if e[0] > lost_at + redis_store.IDENTITY_CHECK_S + 0.5]
+        late = [e for e in log if e[0] > lost_at + redis_lifecycle.IDENTITY_CHECK_S + 0.5]
         assert late and all(e[3] == 503 and e[4]["error"] == "SERVICE_UNAVAILABLE" for e in late), late[:3]
         assert not [e for e in log if e[3] not in (201, 503)], [e for e in log if e[3] not in (201, 503)][:3]
     assert before > 0
@@ -117,7 +117,7 @@ async def test_readyz_names_the_loss_and_accept_loss_resumes(
         status, body = await _readyz(svc)
         assert status == 200 and body["store_id"] == svc.services.store.identity
         redis.Redis(port=redis_server.port).flushdb()
-        await asyncio.sleep(redis_store.IDENTITY_CHECK_S + 0.5)
+        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
         status, body = await _readyz(svc)
         assert status == 503 and "lost its data" in body["message"] and "accept-loss" in body["message"]
         # A caller hears that the store is gone, not that its key is wrong.
@@ -145,11 +145,11 @@ async def test_a_second_replica_adopts_an_accepted_loss(
         running_service(tmp_path / "b", redis_url=redis_url, master_key=key) as b,
     ):
         redis.Redis(port=redis_server.port).flushdb()
-        await asyncio.sleep(redis_store.IDENTITY_CHECK_S + 0.5)
+        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
         assert (await _readyz(b))[0] == 503
         status, body = await a.admin("POST", "/admin/store/accept-loss", json={"confirm": True})
         assert status == 200, body
-        await asyncio.sleep(redis_store.IDENTITY_CHECK_S + 0.5)
+        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
         status, body = await _readyz(b)
         assert status == 200 and body["store_id"] == a.services.store.identity
 
@@ -159,7 +159,7 @@ async def test_recreating_a_connection_before_the_loss_is_noticed_stays_decrypta
 ) -> None:
     """The admin API re-creates a connection right after FLUSHDB, before the identity check runs:
     the cached data key of the vanished key record is not used for it."""
-    monkeypatch.setattr(redis_store, "IDENTITY_CHECK_S", 3600.0)
+    monkeypatch.setattr(redis_lifecycle, "IDENTITY_CHECK_S", 3600.0)
     async with running_service(tmp_path, redis_url=redis_url) as svc:
         assert (await _put(svc, "c1", "tok-c1"))[0] == 201
         redis.Redis(port=redis_server.port).flushdb()
