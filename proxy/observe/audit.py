@@ -28,7 +28,7 @@ from proxy.errors import ServiceUnavailable
 from proxy.model import AuditEvent
 from proxy.observe.metrics import AUDIT_EVENTS, AUDIT_QUEUE
 from proxy.settings import Settings
-from proxy.store.base import Store
+from proxy.store.base import AuditStore
 
 log = logging.getLogger("proxy.audit")
 
@@ -56,7 +56,7 @@ class _Use:
 
 
 class AuditLog:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: AuditStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self.max = settings.audit_buffer_max
