@@ -102,6 +102,8 @@ class MetaStore(abc.ABC):
 
 
 class TenantStore(abc.ABC):
+    """Tenant records: settings and the wrapped data keys the tenant's secrets are sealed under."""
+
     @abc.abstractmethod
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
 
@@ -114,6 +116,8 @@ class TenantStore(abc.ABC):
 
 
 class ConnectionStore(abc.ABC):
+    """Connection records (secrets as ciphertext only) and the runtime-user overrides."""
+
     @abc.abstractmethod
     async def get_connection(self, tenant_id: str, connection_id: str) -> ConnectionRecord | None: ...
 
@@ -172,6 +176,8 @@ class ApiKeyStore(abc.ABC):
 
 
 class AuditStore(abc.ABC):
+    """The audit trail: appended in batches, read per tenant, pruned by age."""
+
     @abc.abstractmethod
     async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
 
