@@ -10,72 +10,44 @@ Outcomes: ``invalid_grant`` marks the connection ``needs_reauth`` and raises
 ``ConnectionNotAuthorized`` (424) saying how to reconnect; ``invalid_client`` marks it ``error``;
 5xx/timeouts raise ``UpstreamUnreachable``/``UpstreamTimeout`` and change nothing.
 
-Client-credentials tokens are minted on demand and cached in process memory until shortly
-before expiry, single-flight per process. They are not shared through the store: each replica
-minting its own token is harmless (no rotation involved) and keeps bearer tokens out of storage.
-
-Token endpoints are reached through the service's upstream client, whose resolver is the egress
-guard; plain-http endpoints are refused unless the host is in ``PROXY_EGRESS_ALLOW``.
+This module orchestrates; the parts live beside it: ``proxy.oauth.endpoint`` makes the token
+and revocation endpoint calls (https-only, egress-guarded, bounded), ``proxy.oauth.minting``
+mints and caches client-credentials tokens, and ``proxy.oauth.flows`` builds and parses the
+requests. Here: which token a call uses, refreshing, the code exchange of the connect callback,
+revocation on delete, and what each failure does to the connection's status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from proxy.errors import (
     Conflict,
     ConnectionNotAuthorized,
-    HostNotAllowed,
     ProxyError,
     ServiceUnavailable,
-    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.model import ConnectionRecord, ConnectionStatus
 from proxy.oauth import flows
+from proxy.oauth.endpoint import TokenEndpoint
 from proxy.oauth.flows import ClientConfig, OAuthConfigError, TokenEndpointError, TokenRequest, TokenSet
+from proxy.oauth.minting import REFRESH_SKEW_S, Key, Minter, fingerprint
 from proxy.observe.metrics import OAUTH_REFRESH
-from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.vault.vault import Credentials, Vault
 
 log = logging.getLogger("proxy.oauth")
 
-REFRESH_SKEW_S = 60.0
-MINTED_DEFAULT_LIFETIME_S = 3600.0  # client-credentials token without expires_in
-MAX_TOKEN_RESPONSE = 256 * 1024
-USER_AGENT = "connection-proxy"
 AUTH_CODE = "oauth2_authorization_code"
 CLIENT_CREDENTIALS = "oauth2_client_credentials"
-
-Key = tuple[str, str]
-
-
-def _fingerprint(*parts: str | None) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update((part or "").encode() + b"\x00")
-    return h.hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class _Minted:
-    config: str  # fingerprint of the client config that minted it: a changed secret re-mints
-    token: str
-    refresh_at: float
-
-    def __repr__(self) -> str:
-        return f"_Minted(refresh_at={self.refresh_at})"
 
 
 def _reconnect_hint(record: ConnectionRecord) -> str:
@@ -109,27 +81,16 @@ class TokenManager:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.egress = EgressPolicy(settings.egress_allow)
-        total = min(30.0, settings.upstream_total_timeout_s)
-        self.timeout = aiohttp.ClientTimeout(
-            total=total, sock_connect=min(total, settings.upstream_connect_timeout_s)
-        )
+        self.endpoint = TokenEndpoint(settings)
+        # Read through self.clock, so a test may replace the clock after construction.
+        self.minter = Minter(self.endpoint, lambda: self.clock())
         # A lock outlives a crashed holder by at most this, then another replica takes over.
-        self.lock_ttl_s = total + 10.0
-        self._http: aiohttp.ClientSession | None = None
+        self.lock_ttl_s = min(30.0, settings.upstream_total_timeout_s) + 10.0
         self._flights: dict[Key, asyncio.Future[str]] = {}
         self._forced: dict[Key, str] = {}  # key -> fingerprint of the token an upstream refused
-        self._minted: dict[Key, _Minted] = {}
-        self._mint_locks: dict[Key, asyncio.Lock] = {}
 
     def bind_client(self, session: aiohttp.ClientSession) -> None:
-        self._http = session
-
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            raise ServiceUnavailable("the token manager is not started yet; retry in a moment")
-        return self._http
+        self.endpoint.bind_client(session)
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -151,10 +112,9 @@ class TokenManager:
         ``access_token`` refreshes, unless someone already replaced that token."""
         key = (creds.record.tenant_id, creds.record.connection_id)
         if token is None:
-            minted = self._minted.get(key)
-            token = minted.token if minted is not None else creds.params.get("access_token")
+            token = self.minter.cached(key) or creds.params.get("access_token")
         if token:
-            self._forced[key] = _fingerprint(str(token))
+            self._forced[key] = fingerprint(str(token))
 
     async def revoke(self, creds: Credentials) -> dict[str, str]:
         """RFC 7009 revocation of the connection's tokens where the provider supports it.
@@ -164,9 +124,8 @@ class TokenManager:
         """
         key = (creds.record.tenant_id, creds.record.connection_id)
         outcome: dict[str, str] = {}
-        minted = self._minted.pop(key, None)
+        minted = self.minter.forget(key)
         self._forced.pop(key, None)
-        self._mint_locks.pop(key, None)
         if creds.integration.auth not in (AUTH_CODE, CLIENT_CREDENTIALS):
             return outcome
         try:
@@ -179,7 +138,7 @@ class TokenManager:
             pending = [("refresh_token", creds.params.get("refresh_token"))]
             pending.append(("access_token", creds.params.get("access_token")))
         elif minted is not None:
-            pending = [("access_token", minted.token)]
+            pending = [("access_token", minted)]
         for hint, token in pending:
             if not token:
                 continue
@@ -188,8 +147,7 @@ class TokenManager:
                 outcome[hint] = "skipped"
                 continue
             try:
-                status, ctype, body = await self._post(req)
-                flows.check_revocation_response(status, ctype, body)
+                await self.endpoint.revoke(req)
                 outcome[hint] = "revoked"
             except (ProxyError, TokenEndpointError) as exc:
                 log.warning(
@@ -265,7 +223,7 @@ class TokenManager:
         mark = self._forced.get(key)
         if mark is None or not token:
             return False
-        if mark == _fingerprint(str(token)):
+        if mark == fingerprint(str(token)):
             return True
         self._forced.pop(key, None)  # that token was replaced already
         return False
@@ -450,115 +408,37 @@ class TokenManager:
         if creds.record.status == ConnectionStatus.ERROR.value:
             raise not_authorized(creds.record)
         client = await self.client_config_for(creds)
-        config = _fingerprint(
-            client.client_id,
-            client.client_secret,
-            client.token_url,
-            client.scope,
-            client.audience,
-            client.token_auth,
-        )
-        cached = self._fresh_minted(key, config, force)
-        if cached is not None:
-            return cached
-        lock = self._mint_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            cached = self._fresh_minted(key, config, False)
-            if cached is not None and not force:
-                return cached
-            try:
-                req = flows.client_credentials_request(client)
-            except OAuthConfigError as exc:
-                raise ConnectionNotAuthorized(
-                    f"connection {key[1]!r} cannot mint a token: {exc}; set them with "
-                    f"PUT /admin/tenants/{key[0]}/connections/{key[1]}"
-                ) from None
-            now = self.clock()
-            try:
-                tokens = await self._token_call(req, requested_scope=client.scope)
-            except TokenEndpointError as exc:
-                OAUTH_REFRESH.labels(outcome=exc.kind).inc()
-                if exc.kind in ("client", "reauth"):
-                    await self._mark(
-                        creds, ConnectionStatus.ERROR, f"OAuth client refused: {exc.error or exc.status}"
-                    )
-                    raise not_authorized(await self.vault.get_record(*key)) from None
-                raise UpstreamUnreachable(
-                    f"minting a token for connection {key[1]!r} failed: {exc.message}"
-                ) from None
-            OAUTH_REFRESH.labels(outcome="minted").inc()
-            lifetime = (
-                (tokens.expires_at - now) if tokens.expires_at is not None else MINTED_DEFAULT_LIFETIME_S
-            )
-            # Renew a minute early, or halfway through for very short-lived tokens.
-            refresh_at = now + lifetime - min(REFRESH_SKEW_S, lifetime / 2)
-            self._minted[key] = _Minted(config, tokens.access_token, refresh_at)
-            self._forced.pop(key, None)
-            return tokens.access_token
-
-    def _fresh_minted(self, key: Key, config: str, force: bool) -> str | None:
-        cached = self._minted.get(key)
-        if cached is None or force or cached.config != config or self._is_forced(key, cached.token):
-            return None
-        return cached.token if self.clock() < cached.refresh_at else None
+        try:
+            token = await self.minter.token(key, client, force=force, refused=self._is_forced)
+        except OAuthConfigError as exc:
+            raise ConnectionNotAuthorized(
+                f"connection {key[1]!r} cannot mint a token: {exc}; set them with "
+                f"PUT /admin/tenants/{key[0]}/connections/{key[1]}"
+            ) from None
+        except TokenEndpointError as exc:
+            if exc.kind in ("client", "reauth"):
+                await self._mark(
+                    creds, ConnectionStatus.ERROR, f"OAuth client refused: {exc.error or exc.status}"
+                )
+                raise not_authorized(await self.vault.get_record(*key)) from None
+            raise UpstreamUnreachable(
+                f"minting a token for connection {key[1]!r} failed: {exc.message}"
+            ) from None
+        self._forced.pop(key, None)
+        return token
 
     # --- HTTP ----------------------------------------------------------------------------------
 
     def check_endpoint(self, url: str) -> None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.scheme not in ("https", "http") or not host:
-            # Scheme only: the URL may come from connection parameters and carry a key.
-            raise HostNotAllowed(
-                f"OAuth endpoint (scheme {parts.scheme[:10]!r}) is not an absolute http(s) URL"
-            )
-        if parts.scheme == "http" and not self.egress.is_allowed_host(host):
-            raise HostNotAllowed(
-                f"OAuth endpoint host {host!r} uses plain http; client secrets and tokens only travel "
-                "over https unless the host is in PROXY_EGRESS_ALLOW"
-            )
-        # IP literals never reach the resolver, so the guard is applied to them here.
-        self.egress.check_literal(host)
-
-    async def _post(self, req: TokenRequest) -> tuple[int, str, bytes]:
-        self.check_endpoint(req.url)
-        host = urlsplit(req.url).hostname
-        headers = {**req.headers, "User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        try:
-            async with self.http.post(
-                req.url, data=req.body(), headers=headers, timeout=self.timeout, allow_redirects=False
-            ) as resp:
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_TOKEN_RESPONSE:
-                        raise TokenEndpointError(
-                            "protocol",
-                            resp.status,
-                            None,
-                            f"the OAuth endpoint at {host!r} sent an oversized answer",
-                        )
-                return resp.status, resp.headers.get("Content-Type", ""), bytes(body)
-        except TimeoutError:
-            OAUTH_REFRESH.labels(outcome="timeout").inc()
-            raise UpstreamTimeout(
-                f"the OAuth endpoint at {host!r} did not answer within {self.timeout.total:g}s; try again"
-            ) from None
-        except aiohttp.ClientError as exc:
-            OAUTH_REFRESH.labels(outcome="unreachable").inc()
-            raise UpstreamUnreachable(
-                f"cannot reach the OAuth endpoint at {host!r} ({type(exc).__name__}); try again"
-            ) from None
+        """Refuses an OAuth endpoint credentials must not be sent to (``TokenEndpoint.check``)."""
+        self.endpoint.check(url)
 
     async def _token_call(
         self, req: TokenRequest, *, previous_refresh_token: str | None = None, requested_scope: Any = None
     ) -> TokenSet:
-        status, ctype, body = await self._post(req)
-        return flows.parse_token_response(
-            status,
-            ctype,
-            body,
-            now=self.clock(),
+        return await self.endpoint.tokens(
+            req,
+            clock=self.clock,
             previous_refresh_token=previous_refresh_token,
-            requested_scope=str(requested_scope) if requested_scope else None,
+            requested_scope=requested_scope,
         )
