@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from proxy.errors import ValidationError
+from proxy.errors import ConnectionNotAuthorized, ValidationError
 
 # Ids end up in URLs, Redis hash tags and log lines: no braces (hash tags), slashes or controls.
 # Anchored with \A...\Z, not ^...$: "$" also matches before a trailing newline, which let
@@ -36,6 +36,12 @@ class ConnectionStatus(StrEnum):
     ACTIVE = "active"
     NEEDS_REAUTH = "needs_reauth"
     ERROR = "error"
+
+
+# A connection in one of these holds no usable credentials until someone (re)connects it: the
+# proxy and the Connection Service answer 424 CONNECTION_NOT_AUTHORIZED (``not_authorized``).
+# One in ``error`` still holds its credentials: the Connection Service hands them out.
+NOT_CONNECTED = frozenset({ConnectionStatus.PENDING.value, ConnectionStatus.NEEDS_REAUTH.value})
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -145,6 +151,11 @@ class ConnectionRecord:
     def proxy_only(self) -> bool:
         return bool(self.options.get("proxy_only", False))
 
+    @property
+    def needs_connecting(self) -> bool:
+        """No usable credentials until (re)connected: see ``NOT_CONNECTED``."""
+        return self.status in NOT_CONNECTED
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rate_limits"] = [w.to_dict() for w in self.rate_limits]
@@ -165,6 +176,29 @@ class ConnectionRecord:
 
     def evolve(self, **changes: Any) -> ConnectionRecord:
         return replace(self, **changes)
+
+
+def _reconnect_hint(record: ConnectionRecord) -> str:
+    return (
+        f"reconnect it: POST /admin/tenants/{record.tenant_id}/connect-sessions with "
+        f'{{"integration_id": "{record.integration_id}", "connection_id": "{record.connection_id}"}} '
+        "and have the user open the returned url, or set its parameters with "
+        f"PATCH /admin/tenants/{record.tenant_id}/connections/{record.connection_id}"
+    )
+
+
+def not_authorized(record: ConnectionRecord) -> ConnectionNotAuthorized:
+    """The 424 for a connection that cannot be used right now, saying what to do about it."""
+    ref = f"connection {record.connection_id!r} of tenant {record.tenant_id!r}"
+    detail = f" ({record.status_detail})" if record.status_detail else ""
+    if record.status == ConnectionStatus.NEEDS_REAUTH.value:
+        return ConnectionNotAuthorized(f"{ref} needs to be reconnected{detail}; {_reconnect_hint(record)}")
+    if record.status == ConnectionStatus.ERROR.value:
+        return ConnectionNotAuthorized(
+            f"{ref} is in error{detail}; fix its parameters with "
+            f"PUT /admin/tenants/{record.tenant_id}/connections/{record.connection_id}"
+        )
+    return ConnectionNotAuthorized(f"{ref} is not connected yet{detail}; {_reconnect_hint(record)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from proxy.errors import (
     ServiceUnavailable,
     UpstreamUnreachable,
 )
-from proxy.model import ConnectionRecord, ConnectionStatus
+from proxy.model import ConnectionRecord, ConnectionStatus, not_authorized
 from proxy.oauth import flows
 from proxy.oauth.endpoint import TokenEndpoint
 from proxy.oauth.flows import ClientConfig, OAuthConfigError, TokenEndpointError, TokenRequest, TokenSet
@@ -48,29 +48,6 @@ log = logging.getLogger("proxy.oauth")
 
 AUTH_CODE = "oauth2_authorization_code"
 CLIENT_CREDENTIALS = "oauth2_client_credentials"
-
-
-def _reconnect_hint(record: ConnectionRecord) -> str:
-    return (
-        f"reconnect it: POST /admin/tenants/{record.tenant_id}/connect-sessions with "
-        f'{{"integration_id": "{record.integration_id}", "connection_id": "{record.connection_id}"}} '
-        "and have the user open the returned url, or set its parameters with "
-        f"PATCH /admin/tenants/{record.tenant_id}/connections/{record.connection_id}"
-    )
-
-
-def not_authorized(record: ConnectionRecord) -> ConnectionNotAuthorized:
-    """The 424 for a connection that cannot produce a token right now, saying what to do."""
-    ref = f"connection {record.connection_id!r} of tenant {record.tenant_id!r}"
-    detail = f" ({record.status_detail})" if record.status_detail else ""
-    if record.status == ConnectionStatus.NEEDS_REAUTH.value:
-        return ConnectionNotAuthorized(f"{ref} needs to be reconnected{detail}; {_reconnect_hint(record)}")
-    if record.status == ConnectionStatus.ERROR.value:
-        return ConnectionNotAuthorized(
-            f"{ref} is in error{detail}; fix its parameters with "
-            f"PUT /admin/tenants/{record.tenant_id}/connections/{record.connection_id}"
-        )
-    return ConnectionNotAuthorized(f"{ref} is not connected yet{detail}; {_reconnect_hint(record)}")
 
 
 class TokenManager:

@@ -56,8 +56,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     ValidationError,
 )
-from proxy.model import Caller, ConnectionStatus
-from proxy.oauth.tokens import not_authorized
+from proxy.model import Caller, not_authorized
 from proxy.observe.metrics import (
     RATELIMIT_DECISIONS_TALLY,
     REQUESTS_TALLY,
@@ -95,7 +94,6 @@ BACKOFF_CAP_S = 5.0
 URL_CACHE_SIZE = 4096
 OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
-_NOT_AUTHORIZED = frozenset({ConnectionStatus.PENDING.value, ConnectionStatus.NEEDS_REAUTH.value})
 
 Pair = tuple[str, str]
 # What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
@@ -345,8 +343,7 @@ class Pipeline:
         if runtime_user_id:
             connection_id = await vault.resolve(tenant_id, connection_id, runtime_user_id)
         creds = await vault.credentials(tenant_id, connection_id)
-        status = creds.record.status
-        if status in _NOT_AUTHORIZED:
+        if creds.record.needs_connecting:
             raise not_authorized(creds.record)
         if not creds.integration.proxyable:
             raise not_proxyable(creds.integration)

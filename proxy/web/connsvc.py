@@ -35,8 +35,7 @@ from aiohttp import web
 
 from proxy.catalogue import Integration
 from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
-from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow
-from proxy.oauth.tokens import not_authorized
+from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow, not_authorized
 from proxy.observe.metrics import CONNECTION_SERVICE
 from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.ratelimit.targets import limit_target
@@ -273,7 +272,7 @@ class _ConnectionService:
                     "status": STATUS_MAP.get(record.status, "UNKNOWN"),
                 }
             )
-        if record.status in ("pending", "needs_reauth"):
+        if record.needs_connecting:
             audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
             raise not_authorized(record)
         proxy_only = record.proxy_only or await self.flags.proxy_only(tid)
