@@ -6,12 +6,11 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.catalogue import Catalogue
 from proxy.errors import Forbidden, HostNotAllowed, ValidationError
 from proxy.model import ConnectionRecord, RateWindow
-from proxy.pipeline.pipeline import Plan, _retry_after_s, parse_control_int
+from proxy.pipeline.pipeline import Plan, parse_control_int
 from proxy.ratelimit.targets import limit_target
 from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
@@ -116,27 +115,3 @@ def test_control_int(raw: str | None, expected: int | None) -> None:
 def test_control_int_refuses_garbage(raw: str) -> None:
     with pytest.raises(ValidationError):
         parse_control_int(raw, "X-Proxy-Retries", 5)
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ({"Retry-After": "2"}, 2.0),
-        ({"Retry-After": "0.5"}, 0.5),
-        ({"Retry-After-Ms": "1500", "Retry-After": "9"}, 1.5),
-        ({"Retry-After": "garbage"}, 0.0),
-        ({}, 0.0),
-    ],
-)
-def test_retry_after(headers: dict[str, str], expected: float) -> None:
-    assert _retry_after_s(CIMultiDictProxy(CIMultiDict(headers))) == expected
-
-
-def test_retry_after_http_date() -> None:
-    import time
-    from email.utils import formatdate
-
-    value = _retry_after_s(
-        CIMultiDictProxy(CIMultiDict({"Retry-After": formatdate(time.time() + 30, usegmt=True)}))
-    )
-    assert 28 <= value <= 31

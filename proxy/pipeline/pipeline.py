@@ -36,7 +36,6 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -69,7 +68,7 @@ from proxy.pipeline.headers import clean_request_headers, has_control, malformed
 from proxy.pipeline.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
 from proxy.pipeline.urls import escape_error, join_upstream, split_absolute, validate_base_url
 from proxy.ratelimit.limiter import Decision
-from proxy.ratelimit.signals.core import parse_response
+from proxy.ratelimit.signals.core import parse_response, retry_after
 from proxy.ratelimit.targets import limit_target
 from proxy.security import egress as egress_mod
 from proxy.vault.vault import Credentials
@@ -253,26 +252,6 @@ class Exchange:
     def may_retry(self, idempotency_key: bool) -> bool:
         """Retries are asked for, and repeating the call is safe (see the module doc)."""
         return bool(self.retries) and (self.method in IDEMPOTENT or idempotency_key)
-
-
-def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
-    ms = headers.get("Retry-After-Ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("Retry-After")
-    if raw is None:
-        return 0.0
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return 0.0
 
 
 def refuse_trace(method: str) -> None:
@@ -557,11 +536,13 @@ class Pipeline:
             except (aiohttp.ClientError, OSError) as exc:
                 raise _unreachable(ex, exc) from None
 
-            retry_after = 0.0
+            retry_after_s = 0.0
             if resp is not None:
                 self._observe(ex, resp.status, resp.headers)
                 if resp.status in RETRY_STATUSES and attempt < retries:
-                    retry_after = _retry_after_s(resp.headers)
+                    now = time.time()
+                    until = retry_after(resp.headers, now=now)
+                    retry_after_s = 0.0 if until is None else until - now
                 else:
                     return self._answered(ex, resp, loop.time() - started)
             elif attempt >= retries:
@@ -569,7 +550,7 @@ class Pipeline:
                 raise failure
             attempt += 1
             backoff = random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-            delay = max(backoff, retry_after)
+            delay = max(backoff, retry_after_s)
             if loop.time() + delay >= deadline:
                 # No time left for another try: the caller gets what the upstream last said.
                 if resp is not None:

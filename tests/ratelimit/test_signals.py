@@ -17,6 +17,7 @@ from proxy.ratelimit.signals.core import (
     Observation,
     Policy,
     parse_response,
+    retry_after,
 )
 from proxy.ratelimit.signals.vendors import go_duration
 
@@ -127,6 +128,25 @@ def test_retry_after(status: int, headers: dict[str, str], expected: float | Non
     obs = parse_response(status, headers, now=NOW)
     assert obs.blocked_until == close(expected)
     assert ("retry-after" in obs.styles) == (expected is not None)
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])  # what the proxy retries
+def test_retry_after_is_the_same_reading_whatever_the_status(status: int) -> None:
+    # The proxy's retries wait for the same instant the limiter learns from a 429.
+    cases = [
+        ({"Retry-After": "2"}, NOW + 2),
+        ({"Retry-After": "0.5"}, NOW + 0.5),
+        ({"Retry-After-Ms": "1500", "Retry-After": "9"}, NOW + 1.5),
+        ({"Date": DATE, "Retry-After": "Wed, 21 Oct 2015 07:28:30 GMT"}, NOW + 30),  # skew corrected
+        ({"Retry-After": str(int(MAX_HORIZON_S) + 1)}, None),  # beyond the horizon: unknown
+        ({"Retry-After": "garbage"}, None),
+        ({"Retry-After": "inf"}, None),
+        ({}, None),
+    ]
+    for headers, expected in cases:
+        assert retry_after(CIMultiDict(headers), now=NOW) == close(expected), headers
+        if status in (429, 503):
+            assert parse_response(status, headers, now=NOW).blocked_until == close(expected)
 
 
 def test_retry_after_http_date_without_date_header_is_taken_as_is() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "Observation",
     "Policy",
     "parse_response",
+    "retry_after",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,12 +191,26 @@ def parse_response(
         return _empty(status)
 
 
-def _parse(
-    status: int,
+def retry_after(headers: Mapping[str, str] | Iterable[tuple[str, str]], *, now: float) -> float | None:
+    """When the response says to call again (``Retry-After``, ``retry-after-ms``), whatever its
+    status: absolute epoch seconds in the local frame, or None. The same reading as
+    ``Observation.blocked_until`` (the millisecond forms first, HTTP-dates against ``Date``,
+    nothing beyond the horizon); never raises. The proxy's retries wait for it."""
+    try:
+        relevant, date = _collect(headers)
+        if not relevant or not math.isfinite(now):
+            return None
+        upstream_now = http_date_epoch(date) if date is not None else None
+        return _retry_after(Reader(relevant, now, upstream_now, generic=False))
+    except Exception as exc:  # the invariant: upstream input never becomes a 500
+        log.warning("ignored the Retry-After of a response: %s", type(exc).__name__)
+        return None
+
+
+def _collect(
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
-    now: float,
-    styles: Sequence[str] | None,
-) -> Observation:
+) -> tuple[dict[str, list[str]], str | None]:
+    """The headers that may carry a signal, by lower-case name, and the first ``Date``."""
     relevant: dict[str, list[str]] = {}
     date: str | None = None
     items = getattr(headers, "items", None)
@@ -214,6 +229,16 @@ def _parse(
                 date = value
         else:
             relevant.setdefault(kind, []).append(value)
+    return relevant, date
+
+
+def _parse(
+    status: int,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    now: float,
+    styles: Sequence[str] | None,
+) -> Observation:
+    relevant, date = _collect(headers)
     if not relevant or not math.isfinite(now):
         return _empty(status)
 
