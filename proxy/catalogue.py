@@ -27,6 +27,7 @@ import base64
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,15 +44,33 @@ from proxy.pipeline.headers import (
     value_problem,
 )
 
-AUTH_KINDS = (
-    "bearer",
-    "api_key",
-    "basic",
-    "oauth2_authorization_code",
-    "oauth2_client_credentials",
-    "template",
-    "opaque",
-)
+
+class AuthKind(StrEnum):
+    """How an integration's credential travels (its file's ``auth``); a plain string in JSON."""
+
+    BEARER = "bearer"
+    API_KEY = "api_key"
+    BASIC = "basic"
+    OAUTH2_AUTHORIZATION_CODE = "oauth2_authorization_code"
+    OAUTH2_CLIENT_CREDENTIALS = "oauth2_client_credentials"
+    TEMPLATE = "template"  # the integration's own inject headers, query and cookies
+    OPAQUE = "opaque"  # never proxied (SFTP, Postgres): handed out by the Connection Service only
+
+    @property
+    def is_oauth2(self) -> bool:
+        """The token manager supplies the injected token."""
+        return self in (AuthKind.OAUTH2_AUTHORIZATION_CODE, AuthKind.OAUTH2_CLIENT_CREDENTIALS)
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> AuthKind:
+        """``value`` as a kind; ``ConfigError`` naming ``where`` and the kinds otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(where, f"must be one of {', '.join(AUTH_KINDS)}") from None
+
+
+AUTH_KINDS = tuple(kind.value for kind in AuthKind)
 FIELD_TYPES = ("string", "integer", "boolean", "url", "object", "any")
 # The built-in api_key kind: which parameter names which kind of injected name.
 API_KEY_NAME_PARAMS = {
@@ -60,12 +79,12 @@ API_KEY_NAME_PARAMS = {
     "cookie_name": cookie_name_problem,
 }
 # Parameters each built-in kind renders into the request (templates: those their templates use).
-_INJECTED_BY_KIND: dict[str, frozenset[str]] = {
-    "bearer": frozenset({"token"}),
-    "api_key": frozenset({"api_key", *API_KEY_NAME_PARAMS}),
-    "basic": frozenset({"username"}),  # the password travels base64-encoded: any character is fine
-    "oauth2_authorization_code": frozenset({"access_token"}),
-    "oauth2_client_credentials": frozenset({"access_token"}),
+_INJECTED_BY_KIND: dict[AuthKind, frozenset[str]] = {
+    AuthKind.BEARER: frozenset({"token"}),
+    AuthKind.API_KEY: frozenset({"api_key", *API_KEY_NAME_PARAMS}),
+    AuthKind.BASIC: frozenset({"username"}),  # the password travels base64-encoded: any character is fine
+    AuthKind.OAUTH2_AUTHORIZATION_CODE: frozenset({"access_token"}),
+    AuthKind.OAUTH2_CLIENT_CREDENTIALS: frozenset({"access_token"}),
 }
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
 PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
@@ -133,7 +152,7 @@ class OAuth2Spec:
 class Integration:
     id: str
     label: str
-    auth: str
+    auth: AuthKind
     fields: tuple[FieldSpec, ...]
     base_url: str | None = None  # fixed or Jinja template; None = the base_url parameter
     allowed_hosts: tuple[str, ...] | None = None
@@ -151,7 +170,7 @@ class Integration:
 
     @property
     def proxyable(self) -> bool:
-        return self.auth != "opaque"
+        return self.auth != AuthKind.OPAQUE
 
     @property
     def catalogued(self) -> bool:
@@ -193,7 +212,7 @@ class Integration:
     @property
     def injected_params(self) -> frozenset[str]:
         """Parameters rendered into the proxied request (so: no control characters in them)."""
-        if self.auth == "template":
+        if self.auth == AuthKind.TEMPLATE:
             return self.template_params(
                 *(
                     t
@@ -227,11 +246,11 @@ class Integration:
             problem = _check_type(spec, value) if spec is not None else None
             if problem is None and name in injected and isinstance(value, str):
                 problem = value_problem(value)
-                if problem is None and self.auth == "api_key" and name in API_KEY_NAME_PARAMS:
+                if problem is None and self.auth == AuthKind.API_KEY and name in API_KEY_NAME_PARAMS:
                     problem = API_KEY_NAME_PARAMS[name](value.strip())
                 elif (
                     problem is None
-                    and self.auth == "api_key"
+                    and self.auth == AuthKind.API_KEY
                     and name == "api_key"
                     and params.get("location") == "cookie"
                 ):
@@ -282,7 +301,7 @@ def _check_type(spec: FieldSpec, value: Any) -> str | None:
 def opaque_integration(integration_id: str) -> Integration:
     """A custom integration id nobody described: Connection Service only, every parameter secret."""
     return Integration(
-        id=integration_id, label=integration_id, auth="opaque", fields=(), source=IMPLICIT_SOURCE
+        id=integration_id, label=integration_id, auth=AuthKind.OPAQUE, fields=(), source=IMPLICIT_SOURCE
     )
 
 
@@ -323,9 +342,7 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
     if not isinstance(iid, str) or not iid:
         raise ConfigError(f"{where}: id", "every integration needs a string id")
     where = f"{source}: {iid}"
-    auth = data.get("auth", "template")
-    if auth not in AUTH_KINDS:
-        raise ConfigError(f"{where}.auth", f"must be one of {', '.join(AUTH_KINDS)}")
+    auth = AuthKind.parse(data.get("auth", AuthKind.TEMPLATE), f"{where}.auth")
     specs = []
     for i, raw in enumerate(data.get("fields", [])):
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
@@ -401,10 +418,10 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
         source=source,
     )
     integration = _with_destinations(integration, where)
-    if auth.startswith("oauth2_"):
+    if auth.is_oauth2:
         # Tokens land in parameters at run time: they must be declared secret or they would be
         # stored in the clear.
-        needed = {"access_token", "refresh_token"} if auth == "oauth2_authorization_code" else set()
+        needed = {"access_token", "refresh_token"} if auth == AuthKind.OAUTH2_AUTHORIZATION_CODE else set()
         needed |= {"client_secret"}
         declared = {f.name for f in specs if f.secret}
         if not needed <= declared:
@@ -412,7 +429,7 @@ def parse_integration(data: Mapping[str, Any], source: str) -> Integration:
             raise ConfigError(
                 f"{where}.fields", f"an {auth} integration must declare {missing} as secret fields"
             )
-    if auth == "template" and not (
+    if auth == AuthKind.TEMPLATE and not (
         integration.inject_headers or integration.inject_query or integration.inject_cookies
     ):
         raise ConfigError(f"{where}.inject", "a template integration needs headers, query or cookies")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalogue import Catalogue, parse_integration
+from proxy.catalogue import AUTH_KINDS, AuthKind, Catalogue, parse_integration
 from proxy.errors import ConfigError, ValidationError
 
 CAT = Catalogue.load()
@@ -204,3 +204,22 @@ def test_write_time_value_checks_cover_each_kind_and_leave_opaque_secrets_alone(
     # A PEM key is multi-line and never injected into a request.
     assert CAT.get("sftp").validate_params({"private_key": "-----BEGIN-----\nabc\n-----END-----"}) == {}
     assert CAT.get("http_api_key").validate_params({"header_name": "X-API-Key", "api_key": "k"}) == {}
+
+
+def test_auth_kinds_parse_from_their_file_spelling() -> None:
+    assert tuple(k.value for k in AuthKind) == AUTH_KINDS
+    assert AuthKind.parse("oauth2_client_credentials", "f.auth") is AuthKind.OAUTH2_CLIENT_CREDENTIALS
+    assert {k for k in AuthKind if k.is_oauth2} == {
+        AuthKind.OAUTH2_AUTHORIZATION_CODE,
+        AuthKind.OAUTH2_CLIENT_CREDENTIALS,
+    }
+    assert CAT.get("http_bearer").auth is AuthKind.BEARER and CAT.get("http_bearer").auth == "bearer"
+    assert CAT.get("sftp").auth is AuthKind.OPAQUE and not CAT.get("sftp").proxyable
+
+
+@pytest.mark.parametrize("value", ["Bearer", "oauth2", "", None, 1])
+def test_unknown_auth_kind_stops_start_up_naming_the_kinds(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_integration({"id": "x", "auth": value}, "f.toml")
+    assert info.value.key == "f.toml: x.auth"
+    assert "must be one of bearer, api_key, basic" in info.value.message

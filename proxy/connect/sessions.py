@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy import jsonin
-from proxy.catalogue import FieldSpec, Integration
+from proxy.catalogue import AuthKind, FieldSpec, Integration
 from proxy.errors import ValidationError
 from proxy.model import check_id
 from proxy.oauth.flows import TOKEN_PARAMS
@@ -345,13 +345,13 @@ class FormField:
 
 def user_fields(integration: Integration) -> tuple[FieldSpec, ...]:
     """The fields an end user fills in. OAuth token fields are the flow's output, not input."""
-    if integration.auth == "oauth2_authorization_code":
+    if integration.auth == AuthKind.OAUTH2_AUTHORIZATION_CODE:
         return tuple(f for f in integration.fields if f.name not in TOKEN_PARAMS)
     return integration.fields
 
 
 def uses_oauth_redirect(integration: Integration) -> bool:
-    return integration.auth == "oauth2_authorization_code"
+    return integration.auth == AuthKind.OAUTH2_AUTHORIZATION_CODE
 
 
 def _label(spec: FieldSpec) -> str:

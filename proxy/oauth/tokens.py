@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 
+from proxy.catalogue import AuthKind
 from proxy.errors import (
     Conflict,
     ConnectionNotAuthorized,
@@ -45,9 +46,6 @@ from proxy.store.base import Store
 from proxy.vault.vault import Credentials, Vault
 
 log = logging.getLogger("proxy.oauth")
-
-AUTH_CODE = "oauth2_authorization_code"
-CLIENT_CREDENTIALS = "oauth2_client_credentials"
 
 
 class TokenManager:
@@ -74,9 +72,9 @@ class TokenManager:
     async def access_token(self, creds: Credentials, *, force: bool = False) -> str:
         """A bearer token for an OAuth2 connection, refreshed or minted when needed."""
         key = (creds.record.tenant_id, creds.record.connection_id)
-        if creds.integration.auth == CLIENT_CREDENTIALS:
+        if creds.integration.auth == AuthKind.OAUTH2_CLIENT_CREDENTIALS:
             return await self._client_credentials(creds, key, force)
-        if creds.integration.auth != AUTH_CODE:
+        if creds.integration.auth != AuthKind.OAUTH2_AUTHORIZATION_CODE:
             raise ValueError(f"integration {creds.integration.id!r} is not an OAuth2 integration")
         token = creds.params.get("access_token")
         stale = token if (force or self._is_forced(key, token)) else None
@@ -103,14 +101,14 @@ class TokenManager:
         outcome: dict[str, str] = {}
         minted = self.minter.forget(key)
         self._forced.pop(key, None)
-        if creds.integration.auth not in (AUTH_CODE, CLIENT_CREDENTIALS):
+        if not creds.integration.auth.is_oauth2:
             return outcome
         try:
             client = await self.client_config_for(creds)
         except ProxyError:
             return {"access_token": "skipped"}
         pending: list[tuple[str, Any]] = []
-        if creds.integration.auth == AUTH_CODE:
+        if creds.integration.auth == AuthKind.OAUTH2_AUTHORIZATION_CODE:
             # The refresh token first: revoking it usually ends the whole grant (RFC 7009 §2.1).
             pending = [("refresh_token", creds.params.get("refresh_token"))]
             pending.append(("access_token", creds.params.get("access_token")))

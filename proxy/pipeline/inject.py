@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus
 
-from proxy.catalogue import Integration
+from proxy.catalogue import AuthKind, Integration
 from proxy.errors import ConnectionNotAuthorized, IntegrationNotProxyable, ValidationError
 from proxy.pipeline.headers import (
     cookie_name_problem,
@@ -223,10 +223,10 @@ def build_injection(
     that would corrupt the request, ``ConnectionNotAuthorized`` when a needed secret is missing.
     """
     kind = integration.auth
-    if kind == "bearer":
+    if kind == AuthKind.BEARER:
         token = _param(integration, params, "token")
         return Injection(headers=(_check_header(integration, "Authorization", f"Bearer {token}"),))
-    if kind == "api_key":
+    if kind == AuthKind.API_KEY:
         key = _param(integration, params, "api_key")
         location = str(params.get("location") or "header")
         if location == "header":
@@ -242,7 +242,7 @@ def build_injection(
             f"integration {integration.id!r}: location must be header, query or cookie",
             fields={"location": "must be header, query or cookie"},
         )
-    if kind == "basic":
+    if kind == AuthKind.BASIC:
         user = _param(integration, params, "username")
         password = str(params.get("password") or "")
         if ":" in user:
@@ -252,10 +252,10 @@ def build_injection(
             )
         encoded = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         return Injection(headers=(_check_header(integration, "Authorization", f"Basic {encoded}"),))
-    if kind in ("oauth2_authorization_code", "oauth2_client_credentials"):
+    if kind.is_oauth2:
         token = access_token if access_token else _param(integration, params, "access_token")
         return Injection(headers=(_check_header(integration, "Authorization", f"Bearer {token}"),))
-    if kind == "template":
+    if kind == AuthKind.TEMPLATE:
         headers = _render_pairs(integration, integration.inject_headers, params)
         query = _render_pairs(integration, integration.inject_query, params)
         cookies = _render_pairs(integration, integration.inject_cookies, params)

@@ -91,7 +91,6 @@ MAX_REPLAY_BODY = 1 << 20
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 URL_CACHE_SIZE = 4096
-OAUTH_KINDS = frozenset({"oauth2_authorization_code", "oauth2_client_credentials"})
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 Pair = tuple[str, str]
@@ -198,7 +197,7 @@ class Plan:
         self.retries = _small_int(record.options.get("retries"), 0, MAX_RETRIES)
         self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, settings.max_wait_ms_cap)
         self.styles = integration.ratelimit_styles
-        self.oauth = integration.auth in OAUTH_KINDS
+        self.oauth = integration.auth.is_oauth2
         self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
         self.latency_labels = (integration.id,)
         self.proxy_only = record.proxy_only  # the tenant's flag is read per call (it is cached)

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy.catalogue import Integration
+from proxy.catalogue import AuthKind, Integration
 from proxy.errors import Conflict, NotFound, ValidationError
 from proxy.model import ApiKeyRecord, AuditEvent, Caller, ConnectionRecord, check_id, parse_rate_limits
 from proxy.oauth import flows
@@ -182,7 +182,7 @@ def _check_params(
 ) -> None:
     for key, problem in integration.validate_params(params).items():
         problems[key] = problem
-    if integration.auth == "oauth2_authorization_code" and params.get(flows.AUTH_PARAMS) is not None:
+    if integration.auth == AuthKind.OAUTH2_AUTHORIZATION_CODE and params.get(flows.AUTH_PARAMS) is not None:
         problems.update(flows.auth_params_problems(params[flows.AUTH_PARAMS]))
     for name, value in params.items():
         if not isinstance(name, str) or not name or len(name) > 200:

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy.catalogue import Integration
+from proxy.catalogue import AuthKind, Integration
 from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow, not_authorized
 from proxy.observe.metrics import CONNECTION_SERVICE
@@ -193,7 +193,7 @@ async def _rate_limit(
 async def _fresh(svc: Services, creds: Credentials) -> tuple[Credentials, dict[str, Any]]:
     """OAuth2 authorization-code connections hand out a current access token (refreshed here,
     single-flight, when it is about to expire), so agents never need the refresh token flow."""
-    if creds.integration.auth != "oauth2_authorization_code":
+    if creds.integration.auth != AuthKind.OAUTH2_AUTHORIZATION_CODE:
         return creds, dict(creds.params)
     token = await svc.tokens.access_token(creds)
     if token != creds.params.get("access_token"):
