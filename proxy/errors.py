@@ -149,6 +149,113 @@ class UpstreamTimeout(ProxyError):
     status = 504
 
 
+# --- Connect pages: what an end user sees when a link or a sign-in cannot go on ---------------
+
+
+class ConnectPageError(ProxyError):
+    """A connect link or sign-in that cannot go on. ``proxy.web.connect`` shows it as a page
+    (``title`` and the message, with ``X-Proxy-Error``), never as JSON; ``return_error`` is what
+    the application's return URL is told (``?status=error&error=...``)."""
+
+    title: ClassVar[str] = "Could not connect"
+    default_message: ClassVar[str] = ""
+
+    def __init__(self, message: str | None = None, *, return_error: str = "error") -> None:
+        super().__init__(message or self.default_message)
+        self.return_error = return_error
+
+
+class ConnectLinkUnknown(ConnectPageError, NotFound):
+    code = "CONNECT_LINK_UNKNOWN"
+    title = "This link is not valid"
+    default_message = "The link may be mistyped or expired. Ask the application for a new link."
+
+
+class ConnectLinkUsed(ConnectPageError):
+    code = "CONNECT_LINK_USED"
+    status = 410
+    title = "This link was already used"
+    default_message = (
+        "The connection was set up with this link already. To connect again, ask the application "
+        "for a new link."
+    )
+
+
+class ConnectLinkExpired(ConnectPageError):
+    code = "CONNECT_LINK_EXPIRED"
+    status = 410
+    title = "This link has expired"
+    default_message = "Connect links are valid for a limited time. Ask the application for a new link."
+
+
+class ConnectFormUnverified(ConnectPageError, Forbidden):
+    """The form's CSRF value or its origin is not ours."""
+
+    title = "Please try again"
+    default_message = (
+        "This form could not be verified (it is too old or was sent from another site). Reload the "
+        "page and submit it again."
+    )
+
+
+class ConnectsAnotherWay(ConnectPageError, BadRequest):
+    """A form post to an OAuth integration's page, or an OAuth start for a form integration."""
+
+    title = "Nothing to do here"
+    default_message = "This integration connects a different way."
+
+
+class SignInUnknown(ConnectPageError, BadRequest):
+    """The callback's ``state`` is unknown, expired or already used."""
+
+    title = "This sign-in cannot be completed"
+    default_message = (
+        "The sign-in attempt is unknown, expired or was already completed. Go back to the connect "
+        "page and start again."
+    )
+
+
+class SignInElsewhere(ConnectPageError, BadRequest):
+    """The ``state`` is bound to another browser or another link."""
+
+    title = "This sign-in cannot be completed"
+    default_message = (
+        "The sign-in was started in another browser or for another link. Open the connect link in "
+        "this browser and start again."
+    )
+
+
+class SignInNotSetUp(ConnectPageError, ConnectionNotAuthorized):
+    """The integration's OAuth client lacks what the authorization-code flow needs."""
+
+    title = "Sign-in is not set up yet"
+
+
+class AuthorizationCodeMissing(ConnectPageError, BadRequest):
+    title = "Missing authorization code"
+    default_message = "Go back to the connect page and start again."
+
+
+class OAuthAccessDenied(ConnectPageError, BadRequest):
+    code = "OAUTH_ACCESS_DENIED"
+    title = "Access was not granted"
+    default_message = "You declined the request, so nothing was connected. Go back to try again."
+
+
+class OAuthProviderError(ConnectPageError, BadRequest):
+    """The provider answered the authorization request with an error other than access_denied."""
+
+    code = "OAUTH_ERROR"
+    title = "The provider refused the sign-in"
+
+
+class OAuthIssuerMismatch(ConnectPageError, BadRequest):
+    """The callback's ``iss`` is not the expected authorization server's (RFC 9207)."""
+
+    code = "OAUTH_ISSUER_MISMATCH"
+    title = "This sign-in cannot be completed"
+
+
 # --- Errors that are not HTTP-facing by themselves -------------------------------------------
 
 

@@ -15,11 +15,14 @@ Security, page by page:
 - The form carries a per-page CSRF value keyed to the session, and a cross-origin ``Origin`` is
   refused. A session is consumed by its first success (atomic pop); a tombstone answers 410.
 - The OAuth ``state`` is single use, bound to the session and to the browser (cookie).
-- Errors are pages too (with ``X-Proxy-Error``), never JSON, except on the admin endpoint.
+- Errors are pages too (with ``X-Proxy-Error``), never JSON, except on the admin endpoint: the
+  handlers raise ``ProxyError``s (the connect-specific ones are ``ConnectPageError``s of
+  ``proxy.errors``) and ``_pages``, the routes' one error handling, renders them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -33,9 +36,25 @@ from aiohttp import web
 
 from proxy.catalogue import Integration
 from proxy.connect import sessions
-from proxy.connect.flow import Connector
+from proxy.connect.flow import Connector, LinkProblem
 from proxy.connect.sessions import ConnectSession
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import (
+    AuthorizationCodeMissing,
+    BadRequest,
+    ConnectFormUnverified,
+    ConnectLinkExpired,
+    ConnectLinkUnknown,
+    ConnectLinkUsed,
+    ConnectPageError,
+    ConnectsAnotherWay,
+    OAuthAccessDenied,
+    OAuthIssuerMismatch,
+    OAuthProviderError,
+    ProxyError,
+    SignInElsewhere,
+    SignInNotSetUp,
+    SignInUnknown,
+)
 from proxy.model import AuditEvent, check_id
 from proxy.oauth import state as oauth_state
 from proxy.oauth.flows import OAuthConfigError, error_code
@@ -43,7 +62,7 @@ from proxy.observe.metrics import ERRORS
 from proxy.pipeline.urls import validate_base_url
 from proxy.web.authn import caller_for, require_admin, services_of
 from proxy.web.bodies import read_json_object
-from proxy.web.errors import request_id_of
+from proxy.web.errors import Handler, request_id_of
 
 log = logging.getLogger("proxy.connect")
 
@@ -51,61 +70,13 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = web.AppKey("connect_templates", jinja2.Environment)
 MESSAGE_TYPE = "connection-proxy:connected"
 
-# Canned error pages: (status, X-Proxy-Error code, title, message).
-_PAGES: dict[str, tuple[int, str, str, str]] = {
-    "unknown": (
-        404,
-        "CONNECT_LINK_UNKNOWN",
-        "This link is not valid",
-        "The link may be mistyped or expired. Ask the application for a new link.",
-    ),
-    "used": (
-        410,
-        "CONNECT_LINK_USED",
-        "This link was already used",
-        "The connection was set up with this link already. To connect again, ask the application "
-        "for a new link.",
-    ),
-    "expired": (
-        410,
-        "CONNECT_LINK_EXPIRED",
-        "This link has expired",
-        "Connect links are valid for a limited time. Ask the application for a new link.",
-    ),
-    "csrf": (
-        403,
-        "FORBIDDEN",
-        "Please try again",
-        "This form could not be verified (it is too old or was sent from another site). Reload the "
-        "page and submit it again.",
-    ),
-    "state": (
-        400,
-        "BAD_REQUEST",
-        "This sign-in cannot be completed",
-        "The sign-in attempt is unknown, expired or was already completed. Go back to the connect "
-        "page and start again.",
-    ),
-    "binding": (
-        400,
-        "BAD_REQUEST",
-        "This sign-in cannot be completed",
-        "The sign-in was started in another browser or for another link. Open the connect link in "
-        "this browser and start again.",
-    ),
-    "denied": (
-        400,
-        "OAUTH_ACCESS_DENIED",
-        "Access was not granted",
-        "You declined the request, so nothing was connected. Go back to try again.",
-    ),
-    "wrong_kind": (400, "BAD_REQUEST", "Nothing to do here", "This integration connects a different way."),
-    "no_code": (
-        400,
-        "BAD_REQUEST",
-        "Missing authorization code",
-        "Go back to the connect page and start again.",
-    ),
+# The session a page belongs to, once the link opened (an expired one too): error pages then
+# offer its way back to the application and may be framed by its origins.
+_SESSION = web.RequestKey("connect_session", ConnectSession)
+_LINK_ERRORS: dict[LinkProblem, type[ConnectPageError]] = {
+    "unknown": ConnectLinkUnknown,
+    "used": ConnectLinkUsed,
+    "expired": ConnectLinkExpired,
 }
 
 
@@ -150,36 +121,43 @@ def _page(
     return resp
 
 
-def _error_page(
-    request: web.Request,
-    status: int,
-    code: str,
-    title: str,
-    message: str,
-    session: ConnectSession | None = None,
-    error: str = "error",
-) -> web.Response:
+def _error_page(request: web.Request, exc: ProxyError, session: ConnectSession | None) -> web.Response:
+    if exc.status >= 500:
+        log.warning("connect request %s failed: %s %s", request_id_of(request), exc.code, exc.message)
+    if isinstance(exc, ConnectPageError):
+        title, error = exc.title, exc.return_error
+    else:
+        title, error = ("Could not connect" if exc.status < 500 else "Something went wrong"), "error"
     back = None
     if session is not None and session.return_url:
         back = sessions.return_url_with(
             session.return_url, connection_id=session.connection_id, status="error", error=error
         )
-    context = {"title": title, "message": message, "back_url": back, "request_id": request_id_of(request)}
+    context = {"title": title, "message": exc.message, "back_url": back, "request_id": request_id_of(request)}
     origins = session.allowed_origins if session else ()
-    return _page(request, "connect_error.html", context, status=status, origins=origins, error_code=code)
+    return _page(
+        request, "connect_error.html", context, status=exc.status, origins=origins, error_code=exc.code
+    )
 
 
-def _canned(
-    request: web.Request, name: str, session: ConnectSession | None = None, error: str = "error"
-) -> web.Response:
-    return _error_page(request, *_PAGES[name], session=session, error=error)
+def _pages(handler: Handler) -> Handler:
+    """The connect routes' one error handling: a ``ProxyError`` becomes the error page, with
+    ``X-Proxy-Error`` and, when the page belongs to a session, its way back and frame origins."""
+
+    @functools.wraps(handler)
+    async def pages(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return _error_page(request, exc, request.get(_SESSION))
+
+    return pages
 
 
-def _exc_page(request: web.Request, exc: ProxyError, session: ConnectSession | None) -> web.Response:
-    if exc.status >= 500:
-        log.warning("connect request %s failed: %s %s", request_id_of(request), exc.code, exc.message)
-    title = "Could not connect" if exc.status < 500 else "Something went wrong"
-    return _error_page(request, exc.status, exc.code, title, exc.message, session=session)
+def _link_used(request: web.Request) -> ConnectLinkUsed:
+    """Another request ended the session first: the page no longer belongs to it."""
+    request.pop(_SESSION, None)
+    return ConnectLinkUsed()
 
 
 def _success_page(request: web.Request, session: ConnectSession, label: str) -> web.Response:
@@ -264,11 +242,13 @@ def _connector(request: web.Request) -> Connector:
     return Connector(svc.store, svc.vault, svc.tokens, svc.settings)
 
 
-async def _open(request: web.Request) -> ConnectSession | web.Response:
-    """The link's open session, or the page saying why it cannot be used."""
+async def _open(request: web.Request) -> ConnectSession:
+    """The link's open session; raises the page saying why it cannot be used."""
     session, problem = await _connector(request).open(request.match_info["token"])
+    if session is not None:
+        request[_SESSION] = session
     if problem is not None or session is None:
-        return _canned(request, problem or "unknown", session)
+        raise _LINK_ERRORS[problem or "unknown"]()
     return session
 
 
@@ -305,10 +285,9 @@ async def create_session(request: web.Request) -> web.Response:
 # --- the end-user page ---------------------------------------------------------------------------
 
 
+@_pages
 async def connect_page(request: web.Request) -> web.Response:
     session = await _open(request)
-    if isinstance(session, web.Response):
-        return session
     integration = services_of(request.app).catalogue.get(session.integration_id)
     scope = await _connector(request).form_scope(session, integration)
     fields = sessions.build_form(
@@ -349,23 +328,21 @@ def _same_origin(request: web.Request) -> bool:
     return sessions.normalize_origin(origin) in own - {None}
 
 
+@_pages
 async def connect_submit(request: web.Request) -> web.Response:
     session = await _open(request)
-    if isinstance(session, web.Response):
-        return session
     connector = _connector(request)
     integration = connector.catalogue.get(session.integration_id)
     try:
         posted = await request.post()
     except ValueError:  # UnicodeDecodeError: a form that is not UTF-8 (no browser sends one)
-        exc = BadRequest("the form is not UTF-8 encoded; submit it from the connect page")
-        return _exc_page(request, exc, session)
+        raise BadRequest("the form is not UTF-8 encoded; submit it from the connect page") from None
     form = {k: v for k, v in posted.items() if isinstance(v, str)}
     if not _same_origin(request) or not session.csrf_ok(form.get("csrf"), time.time()):
         _audit(request, session, "connect.submit", "refused", reason="csrf")
-        return _canned(request, "csrf", session)
+        raise ConnectFormUnverified()
     if sessions.uses_oauth_redirect(integration):
-        return _canned(request, "wrong_kind", session)
+        raise ConnectsAnotherWay()
     scope = await connector.form_scope(session, integration)
     values, secrets_set = scope.values, scope.secrets_set
     params, problems = sessions.parse_form(
@@ -378,12 +355,12 @@ async def connect_submit(request: web.Request) -> web.Response:
             problems["base_url"] = problem
     if not problems:
         if not await connector.consume(session):
-            return _canned(request, "used")
+            raise _link_used(request)
         try:
             await connector.save(session, integration, params)
-        except ProxyError as exc:
+        except ProxyError:
             await connector.restore(session)
-            return _exc_page(request, exc, session)
+            raise
         _audit(request, session, "connect.complete", method="form")
         return _success_page(request, session, session.display_name or integration.label)
     # Re-render with what the user typed, except secrets: those are never echoed back.
@@ -409,27 +386,19 @@ async def connect_submit(request: web.Request) -> web.Response:
 # --- OAuth2 --------------------------------------------------------------------------------------
 
 
+@_pages
 async def oauth_start(request: web.Request) -> web.StreamResponse:
     session = await _open(request)
-    if isinstance(session, web.Response):
-        return session
     connector = _connector(request)
     integration = connector.catalogue.get(session.integration_id)
     if not sessions.uses_oauth_redirect(integration):
-        return _canned(request, "wrong_kind", session)
+        raise ConnectsAnotherWay()
     try:
         url, cookie, browser = await connector.begin_oauth(session, integration)
     except OAuthConfigError as exc:
-        return _error_page(
-            request,
-            424,
-            "CONNECTION_NOT_AUTHORIZED",
-            "Sign-in is not set up yet",
-            f"The administrator has not finished setting up this integration ({exc}).",
-            session,
-        )
-    except ProxyError as exc:
-        return _exc_page(request, exc, session)
+        raise SignInNotSetUp(
+            f"The administrator has not finished setting up this integration ({exc})."
+        ) from None
     resp = web.Response(status=302, headers={"Location": url})
     _security_headers(resp, None, ())
     resp.set_cookie(
@@ -445,7 +414,7 @@ async def oauth_start(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def oauth_callback(request: web.Request) -> web.Response:
+async def oauth_callback(request: web.Request) -> web.StreamResponse:
     resp = await _callback(request)
     value = request.query.get("state")
     if oauth_state.well_formed(value) and oauth_state.binding_cookie_name(value) in request.cookies:
@@ -453,59 +422,55 @@ async def oauth_callback(request: web.Request) -> web.Response:
     return resp
 
 
-async def _callback(request: web.Request) -> web.Response:
+@_pages
+async def _callback(request: web.Request) -> web.StreamResponse:
     connector = _connector(request)
     q = request.query
     pending, session, problem = await connector.take_state(q.get("state"), request.cookies)
+    if session is not None:
+        request[_SESSION] = session
     if pending is None or session is None or problem is not None:
         if session is not None:
             _audit(request, session, "connect.oauth_callback", "refused", reason=problem)
-        page = problem if problem in ("state", "used", "expired") else "binding"
-        return _canned(request, page, session)
+        if problem == "used":
+            raise ConnectLinkUsed()
+        if problem == "expired":
+            raise ConnectLinkExpired()
+        raise SignInUnknown() if problem == "state" else SignInElsewhere()
     # Before anything else in the answer (errors included) is believed: RFC 9207 §2.4.
     mixup = await connector.issuer_problem(session, q.get("iss"))
     if mixup is not None:
         _audit(request, session, "connect.oauth_callback", "refused", reason="issuer")
-        return _error_page(
-            request,
-            400,
-            "OAUTH_ISSUER_MISMATCH",
-            "This sign-in cannot be completed",
+        raise OAuthIssuerMismatch(
             f"Nothing was connected: {mixup}. Go back to the connect page and start again.",
-            session,
-            error="issuer_mismatch",
+            return_error="issuer_mismatch",
         )
     provider_error = q.get("error")
     if provider_error is not None:
         code = error_code(provider_error) or "unrecognised_error"
         _audit(request, session, "connect.oauth_callback", "denied", error=code)
         if code == "access_denied":
-            return _canned(request, "denied", session, error=code)
-        return _error_page(
-            request,
-            400,
-            "OAUTH_ERROR",
-            "The provider refused the sign-in",
+            raise OAuthAccessDenied(return_error=code)
+        raise OAuthProviderError(
             f"The provider answered with error {code!r}. Go back to the connect page to try again.",
-            session,
-            error=code,
+            return_error=code,
         )
     code_value = q.get("code")
     if not code_value:
-        return _canned(request, "no_code", session)
+        raise AuthorizationCodeMissing()
     integration = connector.catalogue.get(session.integration_id)
     try:
         tokens = await connector.finish_oauth(session, pending, code_value)
     except ProxyError as exc:
         _audit(request, session, "connect.oauth_callback", "failed", error=exc.code)
-        return _exc_page(request, exc, session)
+        raise
     if not await connector.consume(session):
-        return _canned(request, "used")
+        raise _link_used(request)
     try:
         await connector.save(session, integration, {}, tokens)
-    except ProxyError as exc:
+    except ProxyError:
         await connector.restore(session)
-        return _exc_page(request, exc, session)
+        raise
     _audit(request, session, "connect.complete", method="oauth2")
     return _success_page(request, session, session.display_name or integration.label)
 
