@@ -637,10 +637,6 @@ def _limit_kind(decision: Decision) -> str:
     return kind if kind in ("configured", "learned") else decision.source
 
 
-def outcome_of(status: int) -> str:
-    return "ok" if status < 400 else f"upstream_{status // 100}xx"
-
-
 def urlsplit_port(url: str) -> int | None:
     try:
         return urlsplit(url).port

@@ -59,6 +59,7 @@ from proxy.model import AuditEvent, check_id
 from proxy.oauth import state as oauth_state
 from proxy.oauth.flows import OAuthConfigError, error_code
 from proxy.observe.metrics import ERRORS
+from proxy.observe.outcome import Outcome
 from proxy.pipeline.urls import validate_base_url
 from proxy.web.authn import caller_for, require_admin, services_of
 from proxy.web.bodies import read_json_object
@@ -221,7 +222,7 @@ def _origin_of(url: str) -> str:
 
 
 def _audit(
-    request: web.Request, session: ConnectSession, action: str, outcome: str = "ok", **detail: Any
+    request: web.Request, session: ConnectSession, action: str, outcome: str = Outcome.OK, **detail: Any
 ) -> None:
     services_of(request.app).audit.record(
         AuditEvent(
@@ -339,7 +340,7 @@ async def connect_submit(request: web.Request) -> web.Response:
         raise BadRequest("the form is not UTF-8 encoded; submit it from the connect page") from None
     form = {k: v for k, v in posted.items() if isinstance(v, str)}
     if not _same_origin(request) or not session.csrf_ok(form.get("csrf"), time.time()):
-        _audit(request, session, "connect.submit", "refused", reason="csrf")
+        _audit(request, session, "connect.submit", Outcome.REFUSED, reason="csrf")
         raise ConnectFormUnverified()
     if sessions.uses_oauth_redirect(integration):
         raise ConnectsAnotherWay()
@@ -377,7 +378,7 @@ async def connect_submit(request: web.Request) -> web.Response:
         hidden=scope.hidden,
         settable=scope.settable,
     )
-    _audit(request, session, "connect.submit", "invalid", fields=sorted(problems))
+    _audit(request, session, "connect.submit", Outcome.INVALID, fields=sorted(problems))
     return _render_form(
         request, session, integration, fields, status=422, error_code="VALIDATION_ERROR", host=scope.host
     )
@@ -431,7 +432,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         request[_SESSION] = session
     if pending is None or session is None or problem is not None:
         if session is not None:
-            _audit(request, session, "connect.oauth_callback", "refused", reason=problem)
+            _audit(request, session, "connect.oauth_callback", Outcome.REFUSED, reason=problem)
         if problem == "used":
             raise ConnectLinkUsed()
         if problem == "expired":
@@ -440,7 +441,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     # Before anything else in the answer (errors included) is believed: RFC 9207 §2.4.
     mixup = await connector.issuer_problem(session, q.get("iss"))
     if mixup is not None:
-        _audit(request, session, "connect.oauth_callback", "refused", reason="issuer")
+        _audit(request, session, "connect.oauth_callback", Outcome.REFUSED, reason="issuer")
         raise OAuthIssuerMismatch(
             f"Nothing was connected: {mixup}. Go back to the connect page and start again.",
             return_error="issuer_mismatch",
@@ -448,7 +449,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     provider_error = q.get("error")
     if provider_error is not None:
         code = error_code(provider_error) or "unrecognised_error"
-        _audit(request, session, "connect.oauth_callback", "denied", error=code)
+        _audit(request, session, "connect.oauth_callback", Outcome.DENIED, error=code)
         if code == "access_denied":
             raise OAuthAccessDenied(return_error=code)
         raise OAuthProviderError(
@@ -462,7 +463,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     try:
         tokens = await connector.finish_oauth(session, pending, code_value)
     except ProxyError as exc:
-        _audit(request, session, "connect.oauth_callback", "failed", error=exc.code)
+        _audit(request, session, "connect.oauth_callback", Outcome.FAILED, error=exc.code)
         raise
     if not await connector.consume(session):
         raise _link_used(request)

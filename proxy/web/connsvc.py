@@ -37,6 +37,7 @@ from proxy.catalogue import AuthKind, Integration
 from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow, not_authorized
 from proxy.observe.metrics import CONNECTION_SERVICE
+from proxy.observe.outcome import Outcome, of_error
 from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.ratelimit.targets import limit_target
 from proxy.vault.vault import Credentials
@@ -221,13 +222,13 @@ class _ConnectionService:
         self.flags = svc.tenant_flags
         self.targets = _Targets()
         self.quota = _Quota(svc.limiter, svc.settings.service_quota_per_minute)
-        self.ok = CONNECTION_SERVICE.labels(outcome="ok")
+        self.ok = CONNECTION_SERVICE.labels(outcome=Outcome.OK)
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
             resp = await self._handle(request)
         except ProxyError as exc:
-            CONNECTION_SERVICE.labels(outcome=exc.code).inc()
+            CONNECTION_SERVICE.labels(outcome=of_error(exc)).inc()
             raise
         self.ok.inc()
         return resp
@@ -247,23 +248,23 @@ class _ConnectionService:
         audit = svc.audit
         try:
             await self.quota.check(caller.actor)
-        except RateLimited:
-            audit.record_use(caller.actor, tid, cid, action, "rate_limited", rid)
+        except RateLimited as exc:
+            audit.record_use(caller.actor, tid, cid, action, of_error(exc), rid)
             raise
         if not caller.may_access(tid):
-            audit.record_use(caller.actor, tid, cid, action, "denied", rid)
+            audit.record_use(caller.actor, tid, cid, action, Outcome.DENIED, rid)
             raise not_found(tid, cid)
         resolved = await svc.vault.resolve(tid, cid, _runtime_user(request))
         try:
             creds = await svc.vault.credentials(tid, resolved)
         except ProxyError as exc:
-            audit.record_use(caller.actor, tid, resolved, action, exc.code.lower(), rid)
+            audit.record_use(caller.actor, tid, resolved, action, of_error(exc), rid)
             if exc.status == 404:
                 raise not_found(tid, cid) from None
             raise
         record = creds.record
         if metadata:
-            audit.record_use(caller.actor, tid, resolved, action, "ok", rid)
+            audit.record_use(caller.actor, tid, resolved, action, Outcome.OK, rid)
             return _json(
                 {
                     "connectionId": record.connection_id,
@@ -273,8 +274,9 @@ class _ConnectionService:
                 }
             )
         if record.needs_connecting:
-            audit.record_use(caller.actor, tid, resolved, action, "not_authorized", rid)
-            raise not_authorized(record)
+            refusal = not_authorized(record)
+            audit.record_use(caller.actor, tid, resolved, action, of_error(refusal), rid)
+            raise refusal
         proxy_only = record.proxy_only or await self.flags.proxy_only(tid)
         if proxy_only:
             params = creds.public_params()
@@ -296,7 +298,7 @@ async def _audit_release(
     svc: Services, caller: Caller, creds: Credentials, proxy_only: bool, rid: str
 ) -> None:
     record = creds.record
-    outcome = "ok_public_only" if proxy_only else "ok"
+    outcome = Outcome.OK_PUBLIC_ONLY if proxy_only else Outcome.OK
     if svc.settings.audit_required and not proxy_only:
         # The credential leaves only once its release is on record.
         await svc.audit.record_required(

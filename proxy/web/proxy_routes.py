@@ -44,6 +44,7 @@ from proxy.errors import (
     ValidationError,
 )
 from proxy.model import Caller, ConnectionStatus, check_id
+from proxy.observe.outcome import Outcome, of_error, of_status
 from proxy.pipeline.headers import clean_response_headers, is_token, redact_secrets, without_framing
 from proxy.pipeline.pipeline import (
     MAX_REPLAY_BODY,
@@ -51,7 +52,6 @@ from proxy.pipeline.pipeline import (
     Body,
     Exchange,
     Pipeline,
-    outcome_of,
     parse_control_int,
     refuse_trace,
 )
@@ -203,7 +203,7 @@ async def _stream_back(
     try:
         await resp.prepare(request)
     except ConnectionError:
-        return resp, "client_disconnected"
+        return resp, Outcome.CLIENT_DISCONNECTED
     content = up.content
     while True:
         try:
@@ -217,11 +217,11 @@ async def _stream_back(
         try:
             await resp.write(chunk)
         except ConnectionError:
-            return resp, "client_disconnected"
+            return resp, Outcome.CLIENT_DISCONNECTED
     try:
         await resp.write_eof()
     except ConnectionError:
-        return resp, "client_disconnected"
+        return resp, Outcome.CLIENT_DISCONNECTED
     up.release()
     return resp, outcome
 
@@ -235,7 +235,7 @@ async def proxy_path(
     pipeline = app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
-    outcome = "error"
+    outcome: str = Outcome.ERROR
     status: int | None = None
     watcher = app[WATCHER]
     watched = watcher.add(request)
@@ -273,13 +273,13 @@ async def proxy_path(
         idem = "Idempotency-Key" in h
         up = await pipeline.open(ex, await _body(request, ex, idem), idempotency_key=idem)
         status = up.status
-        resp, outcome = await _stream_back(request, up, outcome_of(status), ex.scrub)
+        resp, outcome = await _stream_back(request, up, of_status(status), ex.scrub)
         return resp
     except ProxyError as exc:
-        outcome = exc.code
+        outcome = of_error(exc)
         raise
     except asyncio.CancelledError:
-        outcome = "client_disconnected"
+        outcome = Outcome.CLIENT_DISCONNECTED
         raise
     finally:
         watcher.remove(watched)
@@ -415,7 +415,7 @@ async def envelope(request: web.Request) -> web.StreamResponse:
     pipeline = request.app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
-    outcome = "error"
+    outcome: str = Outcome.ERROR
     status: int | None = None
     watcher = request.app[WATCHER]
     watched = watcher.add(request)
@@ -478,16 +478,16 @@ async def envelope(request: web.Request) -> web.StreamResponse:
                 "the upstream broke off its response mid-body; retry the call"
             ) from None
         up.release()  # the body is read: the upstream connection goes back to the pool while we encode
-        outcome = outcome_of(status)
+        outcome = of_status(status)
         headers_out = _envelope_headers(redact_secrets(clean_response_headers(up.headers.items()), ex.scrub))
         return await envelope_answer.answer(
             request, request.app[ENVELOPE_CLASSIFIER], status, headers_out, data
         )
     except ProxyError as exc:
-        outcome = exc.code
+        outcome = of_error(exc)
         raise
     except asyncio.CancelledError:
-        outcome = "client_disconnected"
+        outcome = Outcome.CLIENT_DISCONNECTED
         raise
     finally:
         if entered:
@@ -545,7 +545,7 @@ async def test_connection(request: web.Request) -> web.Response:
     except ProxyError as exc:
         error, message = exc.code, exc.message
     finally:
-        pipeline.finish(ex, "test", error or (outcome_of(status) if status else "error"), status)
+        pipeline.finish(ex, "test", error or (of_status(status) if status else Outcome.ERROR), status)
     latency_ms = round((time.monotonic() - started) * 1000, 1)
     ok = status is not None and 200 <= status < 400
     await _record_test_result(request, tenant, cid, status, ok)

@@ -296,7 +296,7 @@ async def test_reads_are_audited_with_outcomes(svc: RunningService) -> None:
     by = {(e["action"], e["outcome"], e["connection_id"]): e for e in body["items"]}
     assert by[("credential.read", "ok", "c1")]["detail"]["count"] == 5
     assert ("connection.metadata", "ok", "c1") in by
-    assert ("credential.read", "connection_not_found", "missing") in by
+    assert ("credential.read", "CONNECTION_NOT_FOUND", "missing") in by
     _status, body = await svc.admin("GET", "/admin/tenants/t2/audit?outcome=denied")
     assert [e["actor"] for e in body["items"]] == [f"api_key:{key_id}"]
 
