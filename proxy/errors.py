@@ -2,8 +2,9 @@
 
 Every failure the service itself reports to a caller is a ``ProxyError`` subclass carrying a
 stable ``code`` (the contract's error codes), an HTTP ``status`` and a ``message`` that says what
-happened and what to do. ``proxy.web.errors`` is the single place that turns them into HTTP
-responses; nothing else builds error responses by hand.
+happened and what to do. ``proxy.web.errors`` is the single place that turns them into JSON
+responses, and ``proxy.web.connect`` renders them as the end user's error page on the connect
+routes (``ConnectPageError`` adds the page's title); nothing else builds error responses by hand.
 
 Security invariant: messages are built from identifiers and field *names* only, never from a
 credential value, so they are safe to log and to return.

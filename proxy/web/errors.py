@@ -4,7 +4,9 @@ Every ``ProxyError`` becomes ``{"error": CODE, "message": ...}`` with ``X-Proxy-
 aiohttp's own HTTP exceptions (unknown route, wrong method, oversized body) are mapped into the
 same shape. Anything else is a bug: it is logged with its traceback on the server and answered
 as a generic 500 that carries the request id, never the exception text (which could hold a
-secret).
+secret). The connect pages (``/connect/...``, ``/oauth/callback``) are for end users in a
+browser: their handlers render a ``ProxyError`` as an HTML page themselves (same status and
+``X-Proxy-Error``), see ``proxy.web.connect``.
 """
 
 from __future__ import annotations
