@@ -21,6 +21,7 @@ PURE = (
     "proxy.model",
     "proxy.oauth.flows",
     "proxy.oauth.state",
+    "proxy.observe.outcome",
     "proxy.pipeline.bodykind",
     "proxy.pipeline.headers",
     "proxy.pipeline.inject",
