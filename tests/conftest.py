@@ -1,5 +1,5 @@
-"""Suite-wide fixtures: one real redis-server per session, flushed before each test using it, and
-a store fixture that runs a test against both back ends."""
+"""Suite-wide fixtures: one real redis-server per session, flushed before each test using it, a
+store fixture that runs a test against both back ends, and a real upstream on a loopback port."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from tests.support.redis_server import RedisServer
+from tests.support.upstream import Upstream, running_upstream
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """A real upstream on 127.0.0.1 recording what reached it (``tests.support.upstream``)."""
+    async with running_upstream() as up:
+        yield up

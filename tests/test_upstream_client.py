@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,13 +19,7 @@ from proxy.pipeline.upstream.client import (
 )
 from proxy.security.egress import EgressPolicy
 from proxy.settings import load_settings
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
+from tests.support.upstream import Upstream
 
 
 def _session(tmp_path: Path) -> aiohttp.ClientSession:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from multidict import CIMultiDict
 
 from proxy.security import crypto
@@ -20,19 +18,6 @@ BEARER = {
     "integration_id": "http_bearer",
     "parameters": {"token": SECRET, "base_url": "https://api.example.com/v1"},
 }
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
-
-
-@pytest.fixture
-async def sqlite_svc(tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path) as s:
-        yield s
 
 
 async def call(svc: RunningService, method: str, path: str, **kw: Any) -> tuple[int, Any, CIMultiDict[str]]:

@@ -16,23 +16,14 @@ import pytest
 from yarl import URL
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.upstream import Upstream
 
 ENDPOINT = "/api/internal/proxy"
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(
-    request: pytest.FixtureRequest, tmp_path: Path, upstream: Upstream
-) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url, trusted_networks=["127.0.0.1/32"]) as s:
+async def svc(backend: str | None, tmp_path: Path, upstream: Upstream) -> AsyncIterator[RunningService]:
+    async with running_service(tmp_path, redis_url=backend, trusted_networks=["127.0.0.1/32"]) as s:
         await s.put_connection(
             "t1",
             "c1",

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Browser, Frame, Page, async_playwright
 
-from tests.support.app import RunningService, running_service
+from tests.support.app import RunningService
 from tests.support.authserver import AuthServer, authserver_fixture, authserver_process_fixture  # noqa: F401
 
 pytestmark = pytest.mark.browser
@@ -72,9 +72,9 @@ async def host_app(host: str = "127.0.0.1") -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path) as s:
-        yield s
+def backend() -> None:
+    """The embedded store only (``svc`` from tests/web/conftest.py runs on ``backend``)."""
+    return None
 
 
 @pytest.fixture

@@ -16,24 +16,11 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from tests.support.app import RunningService, running_service
+from tests.support.app import RunningService
 from tests.support.authserver import AuthServer, authserver_fixture, authserver_process_fixture  # noqa: F401
 
 T = "t1"
 OAUTH = "http_oauth2_authorization_code"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
-
-
-@pytest.fixture
-async def sqlite_svc(tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path) as s:
-        yield s
 
 
 class Browser:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,24 +12,11 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from proxy.connect import sessions
-from tests.support.app import RunningService, bearer, running_service
+from tests.support.app import RunningService, bearer
 
 T = "t1"
 ORIGIN = "https://app.example.com"
 SESSIONS = f"/admin/tenants/{T}/connect-sessions"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
-
-
-@pytest.fixture
-async def sqlite_svc(tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path) as s:
-        yield s
 
 
 API = "https://api.example.com"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import jwt
-import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -23,13 +21,6 @@ BEARER = {
     "parameters": {"token": SECRET, "base_url": "https://api.example.com"},
 }
 CONTRACT_KEYS = {"parameters", "integration_id", "connection_subtype"}
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
 
 
 async def get(

@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.app import RunningService, running_service
+from tests.support.app import RunningService
 from tests.support.upstream import Upstream, running_upstream
 
 T = "t1"
 SECRET = "sk-destination-canary-5d1e"
 SESSIONS = f"/admin/tenants/{T}/connect-sessions"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
 
 
 @pytest.fixture

@@ -16,19 +16,13 @@ from aiohttp import web
 
 from proxy.pipeline.bodykind import BINARY, JSON, TEXT, classify
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, pattern_bytes, running_upstream
+from tests.support.upstream import Upstream, pattern_bytes
 
 ENDPOINT = "/api/internal/proxy"
 BIG_JSON = json.dumps(
     {"items": [{"id": i, "name": f"item é {i}", "ok": True} for i in range(20000)]}
 ).encode()
 BIG_TEXT = ('line with a "quote", a \\ and ünïcode ✓\n' * 20000).encode()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 @pytest.fixture

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.app import RunningService, free_port, running_service
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
+from tests.support.upstream import Upstream
 
 
 @pytest.fixture

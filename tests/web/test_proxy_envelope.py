@@ -13,15 +13,9 @@ from typing import Any
 import pytest
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, pattern_bytes, running_upstream
+from tests.support.upstream import Upstream, pattern_bytes
 
 ENDPOINT = "/api/internal/proxy"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 @pytest.fixture

@@ -17,12 +17,6 @@ from tests.support.upstream import Upstream, running_upstream
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest.fixture
 async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
     async with running_service(tmp_path, upstream_max_per_host=2) as s:
         yield s

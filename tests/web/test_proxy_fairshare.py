@@ -3,24 +3,10 @@ key: the group never exceeds its budget, and a noisy tenant cannot starve a quie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from tests.support.app import bearer, running_service
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+from tests.support.upstream import Upstream
 
 
 async def test_quota_group_shares_a_budget_fairly(

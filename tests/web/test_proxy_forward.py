@@ -11,13 +11,7 @@ import pytest
 from yarl import URL
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
+from tests.support.upstream import Upstream
 
 
 @pytest.fixture

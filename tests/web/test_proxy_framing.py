@@ -17,7 +17,7 @@ from yarl import URL
 
 from proxy.model import ConnectionRecord
 from tests.support.app import RunningService, bearer, running_service
-from tests.support.upstream import RawUpstream, Upstream, running_raw_upstream, running_upstream
+from tests.support.upstream import RawUpstream, Upstream, running_raw_upstream
 
 SECRET = "s3cr/t+k=ey-0123"
 
@@ -88,12 +88,6 @@ async def test_stored_framing_header_name_is_refused_at_injection_and_nothing_is
 
 
 # --- TRACE is refused on every front end -------------------------------------------------------
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 @pytest.fixture

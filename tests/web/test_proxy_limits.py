@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from yarl import URL
 
-from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest.fixture(params=["embedded", "redis"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    async with running_service(tmp_path, redis_url=redis_url) as s:
-        yield s
+from tests.support.app import RunningService
+from tests.support.upstream import Upstream
 
 
 def hdrs(svc: RunningService, **extra: str) -> dict[str, str]:

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
-from tests.support.app import RunningService, running_service
+from tests.support.app import RunningService
 from tests.support.authserver import (  # noqa: F401 - fixtures
     AuthServer,
     authserver_fixture,
     authserver_process_fixture,
 )
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.upstream import Upstream
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
-
-
-@pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with running_service(tmp_path) as s:
-        yield s
+def backend() -> None:
+    """The embedded store only (``svc`` from tests/web/conftest.py runs on ``backend``)."""
+    return None
 
 
 def hdrs(svc: RunningService) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.upstream import Upstream
 
 CANARY = "canary-secret-7f3a9c"
 
@@ -41,12 +41,6 @@ acme_session = "{{ secret }}"
     )
     async with running_service(tmp_path / "data", integrations_dirs=[str(extra)]) as s:
         yield s
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 async def connect(

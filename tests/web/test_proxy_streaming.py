@@ -12,18 +12,12 @@ import aiohttp
 import pytest
 
 from tests.support.app import ADMIN_TOKEN, RunningService, running_service, start_service_process
-from tests.support.upstream import PATTERN, Upstream, pattern_bytes, running_upstream
+from tests.support.upstream import PATTERN, Upstream, pattern_bytes
 
 GIB = 1 << 30
 # The memory test moves this much each way (override with PROXY_TEST_STREAM_BYTES).
 STREAM_BYTES = int(os.environ.get("PROXY_TEST_STREAM_BYTES", str(GIB)))
 MAX_GROWTH = 50 * 1024 * 1024
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 def _status_kb(pid: int, field: str) -> int:

@@ -17,11 +17,6 @@ CONN = {
 }
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
-
-
 async def test_reported_429_blocks_the_connection_everywhere(tmp_path: Path, backend: str | None) -> None:
     async with running_service(tmp_path, backend) as svc:
         await svc.put_connection("t1", "files", CONN)

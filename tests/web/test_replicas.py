@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,13 +17,7 @@ import pytest
 
 from proxy.security import crypto
 from tests.support.app import ServiceProcess, bearer, start_service_process
-from tests.support.upstream import Upstream, running_upstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as up:
-        yield up
+from tests.support.upstream import Upstream
 
 
 @pytest.fixture
