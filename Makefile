@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server chromium
 
-.PHONY: run test lint typecheck check-system bench clean
+.PHONY: run test test-fast lint typecheck check-system bench clean
 
 # Debian's python3 needs python3-venv for `-m venv`: installed when root, else named.
 $(BIN)/python:
@@ -34,6 +34,10 @@ run: $(VENV)/.installed
 ## make test: lint, type-check and run the whole suite against a real redis-server
 test: $(VENV)/.installed-test check-system lint
 	$(BIN)/pytest -q
+
+## make test-fast: the pure and in-process tests only (no lint; needs redis-server, not chromium)
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m "not system and not browser"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests bench

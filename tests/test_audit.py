@@ -211,6 +211,7 @@ async def test_flush_hooks_run_after_each_flush_and_failures_are_contained(store
 # --- a real process: graceful stop loses nothing -----------------------------------------------
 
 
+@pytest.mark.system
 async def test_sigterm_flushes_the_buffer_and_a_restart_serves_the_trail(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {"PROXY_AUDIT_FLUSH_INTERVAL_S": "3600"}  # only the shutdown flush can write the reads

@@ -7,6 +7,8 @@ import multiprocessing
 import stat
 from pathlib import Path
 
+import pytest
+
 from proxy.security.bootstrap import DEV_KEY_FILE, DEV_TOKEN_FILE, load_secrets
 from proxy.settings import load_settings
 
@@ -20,6 +22,7 @@ def _start(
     out.put((secrets.ring.fingerprint(secrets.ring.newest_version), secrets.admin_token))
 
 
+@pytest.mark.system
 def test_processes_starting_together_on_a_fresh_dir_share_one_key_and_token(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     n = 6

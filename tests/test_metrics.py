@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from proxy.observe import metrics
@@ -71,6 +72,7 @@ def test_tally_keeps_counting_after_a_flush() -> None:
     assert _sample(registry, "things_total", {"kind": "y"}) == 1
 
 
+@pytest.mark.system
 def test_with_workers_the_shared_files_carry_the_tallies_and_nothing_else(tmp_path: Path) -> None:
     # Multiprocess mode is chosen at import, so this runs in a fresh interpreter.
     code = (

@@ -164,6 +164,7 @@ def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.system
 async def test_keys_cli_rotate_status_retire(tmp_path: Path) -> None:
     from proxy.security.bootstrap import load_secrets
     from proxy.settings import load_settings

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[2]
 RATIO = re.compile(r"^ratio (?P<name>.+?): (?P<value>n/a|\d+\.\d+) \(target (?P<target>[^)]*)\)", re.M)
 

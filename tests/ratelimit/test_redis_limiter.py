@@ -314,6 +314,7 @@ async def test_fair_share_between_two_members(lim: RedisLimiter) -> None:
     assert view["quota"]["windows"][0]["share"] == 0.5
 
 
+@pytest.mark.system
 async def test_fail_open_falls_back_counts_and_resumes(
     redis_server: RedisServer, redis_url: str, lim: RedisLimiter, raw: Redis
 ) -> None:
@@ -336,6 +337,7 @@ async def test_fail_open_falls_back_counts_and_resumes(
     assert await raw.exists("{rl:t/c}:s") == 1
 
 
+@pytest.mark.system
 async def test_fail_closed_refuses_then_resumes(redis_server: RedisServer, redis_url: str) -> None:
     lim = RedisLimiter.create(redis_url, fail_mode="closed", timeout_s=0.5)
     target = LimitTarget("t/c", (RateWindow(3, 60.0),))

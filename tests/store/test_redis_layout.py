@@ -187,6 +187,7 @@ async def test_every_command_and_script_stays_in_one_hash_slot(store: RedisStore
         await client.aclose()
 
 
+@pytest.mark.system
 async def test_dead_redis_fails_fast_and_store_recovers(store: RedisStore, redis_server: RedisServer) -> None:
     await store.put_connection(ConnectionRecord("t", "c", "x"), None)
     redis_server.stop()
@@ -235,6 +236,7 @@ def _restore_marker(redis_server: RedisServer, store: RedisStore) -> None:
     redis.Redis(port=redis_server.port).hset("cp:meta", "store_id", store.identity)
 
 
+@pytest.mark.system
 async def test_subscriber_survives_a_redis_restart_and_flushes_everything(
     store: RedisStore, redis_server: RedisServer, redis_url: str
 ) -> None:
@@ -262,6 +264,7 @@ async def test_subscriber_survives_a_redis_restart_and_flushes_everything(
         await writer.close()
 
 
+@pytest.mark.system
 async def test_errors_never_show_the_url_password() -> None:
     secret = "hunter2-s3cret"
     guarded = RedisServer()  # its own server: requiring a password must not affect other tests

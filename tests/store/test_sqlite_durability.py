@@ -107,6 +107,7 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         await again.close()
 
 
+@pytest.mark.system
 def test_kill_9_mid_write_leaves_only_complete_records(tmp_path: Path) -> None:
     path = tmp_path / "proxy.sqlite3"
     proc = spawn(WRITER, str(path), stdout=subprocess.PIPE)
@@ -144,6 +145,7 @@ def test_kill_9_mid_write_leaves_only_complete_records(tmp_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.system
 def test_worker_processes_share_the_file_with_cas(tmp_path: Path) -> None:
     path = tmp_path / "proxy.sqlite3"
 

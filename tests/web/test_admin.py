@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from multidict import CIMultiDict
 
 from proxy.security import crypto
@@ -489,6 +490,7 @@ def assert_never_listened(sp: ServiceProcess) -> None:
         assert s.connect_ex(("127.0.0.1", int(sp.url.rsplit(":", 1)[1]))) != 0
 
 
+@pytest.mark.system
 def test_missing_master_key_without_dev_mode_exits_2_naming_the_key(tmp_path: Path) -> None:
     sp = start_service_process(tmp_path / "data", env={"PROXY_DEV_MODE": "false"}, wait=False)
     assert sp.wait_exit() == 2
@@ -496,6 +498,7 @@ def test_missing_master_key_without_dev_mode_exits_2_naming_the_key(tmp_path: Pa
     assert_never_listened(sp)
 
 
+@pytest.mark.system
 async def test_wrong_or_missing_master_key_version_exits_2_naming_the_version(tmp_path: Path) -> None:
     data = tmp_path / "data"
     key1 = crypto.generate_master_key_text()

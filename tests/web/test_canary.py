@@ -133,6 +133,7 @@ async def test_canary_never_leaves_in_process(tmp_path: Path, caplog: pytest.Log
     assert secret.encode() not in data_at_rest(tmp_path)
 
 
+@pytest.mark.system
 async def test_canary_never_reaches_a_real_process_output(tmp_path: Path) -> None:
     secret = canary()
     data = tmp_path / "data"

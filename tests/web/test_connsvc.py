@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -292,6 +293,7 @@ async def test_reads_are_audited_with_outcomes(svc: RunningService) -> None:
     assert [e["actor"] for e in body["items"]] == [f"api_key:{key_id}"]
 
 
+@pytest.mark.system
 async def test_audit_required_withholds_the_credential_when_the_trail_is_down(
     tmp_path: Path, redis_server: RedisServer, redis_url: str
 ) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.security import crypto
 from tests.support.app import REPO_ROOT, ServiceProcess, bearer, start_service_process
@@ -95,6 +96,7 @@ async def wait_for_output(sp: ServiceProcess, text: str, timeout: float = 10.0, 
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.system
 async def test_rotate_reencrypt_retire_on_a_running_service_without_restart(tmp_path: Path) -> None:
     key_file = new_key_file(tmp_path / "master.key")
     assert mode(key_file) == 0o600
@@ -137,6 +139,7 @@ async def test_rotate_reencrypt_retire_on_a_running_service_without_restart(tmp_
     assert CANARY not in sp.output()
 
 
+@pytest.mark.system
 async def test_replicas_take_up_a_new_version_on_sighup_or_when_they_meet_it(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -181,6 +184,7 @@ async def test_replicas_take_up_a_new_version_on_sighup_or_when_they_meet_it(
     assert CANARY not in a.output() + b.output()
 
 
+@pytest.mark.system
 async def test_serve_refuses_a_key_file_readable_by_group_or_others(tmp_path: Path) -> None:
     key_file = new_key_file(tmp_path / "master.key")
     for bad in (0o644, 0o640, 0o604):
@@ -209,6 +213,7 @@ async def test_serve_refuses_a_key_file_readable_by_group_or_others(tmp_path: Pa
     assert sp.wait_exit() == 2 and "has mode 0444" in sp.output() and "readable by others" in sp.output()
 
 
+@pytest.mark.system
 def test_keys_generate_writes_private_files(tmp_path: Path) -> None:
     out = tmp_path / "master.key"
     out.touch(mode=0o644)
@@ -223,6 +228,7 @@ def test_keys_generate_writes_private_files(tmp_path: Path) -> None:
     assert versions(out) == (1,)
 
 
+@pytest.mark.system
 async def test_sighup_to_a_workers_parent_reloads_every_worker(tmp_path: Path) -> None:
     key_file = new_key_file(tmp_path / "master.key")
     sp = start_service_process(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.observe import logs
@@ -54,6 +55,7 @@ LINE = re.compile(
 )
 
 
+@pytest.mark.system
 async def test_malformed_requests_never_log_the_credentials_they_carry(tmp_path: Path) -> None:
     with start_service_process(tmp_path / "data") as sp:
         port = int(sp.url.rsplit(":", 1)[1])

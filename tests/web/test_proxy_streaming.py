@@ -44,6 +44,7 @@ def _pattern_sha(total: int) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.system
 async def test_one_gib_each_way_in_constant_memory(tmp_path: Path, upstream: Upstream) -> None:
     with start_service_process(tmp_path / "svc") as proc:
         pid = proc.proc.pid

@@ -6,7 +6,11 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support.app import free_port, start_service_process
+
+pytestmark = pytest.mark.system
 
 
 def test_connect_links_point_at_the_listen_address_when_no_public_url_is_set(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from proxy.security import crypto
 from tests.support.app import ServiceProcess, bearer, start_service_process
 from tests.support.upstream import Upstream
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture
 def replicas(tmp_path: Path, redis_url: str) -> Iterator[list[ServiceProcess]]:

@@ -72,7 +72,7 @@ async def _readyz(svc: RunningService) -> tuple[int, Any]:
         return r.status, await r.json()
 
 
-@pytest.mark.parametrize("how", ["flushdb", "restart-empty"])
+@pytest.mark.parametrize("how", ["flushdb", pytest.param("restart-empty", marks=pytest.mark.system)])
 async def test_lost_redis_data_under_running_writes_loses_no_acknowledged_write(
     tmp_path: Path, redis_server: RedisServer, redis_url: str, how: str
 ) -> None:

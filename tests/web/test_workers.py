@@ -6,9 +6,12 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from proxy.security import crypto
 from tests.support.app import bearer, start_service_process
+
+pytestmark = pytest.mark.system
 
 
 def _counter(text: str, name: str, labels: str) -> float:
