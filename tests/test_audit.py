@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from proxy.settings import Settings, load_settings
 from proxy.store.base import AuditQuery, Store
 from proxy.store.sqlite import SqliteStore
 from tests.support.app import start_service_process
+from tests.support.wait import wait_until
 
 
 def settings(**overrides: Any) -> Settings:
@@ -132,12 +132,14 @@ async def test_background_flusher_writes_without_explicit_flush(store: Store) ->
     await log.start()
     try:
         log.record(event())
-        deadline = time.monotonic() + 5
-        while not await events(store) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: events(store), timeout=5, interval=0.05, message="nothing was flushed")
         assert len(await events(store)) == 1
     finally:
         await log.stop()
+
+
+async def _pruned(store: Store) -> bool:
+    return await count_all(store) <= 1
 
 
 async def test_retention_prunes_old_events_in_the_background(
@@ -152,9 +154,7 @@ async def test_retention_prunes_old_events_in_the_background(
     log = AuditLog(store, settings(audit_flush_interval_s=0.05, audit_retention_days=30))
     await log.start()
     try:
-        deadline = time.monotonic() + 5
-        while await count_all(store) > 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: _pruned(store), timeout=5, interval=0.05, message="nothing was pruned")
         assert [e.ts > old + 1 for e in await events(store)] == [True]
     finally:
         await log.stop()

@@ -11,6 +11,7 @@ import redis
 
 from proxy.store.redis import RedisStore
 from proxy.store.redis import pubsub as redis_pubsub
+from tests.support.wait import wait_until
 
 
 def _publishes(url: str) -> int:
@@ -35,9 +36,6 @@ async def test_idle_subscription_pings_at_most_once_per_interval(
     # ... and the answers keep the link alive: no reconnect, so no flush-everything delivered.
     assert flushes == []
     await store.publish_invalidation("t1", "c1")
-    for _ in range(50):
-        if flushes:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: flushes, timeout=1.0)
     assert flushes == [("t1", "c1")]
     await store.close()

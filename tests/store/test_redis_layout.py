@@ -58,12 +58,15 @@ def parse_args(text: str) -> list[str]:
     return args
 
 
-async def monitor_lines(url: str, stop: asyncio.Event, sink: list[tuple[str, list[str]]]) -> None:
+async def monitor_lines(
+    url: str, stop: asyncio.Event, sink: list[tuple[str, list[str]]], monitoring: asyncio.Event
+) -> None:
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"MONITOR\r\n")
     await writer.drain()
     assert (await reader.readline()).startswith(b"+OK")
+    monitoring.set()
     try:
         while True:
             line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
@@ -128,8 +131,9 @@ async def a_round_of_everything(store: RedisStore) -> None:
 async def test_every_command_and_script_stays_in_one_hash_slot(store: RedisStore, redis_url: str) -> None:
     seen: list[tuple[str, list[str]]] = []
     done = asyncio.Event()
-    task = asyncio.create_task(monitor_lines(redis_url, done, seen))
-    await asyncio.sleep(0.1)
+    monitoring = asyncio.Event()
+    task = asyncio.create_task(monitor_lines(redis_url, done, seen, monitoring))
+    await asyncio.wait_for(monitoring.wait(), 5)
     await a_round_of_everything(store)
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:

@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
@@ -38,6 +37,7 @@ from aiohttp import web
 from proxy.settings import Settings, load_settings
 from proxy.web.app import SERVICES, Services, build_app
 from proxy.web.connguard import ConnectionGuard, start_guarded
+from tests.support.wait import wait_until_sync
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -170,18 +170,16 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return
+                    return bool(r.status == 200)
             except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"service not ready after {timeout}s:\n{self.output()}")
+                return False
+
+        wait_until_sync(healthy, timeout, 0.05, message=lambda: f"service not ready:\n{self.output()}")
 
     def wait_exit(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout=timeout)

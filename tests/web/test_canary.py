@@ -9,12 +9,10 @@ proxy-only.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.app import bearer, running_service, start_service_process
+from tests.support.wait import wait_until
 
 
 def canary() -> str:
@@ -99,15 +98,16 @@ async def exercise(session: aiohttp.ClientSession, url: str, admin: dict[str, st
 
 async def read_audit(session: aiohttp.ClientSession, url: str, admin: dict[str, str]) -> str:
     """The tenant's audit trail, once the buffered reads have been flushed (polls briefly)."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    async def trail() -> str | None:
         async with session.get(url + "/admin/tenants/t1/audit?limit=1000", headers=admin) as r:
             assert r.status == 200
             text = await r.text()
-        if "credential.read" in text or time.monotonic() > deadline:
-            assert "credential.read" in text and "connection.create" in text
-            return text
-        await asyncio.sleep(0.05)
+        return text if "credential.read" in text else None
+
+    text = await wait_until(trail, timeout=10, interval=0.05, message="no credential.read in the audit trail")
+    assert "credential.read" in text and "connection.create" in text
+    return text
 
 
 def assert_absent(secret: str, texts: list[str]) -> None:

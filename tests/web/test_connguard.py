@@ -13,6 +13,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.web.connguard import HANDLER_INTERNALS, handler_internals_present, plan_connections
 from tests.support.app import RunningService, running_service
+from tests.support.wait import wait_until
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -110,7 +111,7 @@ async def test_kept_alive_connections_idle_freely_but_a_dribbled_next_head_is_cl
 async def test_connection_cap_refuses_beyond_the_limit_and_recovers(tmp_path: Path) -> None:
     async with running_service(tmp_path, max_connections=3, connection_reserve=2, head_timeout_s=30) as svc:
         held = [await connect(svc) for _ in range(3)]  # fill the cap with idle connections
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: svc.guard is not None and svc.guard.open == 3, timeout=2.0)
         # The reserve: /healthz answers on a new connection although the service is full...
         reader, writer = await connect(svc)
         writer.write(HEALTHZ)
@@ -132,7 +133,7 @@ async def test_connection_cap_refuses_beyond_the_limit_and_recovers(tmp_path: Pa
         writer.close()
         # Reserve full (two half-open ops connections): the next one is closed before a byte is read.
         ops = [await connect(svc) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: svc.guard is not None and len(svc.guard._ops_conns) == 2, timeout=2.0)
         reader, writer = await connect(svc)
         assert await closed_by_server(reader, 2)
         writer.close()
@@ -143,8 +144,8 @@ async def test_connection_cap_refuses_beyond_the_limit_and_recovers(tmp_path: Pa
         # Recovery: once clients leave, new connections are served normally again.
         for _, w in held + ops:
             w.close()
-        deadline = time.monotonic() + 5
-        while True:
+
+        async def ready() -> bool:
             reader, writer = await connect(svc)
             writer.write(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n")
             try:
@@ -152,10 +153,9 @@ async def test_connection_cap_refuses_beyond_the_limit_and_recovers(tmp_path: Pa
             except (asyncio.IncompleteReadError, ConnectionError):
                 status = 0  # still refused: the server has not seen the closes yet
             writer.close()
-            if status == 200 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert status == 200
+            return status == 200
+
+        await wait_until(ready, timeout=5, interval=0.05, message="/readyz never answered 200 again")
         assert svc.guard is not None and svc.guard.open <= 3
 
 

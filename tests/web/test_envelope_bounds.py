@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.pipeline.bodykind import BINARY, JSON, TEXT, classify
 from tests.support.app import RunningService, running_service
 from tests.support.upstream import Upstream, pattern_bytes
+from tests.support.wait import wait_until
 
 ENDPOINT = "/api/internal/proxy"
 BIG_JSON = json.dumps(
@@ -117,10 +118,7 @@ async def test_concurrency_cap_answers_503_and_frees_its_slot(tmp_path: Path, up
     async with running_service(tmp_path, trusted_networks=["127.0.0.1/32"], envelope_max_concurrent=1) as svc:
         await setup_connection(svc, upstream.url)
         slow = asyncio.create_task(post(svc, "/slow?before=1"))
-        for _ in range(100):  # until the slow call holds the slot
-            if upstream.seen:
-                break
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: upstream.seen, timeout=2.0)  # until the slow call holds the slot
         status, headers, data = await post(svc, "/echo/second")
         assert (status, data["error"], headers["Retry-After"]) == (503, "SERVICE_UNAVAILABLE", "1")
         assert "envelope_max_concurrent" in data["message"]

@@ -22,6 +22,7 @@ import pytest
 
 from proxy.security import crypto
 from tests.support.app import REPO_ROOT, ServiceProcess, bearer, start_service_process
+from tests.support.wait import wait_until
 
 CANARY = "rotation-canary-51e0c2"
 CONN = {
@@ -90,10 +91,12 @@ async def keep_answering(
 
 
 async def wait_for_output(sp: ServiceProcess, text: str, timeout: float = 10.0, count: int = 1) -> None:
-    deadline = time.monotonic() + timeout
-    while sp.output().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{sp.output()[-3000:]}"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: sp.output().count(text) >= count,
+        timeout=timeout,
+        interval=0.05,
+        message=lambda: f"{text!r} not logged:\n{sp.output()[-3000:]}",
+    )
 
 
 @pytest.mark.system

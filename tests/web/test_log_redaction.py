@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy.observe import logs
 from tests.support.app import ADMIN_TOKEN, bearer, start_service_process
+from tests.support.wait import wait_until
 
 
 async def send_raw(port: int, raw: bytes) -> bytes:
@@ -84,7 +85,12 @@ async def test_malformed_requests_never_log_the_credentials_they_carry(tmp_path:
         for raw in sent:
             answer = await send_raw(port, raw)
             assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0], answer[:200]
-        await asyncio.sleep(0.3)  # the process's output is unbuffered; let the last lines land
+        # The process's output is unbuffered: wait for the last lines to land.
+        await wait_until(
+            lambda: sp.output().count("malformed HTTP request") >= len(sent),
+            timeout=5,
+            message=lambda: sp.output()[-3000:],
+        )
         assert sp.stop(signal.SIGTERM) == 0
     out = sp.output()
     for secret in (ADMIN_TOKEN, api_key, connect_token, connect_token.split(".")[-1]):

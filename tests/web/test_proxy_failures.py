@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.app import RunningService, free_port, running_service
 from tests.support.upstream import Upstream, running_upstream
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -158,10 +159,7 @@ async def test_per_host_cap_fails_fast(svc: RunningService, upstream: Upstream) 
     await connect(svc, upstream.url)
     hanging = [asyncio.create_task(get(svc, "/proxy/hang")) for _ in range(2)]
     try:
-        for _ in range(100):
-            if upstream.events.count("hang-started") == 2:
-                break
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: upstream.events.count("hang-started") == 2, timeout=2.0)
         started = time.monotonic()
         status, headers, _ = await get(svc, "/proxy/echo")
         assert (status, headers["X-Proxy-Error"]) == (503, "SERVICE_UNAVAILABLE")
@@ -175,12 +173,13 @@ async def test_per_host_cap_fails_fast(svc: RunningService, upstream: Upstream) 
         await asyncio.gather(*hanging, return_exceptions=True)
     # Slots are released when callers go away: the host is usable again.
     await upstream.wait_event("hang-cancelled")
-    for _ in range(50):
-        status, _, _ = await get(svc, "/proxy/echo")
-        if status == 200:
-            break
-        await asyncio.sleep(0.1)
-    assert status == 200
+    statuses: list[int] = []
+
+    async def served() -> bool:
+        statuses.append((await get(svc, "/proxy/echo"))[0])
+        return statuses[-1] == 200
+
+    await wait_until(served, timeout=5.0, interval=0.1, message=lambda: f"still answering {statuses[-1]}")
 
 
 # --- the caller going away --------------------------------------------------------------------------

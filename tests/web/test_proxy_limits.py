@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from yarl import URL
 
 from tests.support.app import RunningService
 from tests.support.upstream import Upstream
+from tests.support.wait import wait_until
 
 
 def hdrs(svc: RunningService, **extra: str) -> dict[str, str]:
@@ -99,11 +99,14 @@ async def test_learned_from_upstream_429(svc: RunningService, upstream: Upstream
     assert status == 429  # the upstream's own answer, passed through
     assert "X-Proxy-Error" not in headers
     # Merged off the latency path: give the background task a moment.
-    for _ in range(50):
-        status, headers, body = await get(svc, "/proxy/echo")
-        if status == 429:
-            break
-        await asyncio.sleep(0.02)
+    answers: list[tuple[int, dict[str, str], object]] = []
+
+    async def limited() -> bool:
+        answers.append(await get(svc, "/proxy/echo"))
+        return answers[-1][0] == 429
+
+    await wait_until(limited, timeout=1.0, message=lambda: f"not limited: {answers[-1][:2]}")
+    status, headers, body = answers[-1]
     assert status == 429
     assert headers["X-Proxy-Error"] == "RATE_LIMITED"
     assert isinstance(body, dict) and body["limit_source"] == "learned"

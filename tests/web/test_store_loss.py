@@ -21,6 +21,7 @@ from proxy.security import crypto
 from proxy.store.redis import lifecycle as redis_lifecycle
 from tests.support.app import RunningService, running_service
 from tests.support.redis_server import RedisServer
+from tests.support.wait import wait_until
 
 T = "acme"
 
@@ -72,6 +73,12 @@ async def _readyz(svc: RunningService) -> tuple[int, Any]:
         return r.status, await r.json()
 
 
+async def _readyz_status(svc: RunningService, status: int) -> tuple[int, Any] | None:
+    """``/readyz``'s answer once it is ``status`` (None before), for ``wait_until``."""
+    answer = await _readyz(svc)
+    return answer if answer[0] == status else None
+
+
 @pytest.mark.parametrize("how", ["flushdb", pytest.param("restart-empty", marks=pytest.mark.system)])
 async def test_lost_redis_data_under_running_writes_loses_no_acknowledged_write(
     tmp_path: Path, redis_server: RedisServer, redis_url: str, how: str
@@ -80,7 +87,7 @@ async def test_lost_redis_data_under_running_writes_loses_no_acknowledged_write(
     stop = asyncio.Event()
     async with running_service(tmp_path, redis_url=redis_url) as svc:
         writers = [asyncio.create_task(_writes(svc, log, stop, i)) for i in range(3)]
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: sum(1 for e in log if e[3] == 201) >= 3, timeout=10)  # writes under way
         before = sum(1 for e in log if e[3] == 201)
         if how == "flushdb":
             redis.Redis(port=redis_server.port).flushdb()
@@ -117,8 +124,9 @@ async def test_readyz_names_the_loss_and_accept_loss_resumes(
         status, body = await _readyz(svc)
         assert status == 200 and body["store_id"] == svc.services.store.identity
         redis.Redis(port=redis_server.port).flushdb()
-        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
-        status, body = await _readyz(svc)
+        status, body = await wait_until(
+            lambda: _readyz_status(svc, 503), timeout=redis_lifecycle.IDENTITY_CHECK_S + 5
+        )
         assert status == 503 and "lost its data" in body["message"] and "accept-loss" in body["message"]
         # A caller hears that the store is gone, not that its key is wrong.
         async with svc.session.get(
@@ -145,12 +153,15 @@ async def test_a_second_replica_adopts_an_accepted_loss(
         running_service(tmp_path / "b", redis_url=redis_url, master_key=key) as b,
     ):
         redis.Redis(port=redis_server.port).flushdb()
-        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
-        assert (await _readyz(b))[0] == 503
+        answer = await wait_until(
+            lambda: _readyz_status(b, 503), timeout=redis_lifecycle.IDENTITY_CHECK_S + 5
+        )
+        assert answer[0] == 503
         status, body = await a.admin("POST", "/admin/store/accept-loss", json={"confirm": True})
         assert status == 200, body
-        await asyncio.sleep(redis_lifecycle.IDENTITY_CHECK_S + 0.5)
-        status, body = await _readyz(b)
+        status, body = await wait_until(
+            lambda: _readyz_status(b, 200), timeout=redis_lifecycle.IDENTITY_CHECK_S + 5
+        )
         assert status == 200 and body["store_id"] == a.services.store.identity
 
 
