@@ -1,5 +1,5 @@
 """The serve command's process-level tuning (the commands themselves run as real processes in
-tests/web and tests/test_vault.py)."""
+tests/web and tests/vault/test_vault.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from proxy.observe import metrics
 from proxy.observe.metrics import REGISTRY, LatencyTally, Tally, flush_tallies
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sample(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
