@@ -8,6 +8,7 @@ architecture tests assert on the same functions, so what the command shows is wh
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,7 +47,13 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     """module -> every module it imports (``proxy.*`` names resolved to existing modules; others
-    kept as their top-level package, e.g. ``aiohttp``)."""
+    kept as their top-level package, e.g. ``aiohttp``). Read once per process (the source does not
+    change under a test run); each call gets its own copy."""
+    return {name: set(deps) for name, deps in _graph().items()}
+
+
+@functools.cache
+def _graph() -> dict[str, set[str]]:
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     out: dict[str, set[str]] = {}
     for name, path in files.items():
