@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -176,6 +177,33 @@ async def test_stop_flushes_everything_buffered(store: Store) -> None:
     log.record_use("admin:admin", "t1", "c9", "credential.read", "ok", "r")
     await log.stop()
     assert await count_all(store) == 1201
+
+
+async def test_stop_ends_a_flusher_whose_cancellation_was_swallowed(tmp_path: Path) -> None:
+    """Code a flush awaits may eat a CancelledError; stop() must still end the flusher promptly."""
+
+    class Swallowing(SqliteStore):
+        swallowed = 0
+
+        async def append_audit(self, events: list[AuditEvent]) -> None:
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                type(self).swallowed += 1  # lost, as a library race would lose it
+            await super().append_audit(events)
+
+    store = Swallowing(tmp_path / "s.sqlite3")
+    await store.open()
+    log = AuditLog(store, settings(audit_flush_interval_s=0.01))
+    await log.start()
+    log.record(event())
+    await asyncio.sleep(0.05)  # the flusher is inside append_audit now
+    log.record(event(request_id="late"))
+    started = time.monotonic()
+    await asyncio.wait_for(log.stop(), 3.0)
+    assert time.monotonic() - started < 2.0 and Swallowing.swallowed >= 1
+    assert await count_all(store) == 2
+    await store.close()
 
 
 async def test_record_required_writes_now_or_refuses(tmp_path: Path) -> None:
