@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote_plus
 
+from proxy.cache import BoundedCache
 from proxy.errors import UpstreamUnreachable, ValidationError
 
 __all__ = [
@@ -129,11 +130,11 @@ def _shown(name: str) -> str:
 # names only clears the cache.
 _KEEP, _DROP, _CONNECTION, _INVALID = 0, 1, 2, 3
 _NAME_CACHE_MAX = 2048
-_request_names: dict[str, tuple[int, str]] = {}
-_response_names: dict[str, tuple[int, str]] = {}
+_request_names: BoundedCache[str, tuple[int, str]] = BoundedCache(_NAME_CACHE_MAX)
+_response_names: BoundedCache[str, tuple[int, str]] = BoundedCache(_NAME_CACHE_MAX)
 
 
-def _classify(name: str, drop: frozenset[str], cache: dict[str, tuple[int, str]]) -> tuple[int, str]:
+def _classify(name: str, drop: frozenset[str], cache: BoundedCache[str, tuple[int, str]]) -> tuple[int, str]:
     verdict = cache.get(name)
     if verdict is None:
         lname = name.lower()
@@ -145,9 +146,7 @@ def _classify(name: str, drop: frozenset[str], cache: dict[str, tuple[int, str]]
             verdict = (_DROP, lname)
         else:
             verdict = (_KEEP, lname)
-        if len(cache) >= _NAME_CACHE_MAX:
-            cache.clear()
-        cache[name] = verdict
+        cache.put(name, verdict)
     return verdict
 
 

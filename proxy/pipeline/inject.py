@@ -39,7 +39,7 @@ from proxy.pipeline.headers import (
     value_problem,
 )
 
-__all__ = ["Injection", "InjectionCache", "apply", "build_injection", "not_proxyable"]
+__all__ = ["Injection", "apply", "build_injection", "not_proxyable"]
 
 Pair = tuple[str, str]
 
@@ -323,29 +323,3 @@ def apply(injection: Injection, headers: list[Pair], query: str) -> tuple[list[P
         query = _filter_query(query, injection.query_names) if query else ""
         query = f"{query}&{injection.query_suffix}" if query else injection.query_suffix
     return headers, query
-
-
-class InjectionCache:
-    """Injections keyed by the identity of the ``Credentials`` object they were built from.
-
-    The vault caches ``Credentials`` and replaces the object on any change, so identity is a
-    correct key: a new object means new parameters. Entries hold their key object, which keeps
-    ``id()`` from being reused while cached; the map is cleared when it grows past ``max_size``.
-    """
-
-    __slots__ = ("_entries", "max_size")
-
-    def __init__(self, max_size: int = 4096) -> None:
-        self._entries: dict[int, tuple[object, str | None, Any]] = {}
-        self.max_size = max_size
-
-    def get(self, owner: object, token: str | None = None) -> Any:
-        hit = self._entries.get(id(owner))
-        if hit is not None and hit[0] is owner and hit[1] == token:
-            return hit[2]
-        return None
-
-    def put(self, owner: object, value: Any, token: str | None = None) -> None:
-        if len(self._entries) >= self.max_size:
-            self._entries.clear()
-        self._entries[id(owner)] = (owner, token, value)

@@ -44,6 +44,7 @@ from aiohttp import ClientResponse, ClientTimeout
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.cache import BoundedCache, IdentityCache
 from proxy.errors import (
     Forbidden,
     HostNotAllowed,
@@ -65,7 +66,7 @@ from proxy.observe.metrics import (
     gauge_from,
 )
 from proxy.pipeline.headers import clean_request_headers, has_control, malformed_response
-from proxy.pipeline.inject import Injection, InjectionCache, apply, build_injection, not_proxyable
+from proxy.pipeline.inject import Injection, apply, build_injection, not_proxyable
 from proxy.pipeline.urls import escape_error, join_upstream, split_absolute, validate_base_url
 from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals.core import parse_response, retry_after
@@ -296,22 +297,22 @@ class Pipeline:
         self.audit = audit
         # The upstream client exists only once the services started; looked up per call.
         self.client = client
-        self._plans = InjectionCache()
-        self._oauth_injections = InjectionCache()
+        self._plans: IdentityCache[Credentials, Plan] = IdentityCache()
+        # Tagged with the access token: a refreshed token is a new injection.
+        self._oauth_injections: IdentityCache[Credentials, Injection] = IdentityCache()
         self._inflight: dict[str, int] = {}
         # Read from state, not updated on every call (see metrics.gauge_from).
         gauge_from(UPSTREAM_INFLIGHT, lambda: sum(self._inflight.values()))
         self._tasks: set[asyncio.Task[Any]] = set()
         # Joined and checked upstream URLs: APIs see the same paths again and again.
-        self._urls: dict[tuple[str, str, str], URL] = {}
+        self._urls: BoundedCache[tuple[str, str, str], URL] = BoundedCache(URL_CACHE_SIZE)
 
     # --- resolving ----------------------------------------------------------------------------
 
     def plan_for(self, creds: Credentials) -> Plan:
-        plan: Plan | None = self._plans.get(creds)
+        plan = self._plans.get(creds)
         if plan is None:
-            plan = Plan(creds, self.egress, self.settings)
-            self._plans.put(creds, plan)
+            plan = self._plans.put(creds, Plan(creds, self.egress, self.settings))
         return plan
 
     async def credentials(
@@ -408,10 +409,7 @@ class Pipeline:
         key = (base_url, path, query)
         url = self._urls.get(key)
         if url is None:
-            url = URL(join_upstream(base_url, path, query), encoded=True)
-            if len(self._urls) >= URL_CACHE_SIZE:
-                self._urls.clear()
-            self._urls[key] = url
+            url = self._urls.put(key, URL(join_upstream(base_url, path, query), encoded=True))
         return url
 
     def _absolute(self, plan: Plan, url: str, upgrade: bool) -> tuple[str, str, str, str]:
@@ -465,7 +463,7 @@ class Pipeline:
 
     async def _oauth_injection(self, plan: Plan) -> tuple[Injection, str | None]:
         token = await self.tokens.access_token(plan.creds)
-        cached: Injection | None = self._oauth_injections.get(plan.creds, token)
+        cached = self._oauth_injections.get(plan.creds, token)
         if cached is None:
             cached = build_injection(plan.integration, plan.creds.params, access_token=token)
             self._oauth_injections.put(plan.creds, cached, token)

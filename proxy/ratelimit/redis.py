@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from proxy.cache import TtlCache
 from proxy.errors import ServiceUnavailable
 from proxy.observe.metrics import RATELIMIT_BACKEND_ERRORS
 from proxy.ratelimit import gcra
@@ -115,10 +116,12 @@ class RedisLimiter(Limiter):
         self._failing = False
         self.fallback = LocalLimiter()
         # scope -> (monotonic deadline, reset_at, source): nothing passes before the deadline.
+        # Not a proxy.cache cache: when full it drops only expired denials, because a live one
+        # dropped is a Redis round trip for a scope already known to be refused.
         self._denied: dict[str, tuple[float, int | None, str | None]] = {}
         self._quota_keys: dict[str, str] = {}  # scope -> quota key last used with it
         # Unconstrained scope -> (monotonic deadline, the decision Redis gave): nothing learned.
-        self._clear: dict[str, tuple[float, Decision]] = {}
+        self._clear: TtlCache[str, Decision] = TtlCache(_CACHE_MAX)
         self._epoch = 0  # bumped by every invalidation; guards answers that raced one
         self._announce: Callable[[str], Awaitable[None]] | None = None  # set by use_invalidations
 
@@ -195,18 +198,16 @@ class RedisLimiter(Limiter):
         if hit is None:
             return None
         if hit[0] <= time.monotonic():
-            del self._clear[scope]
+            self._clear.discard(scope)
             return None
         return hit[1]
 
     def _note(self, scope: str, outcome: gcra.Outcome, decision: Decision, epoch: int) -> None:
         """After a round trip for an unconstrained scope: remember "nothing learned" if so."""
         if outcome.allowed and outcome.state_source == gcra.SRC_NONE and epoch == self._epoch:
-            if len(self._clear) >= _CACHE_MAX:
-                self._clear.clear()
-            self._clear[scope] = (time.monotonic() + CLEAR_TTL_S, decision)
+            self._clear.put(scope, decision, time.monotonic() + CLEAR_TTL_S)
         else:
-            self._clear.pop(scope, None)
+            self._clear.discard(scope)
 
     def use_invalidations(self, announce: Callable[[str], Awaitable[None]]) -> None:
         self._announce = announce  # from now on "nothing learned" may be remembered
@@ -261,7 +262,7 @@ class RedisLimiter(Limiter):
         # Keep the local view in step: a block is known here without asking Redis again, and a
         # new policy may lift a cached learned denial. Something was learned: ask Redis again.
         self._denied.pop(scope, None)
-        self._clear.pop(scope, None)
+        self._clear.discard(scope)
         if blocked and obs.blocked_until is not None:
             left = obs.blocked_until - time.time()
             if left > 0:
@@ -323,7 +324,7 @@ class RedisLimiter(Limiter):
 
     async def reset(self, scope: str, *, quota_key: str | None = None) -> None:
         self._denied.pop(scope, None)
-        self._clear.pop(scope, None)
+        self._clear.discard(scope)
         await self.fallback.reset(scope)
         keys = {keys_for(scope, None, False)[0]}
         for q in (quota_key, self._quota_keys.get(scope)):

@@ -35,6 +35,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from proxy.cache import BoundedCache
 from proxy.errors import ConfigError, ProxyError, Unauthenticated
 from proxy.model import ID_RE, ApiKeyRecord, Caller
 from proxy.security import crypto
@@ -149,7 +150,8 @@ class Authenticator:
         self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
         if settings.jwt_hs256_secret:
             self._jwt_keys["HS256"] = [settings.jwt_hs256_secret]
-        self._keys: dict[str, _CachedKey] = {}
+        # The expiry lives in each entry (it differs for known and unknown keys).
+        self._keys: BoundedCache[str, _CachedKey] = BoundedCache(KEY_CACHE_MAX)
         self._last_used: dict[str, float] = {}
 
     # --- entry point ---------------------------------------------------------------------------
@@ -184,11 +186,9 @@ class Authenticator:
             if record is not None and record.revoked_at is not None:
                 record = None
             ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
-            if len(self._keys) >= KEY_CACHE_MAX:
-                self._keys.clear()
             caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
             digest = _digest_of(record.secret_hash) if record is not None else None
-            cached = self._keys[key_id] = _CachedKey(now + ttl, record, caller, digest)
+            cached = self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest))
         record = cached.record
         # Hash compare on every call, cached or not: the cache holds the hash, never the key.
         if (
@@ -206,7 +206,7 @@ class Authenticator:
 
     def forget_key(self, key_id: str) -> None:
         """Drop a cached key at once (after revocation) so the next call re-reads the store."""
-        self._keys.pop(key_id, None)
+        self._keys.discard(key_id)
         self._last_used.pop(key_id, None)
 
     def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
@@ -218,10 +218,7 @@ class Authenticator:
         if tenant_id == FLUSH_ALL:
             self._keys.clear()
             return
-        for key_id in [
-            k for k, c in self._keys.items() if c.record is not None and c.record.tenant_id == tenant_id
-        ]:
-            del self._keys[key_id]
+        self._keys.discard_where(lambda _, c: c.record is not None and c.record.tenant_id == tenant_id)
 
     async def flush_usage(self) -> None:
         """Write buffered last-used times in one batch; on failure keep them for the next try."""

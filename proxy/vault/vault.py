@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from proxy.cache import UNBOUNDED, TtlCache
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import (
     Conflict,
@@ -55,6 +56,8 @@ REDACTED = "********"
 # A data key wrapped by an unknown master-key version re-reads the key source at most this often.
 RING_REREAD_MIN_INTERVAL_S = 2.0
 RESOLVE_CACHE_MAX = 4096
+# Cleared when a put finds this many (the old "> 10000" test cleared at 10001).
+TENANT_FLAGS_MAX = 10001
 # Labelled children looked up once: this counter moves on every proxied call.
 _CACHE_HIT = ("hit",)
 _CACHE_MISS = ("miss",)
@@ -155,9 +158,11 @@ class Vault:
         self._current_dek: dict[str, int] = {}
         # tenant -> dek version -> wrapped blob (base64) the cached key was unwrapped from.
         self._blobs: dict[str, dict[int, str]] = {}
-        self._creds: dict[tuple[str, str], tuple[float, Credentials]] = {}
-        # (tenant, connection, runtime user) -> (expires, connection id to use).
-        self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
+        # One entry per connection read: bounded by the store, never cleared for size (clearing
+        # would also drop every Plan the pipeline keeps by the identity of these objects).
+        self._creds: TtlCache[tuple[str, str], Credentials] = TtlCache(UNBOUNDED)
+        # (tenant, connection, runtime user) -> the connection id to use.
+        self._resolved: TtlCache[tuple[str, str, str], str] = TtlCache(RESOLVE_CACHE_MAX)
         self._tenant_locks: dict[str, asyncio.Lock] = {}
 
     # --- keys ----------------------------------------------------------------------------------
@@ -428,21 +433,16 @@ class Vault:
             self._current_dek.clear()
             self._blobs.clear()
             return
-        for rkey in [k for k in self._resolved if k[0] == tenant_id]:
-            del self._resolved[rkey]
+        self._resolved.discard_where(lambda k, _: k[0] == tenant_id)
         if connection_id is None:
-            for key in [k for k in self._creds if k[0] == tenant_id]:
-                del self._creds[key]
+            self._creds.discard_where(lambda k, _: k[0] == tenant_id)
             self._forget_keys(tenant_id)
         else:
-            self._creds.pop((tenant_id, connection_id), None)
+            self._creds.discard((tenant_id, connection_id))
             # Runtime user connections carry their default's destination: drop them with it.
-            for key in [
-                k
-                for k, (_, c) in self._creds.items()
-                if k[0] == tenant_id and c.record.default_connection_id == connection_id
-            ]:
-                del self._creds[key]
+            self._creds.discard_where(
+                lambda k, c: k[0] == tenant_id and c.record.default_connection_id == connection_id
+            )
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -467,9 +467,7 @@ class Vault:
         user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
         resolved = user.connection_id if user is not None else connection_id
         if self.cache_ttl_s > 0:
-            if len(self._resolved) >= RESOLVE_CACHE_MAX:
-                self._resolved.clear()
-            self._resolved[key] = (now + self.cache_ttl_s, resolved)
+            self._resolved.put(key, resolved, now + self.cache_ttl_s)
         return resolved
 
     async def credentials(self, tenant_id: str, connection_id: str) -> Credentials:
@@ -483,7 +481,7 @@ class Vault:
         record = await self.get_record(tenant_id, connection_id)
         creds = await self.decrypt(record)
         if self.cache_ttl_s > 0:
-            self._creds[key] = (now + self.cache_ttl_s, creds)
+            self._creds.put(key, creds, now + self.cache_ttl_s)
         return creds
 
     async def decrypt(self, record: ConnectionRecord) -> Credentials:
@@ -646,7 +644,7 @@ class TenantFlags:
         self.store = store
         self.configured = frozenset(configured)
         self.ttl = max(ttl_s, 0.0)
-        self._cache: dict[str, tuple[float, bool]] = {}
+        self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
 
     async def proxy_only(self, tenant_id: str) -> bool:
         if tenant_id in self.configured:
@@ -658,10 +656,8 @@ class TenantFlags:
         tenant = await self.store.get_tenant(tenant_id)
         flag = bool(tenant is not None and tenant.proxy_only)
         if self.ttl > 0:
-            if len(self._cache) > 10000:
-                self._cache.clear()
-            self._cache[tenant_id] = (now + self.ttl, flag)
+            self._cache.put(tenant_id, flag, now + self.ttl)
         return flag
 
     def forget(self, tenant_id: str) -> None:
-        self._cache.pop(tenant_id, None)
+        self._cache.discard(tenant_id)

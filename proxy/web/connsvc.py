@@ -33,6 +33,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy.cache import BoundedCache
 from proxy.catalogue import AuthKind, Integration
 from proxy.errors import ConnectionNotFound, ProxyError, RateLimited, ValidationError
 from proxy.model import ID_RE, AuditEvent, Caller, ConnectionRecord, RateWindow, not_authorized
@@ -96,8 +97,9 @@ class _Targets:
     MAX = 10000
 
     def __init__(self) -> None:
-        self._conn: dict[tuple[str, str, int], LimitTarget] = {}
-        self._unlimited: dict[str, float] = {}
+        self._conn: BoundedCache[tuple[str, str, int], LimitTarget] = BoundedCache(self.MAX)
+        # scope -> until when it is known to be unlimited (the value is the expiry itself).
+        self._unlimited: BoundedCache[str, float] = BoundedCache(self.MAX)
 
     def known_unlimited(self, scope: str) -> bool:
         until = self._unlimited.get(scope)
@@ -106,18 +108,14 @@ class _Targets:
     def mark_unlimited(self, scope: str) -> None:
         # Only "nothing limits this connection" is cached, and briefly: a limit learned by the
         # proxy shows here within UNLIMITED_TTL_S, and a limited state is never served stale.
-        if len(self._unlimited) >= self.MAX:
-            self._unlimited.clear()
-        self._unlimited[scope] = time.monotonic() + UNLIMITED_TTL_S
+        self._unlimited.put(scope, time.monotonic() + UNLIMITED_TTL_S)
 
     def connection(self, record: ConnectionRecord, integration: Integration) -> LimitTarget:
         key = (record.tenant_id, record.connection_id, record.version)
         target = self._conn.get(key)
         if target is None:
-            if len(self._conn) >= self.MAX:
-                self._conn.clear()
             # The same target the proxy enforces, so rate_limit reports the state it acts on.
-            target = self._conn[key] = limit_target(record, integration)
+            target = self._conn.put(key, limit_target(record, integration))
         return target
 
 
@@ -138,7 +136,8 @@ class _Quota:
         self.per_minute = per_minute
         self.window = (RateWindow(per_minute, 60.0),)
         self.lease = max(1, min(50, per_minute // 100))
-        self._targets: dict[str, LimitTarget] = {}
+        self._targets: BoundedCache[str, LimitTarget] = BoundedCache(self.MAX)
+        # Unspent lease units per caller; cleared with _targets, which bounds the callers seen.
         self._left: dict[str, int] = {}
 
     async def check(self, actor: str) -> None:
@@ -149,9 +148,8 @@ class _Quota:
         target = self._targets.get(actor)
         if target is None:
             if len(self._targets) >= self.MAX:
-                self._targets.clear()
-                self._left.clear()
-            target = self._targets[actor] = LimitTarget(scope=f"_svc/{actor}", windows=self.window)
+                self._left.clear()  # unspent leases are forgotten with the targets they came from
+            target = self._targets.put(actor, LimitTarget(scope=f"_svc/{actor}", windows=self.window))
         if self.lease > 1:
             decision = await self.limiter.acquire(target, self.lease)
             if decision.allowed:

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.catalogue import Catalogue, parse_integration
 from proxy.errors import ConnectionNotAuthorized, ValidationError
-from proxy.pipeline.inject import Injection, InjectionCache, apply, build_injection
+from proxy.pipeline.inject import Injection, apply, build_injection
 
 CAT = Catalogue.load()
 
@@ -232,18 +232,3 @@ def test_apply_no_caller_cookie_still_sets_one() -> None:
 def test_repr_hides_values() -> None:
     inj = Injection(headers=(("Authorization", "Bearer canary-123"),), query=(("k", "canary-456"),))
     assert "canary" not in repr(inj)
-
-
-def test_cache_by_identity_and_token() -> None:
-    cache = InjectionCache(max_size=2)
-    a, b = object(), object()
-    inj = Injection()
-    cache.put(a, inj)
-    assert cache.get(a) is inj
-    assert cache.get(b) is None
-    assert cache.get(a, "t") is None  # a different OAuth token is a different injection
-    cache.put(a, inj, "t")
-    assert cache.get(a, "t") is inj
-    cache.put(b, inj)
-    cache.put(object(), inj)  # over max_size: cleared, never unbounded
-    assert cache.get(a, "t") is None

@@ -24,6 +24,7 @@ from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, Clie
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from proxy.cache import BoundedCache
 from proxy.security.egress import EgressPolicy, parse_ip_literal
 
 __all__ = ["GuardedResolver", "literal_guard_middleware"]
@@ -68,15 +69,13 @@ def literal_guard_middleware(policy: EgressPolicy) -> ClientMiddlewareType:
     # Hosts already found acceptable: the verdict depends only on the host string and the
     # (immutable) policy, so the per-request parse is paid once per host. Refusals are not
     # cached; they raise every time.
-    passed: set[str] = set()
+    passed: BoundedCache[str, bool] = BoundedCache(4096)
 
     async def guard(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         host = request.url.raw_host or ""
-        if host not in passed:
+        if passed.get(host) is None:
             policy.check_literal(host)
-            if len(passed) >= 4096:
-                passed.clear()
-            passed.add(host)
+            passed.put(host, True)
         return await handler(request)
 
     return guard

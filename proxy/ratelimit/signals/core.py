@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from proxy.cache import BoundedCache
 from proxy.ratelimit.signals import vendors as _vendors
 from proxy.ratelimit.signals.reader import (
     MAX_COUNT,
@@ -145,17 +146,13 @@ _ALL = frozenset(STYLES)
 
 # Raw header name -> "" (not a signal), "date", or its lower-case form (a possible signal).
 # Responses repeat the same few names, so each spelling is classified once; bounded.
-_names: dict[str, str] = {}
 _NAMES_MAX = 2048
+_names: BoundedCache[str, str] = BoundedCache(_NAMES_MAX)
 
 
 def _name_kind(key: str) -> str:
     lower = key.lower()
-    kind = lower if lower.startswith(_PREFIXES) else ("date" if lower == "date" else "")
-    if len(_names) >= _NAMES_MAX:
-        _names.clear()
-    _names[key] = kind
-    return kind
+    return _names.put(key, lower if lower.startswith(_PREFIXES) else ("date" if lower == "date" else ""))
 
 
 _EMPTY: dict[int, Observation] = {}
