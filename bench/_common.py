@@ -138,6 +138,7 @@ class Proc:
         env: Mapping[str, str] | None = None,
         cpus: frozenset[int] | None = None,
         load_side: bool = False,
+        cwd: Path = REPO,
     ) -> None:
         self.name = name
         self.logpath = logdir / f"{name}.log"
@@ -158,7 +159,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             preexec_fn=pre,
             start_new_session=True,
-            cwd=REPO,  # so `python -m proxy` finds the package, never bench/proxy.py
+            cwd=cwd,  # so `python -m proxy` finds that tree's package, never bench/proxy.py
         )
 
     @property
@@ -304,7 +305,11 @@ def start_service(
     redis_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
     wrapper: Sequence[str] = (),
+    tree: Path = REPO,
 ) -> Service:
+    """``python -m proxy serve`` of the source ``tree`` (default this checkout; another one, e.g.
+    an unpacked older commit, for an A/B run: ``-m`` imports the package of the working
+    directory ahead of the editable install)."""
     port = free_port()
     data = tmp / f"data-{name}"
     data.mkdir()
@@ -324,7 +329,7 @@ def start_service(
     argv = [*wrapper, PY, "-m", "proxy", "serve"]  # wrapper: e.g. prlimit, which execs the service
     if workers > 1:
         argv += ["--workers", str(workers)]
-    proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus)
+    proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", proc)
     if workers > 1:

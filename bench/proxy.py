@@ -10,11 +10,16 @@ process(es) (utime+stime of the process and its children from /proc, over comple
 Targets (issue 3): connection-proxy CPU/request <= 1.3x the bare pass-through's; --workers 2 >= 1.6x
 the throughput of one worker.
 
-Run: ``python bench/proxy.py [--quick] [--duration S]``.
+A/B mode, ``--ab TREE``: only the bare pass-through, this checkout's connection-proxy and the one
+of the source tree TREE (e.g. an older commit unpacked with ``git archive``), interleaved, with
+the order of the two swapped every repeat; it prints every run's CPU per request and the medians.
+
+Run: ``python bench/proxy.py [--quick] [--duration S] [--repeat N] [--ab TREE]``.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +94,21 @@ def setup_connection_proxy(svc: c.Service, upstream: str) -> dict[str, str]:
 
 
 def main() -> int:
-    args = c.common_args(__doc__ or "").parse_args()
+    parser = c.common_args(__doc__ or "")
+    parser.add_argument(
+        "--ab",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="A/B mode: this checkout's connection-proxy against the one in source tree TREE (default 5 repeats)",
+    )
+    args = parser.parse_args()
+    ab_tree: Path | None = args.ab.resolve() if args.ab else None
+    if ab_tree is not None and not (ab_tree / "proxy" / "__main__.py").is_file():
+        parser.error(f"--ab {ab_tree}: no proxy/__main__.py there")
     duration = args.duration or (1.0 if args.quick else 5.0)
     warmup = 0.0 if args.quick else 1.0
-    repeats = args.repeat or (1 if args.quick else 3)
+    repeats = args.repeat or (1 if args.quick else 5 if ab_tree else 3)
     levels = (64,) if args.quick else (1, 64)
     place = c.placement()
     print(f"# machine: {c.machine_note()}")
@@ -112,12 +128,15 @@ def main() -> int:
 
     targets: list[Target] = []
     results: dict[tuple[str, int], c.Measured | str] = {}
+    runs: dict[tuple[str, int], list[c.Measured]] = {}  # every run, for the A/B medians
+    ab_label = f"connection-proxy of {ab_tree}"
     with c.workspace("cp-bench-proxy-", grace=1.0 if args.quick else 3.0) as (tmp, stack):
         upstream, upstream_kind = c.start_upstream(stack, tmp, load_cpus)
         print(f"# upstream: {upstream_kind}")
         up_port = int(upstream.rsplit(":", 1)[1])
         common_headers = {"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN}
-        targets.append(Target("direct (no proxy)", upstream + PATH, dict(common_headers), [], "-"))
+        if ab_tree is None:
+            targets.append(Target("direct (no proxy)", upstream + PATH, dict(common_headers), [], "-"))
 
         bare, bare_proc = c.start_ref(
             stack,
@@ -138,11 +157,14 @@ def main() -> int:
             cpus: frozenset[int] | None,
             workers: int = 1,
             redis_url: str | None = None,
+            tree: Path = c.REPO,
         ) -> None:
             t = Target(label, pinned=pinned)
-            name = "svc-" + "".join(ch for ch in label if ch.isalnum())
+            name = "svc-" + "".join(ch for ch in label if ch.isalnum())[:40]
             try:
-                svc = c.start_service(stack, tmp, name, cpus=cpus, workers=workers, redis_url=redis_url)
+                svc = c.start_service(
+                    stack, tmp, name, cpus=cpus, workers=workers, redis_url=redis_url, tree=tree
+                )
                 t.headers = setup_connection_proxy(svc, upstream)
                 t.url = svc.url + "/proxy" + PATH
                 t.procs = [svc.proc]
@@ -154,42 +176,47 @@ def main() -> int:
             targets.append(t)
 
         add_service(CP, pin_note, cpus=server_cpus)
-        try:
-            redis_url, _ = c.start_redis(stack, tmp, load_cpus)
-        except c.StartError as exc:
-            redis_url = ""
-            targets += [Target(W1, missing=str(exc)), Target(W2, missing=str(exc))]
-        if redis_url:
-            add_service(W1, "not pinned", cpus=None, workers=1, redis_url=redis_url[:-1] + "1")
-            add_service(W2, "not pinned", cpus=None, workers=2, redis_url=redis_url[:-1] + "2")
-
-        nginx = c.nginx_binary()
-        ng = Target("nginx proxy_set_header", pinned=pin_note)
-        if nginx is None:
-            ng.missing = "nginx is not installed (apt-get install nginx)"
-        else:
-            port = c.free_port()
-            ndir = tmp / "nginx"
-            ndir.mkdir()
-            conf = nginx_conf(ndir, port, up_port)
+        if ab_tree is not None:
+            add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree)
+        else:  # A/B mode measures the two trees and the reference only
             try:
-                proc = c.spawn(
-                    stack, "nginx", [nginx, "-p", str(ndir), "-c", str(conf)], tmp, cpus=server_cpus
-                )
-                c.wait_http(f"http://127.0.0.1:{port}/healthz", proc)
-                ng.url, ng.headers, ng.procs = (
-                    f"http://127.0.0.1:{port}/proxy" + PATH,
-                    dict(common_headers),
-                    [proc],
-                )
+                redis_url, _ = c.start_redis(stack, tmp, load_cpus)
             except c.StartError as exc:
-                ng.missing = f"nginx did not start: {c.first_line(exc)}"
-        targets.append(ng)
+                redis_url = ""
+                targets += [Target(W1, missing=str(exc)), Target(W2, missing=str(exc))]
+            if redis_url:
+                add_service(W1, "not pinned", cpus=None, workers=1, redis_url=redis_url[:-1] + "1")
+                add_service(W2, "not pinned", cpus=None, workers=2, redis_url=redis_url[:-1] + "2")
+
+            nginx = c.nginx_binary()
+            ng = Target("nginx proxy_set_header", pinned=pin_note)
+            if nginx is None:
+                ng.missing = "nginx is not installed (apt-get install nginx)"
+            else:
+                port = c.free_port()
+                ndir = tmp / "nginx"
+                ndir.mkdir()
+                conf = nginx_conf(ndir, port, up_port)
+                try:
+                    proc = c.spawn(
+                        stack, "nginx", [nginx, "-p", str(ndir), "-c", str(conf)], tmp, cpus=server_cpus
+                    )
+                    c.wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+                    ng.url, ng.headers, ng.procs = (
+                        f"http://127.0.0.1:{port}/proxy" + PATH,
+                        dict(common_headers),
+                        [proc],
+                    )
+                except c.StartError as exc:
+                    ng.missing = f"nginx did not start: {c.first_line(exc)}"
+            targets.append(ng)
 
         # Repeats are interleaved across rows so a burst of outside load cannot hit one row only.
         for rep in range(repeats):
             for conns in levels:
-                for t in targets:
+                # A/B: the two trees swap places every repeat, so neither always runs first.
+                order = targets if ab_tree is None or rep % 2 == 0 else [targets[0], targets[2], targets[1]]
+                for t in order:
                     key = (t.label, conns)
                     if t.missing:
                         results[key] = t.missing
@@ -208,6 +235,8 @@ def main() -> int:
                     except (RuntimeError, ValueError) as exc:
                         m = str(exc)
                     results[key] = c.better(results.get(key), m)
+                    if isinstance(m, c.Measured) and not m.load.bad and m.cpu_us_per_req is not None:
+                        runs.setdefault(key, []).append(m)
 
     rows = [
         [t.label, str(conns), (t.pinned or "-") if isinstance(m, str) else t.pinned, *c.load_cells(m)]
@@ -237,6 +266,9 @@ def main() -> int:
             c.ratio_line(name, v, "<= 1.3", v <= 1.3)
         else:
             c.ratio_line(name, None, "<= 1.3", None, why(cp_m, bare_m))
+    if ab_tree is not None:
+        print_ab(runs, levels, [BARE, CP, ab_label])
+        return 0
     for conns in levels:
         if conns == 1:
             continue
@@ -253,6 +285,28 @@ def main() -> int:
         if b and p:
             print(f"info connection-proxy/bare rps @{conns} conns: {p.load.rps / b.load.rps:.2f}")
     return 0
+
+
+def print_ab(
+    runs: dict[tuple[str, int], list[c.Measured]], levels: tuple[int, ...], labels: list[str]
+) -> None:
+    """Every run's CPU per request and the medians: with other work on the machine a single run
+    says little, the median of interleaved runs is what compares."""
+    for conns in levels:
+        medians: dict[str, float] = {}
+        for label in labels:
+            cpu = [m.cpu_us_per_req for m in runs.get((label, conns), []) if m.cpu_us_per_req is not None]
+            if not cpu:
+                print(f"ab @{conns} conns {label}: no clean run")
+                continue
+            medians[label] = statistics.median(cpu)
+            print(
+                f"ab @{conns} conns {label}: CPU us/req median {medians[label]:.1f} "
+                f"(runs {' '.join(f'{v:.0f}' for v in cpu)})"
+            )
+        a, b = medians.get(labels[1]), medians.get(labels[2])
+        if a and b:
+            print(f"ab @{conns} conns this checkout / {labels[2]}: {a / b:.3f}")
 
 
 if __name__ == "__main__":
