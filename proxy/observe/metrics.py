@@ -9,15 +9,15 @@ worker's samples go to shared files and any worker's ``/metrics`` answers for al
 (prometheus-client's multiprocess mode). Gauges are summed over live workers.
 
 Hot-path counts go through ``Tally`` and ``LatencyTally``: plain integers per label set, handed
-to prometheus-client in batches (see ``Tally``). A proxied call used to make six locked
-increments; it now makes a few dict updates.
+to prometheus-client in batches (see ``Tally``), a few dict updates per proxied call instead of
+locked increments. ``LatencyTally`` writes prometheus-client internals, so it lives apart, in
+``proxy.observe.prometheus_internals``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,18 +25,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy.observe.prometheus_internals import LATENCY_TALLIES, LatencyTally
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
 # --- batched hot-path counts ---------------------------------------------------------------------
 
-_TALLIES: list[Tally | LatencyTally] = []
+_TALLIES: list[Tally] = []
 
 
 def flush_tallies() -> None:
     for tally in _TALLIES:
         tally.flush()
+    for latency in LATENCY_TALLIES:
+        latency.flush()
 
 
 class _FlushFirst(Collector):
@@ -79,54 +83,6 @@ class Tally:
             pending, self._pending = self._pending, {}
             for labels, n in pending.items():
                 self._counter.labels(*labels).inc(n)
-
-
-def _histogram_internals_present() -> bool:
-    # Read from the code that sets them up, not from a probe histogram: with workers, any
-    # histogram created would appear in the shared files and so in every scrape.
-    init = getattr(Histogram, "_metric_init", None)
-    names = getattr(getattr(init, "__code__", None), "co_names", ())
-    return "_buckets" in names and "_sum" in names
-
-
-class LatencyTally:
-    """Observations of one labelled Histogram, as bucket counts and a sum until someone looks.
-
-    Flushing adds the counts to the child's bucket and sum values, which are prometheus-client
-    internals (stable for many releases); if they are ever missing, observations go straight
-    to the histogram, as before.
-    """
-
-    __slots__ = ("_bounds", "_direct", "_histogram", "_pending")
-
-    def __init__(self, histogram: Histogram, buckets: tuple[float, ...]) -> None:
-        self._histogram = histogram
-        self._bounds = (*buckets, float("inf"))
-        self._direct = not _histogram_internals_present()
-        self._pending: dict[tuple[str, ...], list[float]] = {}
-        _TALLIES.append(self)
-
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        if self._direct:
-            self._histogram.labels(*labels).observe(value)
-            return
-        entry = self._pending.get(labels)
-        if entry is None:
-            entry = self._pending[labels] = [0.0] * (len(self._bounds) + 1)
-        entry[0] += value
-        # Prometheus buckets are "value <= bound": the first bound not below the value.
-        entry[1 + bisect_left(self._bounds, value)] += 1
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        for labels, entry in pending.items():
-            child = self._histogram.labels(*labels)
-            child._sum.inc(entry[0])
-            for bucket, n in zip(child._buckets, entry[1:], strict=True):
-                if n:
-                    bucket.inc(n)
 
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from proxy.observe import metrics
-from proxy.observe.metrics import REGISTRY, LatencyTally, Tally, flush_tallies
+from proxy.observe.metrics import REGISTRY, Tally, flush_tallies
+from proxy.observe.prometheus_internals import LatencyTally
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 ROOT = Path(__file__).resolve().parents[2]
