@@ -10,13 +10,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.pipeline.upstream.client import (
+from proxy.pipeline.upstream.aiohttp_internals import (
     SKIP_AUTO_HEADERS,
     LazyReadTimeoutProtocol,
     UpstreamRequest,
     install_lazy_read_timeout,
-    make_session,
 )
+from proxy.pipeline.upstream.client import make_session
 from proxy.security.egress import EgressPolicy
 from proxy.settings import load_settings
 from tests.support.upstream import Upstream
