@@ -67,6 +67,7 @@ from proxy.observe.metrics import (
 )
 from proxy.pipeline.headers import clean_request_headers, has_control, malformed_response
 from proxy.pipeline.inject import Injection, apply, build_injection, not_proxyable
+from proxy.pipeline.upstream.resolver import SKIP_LITERAL_GUARD
 from proxy.pipeline.urls import escape_error, join_upstream, split_absolute, validate_base_url
 from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals.core import parse_response, retry_after
@@ -512,9 +513,9 @@ class Pipeline:
                     data=body,
                     allow_redirects=False,
                     timeout=timeout,
-                    # The session's literal guard would repeat _check_destination, which already
-                    # ran for this exact host; no redirect is followed, so no other host is reached.
-                    middlewares=(),
+                    # _check_destination ran check_literal on this exact host and no redirect is
+                    # followed, so the session's literal guard would only repeat it.
+                    middlewares=SKIP_LITERAL_GUARD,
                 )
             except aiohttp.ClientConnectorError as exc:
                 refusal = _refusal_in(exc)

@@ -14,11 +14,15 @@ every request including each redirect hop; a session must use both::
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy))
     session = aiohttp.ClientSession(connector=connector,
                                     middlewares=(literal_guard_middleware(policy),))
+
+A caller that has just run ``EgressPolicy.check_literal`` on a request's host itself may send that
+one request with ``middlewares=SKIP_LITERAL_GUARD`` (the pipeline does, for every proxied call).
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Final
 
 from aiohttp import ClientHandlerType, ClientMiddlewareType, ClientRequest, ClientResponse
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -27,7 +31,14 @@ from aiohttp.resolver import DefaultResolver
 from proxy.cache import BoundedCache
 from proxy.security.egress import EgressPolicy, parse_ip_literal
 
-__all__ = ["GuardedResolver", "literal_guard_middleware"]
+__all__ = ["SKIP_LITERAL_GUARD", "GuardedResolver", "literal_guard_middleware"]
+
+# For ``session.request(..., middlewares=SKIP_LITERAL_GUARD)``: aiohttp's per-request middlewares
+# replace the session's, so that one request runs without the literal guard. Safe only when the
+# caller checked this request's host with ``check_literal`` and follows no redirect (the guard
+# runs for each hop). The resolver guard still applies. tests/test_upstream_resolver.py checks
+# that aiohttp still replaces rather than adds.
+SKIP_LITERAL_GUARD: Final[tuple[ClientMiddlewareType, ...]] = ()
 
 
 class GuardedResolver(AbstractResolver):

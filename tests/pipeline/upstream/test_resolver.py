@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from proxy.errors import HostNotAllowed
-from proxy.pipeline.upstream.resolver import GuardedResolver, literal_guard_middleware
+from proxy.pipeline.upstream.resolver import SKIP_LITERAL_GUARD, GuardedResolver, literal_guard_middleware
 from proxy.security.egress import EgressPolicy
 
 
@@ -68,6 +68,18 @@ async def test_loopback_literal_refused_without_allow(server: TestServer) -> Non
     async with _session(EgressPolicy([])) as session:
         with pytest.raises(HostNotAllowed, match="loopback"):
             await session.get(f"http://127.0.0.1:{server.port}/ok")
+
+
+async def test_skip_literal_guard_drops_the_literal_guard_for_that_request_only(server: TestServer) -> None:
+    # The pipeline sends every proxied call with SKIP_LITERAL_GUARD after checking the host
+    # itself. This fails if aiohttp stops replacing the session's middlewares with a request's
+    # (the guard would then run twice: slower, not unsafe).
+    url = f"http://127.0.0.1:{server.port}/ok"
+    async with _session(EgressPolicy([])) as session:
+        async with session.get(url, middlewares=SKIP_LITERAL_GUARD) as resp:
+            assert resp.status == 200
+        with pytest.raises(HostNotAllowed, match="loopback"):
+            await session.get(url)  # the next request has the guard again
 
 
 async def test_loopback_literal_passes_with_cidr_allow(server: TestServer) -> None:
