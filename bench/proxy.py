@@ -306,7 +306,21 @@ def print_ab(
             )
         a, b = medians.get(labels[1]), medians.get(labels[2])
         if a and b:
-            print(f"ab @{conns} conns this checkout / {labels[2]}: {a / b:.3f}")
+            print(f"ab @{conns} conns this checkout / {labels[2]}: {a / b:.3f} (ratio of medians)")
+        # The two trees run back to back in each repeat: the ratio within a repeat cancels the
+        # slower drift of other work on the machine, so its median is the steadier figure.
+        mine, theirs = runs.get((labels[1], conns), []), runs.get((labels[2], conns), [])
+        if mine and len(mine) == len(theirs):
+            paired = [
+                m.cpu_us_per_req / t.cpu_us_per_req
+                for m, t in zip(mine, theirs, strict=True)
+                if m.cpu_us_per_req and t.cpu_us_per_req
+            ]
+            if paired:
+                print(
+                    f"ab @{conns} conns this checkout / {labels[2]}: {statistics.median(paired):.3f} "
+                    f"(median of per-repeat ratios {' '.join(f'{r:.2f}' for r in paired)})"
+                )
 
 
 if __name__ == "__main__":

@@ -106,17 +106,15 @@ GC_GEN0_THRESHOLD = 10_000
 
 
 async def _tune_collector(app: Any) -> None:
-    """Garbage-collector settings for a long-running server process (measured in bench/proxy.py).
+    """Garbage-collector settings for a long-running server process (figures: bench/README.md).
 
     - Everything loaded at start-up (libraries, catalogue, templates, key ring, clients) lives
       as long as the process; ``gc.freeze`` moves it out of the collector's generations, so a
-      collection walks only what was created since (about 20 us less CPU per proxied call at
-      64 connections).
+      collection walks only what was created since.
     - With the default threshold, the young generation is collected every 700 net allocations,
       which at 64 concurrent calls mostly walks and promotes the objects of calls still in
-      flight, again and again: another ~16 us per call. At 10,000 the cost nearly vanishes;
-      what waits for collection is cyclic garbage only (reference counting frees the rest at
-      once), bounded to a few MB.
+      flight, again and again. At 10,000 that cost nearly vanishes; what waits for collection
+      is cyclic garbage only (reference counting frees the rest at once), bounded to a few MB.
     """
     import gc
 

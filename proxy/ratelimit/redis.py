@@ -8,7 +8,7 @@ wrong, only (for a fair-share member whose group just emptied) slightly conserva
 
 Scopes with no configured window (most connections) are limited only by what upstreams taught
 us. When Redis holds nothing learned for such a scope, a replica remembers that for up to
-``CLEAR_TTL_S`` and admits its calls without a round trip (about 110 us of CPU less per call). The
+``CLEAR_TTL_S`` and admits its calls without a round trip (what that saves: bench/README.md). The
 script reports when an observation gives a scope its first live learned state; the observing
 replica then announces it on the store's invalidation channel, and every replica drops what it
 remembered (``on_invalidation``), so the others stop within milliseconds, as they would after
