@@ -16,9 +16,12 @@ little; the working set refills on the next calls. LRU would cost a move or a ti
 every hit.
 
 Hot path: ``get`` of ``BoundedCache`` and ``TtlCache`` *is* the underlying dict's ``get`` (a bound
-method stored in a slot), so a lookup costs what an inlined ``dict.get`` costs. A ``TtlCache``
-hit is therefore the raw ``(expires, value)`` entry; the caller compares ``entry[0]`` with its
-``now`` (``fresh`` does it for callers off the hot path).
+method stored in a slot): no Python frame, no allocation. ``cache.get(k)`` still costs one
+generic attribute load more than ``d.get(k)`` on a plain dict (CPython specialises method calls
+on exact dicts only; about 40 ns on the bench machine); a loop hoists ``get = cache.get`` once,
+which is then as cheap as the inlined ``dict.get``. A ``TtlCache`` hit is the raw
+``(expires, value)`` entry; the caller compares ``entry[0]`` with its ``now`` (``fresh`` does it
+for callers off the hot path).
 """
 
 from __future__ import annotations

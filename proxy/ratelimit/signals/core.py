@@ -212,9 +212,9 @@ def _collect(
     date: str | None = None
     items = getattr(headers, "items", None)
     pairs: Iterable[tuple[str, str]] = items() if callable(items) else headers  # type: ignore[assignment]
-    names = _names
+    kind_of = _names.get  # hoisted: a local bound method is as cheap as an inlined dict.get
     for key, value in pairs:
-        kind = names.get(key) if isinstance(key, str) else None  # (multidict keys are istr)
+        kind = kind_of(key) if isinstance(key, str) else None  # (multidict keys are istr)
         if kind is None:
             if not isinstance(key, str):
                 continue
