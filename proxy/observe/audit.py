@@ -22,7 +22,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 from proxy.errors import ServiceUnavailable
 from proxy.model import AuditEvent
@@ -40,6 +41,14 @@ _DROP_LOG_EVERY_S: Final = 10.0
 
 UseKey = tuple[str, str, str | None, str, str]  # actor, tenant, connection, action, outcome
 FlushHook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who makes a change and in which request: what an admin change's audit event names."""
+
+    name: str  # ``Caller.actor``, e.g. "admin:admin"
+    request_id: str | None = None
 
 
 class _Use:
@@ -154,6 +163,22 @@ class AuditLog:
             return
         self._events.append(event)
         AUDIT_QUEUE.set(self.pending)
+
+    def change(
+        self, actor: Actor, tenant_id: str, action: str, connection_id: str | None = None, **detail: Any
+    ) -> None:
+        """Buffers an admin change (``detail``: ids, names and counts, never a value)."""
+        self.record(
+            AuditEvent(
+                ts=time.time(),
+                tenant_id=tenant_id,
+                action=action,
+                actor=actor.name,
+                connection_id=connection_id,
+                request_id=actor.request_id,
+                detail=detail,
+            )
+        )
 
     def record_use(
         self,

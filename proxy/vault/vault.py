@@ -48,7 +48,7 @@ from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.observe.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.security import crypto, destinations
 from proxy.store import FLUSH_ALL
-from proxy.store.base import ANY_VERSION, ExpectedVersion, Store
+from proxy.store.base import ANY_VERSION, ExpectedVersion, Page, Store
 
 log = logging.getLogger("proxy.vault")
 
@@ -446,8 +446,32 @@ class Vault:
 
     # --- reads ---------------------------------------------------------------------------------
 
+    async def find_record(self, tenant_id: str, connection_id: str) -> ConnectionRecord | None:
+        """The stored record (ciphertexts and all), or None: for callers to whom absence is an answer."""
+        return await self.store.get_connection(tenant_id, connection_id)
+
+    async def list_records(
+        self,
+        tenant_id: str,
+        *,
+        runtime_user_id: str | None = None,
+        integration_id: str | None = None,
+        default_connection_id: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Page:
+        """A page of the tenant's records (``Page.items`` are ``ConnectionRecord``), filtered."""
+        return await self.store.list_connections(
+            tenant_id,
+            runtime_user_id=runtime_user_id,
+            integration_id=integration_id,
+            default_connection_id=default_connection_id,
+            cursor=cursor,
+            limit=limit,
+        )
+
     async def get_record(self, tenant_id: str, connection_id: str) -> ConnectionRecord:
-        record = await self.store.get_connection(tenant_id, connection_id)
+        record = await self.find_record(tenant_id, connection_id)
         if record is None:
             raise ConnectionNotFound(
                 f"connection {connection_id!r} does not exist in tenant {tenant_id!r}; "

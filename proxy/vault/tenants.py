@@ -1,0 +1,81 @@
+"""Tenant settings as an operator changes them: today one flag, ``proxy_only``.
+
+Why it exists: a tenant's record is its key record (``proxy.vault.vault``: wrapped data keys),
+so setting a flag on it is a compare-and-set write that must keep the keys it holds, on a record
+that may not exist yet (it is created with fresh keys first). The effective flag is the record's
+or the ``proxy_only_tenants`` setting's; ``TenantFlags`` caches it for the hot path and forgets it
+here on a change. No aiohttp: ``proxy.web.admin.tenants`` translates requests into these calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from proxy.errors import Conflict
+from proxy.observe.audit import Actor, AuditLog
+from proxy.shapes import Bool, Obj
+from proxy.vault.vault import TenantFlags, Vault
+
+__all__ = ["CAS_ATTEMPTS", "TenantBody", "TenantView", "Tenants", "tenant_body"]
+
+CAS_ATTEMPTS: Final = 3
+_BODY: Final = Obj({"proxy_only": Bool("required: true or false")}, required=("proxy_only",))
+
+
+@dataclass(frozen=True, slots=True)
+class TenantBody:
+    """A settings write. ``problems``: what the body's shape got wrong."""
+
+    proxy_only: bool = False
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def tenant_body(raw: dict[str, Any]) -> TenantBody:
+    values, problems = _BODY.parse(raw)
+    return TenantBody(**values, problems=problems)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantView:
+    tenant_id: str
+    proxy_only: bool
+    proxy_only_effective: bool  # the flag, or the proxy_only_tenants setting
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "proxy_only": self.proxy_only,
+            "proxy_only_effective": self.proxy_only_effective,
+        }
+
+
+class Tenants:
+    def __init__(self, vault: Vault, flags: TenantFlags, audit: AuditLog) -> None:
+        self.vault = vault
+        self.store = vault.store
+        self.flags = flags
+        self.audit = audit
+
+    def _view(self, tenant_id: str, proxy_only: bool) -> TenantView:
+        return TenantView(tenant_id, proxy_only, proxy_only or tenant_id in self.flags.configured)
+
+    async def get(self, tenant_id: str) -> TenantView:
+        tenant = await self.store.get_tenant(tenant_id)
+        return self._view(tenant_id, bool(tenant and tenant.proxy_only))
+
+    async def set_proxy_only(self, tenant_id: str, proxy_only: bool, actor: Actor) -> TenantView:
+        await self.vault.ensure_tenant(tenant_id)
+        for _ in range(CAS_ATTEMPTS):
+            tenant = await self.store.get_tenant(tenant_id)
+            assert tenant is not None
+            try:
+                await self.store.put_tenant(replace(tenant, proxy_only=proxy_only), tenant.version)
+                break
+            except Conflict:
+                continue
+        else:
+            raise Conflict(f"tenant {tenant_id!r} kept changing while it was being updated; retry")
+        self.flags.forget(tenant_id)
+        self.audit.change(actor, tenant_id, "tenant.update", None, proxy_only=proxy_only)
+        return self._view(tenant_id, proxy_only)
