@@ -248,7 +248,9 @@ async def test_every_key_has_a_ttl_and_one_call_stays_in_one_slot(lim: RedisLimi
 async def test_observation_reaches_every_replica(redis_url: str, lim: RedisLimiter) -> None:
     other = RedisLimiter.create(redis_url, fail_mode="open", timeout_s=0.5)
     try:
-        target = LimitTarget("t/c", (RateWindow(100, 1.0),))
+        # 100 a minute: one unit refills in 0.6 s, so "remaining 99" below survives a slow machine
+        # (at 100 a second a 10 ms pause refilled it).
+        target = LimitTarget("t/c", (RateWindow(100, 60.0),))
         assert (await other.acquire(target)).allowed
         await lim.observe("t/c", Observation(429, time.time() + 2, (), ("retry-after",)))
         d = await other.acquire(target)
