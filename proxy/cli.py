@@ -171,7 +171,8 @@ async def _with_vault(settings: Settings, action: str, version: int | None) -> i
     from proxy.catalogue import Catalogue
     from proxy.security.bootstrap import append_key_version, check_retirable, load_ring, retire_key_version
     from proxy.store import open_store
-    from proxy.vault.vault import Vault, check_retire
+    from proxy.vault.rotation import check_retire
+    from proxy.vault.vault import Vault
 
     if action == "rotate-generate":
         ring = append_key_version(settings)

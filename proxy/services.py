@@ -35,7 +35,8 @@ from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.store.base import Store
-from proxy.vault.vault import TenantFlags, Vault
+from proxy.vault.tenants import TenantFlags
+from proxy.vault.vault import Vault
 
 if TYPE_CHECKING:
     from proxy.ratelimit.redis import Client

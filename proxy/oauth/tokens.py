@@ -43,7 +43,8 @@ from proxy.oauth.minting import REFRESH_SKEW_S, Key, Minter, fingerprint
 from proxy.observe.metrics import OAUTH_REFRESH
 from proxy.settings import Settings
 from proxy.store.base import Store
-from proxy.vault.vault import Credentials, Vault
+from proxy.vault.records import Credentials
+from proxy.vault.vault import Vault
 
 log = logging.getLogger("proxy.oauth")
 

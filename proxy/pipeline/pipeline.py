@@ -34,7 +34,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -46,8 +46,6 @@ from yarl import URL
 
 from proxy.cache import BoundedCache, IdentityCache
 from proxy.errors import (
-    Forbidden,
-    HostNotAllowed,
     MethodNotAllowed,
     ProxyError,
     RateLimited,
@@ -67,28 +65,28 @@ from proxy.observe.metrics import (
 )
 from proxy.pipeline.headers import clean_request_headers, has_control, malformed_response
 from proxy.pipeline.inject import Injection, apply, build_injection, not_proxyable
+from proxy.pipeline.plan import Plan, check_destination
 from proxy.pipeline.upstream.resolver import SKIP_LITERAL_GUARD
-from proxy.pipeline.urls import escape_error, join_upstream, split_absolute, validate_base_url
+from proxy.pipeline.urls import escape_error, join_upstream, split_absolute
 from proxy.ratelimit.limiter import Decision
 from proxy.ratelimit.signals.core import parse_response, retry_after
-from proxy.ratelimit.targets import limit_target
 from proxy.security import egress as egress_mod
-from proxy.vault.vault import Credentials
+from proxy.vault.records import Credentials
 
 if TYPE_CHECKING:
     from proxy.oauth.tokens import TokenManager
     from proxy.observe.audit import AuditLog
     from proxy.ratelimit.limiter import Limiter
     from proxy.settings import Settings
-    from proxy.vault.vault import TenantFlags, Vault
+    from proxy.vault.tenants import TenantFlags
+    from proxy.vault.vault import Vault
 
 log = logging.getLogger("proxy.pipeline")
 
-__all__ = ["Body", "Exchange", "Pipeline", "Plan"]
+__all__ = ["Body", "Exchange", "Pipeline"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-MAX_RETRIES = 5
 MAX_REPLAY_BODY = 1 << 20
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
@@ -98,131 +96,6 @@ _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 Pair = tuple[str, str]
 # What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
 Body = bytes | aiohttp.StreamReader | None
-
-
-# --- per-connection plan -------------------------------------------------------------------------
-
-
-def _timeout(options: Mapping[str, Any], settings: Settings) -> ClientTimeout:
-    raw = options.get("timeouts") or {}
-    if not isinstance(raw, Mapping):
-        raw = {}
-
-    def pick(key: str, default: float) -> float:
-        value = raw.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        return default
-
-    return ClientTimeout(
-        total=pick("total_s", settings.upstream_total_timeout_s),
-        sock_connect=pick("connect_s", settings.upstream_connect_timeout_s),
-        sock_read=pick("read_s", settings.upstream_read_timeout_s),
-    )
-
-
-def _small_int(value: Any, default: int, cap: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return default
-    return max(0, min(int(value), cap))
-
-
-class Plan:
-    """Everything about one decrypted connection that does not change per call."""
-
-    __slots__ = (
-        "base_path",
-        "base_scheme",
-        "base_tail",
-        "base_url",
-        "creds",
-        "host",
-        "host_key",
-        "host_patterns",
-        "injection",
-        "integration",
-        "latency_labels",
-        "max_wait_ms",
-        "oauth",
-        "proxy_only",
-        "record",
-        "refusal",
-        "retries",
-        "scope",
-        "styles",
-        "target",
-        "timeout",
-    )
-
-    def __init__(self, creds: Credentials, egress: egress_mod.EgressPolicy, settings: Settings) -> None:
-        record, integration = creds.record, creds.integration
-        self.creds = creds
-        self.record = record
-        self.integration = integration
-        base_url = integration.resolve_base_url(creds.params)
-        if not base_url:
-            raise ValidationError(
-                f"connection {record.connection_id!r} has no base URL; set its base_url parameter",
-                fields={"parameters.base_url": "required to proxy calls"},
-            )
-        problem = validate_base_url(base_url)
-        if problem is not None:
-            raise ValidationError(
-                f"connection {record.connection_id!r}: the base URL {problem}",
-                fields={"parameters.base_url": problem},
-            )
-        scheme, host, port, _ = split_absolute(base_url)
-        self.base_url = base_url
-        self.base_scheme = scheme
-        base_parts = urlsplit(base_url)
-        self.base_path = base_parts.path
-        # What follows the origin when an absolute target is rebuilt in path mode's terms.
-        self.base_tail = base_parts.path + (f"?{base_parts.query}" if base_parts.query else "")
-        self.host = host
-        self.host_key = f"{host}:{port}"
-        patterns = record.allowed_hosts
-        if patterns is None:
-            patterns = integration.allowed_hosts
-        if creds.host_binding is not None:
-            # A runtime user connection goes only where its default connection is bound.
-            patterns = creds.host_binding
-        self.host_patterns: tuple[str, ...] = tuple(patterns) if patterns is not None else (host,)
-        # Problems of the base URL itself are found once and raised on every call.
-        self.refusal: ProxyError | None = None
-        try:
-            _check_destination(egress, self, scheme, host)
-        except ProxyError as exc:
-            self.refusal = exc
-        self.target = limit_target(record, integration)
-        self.scope = self.target.scope
-        self.timeout = _timeout(record.options, settings)
-        self.retries = _small_int(record.options.get("retries"), 0, MAX_RETRIES)
-        self.max_wait_ms = _small_int(record.options.get("max_wait_ms"), 0, settings.max_wait_ms_cap)
-        self.styles = integration.ratelimit_styles
-        self.oauth = integration.auth.is_oauth2
-        self.injection: Injection | None = None if self.oauth else build_injection(integration, creds.params)
-        self.latency_labels = (integration.id,)
-        self.proxy_only = record.proxy_only  # the tenant's flag is read per call (it is cached)
-
-
-def _check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, host: str) -> None:
-    """Host binding, https-only credentials and the egress guard's literal check."""
-    if not plan.host_patterns:
-        raise HostNotAllowed(
-            f"runtime user connection {plan.record.connection_id!r} has no default connection of "
-            "its integration to take its destination from; reconnect it against an existing default"
-        )
-    if not egress_mod.host_matches(host, plan.host_patterns):
-        raise HostNotAllowed(
-            f"host {host!r} is not among connection {plan.record.connection_id!r}'s allowed hosts "
-            f"({', '.join(plan.host_patterns)}); fix the URL, or the connection's allowed_hosts if intended"
-        )
-    if scheme != "https" and not policy.is_allowed_host(host):
-        raise Forbidden(
-            f"connection {plan.record.connection_id!r} would send its credentials over plain http "
-            f"to {host!r}; credentials go over https only, except to hosts in PROXY_EGRESS_ALLOW"
-        )
-    policy.check_literal(host)
 
 
 # --- one call ---------------------------------------------------------------------------------
@@ -425,7 +298,7 @@ class Pipeline:
             scheme = "https"
             explicit_port = urlsplit_port(url)
             port = explicit_port if explicit_port not in (None, 80) else 443
-        _check_destination(self.egress, plan, scheme, host)
+        check_destination(self.egress, plan, scheme, host)
         path, _, query = target.partition("?")
         prefix = plan.base_path.rstrip("/")
         if prefix:
@@ -513,7 +386,7 @@ class Pipeline:
                     data=body,
                     allow_redirects=False,
                     timeout=timeout,
-                    # _check_destination ran check_literal on this exact host and no redirect is
+                    # check_destination ran check_literal on this exact host and no redirect is
                     # followed, so the session's literal guard would only repeat it.
                     middlewares=SKIP_LITERAL_GUARD,
                 )

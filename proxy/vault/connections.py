@@ -41,7 +41,8 @@ from proxy.pipeline.urls import validate_base_url
 from proxy.shapes import UNSET, Problems, Unset, raise_problems
 from proxy.store.base import ExpectedVersion, Page
 from proxy.vault.inputs import ConnectionBody
-from proxy.vault.vault import REDACTED, Credentials, Vault, redacted_view
+from proxy.vault.records import REDACTED, Credentials, redacted_view
+from proxy.vault.vault import Vault
 
 __all__ = ["CAS_ATTEMPTS", "Connections", "PutPlan", "Revoker", "Written"]
 

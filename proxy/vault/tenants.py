@@ -9,18 +9,53 @@ here on a change. No aiohttp: ``proxy.web.admin.tenants`` translates requests in
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from proxy.cache import TtlCache
 from proxy.errors import Conflict
 from proxy.observe.audit import Actor, AuditLog
 from proxy.shapes import Bool, Obj
-from proxy.vault.vault import TenantFlags, Vault
+from proxy.store.base import Store
+from proxy.vault.vault import Vault
 
 __all__ = ["CAS_ATTEMPTS", "TenantBody", "TenantView", "Tenants", "tenant_body"]
 
 CAS_ATTEMPTS: Final = 3
 _BODY: Final = Obj({"proxy_only": Bool("required: true or false")}, required=("proxy_only",))
+
+# Cleared when a put finds this many (the old "> 10000" test cleared at 10001).
+TENANT_FLAGS_MAX = 10001
+
+
+class TenantFlags:
+    """Whether a tenant is proxy-only (its flag, or the ``proxy_only_tenants`` setting), cached
+    like credentials so the hot path skips the store. One per process: the Connection Service
+    (public parameters only) and the proxy (redacting echoed secrets) read the same answer, and
+    a tenant update forgets it."""
+
+    def __init__(self, store: Store, configured: tuple[str, ...], ttl_s: float) -> None:
+        self.store = store
+        self.configured = frozenset(configured)
+        self.ttl = max(ttl_s, 0.0)
+        self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
+
+    async def proxy_only(self, tenant_id: str) -> bool:
+        if tenant_id in self.configured:
+            return True
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        tenant = await self.store.get_tenant(tenant_id)
+        flag = bool(tenant is not None and tenant.proxy_only)
+        if self.ttl > 0:
+            self._cache.put(tenant_id, flag, now + self.ttl)
+        return flag
+
+    def forget(self, tenant_id: str) -> None:
+        self._cache.discard(tenant_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -42,101 +41,26 @@ from proxy.errors import (
     KeyRecordChanged,
     KeyVersionMissing,
     ProxyError,
-    ValidationError,
 )
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.observe.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.security import crypto, destinations
 from proxy.store import FLUSH_ALL
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Page, Store
+from proxy.vault.records import Credentials, compute_status
+from proxy.vault.rotation import KeyRotation
 
 log = logging.getLogger("proxy.vault")
 
-REDACTED = "********"
 # A data key wrapped by an unknown master-key version re-reads the key source at most this often.
 RING_REREAD_MIN_INTERVAL_S = 2.0
 RESOLVE_CACHE_MAX = 4096
-# Cleared when a put finds this many (the old "> 10000" test cleared at 10001).
-TENANT_FLAGS_MAX = 10001
 # Labelled children looked up once: this counter moves on every proxied call.
 _CACHE_HIT = ("hit",)
 _CACHE_MISS = ("miss",)
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A connection with its parameters decrypted. Lives in memory only; repr is redacted."""
-
-    record: ConnectionRecord
-    integration: Integration
-    params: Mapping[str, Any]
-    # A runtime user connection's calls are bound to its default's hosts (None: its own binding).
-    host_binding: tuple[str, ...] | None = None
-
-    def __repr__(self) -> str:
-        return f"Credentials({self.record.tenant_id}/{self.record.connection_id}, params=<redacted>)"
-
-    def public_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.params.items() if not self.integration.is_secret(k)}
-
-
-def compute_status(integration: Integration, record: ConnectionRecord) -> str:
-    """pending until every required field is present; needs_reauth/error are sticky until a write."""
-    present = set(record.public_params) | set(record.secret_params)
-    if integration.missing_required(present):
-        return ConnectionStatus.PENDING.value
-    return ConnectionStatus.ACTIVE.value
-
-
-def redacted_view(integration: Integration, record: ConnectionRecord) -> dict[str, Any]:
-    """The admin view: public parameter values, and only the *names* of secret ones."""
-    params: dict[str, Any] = dict(record.public_params)
-    for name in record.secret_params:
-        params[name] = REDACTED
-    return {
-        "tenant_id": record.tenant_id,
-        "connection_id": record.connection_id,
-        "integration_id": record.integration_id,
-        "connection_subtype": record.connection_subtype,
-        "status": record.status,
-        "status_detail": record.status_detail,
-        "parameters": params,
-        "secret_fields_set": sorted(record.secret_params),
-        "missing_fields": integration.missing_required(set(record.public_params) | set(record.secret_params)),
-        "runtime_user_id": record.runtime_user_id,
-        "default_connection_id": record.default_connection_id,
-        "rate_limits": [w.to_dict() for w in record.rate_limits],
-        "allowed_hosts": list(record.allowed_hosts) if record.allowed_hosts is not None else None,
-        "metadata": record.metadata,
-        "options": record.options,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-        "version": record.version,
-        **served_by(integration),
-    }
-
-
-def served_by(integration: Integration) -> dict[str, Any]:
-    """Who hands this connection's credentials out, and a notice when the proxy never does.
-
-    A connection of an integration id nobody described is still stored (Runtara's custom agents
-    read theirs from the Connection Service), so an admin answer must say it will not be proxied
-    rather than let a typo in ``integration_id`` pass silently.
-    """
-    if integration.proxyable:
-        return {"served_by": ["proxy", "connection_service"], "notice": None}
-    if not integration.catalogued:
-        notice = (
-            f"integration {integration.id!r} is not in the catalogue (GET /admin/integrations): the "
-            "connection is stored and served to the Connection Service only, and every parameter is "
-            "kept secret; the proxy refuses it with INTEGRATION_NOT_PROXYABLE"
-        )
-    else:
-        notice = f"integration {integration.id!r} is served to the Connection Service only, never proxied"
-    return {"served_by": ["connection_service"], "notice": notice}
-
-
-class Vault:
+class Vault(KeyRotation):
     def __init__(
         self,
         store: Store,
@@ -540,148 +464,5 @@ class Vault:
             record=record, integration=integration, params=MappingProxyType(params), host_binding=binding
         )
 
-    # --- rotation ------------------------------------------------------------------------------
 
-    async def rewrap_all(self) -> int:
-        """Re-wraps every tenant's data keys under the newest master key. Idempotent."""
-        count = 0
-        for tenant in await self.store.list_tenants():
-            wrapped = {}
-            changed = False
-            for version, raw in tenant.wrapped_deks.items():
-                old = crypto.WrappedKey.from_dict(raw)
-                new = crypto.rewrap_dek(self.ring, tenant.tenant_id, old)
-                changed |= new is not old
-                wrapped[version] = new.to_dict()
-            if changed:
-                await self.store.put_tenant(
-                    TenantRecord(**{**tenant.to_dict(), "wrapped_deks": wrapped}), tenant.version
-                )
-                count += 1
-        return count
-
-    async def kek_versions_in_use(self) -> set[int]:
-        return {
-            int(raw["kek_version"])
-            for t in await self.store.list_tenants()
-            for raw in t.wrapped_deks.values()
-        }
-
-    async def rotate_tenant_key(self, tenant_id: str) -> int:
-        """Adds a new data key version for the tenant (if the last one is already in use)."""
-        tenant = await self.store.get_tenant(tenant_id)
-        if tenant is None:
-            raise ValidationError(f"tenant {tenant_id!r} has no keys yet", fields={"tenant_id": "unknown"})
-        new_version = max(int(v) for v in tenant.wrapped_deks) + 1
-        wrapped = crypto.wrap_dek(self.ring, tenant_id, new_version, crypto.generate_dek())
-        record = TenantRecord(
-            **{
-                **tenant.to_dict(),
-                "current_dek_version": new_version,
-                "wrapped_deks": {**tenant.wrapped_deks, str(new_version): wrapped.to_dict()},
-            }
-        )
-        await self.store.put_tenant(record, tenant.version)
-        await self.invalidate(tenant_id, None)  # put_tenant told the others
-        return new_version
-
-    async def reencrypt_tenant(self, tenant_id: str) -> int:
-        """Re-encrypts every record still on an older data key. Resumable: each record is one
-        compare-and-set write, so a run killed halfway leaves every record old-or-new, and a
-        rerun continues with what is left."""
-        self._deks.pop(tenant_id, None)
-        keys = await self._tenant_keys(tenant_id, create=False)
-        if keys is None:
-            return 0
-        current, _ = keys
-        done = 0
-        cursor: str | None = None
-        while True:
-            page = await self.store.list_connections(tenant_id, cursor=cursor, limit=200)
-            for record in page.items:
-                if all(crypto.token_dek_version(t) == current for t in record.secret_params.values()):
-                    continue
-                creds = await self.decrypt(record)
-                integration = self.catalogue.get(record.integration_id)
-                secrets = {k: v for k, v in creds.params.items() if k in record.secret_params}
-                _, secret = await self.encrypt_params(tenant_id, record.connection_id, integration, secrets)
-                await self._put_checked(record.evolve(secret_params=secret), record.version)
-                done += 1
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
-        # Each put_connection told the others about its record; this covers the data keys too.
-        await self.invalidate(tenant_id, None)
-        await self.store.publish_invalidation(tenant_id, None)
-        return done
-
-    async def retire_tenant_keys(self, tenant_id: str) -> list[int]:
-        """Drops data key versions no record uses any more; refuses nothing silently."""
-        tenant = await self.store.get_tenant(tenant_id)
-        if tenant is None:
-            return []
-        used = {tenant.current_dek_version}
-        cursor: str | None = None
-        while True:
-            page = await self.store.list_connections(tenant_id, cursor=cursor, limit=500)
-            for record in page.items:
-                used |= {crypto.token_dek_version(t) for t in record.secret_params.values()}
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
-        unused = [int(v) for v in tenant.wrapped_deks if int(v) not in used]
-        if unused:
-            kept = {v: w for v, w in tenant.wrapped_deks.items() if int(v) in used}
-            await self.store.put_tenant(
-                TenantRecord(**{**tenant.to_dict(), "wrapped_deks": kept}), tenant.version
-            )
-            await self.invalidate(tenant_id, None)  # put_tenant told the others
-        return unused
-
-
-def check_retire(in_use: set[int], version: int) -> None:
-    if version in in_use:
-        raise CryptoError(
-            f"master key version {version} still wraps tenant data keys; run "
-            "`connection-proxy keys rotate` first so every tenant key is re-wrapped under the newest version"
-        )
-
-
-__all__ = [
-    "ANY_VERSION",
-    "Credentials",
-    "TenantFlags",
-    "Vault",
-    "check_retire",
-    "compute_status",
-    "redacted_view",
-]
-
-
-class TenantFlags:
-    """Whether a tenant is proxy-only (its flag, or the ``proxy_only_tenants`` setting), cached
-    like credentials so the hot path skips the store. One per process: the Connection Service
-    (public parameters only) and the proxy (redacting echoed secrets) read the same answer, and
-    a tenant update forgets it."""
-
-    def __init__(self, store: Store, configured: tuple[str, ...], ttl_s: float) -> None:
-        self.store = store
-        self.configured = frozenset(configured)
-        self.ttl = max(ttl_s, 0.0)
-        self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
-
-    async def proxy_only(self, tenant_id: str) -> bool:
-        if tenant_id in self.configured:
-            return True
-        now = time.monotonic()
-        hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        tenant = await self.store.get_tenant(tenant_id)
-        flag = bool(tenant is not None and tenant.proxy_only)
-        if self.ttl > 0:
-            self._cache.put(tenant_id, flag, now + self.ttl)
-        return flag
-
-    def forget(self, tenant_id: str) -> None:
-        self._cache.discard(tenant_id)
+__all__ = ["ANY_VERSION", "Vault"]

@@ -41,7 +41,7 @@ from proxy.observe.metrics import CONNECTION_SERVICE
 from proxy.observe.outcome import Outcome, of_error
 from proxy.ratelimit.limiter import Limiter, LimitTarget
 from proxy.ratelimit.targets import limit_target
-from proxy.vault.vault import Credentials
+from proxy.vault.records import Credentials
 from proxy.web.authn import not_found, services_of
 from proxy.web.errors import request_id_of
 

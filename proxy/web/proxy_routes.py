@@ -48,13 +48,13 @@ from proxy.observe.outcome import Outcome, of_error, of_status
 from proxy.pipeline.headers import clean_response_headers, is_token, redact_secrets, without_framing
 from proxy.pipeline.pipeline import (
     MAX_REPLAY_BODY,
-    MAX_RETRIES,
     Body,
     Exchange,
     Pipeline,
     parse_control_int,
     refuse_trace,
 )
+from proxy.pipeline.plan import MAX_RETRIES
 from proxy.web import envelope_answer
 from proxy.web.authn import caller_for, not_found, require_admin, services_of
 from proxy.web.errors import NON_ORIGIN_FORM, Handler, error_response, request_id_of

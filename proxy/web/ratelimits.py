@@ -18,7 +18,7 @@ from proxy.model import check_id
 from proxy.observe.metrics import RATELIMIT_OBSERVATIONS
 from proxy.ratelimit.signals import core as signals
 from proxy.ratelimit.targets import limit_target
-from proxy.vault.vault import Credentials
+from proxy.vault.records import Credentials
 from proxy.web.authn import caller_for, require_admin, require_tenant_access, services_of
 from proxy.web.bodies import read_json_object
 

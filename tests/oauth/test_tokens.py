@@ -30,7 +30,8 @@ from proxy.settings import Settings
 from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
-from proxy.vault.vault import Credentials, Vault
+from proxy.vault.records import Credentials
+from proxy.vault.vault import Vault
 from tests.support.authserver import AuthServer, authserver_fixture, authserver_process_fixture  # noqa: F401
 
 TENANT = "acme"

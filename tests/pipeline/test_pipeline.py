@@ -10,11 +10,12 @@ import pytest
 from proxy.catalogue import Catalogue
 from proxy.errors import Forbidden, HostNotAllowed, ValidationError
 from proxy.model import ConnectionRecord, RateWindow
-from proxy.pipeline.pipeline import Plan, parse_control_int
+from proxy.pipeline.pipeline import parse_control_int
+from proxy.pipeline.plan import Plan
 from proxy.ratelimit.targets import limit_target
 from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
-from proxy.vault.vault import Credentials
+from proxy.vault.records import Credentials
 
 CAT = Catalogue.load()
 

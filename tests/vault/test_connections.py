@@ -20,7 +20,8 @@ from proxy.shapes import UNSET
 from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, Store
 from proxy.vault.connections import Connections
 from proxy.vault.inputs import patch_body, put_body
-from proxy.vault.vault import REDACTED, Credentials, Vault
+from proxy.vault.records import REDACTED, Credentials
+from proxy.vault.vault import Vault
 from tests.support import imports
 
 SECRET = "tok-core-secret-5c1e"

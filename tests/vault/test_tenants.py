@@ -11,8 +11,8 @@ from proxy.observe.audit import Actor, AuditLog
 from proxy.security import crypto
 from proxy.settings import load_settings
 from proxy.store.base import AuditQuery, Store
-from proxy.vault.tenants import Tenants, tenant_body
-from proxy.vault.vault import TenantFlags, Vault
+from proxy.vault.tenants import TenantFlags, Tenants, tenant_body
+from proxy.vault.vault import Vault
 
 ACTOR = Actor("admin:admin", "req-3")
 

@@ -19,7 +19,9 @@ from proxy.model import ConnectionRecord
 from proxy.security import crypto
 from proxy.store.base import ANY_VERSION, ExpectedVersion
 from proxy.store.sqlite import SqliteStore
-from proxy.vault.vault import Vault, check_retire, redacted_view
+from proxy.vault.records import redacted_view
+from proxy.vault.rotation import check_retire
+from proxy.vault.vault import Vault
 
 CANARY = "canary-secret-7f3a9b"
 
