@@ -14,6 +14,7 @@ from tests.support import imports
 # Pure by design: they decide (injection, header parsing, limiter decisions, egress checks,
 # OAuth state, crypto, destination rules) and are tested without sockets.
 PURE = (
+    "proxy.cache",
     "proxy.catalogue",
     "proxy.connect.sessions",
     "proxy.errors",
@@ -35,6 +36,9 @@ PURE = (
     "proxy.security.destinations",
     "proxy.security.egress",
     "proxy.settings",
+    "proxy.shapes",
+    "proxy.vault.inputs",
+    "proxy.vault.records",
 )
 IO_PACKAGES = {"aiohttp", "redis", "multidict", "yarl", "aiohttp_jinja2"}
 
