@@ -7,7 +7,7 @@ internals, stable for many releases) when the registry is collected.
 
 If an upgrade removes those internals, ``_histogram_internals_present`` says so at start and
 every observation goes to ``Histogram.observe`` as before: slower, never wrong.
-``tests/test_metrics.py`` fails when that fallback is taken, or when the exposition of tallied
+``tests/observe/test_metrics.py`` fails when that fallback is taken, or when the exposition of tallied
 observations differs from the same observations made directly.
 """
 

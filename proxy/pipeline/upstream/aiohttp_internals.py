@@ -11,7 +11,7 @@ response protocol, both there for CPU per proxied call (figures: bench/README.md
 
 Both check at import (``_NOTHING_TO_ADD``) or install time (``install_lazy_read_timeout``) that
 the internals look as expected and fall back to aiohttp's own behaviour otherwise;
-``tests/test_upstream_client.py`` fails if the fast path is silently lost after an upgrade.
+``tests/pipeline/upstream/test_client.py`` fails if the fast path is silently lost after an upgrade.
 """
 
 from __future__ import annotations

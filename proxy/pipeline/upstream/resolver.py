@@ -36,7 +36,7 @@ __all__ = ["SKIP_LITERAL_GUARD", "GuardedResolver", "literal_guard_middleware"]
 # For ``session.request(..., middlewares=SKIP_LITERAL_GUARD)``: aiohttp's per-request middlewares
 # replace the session's, so that one request runs without the literal guard. Safe only when the
 # caller checked this request's host with ``check_literal`` and follows no redirect (the guard
-# runs for each hop). The resolver guard still applies. tests/test_upstream_resolver.py checks
+# runs for each hop). The resolver guard still applies. tests/pipeline/upstream/test_resolver.py checks
 # that aiohttp still replaces rather than adds.
 SKIP_LITERAL_GUARD: Final[tuple[ClientMiddlewareType, ...]] = ()
 
