@@ -38,6 +38,8 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJ0MSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
         (f"token {JWT}", JWT.split(".")[1]),
         (f"a random {URLSAFE} in the text", URLSAFE),
     ],
+    # Ids must not carry the random values: parallel workers collect them independently.
+    ids=lambda v: "case",
 )
 def test_credential_shapes_are_masked(text: str, secret: str) -> None:
     out = logs.redact(text)

@@ -393,6 +393,7 @@ def test_new_api_keys_split_back_and_are_unique() -> None:
 @pytest.mark.parametrize(
     "bad",
     ["", "cpk", "cpk_abc_def", crypto.generate_token(), "cpk_ab_defghijklm_" + "x" * 43],
+    ids=["empty", "prefix", "short", "token", "short-id"],  # stable ids: one value is random
 )
 def test_split_api_key_rejects_other_shapes(bad: str) -> None:
     assert crypto.split_api_key(bad) is None
