@@ -101,6 +101,7 @@ def _redact_value(key: str, value: Any) -> Any:
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+STANDARD_ATTRS = _STANDARD_ATTRS
 
 
 def scrub(record: logging.LogRecord) -> logging.LogRecord:
@@ -219,6 +220,7 @@ def install(known_secrets: Iterable[str | None] = ()) -> None:
 
 __all__ = [
     "MASK",
+    "STANDARD_ATTRS",
     "MalformedRequestFilter",
     "RedactingFilter",
     "add_known_secrets",
