@@ -303,7 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
     for p in (generate, add, rotate, retire, status, reenc):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
+
+    from proxy import admin_client
+
+    admin_client.add_parser(sub)
+    backup = sub.add_parser("backup", help="a consistent online copy of the embedded SQLite store")
+    backup.add_argument("file", help="the copy to create (mode 0600; never overwritten)")
+    backup.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     return parser
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from proxy.store.backup import backup_sqlite
+
+    settings = _settings(args)
+    size = backup_sqlite(settings, Path(args.file))
+    print(f"backed up {settings.store_path} to {args.file} ({size} bytes, integrity checked)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             return cmd_serve(args, argv)
+        if args.cmd == "admin":
+            from proxy import admin_client
+
+            return admin_client.run(args)
+        if args.cmd == "backup":
+            return cmd_backup(args)
         return cmd_keys(args, argv)
     except ProxyError as exc:
         print(f"connection-proxy: {exc.message}", file=sys.stderr)

@@ -74,6 +74,7 @@ def add_known_secrets(values: Iterable[str | None]) -> None:
         _known.update(fresh)
         # Longest first, so a secret containing another is masked whole.
         _known_re = re.compile("|".join(re.escape(v) for v in sorted(_known, key=len, reverse=True)))
+        _redacted_cache.clear()  # a cached result may hold what is now a known secret
 
 
 def redact(text: str) -> str:
@@ -87,6 +88,24 @@ def redact(text: str) -> str:
     for pattern in (_JWT_RE, _API_KEY_RE, _MASTER_KEY_RE, _TOKEN_RE):
         text = pattern.sub(MASK, text)
     return text
+
+
+# Short values that recur (ids, host names on every access line): redacted once each.
+_redacted_cache: dict[str, str] = {}
+_CACHE_MAX = 4096
+_CACHE_VALUE_MAX = 256
+
+
+def redact_cached(text: str) -> str:
+    """``redact(text)``, remembered for short texts (values that recur, such as ids and hosts)."""
+    done = _redacted_cache.get(text)
+    if done is None:
+        done = redact(text)
+        if len(text) <= _CACHE_VALUE_MAX:
+            if len(_redacted_cache) >= _CACHE_MAX:
+                _redacted_cache.clear()
+            _redacted_cache[text] = done
+    return done
 
 
 def _redact_value(key: str, value: Any) -> Any:
@@ -227,5 +246,6 @@ __all__ = [
     "install",
     "parser_reason",
     "redact",
+    "redact_cached",
     "scrub",
 ]
