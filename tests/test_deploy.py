@@ -133,6 +133,7 @@ def _promtool() -> str:
     return tool
 
 
+@pytest.mark.system
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
     tool = _promtool()
     rules = DEPLOY / "prometheus" / "alerts.yaml"
@@ -183,6 +184,7 @@ def used_metrics() -> set[str]:
     return names
 
 
+@pytest.mark.system
 def test_every_metric_of_the_dashboard_and_alerts_is_served(tmp_path: Path) -> None:
     used = used_metrics()
     assert len(used) >= 10 and "proxy_upstream_latency_seconds_bucket" in used

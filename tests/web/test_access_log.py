@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.app import ADMIN_TOKEN, bearer, start_service_process
 from tests.support.upstream import running_upstream
+
+pytestmark = pytest.mark.system
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"

@@ -69,6 +69,7 @@ def service(tmp_path: Path) -> ServiceProcess:
         yield sp
 
 
+@pytest.mark.system
 def test_connections_keys_sessions_and_tenants(service: ServiceProcess) -> None:
     sp = service
     body = json.dumps(
@@ -146,6 +147,7 @@ def test_connections_keys_sessions_and_tenants(service: ServiceProcess) -> None:
     assert "CONNECTION_NOT_FOUND (HTTP 404)" in gone.stderr and "pending-one" in gone.stderr
 
 
+@pytest.mark.system
 def test_errors_are_one_line_with_an_exit_status(service: ServiceProcess, tmp_path: Path) -> None:
     sp = service
     bad = admin(
@@ -182,6 +184,7 @@ def test_errors_are_one_line_with_an_exit_status(service: ServiceProcess, tmp_pa
     assert usage.returncode == 2 and "--integration" in usage.stderr
 
 
+@pytest.mark.system
 def test_dev_token_file_and_listen_address_are_found(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = free_port()
@@ -222,6 +225,7 @@ async def test_admin_tenants_pages(tmp_path: Path) -> None:
             assert r.status == 403 and (await r.json())["error"] == "FORBIDDEN"
 
 
+@pytest.mark.system
 def test_backup_is_consistent_online_and_restores(tmp_path: Path) -> None:
     data = tmp_path / "data"
     copy = tmp_path / "backup.sqlite3"
@@ -259,6 +263,7 @@ def test_backup_is_consistent_online_and_restores(tmp_path: Path) -> None:
         assert connection_service(sp2, "acme", "later", key)[0] == 404
 
 
+@pytest.mark.system
 def test_backup_refuses_a_redis_store(tmp_path: Path) -> None:
     result = cli("backup", str(tmp_path / "b"), env={"PROXY_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert result.returncode == 2 and "BGSAVE" in result.stderr and not (tmp_path / "b").exists()
