@@ -22,7 +22,7 @@ Malformed requests are also handled at the source: ``aiohttp.server``'s record f
 the HTTP parser refused (``HttpProcessingError``) becomes one warning line with the peer and the
 parser's reason, never the head it quotes.
 
-Pure module: standard library only.
+Pure module: standard library only (and the pure ``proxy.cache``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from proxy.cache import BoundedCache
 
 MASK = "[REDACTED]"
 # Known secrets shorter than this are not scrubbed verbatim (they would mask ordinary words);
@@ -91,8 +93,7 @@ def redact(text: str) -> str:
 
 
 # Short values that recur (ids, host names on every access line): redacted once each.
-_redacted_cache: dict[str, str] = {}
-_CACHE_MAX = 4096
+_redacted_cache: BoundedCache[str, str] = BoundedCache(4096)
 _CACHE_VALUE_MAX = 256
 
 
@@ -102,9 +103,7 @@ def redact_cached(text: str) -> str:
     if done is None:
         done = redact(text)
         if len(text) <= _CACHE_VALUE_MAX:
-            if len(_redacted_cache) >= _CACHE_MAX:
-                _redacted_cache.clear()
-            _redacted_cache[text] = done
+            _redacted_cache.put(text, done)
     return done
 
 
