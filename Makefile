@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := redis-server chromium
+APT_PACKAGES := redis-server chromium prometheus
 
 .PHONY: run test test-fast lint typecheck check-system bench clean
 
@@ -44,11 +44,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check proxy tests bench
 	$(BIN)/mypy
 
-# The suite needs real binaries: redis-server (tests start their own) and chromium (connect pages).
+# The suite needs real binaries: redis-server (tests start their own), chromium (connect pages)
+# and promtool (Debian's prometheus: checks and unit-tests deploy/prometheus/alerts.yaml).
 check-system:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \

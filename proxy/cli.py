@@ -26,23 +26,15 @@ from typing import Any
 
 from proxy import __version__
 from proxy.errors import ProxyError
-from proxy.observe import logs
+from proxy.observe import logformat
 from proxy.security import crypto
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("proxy.cli")
 
 
-def _setup_logging(level: str) -> None:
-    # Redaction first, so not even a record made while logging is being set up is unscrubbed.
-    logs.install()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(logs.RedactingFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    logformat.configure(level, logformat.resolve_format(fmt, sys.stderr))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -65,14 +57,22 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
     app.on_startup.append(_reload_keys_on_sighup)
     app.on_startup.append(_tune_collector)  # last: after the service has loaded everything
     secrets = app[SERVICES].secrets
+    # With JSON logs every line the service writes is a JSON record, these announcements too.
+    json_logs = any(isinstance(h.formatter, logformat.JsonFormatter) for h in logging.getLogger().handlers)
+
+    def say(msg: str) -> None:
+        if json_logs:
+            log.info("%s", msg.replace("\n", " "))
+        else:
+            print(msg, flush=True)
+
     if secrets.admin_token_file is not None:
-        print(
-            f'admin token: {secrets.admin_token_file}  (curl -H "Authorization: Bearer $(cat {secrets.admin_token_file})")',
-            flush=True,
+        say(
+            f'admin token: {secrets.admin_token_file}  (curl -H "Authorization: Bearer $(cat {secrets.admin_token_file})")'
         )
     # Not web.run_app: the listening socket uses the connection guard (connection cap, request
     # head deadline) as its protocol factory, which run_app cannot be given.
-    asyncio.run(serve(app, settings, reuse_port=reuse_port, announce=lambda msg: print(msg, flush=True)))
+    asyncio.run(serve(app, settings, reuse_port=reuse_port, announce=say))
 
 
 async def _reload_keys_on_sighup(app: Any) -> None:
@@ -157,7 +157,7 @@ def _serve_workers(settings: Settings, argv: Sequence[str]) -> int:
 
 def cmd_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = _settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if settings.workers > 1 and os.environ.get("PROXY_WORKER_CHILD") != "1":
         return _serve_workers(settings, argv)
     _serve_one(settings, reuse_port=os.environ.get("PROXY_WORKER_CHILD") == "1")
@@ -303,7 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
     for p in (generate, add, rotate, retire, status, reenc):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
+
+    from proxy import admin_client
+
+    admin_client.add_parser(sub)
+    backup = sub.add_parser("backup", help="a consistent online copy of the embedded SQLite store")
+    backup.add_argument("file", help="the copy to create (mode 0600; never overwritten)")
+    backup.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     return parser
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from proxy.store.backup import backup_sqlite
+
+    settings = _settings(args)
+    size = backup_sqlite(settings, Path(args.file))
+    print(f"backed up {settings.store_path} to {args.file} ({size} bytes, integrity checked)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "serve":
             return cmd_serve(args, argv)
+        if args.cmd == "admin":
+            from proxy import admin_client
+
+            return admin_client.run(args)
+        if args.cmd == "backup":
+            return cmd_backup(args)
         return cmd_keys(args, argv)
     except ProxyError as exc:
         print(f"connection-proxy: {exc.message}", file=sys.stderr)

@@ -64,6 +64,8 @@ class Settings:
     connect_session_ttl_s: int = 3600
     proxy_only_tenants: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # json, text, or auto: json when stderr is not a terminal (see proxy.observe.logformat).
+    log_format: str = "auto"
     workers: int = 1
     # Resource bounds (per process). Client connections served at once; beyond them a few more
     # (connection_reserve) are accepted only to answer /healthz, the rest are closed at once.
@@ -247,6 +249,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "connect_session_ttl_s": _int(60),
     "proxy_only_tenants": _list,
     "log_level": _log_level,
+    "log_format": lambda k, v: "auto" if v == "" else _choice("auto", "json", "text")(k, v),
     "workers": _int(1),
     "max_connections": _int(1),
     "connection_reserve": _int(0),

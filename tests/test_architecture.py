@@ -23,6 +23,7 @@ PURE = (
     "proxy.oauth.flows",
     "proxy.oauth.state",
     "proxy.observe.outcome",
+    "proxy.observe.trace",
     "proxy.pipeline.bodykind",
     "proxy.pipeline.headers",
     "proxy.pipeline.inject",

@@ -22,7 +22,7 @@ Malformed requests are also handled at the source: ``aiohttp.server``'s record f
 the HTTP parser refused (``HttpProcessingError``) becomes one warning line with the peer and the
 parser's reason, never the head it quotes.
 
-Pure module: standard library only.
+Pure module: standard library only (and the pure ``proxy.cache``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from proxy.cache import BoundedCache
 
 MASK = "[REDACTED]"
 # Known secrets shorter than this are not scrubbed verbatim (they would mask ordinary words);
@@ -74,6 +76,7 @@ def add_known_secrets(values: Iterable[str | None]) -> None:
         _known.update(fresh)
         # Longest first, so a secret containing another is masked whole.
         _known_re = re.compile("|".join(re.escape(v) for v in sorted(_known, key=len, reverse=True)))
+        _redacted_cache.clear()  # a cached result may hold what is now a known secret
 
 
 def redact(text: str) -> str:
@@ -89,6 +92,21 @@ def redact(text: str) -> str:
     return text
 
 
+# Short values that recur (ids, host names on every access line): redacted once each.
+_redacted_cache: BoundedCache[str, str] = BoundedCache(4096)
+_CACHE_VALUE_MAX = 256
+
+
+def redact_cached(text: str) -> str:
+    """``redact(text)``, remembered for short texts (values that recur, such as ids and hosts)."""
+    done = _redacted_cache.get(text)
+    if done is None:
+        done = redact(text)
+        if len(text) <= _CACHE_VALUE_MAX:
+            _redacted_cache.put(text, done)
+    return done
+
+
 def _redact_value(key: str, value: Any) -> Any:
     if isinstance(value, str):
         if key.lower() in _SENSITIVE_HEADERS:
@@ -101,6 +119,7 @@ def _redact_value(key: str, value: Any) -> Any:
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+STANDARD_ATTRS = _STANDARD_ATTRS
 
 
 def scrub(record: logging.LogRecord) -> logging.LogRecord:
@@ -219,11 +238,13 @@ def install(known_secrets: Iterable[str | None] = ()) -> None:
 
 __all__ = [
     "MASK",
+    "STANDARD_ATTRS",
     "MalformedRequestFilter",
     "RedactingFilter",
     "add_known_secrets",
     "install",
     "parser_reason",
     "redact",
+    "redact_cached",
     "scrub",
 ]

@@ -82,6 +82,9 @@ CONTROL_HEADERS: frozenset[str] = frozenset(
         "x-org-id",
         "host",
         "expect",
+        # W3C trace context: the pipeline sends its own (proxy.observe.trace), never the caller's raw.
+        "traceparent",
+        "tracestate",
     }
 )
 

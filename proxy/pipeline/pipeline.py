@@ -55,6 +55,7 @@ from proxy.errors import (
     ValidationError,
 )
 from proxy.model import Caller, not_authorized
+from proxy.observe import trace
 from proxy.observe.metrics import (
     RATELIMIT_DECISIONS_TALLY,
     REQUESTS_TALLY,
@@ -227,8 +228,17 @@ class Pipeline:
         (forward-proxy mode) sends to https when the base URL is https.
         """
         refuse_trace(method)
+        ctx = trace.current()
+        if ctx is not None:
+            ctx.tenant, ctx.connection = tenant_id, connection_id
         creds = await self.credentials(tenant_id, connection_id, runtime_user_id)
         plan = self.plan_for(creds)
+        if ctx is not None:
+            ctx.connection, ctx.integration, ctx.upstream_host = (
+                creds.record.connection_id,
+                plan.integration.id,
+                plan.host,
+            )
         if absolute_url is None:
             if plan.refusal is not None:
                 raise plan.refusal
@@ -236,15 +246,21 @@ class Pipeline:
             host_key = plan.host_key
         else:
             base_url, host_key, path, query = self._absolute(plan, absolute_url, upgrade_scheme)
+            if ctx is not None:
+                ctx.upstream_host = host_key.rpartition(":")[0]
 
         # The caller's own input is checked before anything is spent on the call: a malformed
         # request must not use rate-limit quota, wait for it, or refresh a token.
         headers = clean_request_headers(caller_headers)
+        if ctx is not None:
+            headers.extend(ctx.upstream_headers())  # W3C trace context, this service's span
         url = self._url(base_url, path, query)
 
         decision = await self.limiter.acquire(plan.target)
+        if ctx is not None:
+            ctx.limit, ctx.limit_source = ("allowed" if decision.allowed else "denied"), decision.source
         if not decision.allowed:
-            await self._wait_for_limit(plan, decision, max_wait_ms)
+            await self._wait_for_limit(plan, decision, max_wait_ms, ctx)
 
         injection = plan.injection
         token: str | None = None
@@ -312,13 +328,16 @@ class Pipeline:
         base = f"{scheme}://{netloc}{'' if port == default else f':{port}'}{plan.base_tail}"
         return base, f"{host}:{port}", path, query
 
-    async def _wait_for_limit(self, plan: Plan, decision: Decision, max_wait_ms: int | None) -> None:
+    async def _wait_for_limit(
+        self, plan: Plan, decision: Decision, max_wait_ms: int | None, ctx: trace.CallContext | None = None
+    ) -> None:
         """Wait for the limit when the caller (or the connection) allows it, else 429."""
         limiter = self.limiter
         cap = self.settings.max_wait_ms_cap
         wait_ms = min(plan.max_wait_ms if max_wait_ms is None else max_wait_ms, cap)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_ms / 1000
+        started = loop.time()
+        deadline = started + wait_ms / 1000
         while True:
             left_ms = (deadline - loop.time()) * 1000
             if decision.retry_after_ms > left_ms:
@@ -333,6 +352,9 @@ class Pipeline:
             decision = await limiter.acquire(plan.target)
             if decision.allowed:
                 RATELIMIT_DECISIONS_TALLY.inc(("waited", decision.source))
+                if ctx is not None:
+                    ctx.limit, ctx.limit_source = "waited", decision.source
+                    ctx.limit_wait_ms = round((loop.time() - started) * 1000, 2)
                 return
 
     async def _oauth_injection(self, plan: Plan) -> tuple[Injection, str | None]:
@@ -480,7 +502,13 @@ class Pipeline:
             log.warning("background rate-limit/token update failed: %s", type(task.exception()).__name__)
 
     def finish(self, ex: Exchange | None, front: str, outcome: str, status: int | None = None) -> None:
-        """Release the host slot, count the request and audit the use (buffered, O(1))."""
+        """Release the host slot, count the request, audit the use (buffered, O(1)) and note the
+        outcome for the call's access line (written by the error middleware once answered)."""
+        ctx = trace.current()
+        if ctx is not None:
+            ctx.front, ctx.outcome, ctx.upstream_status = front, outcome, status
+            if ex is not None and status is not None:
+                ctx.upstream_ms = round(ex.latency_s * 1000, 2)
         if ex is not None:
             if ex.holds_slot:
                 ex.holds_slot = False

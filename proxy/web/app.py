@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy import services as services_mod
 from proxy.services import Services, build_services
 from proxy.settings import Settings
-from proxy.web import admin, connect, connsvc, ops, proxy_routes, ratelimits
+from proxy.web import admin, admin_tenants_list, connect, connsvc, ops, proxy_routes, ratelimits
 from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware
 
@@ -38,6 +38,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     proxy_routes.setup(app)
     ops.setup(app)
     admin.setup(app)
+    admin_tenants_list.setup(app)
     ratelimits.setup(app)
     connsvc.setup(app)
     connect.setup(app)

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy import errors
+from proxy.observe import logformat, trace
 from proxy.observe.metrics import ERRORS
 
 log = logging.getLogger("proxy.web")
@@ -84,6 +85,23 @@ NON_ORIGIN_FORM: web.AppKey[NonOriginDispatcher] = web.AppKey("non_origin_form_d
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = _assign_request_id(request)
+    # The request's context (request and trace ids; what a proxied call reports): log records
+    # made while it runs name it, and a proxied call gets its access line once answered.
+    headers = request.headers
+    parent = headers.get("traceparent")
+    ctx, token = trace.begin(rid, parent, headers.get("tracestate") if parent else None)
+    status: int | None = None
+    try:
+        resp = await _handle(request, handler, rid)
+        status = resp.status
+        return resp
+    finally:
+        if ctx.front is not None:
+            logformat.access_line(ctx, status)
+        trace.end(token)
+
+
+async def _handle(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     try:
         if request.raw_path[:1] != "/":
             dispatch = request.app.get(NON_ORIGIN_FORM)

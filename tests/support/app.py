@@ -229,6 +229,8 @@ def start_service_process(
             "PROXY_EGRESS_ALLOW": "127.0.0.1/32",
             "PROXY_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "PROXY_AUDIT_FLUSH_INTERVAL_S": "0.05",
+            # Tests read this output as text; JSON logs are tested by asking for them.
+            "PROXY_LOG_FORMAT": "text",
             "PYTHONUNBUFFERED": "1",
         }
     )

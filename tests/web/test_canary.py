@@ -134,15 +134,18 @@ async def test_canary_never_leaves_in_process(tmp_path: Path, caplog: pytest.Log
 
 
 @pytest.mark.system
-async def test_canary_never_reaches_a_real_process_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_canary_never_reaches_a_real_process_output(tmp_path: Path, log_format: str) -> None:
     secret = canary()
     data = tmp_path / "data"
-    with start_service_process(data, env={"PROXY_LOG_LEVEL": "debug"}) as sp:
+    with start_service_process(data, env={"PROXY_LOG_LEVEL": "debug", "PROXY_LOG_FORMAT": log_format}) as sp:
         async with aiohttp.ClientSession() as session:
             texts = await exercise(session, sp.url, sp.admin_headers, secret)
             texts.append(await read_audit(session, sp.url, sp.admin_headers))
         assert sp.stop(signal.SIGTERM) == 0
     assert_absent(secret, texts)
     assert sp.output(), "expected some process output to search"
+    if log_format == "json":
+        assert all(json.loads(line) for line in sp.output().splitlines() if line.strip())
     assert secret not in sp.output()
     assert secret.encode() not in data_at_rest(data)
