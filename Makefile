@@ -35,9 +35,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test check-system lint
 	$(BIN)/pytest -q
 
-## make test-fast: the pure and in-process tests only (no lint; needs redis-server, not chromium)
+## make test-fast: the pure and in-process tests only, on every core (no lint; needs redis-server, not chromium)
 test-fast: $(VENV)/.installed-test
-	$(BIN)/pytest -q -m "not system and not browser"
+	$(BIN)/pytest -q -n auto -m "not system and not browser"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests bench
