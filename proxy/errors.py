@@ -54,6 +54,13 @@ class Unauthenticated(ProxyError):
     status = 401
 
 
+class ProxyAuthenticationRequired(Unauthenticated):
+    """Forward-proxy front ends: no or bad ``Proxy-Authorization`` (clients retry with their
+    proxy URL's credentials on 407, never on 401)."""
+
+    status = 407
+
+
 class Forbidden(ProxyError):
     code = "FORBIDDEN"
     status = 403
@@ -138,6 +145,13 @@ class UpstreamResponseTooLarge(UpstreamUnreachable):
     Its own code: unlike an unreachable upstream, retrying the same call will not help."""
 
     code = "UPSTREAM_RESPONSE_TOO_LARGE"
+
+
+class NotSupported(ProxyError):
+    """A protocol feature the proxy deliberately does not carry (WebSocket inside a tunnel)."""
+
+    code = "NOT_SUPPORTED"
+    status = 501
 
 
 class ServiceUnavailable(ProxyError):

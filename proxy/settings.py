@@ -78,6 +78,13 @@ class Settings:
     # how many envelope calls run at once (beyond it: 503 with Retry-After).
     envelope_max_response_bytes: int = 10 * 1024 * 1024
     envelope_max_concurrent: int = 8
+    # CONNECT interception (proxy.security.ca): the CA that mints leaves for tunnelled hosts. The
+    # certificate file may hold older CA certificates too (rotation overlap: all are exported).
+    # Unset in dev mode: generated into data_dir.
+    ca_cert_file: Path | None = None
+    ca_key_file: Path | None = None
+    # Extra CA bundle the service trusts for its own upstream TLS, beside the system roots.
+    upstream_ca_file: Path | None = None
 
     @property
     def listen(self) -> str:
@@ -139,6 +146,10 @@ def _list(key: str, v: Any) -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(p, str) for p in v):
         return tuple(p.strip() for p in v if p.strip())
     raise ConfigError(key, "must be a list of strings or a comma-separated string")
+
+
+def _opt_path(key: str, v: Any) -> Path | None:
+    return Path(_str(key, v)) if _opt_str(key, v) else None
 
 
 def _paths(key: str, v: Any) -> tuple[Path, ...]:
@@ -256,6 +267,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "head_timeout_s": _float(0.01),
     "envelope_max_response_bytes": _int(1024),
     "envelope_max_concurrent": _int(1),
+    "ca_cert_file": _opt_path,
+    "ca_key_file": _opt_path,
+    "upstream_ca_file": _opt_path,
 }
 
 

@@ -9,6 +9,13 @@ credential means the same thing everywhere. Accepted, in ``Authorization`` or
 - a JWT (HS256 with a shared secret, RS256/ES256/EdDSA with configured public keys; ``exp`` and
   the tenant claim required) -> ``Caller("jwt", sub, tenant)``.
 
+Forward-proxy front ends (absolute-form requests, ``CONNECT``) also take ``Proxy-Authorization:
+Basic base64(USER:CREDENTIAL)``, what a bare proxy URL (``http://USER:KEY@proxy:8080``) makes
+every client send: CREDENTIAL is one of the above, USER names the connection
+(``CONNECTION_ID``, ``TENANT_ID/CONNECTION_ID`` or ``TENANT_ID/CONNECTION_ID/RUNTIME_USER_ID``;
+``/`` is written ``%2F`` inside a URL, and percent-escapes are decoded here once more for clients
+that pass them through). ``proxy_user`` reads USER; ``bearer_token`` returns CREDENTIAL.
+
 With no header at all, a peer inside ``trusted_networks`` is let in as
 ``Caller("trusted_network", ip, None)`` where the front end allows it (Runtara sends no header).
 
@@ -22,6 +29,8 @@ Pure module: no aiohttp, no redis. Error messages never quote the presented cred
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import logging
@@ -30,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -61,14 +71,64 @@ def _unauthenticated(message: str) -> Unauthenticated:
     return Unauthenticated(message, headers=_WWW_AUTH)
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The bearer credential of a request, or None when it carries no auth header at all.
+@dataclass(frozen=True, slots=True)
+class ProxyUser:
+    """What the user name of a Basic proxy credential names (see the module docstring)."""
 
-    ``Proxy-Authorization`` wins when both are present: it is addressed to us explicitly.
-    A header that is present but not ``Bearer <token>`` is an error, not an anonymous call.
+    connection_id: str
+    tenant_id: str | None = None
+    runtime_user_id: str | None = None
+
+
+def _basic(raw: str) -> tuple[str, str] | None:
+    """(user, password) of a ``Basic`` value, percent-decoded; None if it is not Basic."""
+    scheme, _, encoded = raw.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, ValueError):
+        raise _unauthenticated(
+            "the Proxy-Authorization Basic value is not base64 of UTF-8 'user:credential'"
+        ) from None
+    user, sep, password = decoded.partition(":")
+    if not sep or not password:
+        raise _unauthenticated(
+            "the proxy credential has no password: use http://CONNECTION_ID:API_KEY@host:port as the proxy URL"
+        )
+    return unquote(user), unquote(password)
+
+
+def proxy_user(headers: Mapping[str, str]) -> ProxyUser | None:
+    """The connection a ``Proxy-Authorization: Basic`` credential names; None without one."""
+    raw = headers.get("Proxy-Authorization")
+    basic = _basic(raw) if raw is not None else None
+    if basic is None:
+        return None
+    parts = basic[0].split("/")
+    if not 1 <= len(parts) <= 3 or not all(ID_RE.match(p) for p in parts):
+        raise _unauthenticated(
+            "the proxy user name must be CONNECTION_ID, TENANT_ID/CONNECTION_ID or "
+            "TENANT_ID/CONNECTION_ID/RUNTIME_USER_ID ('/' written %2F in a URL), each an id"
+        )
+    if len(parts) == 1:
+        return ProxyUser(parts[0])
+    return ProxyUser(parts[1], parts[0], parts[2] if len(parts) == 3 else None)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The caller's credential, or None when the request carries no auth header at all.
+
+    ``Proxy-Authorization`` wins when both are present: it is addressed to us explicitly, and
+    there it may be ``Basic`` (the password is the credential). A header that is present but
+    not ``Bearer <token>`` (or proxy Basic) is an error, not an anonymous call.
     """
     raw = headers.get("Proxy-Authorization")
-    if raw is None:
+    if raw is not None:
+        basic = _basic(raw)
+        if basic is not None:
+            return _checked(basic[1])
+    else:
         raw = headers.get("Authorization")
     if raw is None:
         return None
@@ -85,6 +145,14 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
             raise _unauthenticated(
                 "the bearer credential is not valid UTF-8; send the api key, admin token or JWT as issued"
             ) from None
+    return token
+
+
+def _checked(token: str) -> str:
+    try:
+        token.encode()
+    except UnicodeEncodeError:
+        raise _unauthenticated("the proxy credential is not valid UTF-8") from None
     return token
 
 
@@ -290,4 +358,4 @@ class Authenticator:
         return Caller("jwt", subject, tenant)
 
 
-__all__ = ["ADMIN", "Authenticator", "bearer_token", "load_jwt_keys", "peer_in"]
+__all__ = ["ADMIN", "Authenticator", "ProxyUser", "bearer_token", "load_jwt_keys", "peer_in", "proxy_user"]

@@ -57,7 +57,7 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
     )
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.BaseRequest) -> str:
     """The request's id: set by error_middleware for every request before any handler runs."""
     try:
         return request[REQUEST_ID]
@@ -65,7 +65,7 @@ def request_id_of(request: web.Request) -> str:
         return _assign_request_id(request)
 
 
-def _assign_request_id(request: web.Request) -> str:
+def _assign_request_id(request: web.BaseRequest) -> str:
     incoming = request.headers.get("X-Request-Id", "")
     # Only echo a caller's id if it is short and tame; otherwise mint our own.
     ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)

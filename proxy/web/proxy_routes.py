@@ -6,8 +6,9 @@ carries it and writes the answer back the way that front end expects:
 - ``ANY /proxy/{path}`` (the contract's path mode): streams both ways, constant memory;
 - ``POST /api/internal/proxy`` (Runtara's envelope): JSON in, JSON out, success always HTTP 200;
 - absolute-form requests (``GET http://host/path HTTP/1.1``) to the service: forward-proxy mode,
-  dispatched by the error middleware before the routed handler runs; ``CONNECT`` is refused (no tunnels: a tunnel would
-  hide the request from the credential injection);
+  dispatched by the error middleware before the routed handler runs; ``CONNECT`` is intercepted
+  by ``proxy.web.tunnel`` (TLS terminated here, every request in it relayed like path mode; no
+  blind tunnels), and callers authenticate with the proxy URL's Basic credentials or Bearer;
 - ``POST /admin/tenants/{t}/connections/{c}/test``: the integration's test request.
 
 Streaming invariants: a body is never buffered in path or forward mode (except a small, replayable
@@ -25,6 +26,7 @@ import contextlib
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,6 +39,7 @@ from proxy.errors import (
     ConnectionNotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    ProxyAuthenticationRequired,
     ProxyError,
     Unauthenticated,
     UpstreamTimeout,
@@ -55,13 +58,25 @@ from proxy.pipeline.pipeline import (
     refuse_trace,
 )
 from proxy.pipeline.plan import MAX_RETRIES
+from proxy.security.auth import proxy_user
 from proxy.web import envelope_answer
-from proxy.web.authn import caller_for, not_found, require_admin, services_of
+from proxy.web.authn import SERVICES, caller_for, not_found, require_admin, services_of
 from proxy.web.errors import NON_ORIGIN_FORM, Handler, error_response, request_id_of
 
-__all__ = ["PIPELINE", "WATCHER", "DisconnectWatcher", "setup"]
+__all__ = [
+    "CONNECT_HANDLER",
+    "PIPELINE",
+    "WATCHER",
+    "DisconnectWatcher",
+    "Identity",
+    "forward_identity",
+    "relay",
+    "setup",
+]
 
 PIPELINE = web.AppKey("pipeline", Pipeline)
+# CONNECT's handler, set by proxy.web.tunnel (which imports this module); unset: refused with 405.
+CONNECT_HANDLER: web.AppKey[Handler] = web.AppKey("connect_handler")
 ENVELOPE_GATE = web.AppKey("envelope_gate", envelope_answer.EnvelopeGate)
 ENVELOPE_CLASSIFIER = web.AppKey("envelope_classifier", envelope_answer.BodyClassifier)
 CHUNK = 64 * 1024
@@ -90,10 +105,10 @@ class DisconnectWatcher:
     __slots__ = ("_active", "_handle")
 
     def __init__(self) -> None:
-        self._active: dict[asyncio.Task[Any], web.Request] = {}
+        self._active: dict[asyncio.Task[Any], web.BaseRequest] = {}
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, request: web.Request) -> asyncio.Task[Any] | None:
+    def add(self, request: web.BaseRequest) -> asyncio.Task[Any] | None:
         task = asyncio.current_task()
         if task is not None:
             self._active[task] = request
@@ -155,7 +170,7 @@ def _runtime_user(value: str | None) -> str | None:
     return check_id("X-Runtime-User-Id", value) if value else None
 
 
-async def _body(request: web.Request, ex: Exchange, idempotency_key: bool) -> Body:
+async def _body(request: web.BaseRequest, ex: Exchange, idempotency_key: bool) -> Body:
     if not request.body_exists:
         return None
     length = request.content_length
@@ -164,14 +179,14 @@ async def _body(request: web.Request, ex: Exchange, idempotency_key: bool) -> Bo
     return request.content
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
 
 
 async def _stream_back(
-    request: web.Request, up: aiohttp.ClientResponse, outcome: str, scrub: tuple[str, ...]
+    request: web.BaseRequest, up: aiohttp.ClientResponse, outcome: str, scrub: tuple[str, ...]
 ) -> tuple[web.StreamResponse, str]:
     """Copy the upstream response to the client; returns it with the outcome to record.
 
@@ -226,12 +241,71 @@ async def _stream_back(
     return resp, outcome
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who calls and with which connection, when the front end knows it before the relay
+    (forward mode's Basic proxy user, a CONNECT tunnel); else it comes from the headers."""
+
+    caller: Caller
+    tenant_id: str
+    connection_id: str
+    runtime_user_id: str | None
+
+
+PROXY_AUTHENTICATE = {"Proxy-Authenticate": 'Basic realm="connection-proxy"'}
+
+
+def proxy_auth_required(message: str) -> ProxyAuthenticationRequired:
+    return ProxyAuthenticationRequired(
+        message + "; proxy URL form: http://CONNECTION_ID:API_KEY@host:port "
+        "(or TENANT_ID%2FCONNECTION_ID as the user)",
+        headers=PROXY_AUTHENTICATE,
+    )
+
+
+async def forward_identity(request: web.BaseRequest, app: web.Application) -> Identity:
+    """The caller of a forward-proxy request (absolute-form or CONNECT): 407 when it has no or
+    bad proxy credentials. A Basic user name names the connection; with Bearer, the headers do."""
+    h = request.headers
+    try:
+        caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
+        who = proxy_user(h)
+    except Unauthenticated as exc:
+        raise proxy_auth_required(exc.message) from None
+    if who is None:
+        cid = _connection_id(h.get("X-Connection-Id"))
+        tenant = _tenant(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+        return Identity(caller, tenant, cid, _runtime_user(h.get("X-Runtime-User-Id")))
+    if caller.tenant_id is None and who.tenant_id is None:
+        raise proxy_auth_required(
+            "this credential is not bound to a tenant: name it in the proxy user, TENANT_ID/CONNECTION_ID"
+        )
+    tenant = _tenant(caller, who.tenant_id, who.connection_id, "the proxy user's tenant")
+    return Identity(caller, tenant, who.connection_id, who.runtime_user_id)
+
+
 async def proxy_path(
     request: web.Request, front: str = "path", absolute_url: str | None = None
 ) -> web.StreamResponse:
     """Path mode (the route's handler) and forward-proxy mode (``front="forward"`` with the
     absolute target): stream the call through and the answer back."""
-    app = request.app
+    return await relay(request, request.app, front, absolute_url)
+
+
+async def relay(
+    request: web.BaseRequest,
+    app: web.Application,
+    front: str = "path",
+    absolute_url: str | None = None,
+    identity: Identity | None = None,
+    *,
+    upgrade_scheme: bool | None = None,
+    expect_continue: bool = False,
+) -> web.StreamResponse:
+    """Stream one call through the pipeline and its answer back (every streaming front end).
+
+    ``expect_continue``: answer ``100 Continue`` once the call is admitted, before its body is
+    read (routed requests get that from aiohttp; a tunnel's requests do not)."""
     pipeline = app[PIPELINE]
     ex: Exchange | None = None
     up: aiohttp.ClientResponse | None = None
@@ -241,11 +315,16 @@ async def proxy_path(
     watched = watcher.add(request)
     try:
         refuse_trace(request.method)  # before anything else: nothing to authenticate for
-        # The contract's trusted networks cover the Connection Service and the envelope only.
-        caller = await caller_for(request, allow_trusted=False, app=app)
         h = request.headers
-        cid = _connection_id(h.get("X-Connection-Id"))
-        tenant = _tenant(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+        if identity is None:
+            if front == "forward":
+                identity = await forward_identity(request, app)
+            else:
+                # The contract's trusted networks cover the Connection Service and the envelope only.
+                caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
+                cid = _connection_id(h.get("X-Connection-Id"))
+                tenant = _tenant(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+                identity = Identity(caller, tenant, cid, _runtime_user(h.get("X-Runtime-User-Id")))
         path = query = ""
         if absolute_url is None:
             path, _, query = request.raw_path.partition("?")
@@ -256,20 +335,22 @@ async def proxy_path(
                 )
             path = path[len(_PATH_PREFIX) :]
         ex = await pipeline.prepare(
-            caller=caller,
-            tenant_id=tenant,
-            connection_id=cid,
-            runtime_user_id=_runtime_user(h.get("X-Runtime-User-Id")),
+            caller=identity.caller,
+            tenant_id=identity.tenant_id,
+            connection_id=identity.connection_id,
+            runtime_user_id=identity.runtime_user_id,
             method=request.method,
             caller_headers=h.items(),
             path=path,
             query=query,
             absolute_url=absolute_url,
-            upgrade_scheme=absolute_url is not None,
+            upgrade_scheme=absolute_url is not None if upgrade_scheme is None else upgrade_scheme,
             request_id=request_id_of(request),
             max_wait_ms=parse_control_int(h.get("X-Proxy-Max-Wait-Ms"), "X-Proxy-Max-Wait-Ms", 1 << 31),
             retries=parse_control_int(h.get("X-Proxy-Retries"), "X-Proxy-Retries", MAX_RETRIES),
         )
+        if expect_continue:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         idem = "Idempotency-Key" in h
         up = await pipeline.open(ex, await _body(request, ex, idem), idempotency_key=idem)
         status = up.status
@@ -296,11 +377,10 @@ async def forward_proxy(request: web.Request, handler: Handler) -> web.StreamRes
     (called by the error middleware for every request whose target is not a plain path)."""
     raw = request.raw_path
     if request.method == "CONNECT":
-        error = MethodNotAllowed(
-            "CONNECT tunnels are not supported: the proxy must see the request to inject the "
-            "credential. Send plain http:// requests through the proxy (it upgrades to https when "
-            "the connection's base URL is https), or use path mode: /proxy/{path} with X-Connection-Id"
-        )
+        intercept = request.app.get(CONNECT_HANDLER)
+        if intercept is not None:
+            return await intercept(request)
+        error = MethodNotAllowed("CONNECT is not served by this deployment; use path mode or http:// URLs")
         request.app[PIPELINE].finish(None, "forward", error.code)
         resp = error_response(error, request_id_of(request))
         resp.force_close()  # the client may already be sending tunnel bytes: never read them

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -64,12 +65,14 @@ class Upstream:
     seen: list[Seen] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     flaky: dict[str, int] = field(default_factory=dict)
+    # Serve https with this context (``running_upstream(ssl_context=...)``, e.g. from trustme).
+    ssl_context: ssl.SSLContext | None = None
     _runner: web.AppRunner | None = None
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     def event(self, name: str) -> None:
         self.events.append(name)
@@ -263,7 +266,7 @@ class Upstream:
         # handler_cancellation: a dropped proxy connection cancels the handler, which /hang records.
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -272,8 +275,10 @@ class Upstream:
 
 
 @contextlib.asynccontextmanager
-async def running_upstream(host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
-    up = Upstream(host=host)
+async def running_upstream(
+    host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Upstream]:
+    up = Upstream(host=host, ssl_context=ssl_context)
     await up.start()
     try:
         yield up

@@ -1,4 +1,6 @@
-"""Forward-proxy mode: absolute-form requests over a raw socket, and CONNECT refused."""
+"""Forward-proxy mode: absolute-form requests over a raw socket; CONNECT to an unbound host refused.
+
+(CONNECT interception itself, with real clients, is tested in tests/web/test_tunnel*.py.)"""
 
 from __future__ import annotations
 
@@ -130,7 +132,9 @@ async def test_absolute_form_needs_auth(svc: RunningService, upstream: Upstream)
         svc,
         f"GET http://127.0.0.1:{upstream.port}/echo HTTP/1.1\nHost: x\nX-Connection-Id: c1\nConnection: close\n",
     )
-    assert (status, headers["x-proxy-error"]) == (401, "UNAUTHENTICATED")
+    # A proxy answers 407 with Proxy-Authenticate: clients then send their proxy URL's credentials.
+    assert (status, headers["x-proxy-error"]) == (407, "UNAUTHENTICATED")
+    assert headers["proxy-authenticate"].startswith("Basic ")
     assert upstream.seen == []
 
 
@@ -149,15 +153,17 @@ async def test_absolute_form_for_an_admin_route_is_still_proxied(
     assert json.loads(body)["path"] == "/base/admin/tenants/t1/connections"  # the upstream's echo
 
 
-async def test_connect_refused_with_pointer_to_path_mode(svc: RunningService) -> None:
+async def test_connect_to_an_unbound_host_refused(svc: RunningService) -> None:
     key = await svc.mint_key("t1")
     status, headers, body = await raw_request(
         svc,
-        f"CONNECT api.example.com:443 HTTP/1.1\nHost: api.example.com:443\nProxy-Authorization: Bearer {key}\n",
+        f"CONNECT api.example.com:443 HTTP/1.1\nHost: api.example.com:443\nProxy-Authorization: Bearer {key}\n"
+        "X-Connection-Id: c1\n",
     )
-    assert status == 405
-    assert headers["x-proxy-error"] == "METHOD_NOT_ALLOWED"
-    assert "/proxy/" in json.loads(body)["message"]
+    # No blind tunnels: a host the connection is not bound to is refused before any 200.
+    assert status == 403
+    assert headers["x-proxy-error"] == "HOST_NOT_ALLOWED"
+    assert "api.example.com" in json.loads(body)["message"]
 
 
 async def test_upgraded_to_https_when_base_url_is_https(tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ Its request class and response protocol override aiohttp internals for speed; th
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import aiohttp
 
+from proxy.errors import ConfigError
 from proxy.pipeline.upstream.aiohttp_internals import (
     SKIP_AUTO_HEADERS,
     UpstreamRequest,
@@ -28,6 +30,20 @@ from proxy.settings import Settings
 __all__ = ["make_session"]
 
 
+def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Full verification against the system roots (OpenSSL honours ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR``) plus ``upstream_ca_file``, if set, for private upstream CAs."""
+    ctx = ssl.create_default_context()
+    if settings.upstream_ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(settings.upstream_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "upstream_ca_file", f"cannot load {settings.upstream_ca_file}: {type(exc).__name__}"
+            ) from None
+    return ctx
+
+
 def make_session(settings: Settings, egress: EgressPolicy) -> aiohttp.ClientSession:
     """The upstream session; must be called with the event loop running."""
     asyncio.get_running_loop()  # fail here, not on first use, when called outside the loop
@@ -37,6 +53,7 @@ def make_session(settings: Settings, egress: EgressPolicy) -> aiohttp.ClientSess
         limit_per_host=0,  # the per-host cap is enforced by the pipeline with a fast 503
         ttl_dns_cache=10,
         enable_cleanup_closed=True,
+        ssl=upstream_ssl_context(settings),
     )
     install_lazy_read_timeout(connector)
     return aiohttp.ClientSession(

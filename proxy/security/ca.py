@@ -1,0 +1,383 @@
+"""The deployment's own certificate authority, for intercepting ``CONNECT`` tunnels.
+
+Why: an unmodified HTTPS client (anything honouring ``HTTPS_PROXY``) opens a TLS tunnel through
+the proxy; the only way to inject the credential into requests inside it is to terminate that
+TLS here, with a certificate for the upstream host that the client trusts. The client trusts this
+CA (``connection-proxy ca export``, ``GET /ca.pem``, ``connection-proxy run``); the proxy mints a
+leaf per host from it.
+
+- **Dev mode** generates a CA into the data dir (``ca.pem``, key ``ca.key`` mode 0600, published
+  atomically the way the dev master key is, so concurrent workers end up with the same CA).
+- **Production** reads ``ca_cert_file`` + ``ca_key_file``. Rotation with overlap: the certificate
+  file may hold several CA certificates; the one matching the key signs, every other one that
+  has not expired is still exported, so clients that trust the bundle accept leaves from the old
+  CA (already cached by clients) and the new one during the window. Drop the old certificate from
+  the file once every client has fetched the new bundle.
+- **Leaves** carry what strict verifiers (Python 3.13's ``VERIFY_X509_STRICT``, Go, browsers)
+  require: SAN (DNS or IP), SKI and AKI, critical key usage (digitalSignature), EKU serverAuth,
+  critical ``basicConstraints CA:false``. They live ``LEAF_LIFETIME`` (clamped to the CA's own
+  expiry) and are cached in memory per host as ready ``ssl.SSLContext`` objects. Their keys are
+  generated in memory and handed to OpenSSL through an anonymous memory file (``memfd``): they
+  never touch a disk.
+- The CA private key is never part of anything this module returns except ``_signing_key``
+  (private); ``bundle_pem`` holds certificates only.
+
+Pure module: no aiohttp, no redis.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.errors import ConfigError
+from proxy.settings import Settings
+
+log = logging.getLogger("proxy.ca")
+
+__all__ = [
+    "CA_CERT_NAME",
+    "CA_KEY_NAME",
+    "LEAF_LIFETIME",
+    "CertificateAuthority",
+    "generate_ca",
+    "load_ca",
+]
+
+CA_CERT_NAME: Final = "ca.pem"
+CA_KEY_NAME: Final = "ca.key"
+CA_LIFETIME: Final = dt.timedelta(days=825)
+LEAF_LIFETIME: Final = dt.timedelta(hours=24)
+# A cached leaf is replaced this long before it expires, so no handshake gets one about to lapse.
+LEAF_RENEW_BEFORE: Final = dt.timedelta(hours=1)
+# Clocks of clients may run a little behind ours.
+BACKDATE: Final = dt.timedelta(minutes=5)
+LEAF_CACHE_MAX: Final = 4096
+ALPN: Final = ("http/1.1",)
+
+_PrivateKey = ec.EllipticCurvePrivateKey
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _ski(key: _PrivateKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+
+def generate_ca(common_name: str = "connection-proxy local CA") -> tuple[bytes, bytes]:
+    """A new CA: (certificate PEM, private key PEM, unencrypted PKCS#8)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "connection-proxy"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {int(time.time())}"),
+        ]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(_ski(key), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    context: ssl.SSLContext
+    renew_at: float  # time.time() after which a new leaf is minted
+
+
+@dataclass
+class CertificateAuthority:
+    """The signing CA plus every CA certificate clients should trust; mints cached leaves."""
+
+    signing_cert: x509.Certificate
+    _signing_key: _PrivateKey = field(repr=False)
+    trusted: tuple[x509.Certificate, ...]  # signing first, then older ones still in their window
+    source: str  # for logs: a path, never key material
+    minted: int = 0  # leaves minted (not served from the cache)
+    _leaves: OrderedDict[str, _Leaf] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def bundle_pem(self) -> str:
+        """The PEM bundle clients must trust: certificates only, never the key."""
+        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in self.trusted)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.signing_cert.fingerprint(hashes.SHA256()).hex(":")
+
+    # --- leaves --------------------------------------------------------------------------------
+
+    def server_context(self, host: str) -> ssl.SSLContext:
+        """A TLS server context presenting a leaf for ``host`` (cached until near expiry)."""
+        host = host.lower().rstrip(".")
+        now = time.time()
+        with self._lock:
+            leaf = self._leaves.get(host)
+            if leaf is not None and leaf.renew_at > now:
+                self._leaves.move_to_end(host)
+                return leaf.context
+        leaf = self._mint(host)
+        with self._lock:
+            self._leaves[host] = leaf
+            self._leaves.move_to_end(host)
+            while len(self._leaves) > LEAF_CACHE_MAX:
+                self._leaves.popitem(last=False)
+        return leaf.context
+
+    def forget_leaves(self) -> None:
+        with self._lock:
+            self._leaves.clear()
+
+    def leaf_pem(self, host: str) -> bytes:
+        """A freshly minted leaf certificate (PEM) for ``host``; for tests and inspection."""
+        cert, _ = self._leaf_cert(host)
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def _leaf_cert(self, host: str) -> tuple[x509.Certificate, _PrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        ca = self.signing_cert
+        now = _now()
+        not_after = min(now + LEAF_LIFETIME, ca.not_valid_after_utc)
+        san: x509.GeneralName
+        try:
+            san = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            san = x509.DNSName(host)
+        cn = host if len(host) <= 64 else host[:64]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(_ski(key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._signing_key.public_key()),
+                critical=False,
+            )
+            .sign(self._signing_key, hashes.SHA256())
+        )
+        return cert, key
+
+    def _mint(self, host: str) -> _Leaf:
+        cert, key = self._leaf_cert(host)
+        self.minted += 1
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.signing_cert.public_bytes(
+            serialization.Encoding.PEM
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(list(ALPN))
+        _load_chain_in_memory(ctx, chain, key_pem)
+        renew = min(cert.not_valid_after_utc - LEAF_RENEW_BEFORE, _now() + LEAF_LIFETIME - LEAF_RENEW_BEFORE)
+        return _Leaf(ctx, renew.timestamp())
+
+
+def _load_chain_in_memory(ctx: ssl.SSLContext, chain: bytes, key_pem: bytes) -> None:
+    """``load_cert_chain`` reads only files: hand it anonymous memory files, never the disk."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is None:
+        raise ConfigError(
+            "ca_cert_file", "intercepting CONNECT needs os.memfd_create (Linux) to keep leaf keys off disk"
+        )
+    fds = [memfd_create("leaf-chain", os.MFD_CLOEXEC), memfd_create("leaf-key", os.MFD_CLOEXEC)]
+    try:
+        for fd, data in zip(fds, (chain, key_pem), strict=True):
+            os.write(fd, data)
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _read_certs(path: Path, key: str) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(key, f"{path} holds no PEM certificates") from None
+    return certs
+
+
+def _read_key(path: Path, key: str, group_readable: bool) -> _PrivateKey:
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode & 0o077
+            if mode & ~(0o040 if group_readable else 0):
+                raise ConfigError(
+                    key, f"{path} is readable by group or others: the CA key must be private (chmod 600)"
+                )
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(key, f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ConfigError(key, f"{path}: the CA key must be an EC key (P-256 or P-384)")
+    return loaded
+
+
+def _publish(path: Path, data: bytes, mode: int) -> bool:
+    """Create ``path`` complete or not at all (hard link of a private temp file); False if it exists."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dev_files(settings: Settings) -> tuple[Path, Path]:
+    """The dev-mode CA in the data dir, generated on first use (key first: the pair is only
+    complete once the certificate exists, and a reader waits for it)."""
+    cert_path, key_path = settings.data_dir / CA_CERT_NAME, settings.data_dir / CA_KEY_NAME
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_pem, key_pem = generate_ca()
+    if _publish(key_path, key_pem, 0o600):
+        if not _publish(cert_path, cert_pem, 0o644):
+            raise ConfigError("ca_cert_file", f"{cert_path} exists without its key; remove both files")
+        log.warning(
+            "DEV MODE: generated a CA for intercepting HTTPS_PROXY tunnels at %s (key %s). Clients "
+            "that trust it accept any certificate this service mints; set ca_cert_file/ca_key_file "
+            "in production.",
+            cert_path,
+            key_path,
+        )
+        return cert_path, key_path
+    for _ in range(100):  # another process published the key: wait for its certificate
+        if cert_path.exists():
+            break
+        time.sleep(0.02)
+    return cert_path, key_path
+
+
+def load_ca(settings: Settings) -> CertificateAuthority:
+    """The CA from settings (production) or the data dir (dev mode); ``ConfigError`` otherwise."""
+    if settings.ca_cert_file is not None or settings.ca_key_file is not None:
+        if settings.ca_cert_file is None or settings.ca_key_file is None:
+            raise ConfigError("ca_cert_file", "set both ca_cert_file and ca_key_file, or neither")
+        cert_path, key_path = settings.ca_cert_file, settings.ca_key_file
+    elif settings.dev_mode:
+        cert_path, key_path = _dev_files(settings)
+    else:
+        raise ConfigError(
+            "ca_cert_file",
+            "dev_mode is off and no CA is configured for CONNECT interception: set ca_cert_file and "
+            "ca_key_file (an EC CA; `openssl ecparam -genkey -name prime256v1` and a self-signed "
+            "certificate with basicConstraints CA:true)",
+        )
+    key = _read_key(key_path, "ca_key_file", settings.master_key_file_group_readable)
+    return from_parts(_read_certs(cert_path, "ca_cert_file"), key, str(cert_path))
+
+
+def from_parts(certs: list[x509.Certificate], key: _PrivateKey, source: str) -> CertificateAuthority:
+    """The CA whose certificate matches ``key``, trusting every other unexpired one of ``certs``."""
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    def spki(c: x509.Certificate) -> bytes:
+        return c.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    signing = [c for c in certs if spki(c) == public]
+    if not signing:
+        raise ConfigError("ca_key_file", f"the CA key matches no certificate in {source}")
+    now = _now()
+    # The newest certificate of the key signs (a renewed CA certificate for the same key).
+    signer = max(signing, key=lambda c: c.not_valid_after_utc)
+    try:
+        constraints = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise ConfigError(
+            "ca_cert_file", f"the certificate in {source} is not a CA (basicConstraints CA:true)"
+        )
+    if signer.not_valid_after_utc <= now:
+        raise ConfigError("ca_cert_file", f"the CA certificate in {source} has expired; rotate it")
+    others = tuple(c for c in certs if c is not signer and c.not_valid_after_utc > now)
+    return CertificateAuthority(signer, key, (signer, *others), source)
