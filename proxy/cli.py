@@ -1,4 +1,9 @@
-"""Command line: ``connection-proxy serve`` and the key-management commands.
+"""Command line: ``connection-proxy serve``, the key-management commands, ``ca export`` and ``run``.
+
+``run`` is the client side of forward-proxy mode: it starts a command with the proxy and trust
+variables every common runtime reads, so unmodified code calls APIs through the proxy (see
+``proxy.runenv``). The caller credential comes from ``PROXY_CALLER_KEY`` or ``--key-file``, never
+from the command line, where ``ps`` would show it.
 
 Every start-up failure (bad setting, missing or wrong master key, a key file readable by group or
 others) is printed as one clear line on stderr and exits with status 2 before anything listens.
@@ -277,6 +282,56 @@ def cmd_keys(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return asyncio.run(_with_vault(settings, action, getattr(args, "version", None)))
 
 
+# --- ca, run ----------------------------------------------------------------------------------
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from proxy.security.ca import load_ca
+
+    settings = _settings(args)
+    ca = load_ca(settings)
+    if ca is None:
+        print(
+            "connection-proxy: no CA: dev_mode is off and ca_cert_file/ca_key_file are not set",
+            file=sys.stderr,
+        )
+        return 2
+    sys.stdout.write(ca.bundle_pem)  # certificates only: the key is never printed
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy import runenv
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        print(
+            "connection-proxy: run needs a command: connection-proxy run [options] -- CMD ARGS...",
+            file=sys.stderr,
+        )
+        return 2
+    proxy_url = args.proxy or load_settings(args.config).public_url
+    key = runenv.caller_key(os.environ, args.key_file)
+    with runenv.prepared(proxy_url, key, args.connection, args.tenant, args.runtime_user) as env_vars:
+        env = {k: v for k, v in os.environ.items() if k != runenv.KEY_ENV}
+        env.update(env_vars)
+        try:
+            child = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            print(f"connection-proxy: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
+            return 127
+
+        def forward(signum: int, _frame: Any) -> None:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, forward)
+        return child.wait()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="connection-proxy", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -301,7 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = ksub.add_parser("status", help="which master key versions are in use")
     reenc = ksub.add_parser("reencrypt", help="new tenant data keys; re-encrypt every record (resumable)")
     reenc.add_argument("--resume", action="store_true", help="finish an interrupted run without a new key")
-    for p in (generate, add, rotate, retire, status, reenc):
+    ca = sub.add_parser("ca", help="the CA that HTTPS_PROXY clients must trust")
+    casub = ca.add_subparsers(dest="ca_cmd", required=True)
+    export = casub.add_parser("export", help="print the CA certificate bundle (PEM) to trust")
+
+    run = sub.add_parser(
+        "run",
+        help="run a command with HTTPS_PROXY/HTTP_PROXY and CA bundle variables set for the proxy",
+        description="The caller credential comes from PROXY_CALLER_KEY or --key-file, never argv.",
+    )
+    run.add_argument("--connection", help="the connection whose credentials calls use")
+    run.add_argument("--tenant", help="the tenant (needed for credentials not bound to one)")
+    run.add_argument("--runtime-user", help="a runtime user id (its own connection, if any)")
+    run.add_argument("--proxy", help="proxy URL (default: public_url, i.e. PROXY_PUBLIC_URL or PROXY_LISTEN)")
+    run.add_argument("--key-file", help="read the caller credential from FILE instead of PROXY_CALLER_KEY")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    for p in (generate, add, rotate, retire, status, reenc, export, run):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
 
     from proxy import admin_client
@@ -334,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return admin_client.run(args)
         if args.cmd == "backup":
             return cmd_backup(args)
+        if args.cmd == "ca":
+            return cmd_ca(args)
+        if args.cmd == "run":
+            return cmd_run(args)
         return cmd_keys(args, argv)
     except ProxyError as exc:
         print(f"connection-proxy: {exc.message}", file=sys.stderr)

@@ -333,8 +333,9 @@ def _dev_files(settings: Settings) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def load_ca(settings: Settings) -> CertificateAuthority:
-    """The CA from settings (production) or the data dir (dev mode); ``ConfigError`` otherwise."""
+def load_ca(settings: Settings) -> CertificateAuthority | None:
+    """The CA from settings (production) or the data dir (dev mode); None when neither (CONNECT
+    is then refused); ``ConfigError`` for a CA that is configured but unusable."""
     if settings.ca_cert_file is not None or settings.ca_key_file is not None:
         if settings.ca_cert_file is None or settings.ca_key_file is None:
             raise ConfigError("ca_cert_file", "set both ca_cert_file and ca_key_file, or neither")
@@ -342,12 +343,7 @@ def load_ca(settings: Settings) -> CertificateAuthority:
     elif settings.dev_mode:
         cert_path, key_path = _dev_files(settings)
     else:
-        raise ConfigError(
-            "ca_cert_file",
-            "dev_mode is off and no CA is configured for CONNECT interception: set ca_cert_file and "
-            "ca_key_file (an EC CA; `openssl ecparam -genkey -name prime256v1` and a self-signed "
-            "certificate with basicConstraints CA:true)",
-        )
+        return None
     key = _read_key(key_path, "ca_key_file", settings.master_key_file_group_readable)
     return from_parts(_read_certs(cert_path, "ca_cert_file"), key, str(cert_path))
 

@@ -380,7 +380,11 @@ async def forward_proxy(request: web.Request, handler: Handler) -> web.StreamRes
         intercept = request.app.get(CONNECT_HANDLER)
         if intercept is not None:
             return await intercept(request)
-        error = MethodNotAllowed("CONNECT is not served by this deployment; use path mode or http:// URLs")
+        error = MethodNotAllowed(
+            "CONNECT is not served: no CA is configured for interception (set ca_cert_file and "
+            "ca_key_file). Use http:// URLs through the proxy (upgraded to https when the "
+            "connection's base URL is https) or path mode: /proxy/{path} with X-Connection-Id"
+        )
         request.app[PIPELINE].finish(None, "forward", error.code)
         resp = error_response(error, request_id_of(request))
         resp.force_close()  # the client may already be sending tunnel bytes: never read them

@@ -35,7 +35,7 @@ import logging
 import ssl
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -154,7 +154,7 @@ class Tunnels:
                 raise BadRequest("the tunnel is closed")
             return await self._relay(tunnel, request)
         except ProxyError as exc:
-            if exc.status >= 500:
+            if exc.status >= 500 and not isinstance(exc, NotSupported):
                 log.warning("tunnel request %s failed: %s %s", rid, exc.code, exc.message)
             resp = error_response(exc, rid)
             if isinstance(exc, ProxyAuthenticationRequired | NotSupported | BadRequest):
@@ -325,9 +325,15 @@ async def _shutdown(app: web.Application) -> None:
     await app[TUNNELS].shutdown(5.0)
 
 
-def setup(app: web.Application, ca: Any = None) -> None:
-    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``."""
-    app[TUNNEL_CA] = ca if ca is not None else load_ca(app[SERVICES].settings)
+def setup(app: web.Application) -> None:
+    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``.
+
+    With dev mode off and no ``ca_cert_file``/``ca_key_file``, CONNECT stays refused (405)."""
+    ca = load_ca(app[SERVICES].settings)
+    if ca is None:
+        return
+    log.info("CONNECT interception on: CA %s (sha256 %s)", ca.source, ca.fingerprint)
+    app[TUNNEL_CA] = ca
     app[TUNNELS] = Tunnels(app)
     app[CONNECT_HANDLER] = connect
     app.router.add_get("/ca.pem", ca_pem)

@@ -1,0 +1,162 @@
+"""CONNECT interception details: proxy auth (407, Basic user forms), uploads with
+``Expect: 100-continue``, WebSocket refusal, ``/ca.pem``, and ``connection-proxy run`` end to end.
+
+Real parts only: the service on a loopback port, a trustme-CA TLS upstream, curl and Python as
+subprocesses, raw sockets for what no client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.web.tunnel import TUNNELS
+from tests.support.app import ADMIN_TOKEN, REPO_ROOT
+from tests.support.tlsupstream import TlsSetup, tls_setup
+
+
+@pytest.fixture
+async def tls(tmp_path: Path) -> AsyncIterator[TlsSetup]:
+    async with tls_setup(tmp_path) as setup:
+        yield setup
+
+
+async def connect_head(tls: TlsSetup, auth: str | None) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    try:
+        target = f"127.0.0.2:{tls.up.port}"
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if auth is not None:
+            head += f"Proxy-Authorization: {auth}\r\n"
+        writer.write((head + "\r\n").encode())
+        data = await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+    head_raw, _, body = data.partition(b"\r\n\r\n")
+    lines = head_raw.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_connect_without_or_with_bad_credentials_gets_407(tls: TlsSetup) -> None:
+    for auth in (None, basic("c1", "cpk_nope_nope"), "Basic !!!", basic("c1", "")):
+        status, headers, body = await connect_head(tls, auth)
+        assert status == 407, (auth, body)
+        assert headers["proxy-authenticate"] == 'Basic realm="connection-proxy"'
+        assert headers["x-proxy-error"] == "UNAUTHENTICATED"
+        assert "CONNECTION_ID:API_KEY" in json.loads(body)["message"]
+    assert tls.svc.app[TUNNELS].opened == 0
+
+
+async def test_basic_user_forms(tls: TlsSetup) -> None:
+    # A tenant key names just the connection; the admin token must name the tenant too.
+    assert (await connect_head(tls, basic("c1", tls.key)))[0] == 200
+    assert (await connect_head(tls, basic("t1%2Fc1", tls.key)))[0] == 200
+    assert (await connect_head(tls, basic("t1/c1", ADMIN_TOKEN)))[0] == 200
+    status, _, body = await connect_head(tls, basic("c1", ADMIN_TOKEN))
+    assert status == 407 and "TENANT_ID/CONNECTION_ID" in json.loads(body)["message"]
+    # A key of tenant t1 naming another tenant learns nothing about it.
+    status, headers, _ = await connect_head(tls, basic("t2/c1", tls.key))
+    assert (status, headers["x-proxy-error"]) == (404, "CONNECTION_NOT_FOUND")
+    status, headers, _ = await connect_head(tls, basic("nope", tls.key))
+    assert (status, headers["x-proxy-error"]) == (404, "CONNECTION_NOT_FOUND")
+
+
+async def curl(tls: TlsSetup, *args: str) -> tuple[int, str, str]:
+    p = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-m", "30", *args, env=tls.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    return p.returncode or 0, out.decode(), err.decode()
+
+
+async def test_streaming_upload_with_expect_100_continue(tls: TlsSetup) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tls.tmp / "upload.bin"
+    path.write_bytes(data)
+    # curl sends "Expect: 100-continue" for a body this size and waits for the 100.
+    code, out, err = await curl(tls, "-v", "-T", str(path), f"{tls.up.url}/upload")
+    assert code == 0, err
+    assert "Expect: 100-continue" in err and "HTTP/1.1 100 Continue" in err
+    assert json.loads(out) == {"len": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    seen = tls.up.seen[-1]
+    assert seen.header("Authorization") == ["Bearer tok"] and "expect" not in seen.header_names
+
+
+async def test_websocket_upgrade_refused_clearly(tls: TlsSetup) -> None:
+    code, out, err = await curl(
+        tls,
+        "-i",
+        "-H", "Connection: Upgrade",
+        "-H", "Upgrade: websocket",
+        "-H", "Sec-WebSocket-Version: 13",
+        "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        f"{tls.up.url}/ws",
+    )  # fmt: skip
+    assert code == 0, err
+    inner = out.split("HTTP/1.1 200 Connection Established\r\n", 1)[1].split("\r\n\r\n", 1)[1]
+    assert inner.startswith("HTTP/1.1 501"), out
+    body = json.loads(inner.split("\r\n\r\n", 1)[1])
+    assert body["error"] == "NOT_SUPPORTED" and "upgrade" in body["message"]
+    assert "/ws" not in [s.path for s in tls.up.seen]
+
+
+async def test_ca_pem_is_public_and_holds_no_key(tls: TlsSetup) -> None:
+    async with tls.svc.session.get(tls.svc.url + "/ca.pem") as r:
+        text = await r.text()
+    assert r.status == 200 and text.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE" not in text
+
+
+async def test_connection_proxy_run_end_to_end(tls: TlsSetup) -> None:
+    script = (
+        "import json, os, requests, urllib.request\n"
+        f"url = {tls.up.url + '/echo/run'!r}\n"
+        "r = requests.get(url, headers={'Authorization': 'Bearer caller-own'}, timeout=20)\n"
+        "u = urllib.request.urlopen(url, timeout=20).status\n"
+        "names = ['HTTPS_PROXY','https_proxy','HTTP_PROXY','http_proxy','NO_PROXY','SSL_CERT_FILE',"
+        "'REQUESTS_CA_BUNDLE','CURL_CA_BUNDLE','NODE_EXTRA_CA_CERTS','GIT_SSL_CAINFO','NODE_USE_ENV_PROXY']\n"
+        "print(json.dumps({'status': r.status_code, 'urllib': u, 'set': [n for n in names if os.environ.get(n)],"
+        " 'key_env': 'PROXY_CALLER_KEY' in os.environ, 'no_proxy': os.environ['NO_PROXY'],"
+        " 'bundle': open(os.environ['SSL_CERT_FILE']).read().count('BEGIN CERTIFICATE')}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PROXY_CALLER_KEY"] = tls.key
+    argv = [sys.executable, "-m", "proxy", "run", "--connection", "c1", "--proxy", tls.svc.url]
+    p = await asyncio.create_subprocess_exec(
+        *argv, "--", sys.executable, "-c", script,
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["status"] == 200 and result["urllib"] == 200
+    assert len(result["set"]) == 11, result["set"]
+    assert result["key_env"] is False and "127.0.0.1" in result["no_proxy"]
+    assert result["bundle"] > 1  # system roots plus the proxy's CA
+    runs = [s for s in tls.up.seen if s.path == "/echo/run"]
+    assert len(runs) == 2 and all(s.header("Authorization") == ["Bearer tok"] for s in runs)
+    assert tls.key.encode() not in out + err
+
+
+async def test_run_refuses_without_a_credential(tls: TlsSetup) -> None:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--connection", "c1", "--proxy", tls.svc.url, "--", "true",
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 2 and b"PROXY_CALLER_KEY" in err
