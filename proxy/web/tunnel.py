@@ -136,9 +136,15 @@ class Tunnels:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.server = web.Server(self._handle, keepalive_timeout=TUNNEL_KEEPALIVE_S, access_log=None)
+        self._server: web.Server | None = None  # built on first use: it needs the running loop
         self._by_handler: dict[RequestHandler, _Tunnel] = {}
         self.opened = 0  # tunnels established since start-up
+
+    @property
+    def server(self) -> web.Server:
+        if self._server is None:
+            self._server = web.Server(self._handle, keepalive_timeout=TUNNEL_KEEPALIVE_S, access_log=None)
+        return self._server
 
     def protocol(self, tunnel: _Tunnel, done: asyncio.Future[None]) -> _TunnelProtocol:
         inner = self.server()
@@ -205,7 +211,8 @@ class Tunnels:
         )
 
     async def shutdown(self, timeout: float) -> None:
-        await self.server.shutdown(timeout)
+        if self._server is not None:
+            await self._server.shutdown(timeout)
 
 
 TUNNELS = web.AppKey("tunnels", Tunnels)

@@ -28,6 +28,7 @@ EXPECTED = {
         "service peak RSS MiB (helpers included) during them",
         "healthz answered on the kept-alive connection during the slowloris (share)",
     ],
+    "tunnel.py": ["tunnel/path CPU per call", "uncached/cached new tunnel CPU"],
     "ratelimit.py": [
         "redis commands per admitted proxied call",
         "redis commands per locally denied call",
