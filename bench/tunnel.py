@@ -204,7 +204,9 @@ def main() -> int:
     inside = tunnel_cpu / path_cpu if path_cpu else None
     c.ratio_line("tunnel/path CPU per call", inside, "<= 1.5", None if inside is None else inside <= 1.5)
     minted = rows[3][2] / rows[2][2] if rows[2][2] else None
-    c.ratio_line("uncached/cached new tunnel CPU", minted, "any: informational, the cost of minting a leaf", True)
+    c.ratio_line(
+        "uncached/cached new tunnel CPU", minted, "any: informational, the cost of minting a leaf", True
+    )
     print(
         f"leaf minting adds ~{rows[3][2] - rows[2][2]:.0f} us of service CPU to a new tunnel; cached leaves add none"
     )

@@ -273,3 +273,23 @@ def test_bad_public_key_file_names_the_setting(tmp_path: Path, store: Store) -> 
     with pytest.raises(ConfigError) as info:
         Authenticator(settings(jwt_public_key_files=[str(bad)]), store, ADMIN)
     assert info.value.key == "jwt_public_key_files"
+
+
+def test_basic_proxy_credentials_parse() -> None:
+    import base64
+
+    from proxy.errors import Unauthenticated
+    from proxy.security.auth import ProxyUser, bearer_token, proxy_user
+
+    def h(user_pass: str) -> dict[str, str]:
+        return {"Proxy-Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()}
+
+    assert proxy_user(h("c1:k")) == ProxyUser("c1")
+    assert proxy_user(h("t1%2Fc1:k")) == ProxyUser("c1", "t1")
+    assert proxy_user(h("t1/c1/u9:k")) == ProxyUser("c1", "t1", "u9")
+    assert bearer_token(h("t1/c1:cpk_a_b%5F")) == "cpk_a_b_"  # percent-escapes decoded once
+    assert proxy_user({"Proxy-Authorization": "Bearer x"}) is None
+    for bad in ("c1:", "a/b/c/d:k", "bad id:k", "nocolon"):
+        with pytest.raises(Unauthenticated) as info:
+            proxy_user(h(bad)) if bad != "c1:" else bearer_token(h(bad))
+        assert "k" not in info.value.message.split() and bad not in info.value.message

@@ -198,3 +198,29 @@ async def test_upgraded_to_https_when_base_url_is_https(tmp_path: Path) -> None:
         server.close()
         await server.wait_closed()
     assert first and first[0][:1] == b"\x16"  # TLS handshake record, not "GET /x"
+
+
+async def test_absolute_form_with_basic_proxy_credentials(svc: RunningService, upstream: Upstream) -> None:
+    # What HTTP_PROXY=http://c1:KEY@proxy makes every client send: the user names the connection.
+    import base64
+
+    key = await svc.mint_key("t1")
+    for user in ("c1", "t1%2Fc1", "t1/c1"):
+        auth = base64.b64encode(f"{user}:{key}".encode()).decode()
+        status, _, body = await raw_request(
+            svc,
+            f"GET http://127.0.0.1:{upstream.port}/base/echo/basic HTTP/1.1\n"
+            f"Host: x\nProxy-Authorization: Basic {auth}\nConnection: close\n",
+        )
+        assert status == 200, body
+        seen = upstream.seen[-1]
+        assert seen.header("Authorization") == ["Bearer tok"]
+        assert "proxy-authorization" not in seen.header_names
+    bad = base64.b64encode(f"c1:{key}x".encode()).decode()
+    status, headers, _ = await raw_request(
+        svc,
+        f"GET http://127.0.0.1:{upstream.port}/base/echo/basic HTTP/1.1\n"
+        f"Host: x\nProxy-Authorization: Basic {bad}\nConnection: close\n",
+    )
+    assert status == 407 and headers["proxy-authenticate"] == 'Basic realm="connection-proxy"'
+    assert len(upstream.seen) == 3
