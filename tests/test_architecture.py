@@ -33,6 +33,8 @@ PURE = (
     "proxy.ratelimit.signals.reader",
     "proxy.ratelimit.signals.vendors",
     "proxy.ratelimit.targets",
+    "proxy.runenv",
+    "proxy.security.ca",
     "proxy.security.crypto",
     "proxy.security.destinations",
     "proxy.security.egress",

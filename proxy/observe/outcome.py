@@ -9,6 +9,8 @@ in a dashboard finds the same word in the audit trail. Every outcome is one of:
 - ``upstream_4xx`` / ``upstream_5xx``: the upstream's own error answer was relayed (``of_status``);
 - an error code (``RATE_LIMITED``, ``CONNECTION_NOT_FOUND``, ...): the ``ProxyError`` the caller
   got, spelled exactly as in its ``X-Proxy-Error`` header (``of_error``);
+- ``tls_handshake_failed``: a ``CONNECT`` tunnel was granted but the client refused the minted
+  certificate (it does not trust the proxy's CA, or pins certificates);
 - ``client_disconnected``: the caller left before the answer was written; ``error``: the
   request ended without a known outcome (an unexpected failure).
 
@@ -42,6 +44,7 @@ class Outcome(StrEnum):
     INVALID = "invalid"
     FAILED = "failed"
     CLIENT_DISCONNECTED = "client_disconnected"
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     ERROR = "error"
 
 

@@ -50,6 +50,7 @@ from proxy.errors import (
 )
 from proxy.model import check_id
 from proxy.observe.metrics import REQUESTS_TALLY
+from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.plan import check_destination
 from proxy.security import egress as egress_mod
 from proxy.security.ca import CertificateAuthority, load_ca
@@ -253,13 +254,13 @@ async def connect(request: web.Request) -> web.StreamResponse:
         await _bound(app, identity, host)
         context = app[TUNNEL_CA].server_context(host)
     except ProxyError as exc:
-        REQUESTS_TALLY.inc(("connect", exc.code))
+        REQUESTS_TALLY.inc(("connect", of_error(exc)))
         resp = error_response(exc, rid)
         resp.force_close()  # the client may already be sending tunnel bytes: never read them
         return resp
     transport = request.transport
     if transport is None:
-        REQUESTS_TALLY.inc(("connect", "client_disconnected"))
+        REQUESTS_TALLY.inc(("connect", Outcome.CLIENT_DISCONNECTED.value))
         return web.Response(status=499)
     netloc = f"[{host}]" if ":" in host else host
     tunnel = _Tunnel(
@@ -278,7 +279,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
     tunnels = app[TUNNELS]
     done: asyncio.Future[None] = loop.create_future()
     tls: asyncio.BaseTransport | None = None
-    outcome = "ok"
+    outcome: str = Outcome.OK
     try:
         proto = tunnels.protocol(tunnel, done)
         tls = await loop.start_tls(
@@ -294,7 +295,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         tunnels.opened += 1
         await done
     except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
-        outcome = "tls_handshake_failed"
+        outcome = Outcome.TLS_HANDSHAKE_FAILED
         # Most often the client does not trust the CA; the reason names no secret.
         log.info(
             "CONNECT %s: TLS handshake with the client failed (%s); does it trust the proxy's CA "
@@ -304,7 +305,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         )
         transport.abort()
     except asyncio.CancelledError:
-        outcome = "client_disconnected"
+        outcome = Outcome.CLIENT_DISCONNECTED
         if tls is not None:
             tls.close()
         raise
