@@ -160,3 +160,37 @@ async def test_run_refuses_without_a_credential(tls: TlsSetup) -> None:
     )  # fmt: skip
     _, err = await asyncio.wait_for(p.communicate(), 60)
     assert p.returncode == 2 and b"PROXY_CALLER_KEY" in err
+
+
+async def test_key_revoked_mid_tunnel_stops_working_inside_it(tls: TlsSetup) -> None:
+    import ssl
+
+    import aiohttp
+
+    from proxy.security import crypto
+
+    ctx = ssl.create_default_context(cafile=str(tls.client_ca))
+    proxy = tls.proxy_url()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{tls.up.url}/echo/before", proxy=proxy, ssl=ctx) as r:
+            assert r.status == 200
+        key_id = crypto.split_api_key(tls.key)[0]  # type: ignore[index]
+        status, _ = await tls.svc.admin("DELETE", f"/admin/tenants/t1/api-keys/{key_id}")
+        assert status in (200, 204)
+        async with s.get(f"{tls.up.url}/echo/after", proxy=proxy, ssl=ctx) as r:
+            assert r.status == 407 and r.headers["X-Proxy-Error"] == "UNAUTHENTICATED"
+    assert tls.svc.app[TUNNELS].opened == 1  # the second call was inside the same tunnel
+    assert "/echo/after" not in [s.path for s in tls.up.seen]
+
+
+async def test_client_not_trusting_the_ca_fails_its_handshake_and_nothing_is_sent(tls: TlsSetup) -> None:
+    env = tls.client_env()
+    env["CURL_CA_BUNDLE"] = "/etc/ssl/certs/ca-certificates.crt"  # system roots only
+    p = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-m", "20", f"{tls.up.url}/echo/untrusted",
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 60, err  # curl: peer certificate cannot be authenticated
+    assert tls.up.seen == []
+    assert tls.svc.app[TUNNELS].opened == 0
