@@ -48,7 +48,6 @@ from proxy.errors import (
     ProxyError,
     Unauthenticated,
 )
-from proxy.model import check_id
 from proxy.observe.metrics import REQUESTS_TALLY
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.plan import check_destination
@@ -250,7 +249,6 @@ async def connect(request: web.Request) -> web.StreamResponse:
     try:
         identity = await forward_identity(request, app)
         host, port = _authority(request.raw_path)
-        check_id("connection", identity.connection_id)
         await _bound(app, identity, host)
         context = app[TUNNEL_CA].server_context(host)
     except ProxyError as exc:
