@@ -121,6 +121,7 @@ async def test_ca_pem_is_public_and_holds_no_key(tls: TlsSetup) -> None:
     assert "PRIVATE" not in text
 
 
+@pytest.mark.system
 async def test_connection_proxy_run_end_to_end(tls: TlsSetup) -> None:
     script = (
         "import json, os, requests, urllib.request\n"
@@ -152,6 +153,7 @@ async def test_connection_proxy_run_end_to_end(tls: TlsSetup) -> None:
     assert tls.key.encode() not in out + err
 
 
+@pytest.mark.system
 async def test_run_refuses_without_a_credential(tls: TlsSetup) -> None:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     p = await asyncio.create_subprocess_exec(

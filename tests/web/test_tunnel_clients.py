@@ -24,6 +24,8 @@ import pytest
 from proxy.web.tunnel import TUNNELS
 from tests.support.tlsupstream import UNBOUND_HOST, TlsSetup, tls_setup
 
+pytestmark = pytest.mark.system  # client processes, one per call sequence
+
 CLIENTS_DIR = Path(__file__).resolve().parents[1] / "clients"
 PY_CLIENT = CLIENTS_DIR / "py_client.py"
 NODE_CLIENT = CLIENTS_DIR / "node_client.mjs"

@@ -139,6 +139,7 @@ def test_leaf_never_outlives_the_ca(tmp_path: Path) -> None:
     assert leaf.not_valid_after_utc > dt.datetime.now(dt.UTC)
 
 
+@pytest.mark.system
 def test_ca_export_prints_the_bundle_and_no_key(tmp_path: Path) -> None:
     import subprocess
     import sys
