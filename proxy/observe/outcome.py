@@ -44,8 +44,8 @@ class Outcome(StrEnum):
     INVALID = "invalid"
     FAILED = "failed"
     CLIENT_DISCONNECTED = "client_disconnected"
-    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     ERROR = "error"
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
 
 
 def of_error(exc: ProxyError) -> str:

@@ -36,6 +36,7 @@ def test_outcomes_are_plain_strings_where_they_are_recorded() -> None:
         "failed",
         "client_disconnected",
         "error",
+        "tls_handshake_failed",  # a granted CONNECT whose client refused the minted certificate
     ]
     event = AuditEvent(ts=1.0, tenant_id="t1", action="credential.read", actor="a", outcome=Outcome.DENIED)
     assert json.loads(json.dumps(event.to_dict()))["outcome"] == "denied"
