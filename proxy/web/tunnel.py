@@ -48,6 +48,7 @@ from proxy.errors import (
     ProxyError,
     Unauthenticated,
 )
+from proxy.observe import logformat, trace
 from proxy.observe.metrics import REQUESTS_TALLY
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.plan import check_destination
@@ -153,7 +154,24 @@ class Tunnels:
         return _TunnelProtocol(inner, done)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Each request in a tunnel is a call of its own: its own request and trace ids (not the
+        CONNECT's, whose context the tunnel's tasks inherit) and its own access line, as the error
+        middleware gives routed requests."""
         rid = request_id_of(request)
+        headers = request.headers
+        parent = headers.get("traceparent")
+        ctx, token = trace.begin(rid, parent, headers.get("tracestate") if parent else None)
+        status: int | None = None
+        try:
+            resp = await self._answer(request, rid)
+            status = resp.status
+            return resp
+        finally:
+            if ctx.front is not None:
+                logformat.access_line(ctx, status)
+            trace.end(token)
+
+    async def _answer(self, request: web.BaseRequest, rid: str) -> web.StreamResponse:
         tunnel = self._by_handler.get(request.protocol)
         try:
             if tunnel is None:  # the tunnel ended while this request was being parsed

@@ -196,3 +196,24 @@ async def test_client_not_trusting_the_ca_fails_its_handshake_and_nothing_is_sen
     assert p.returncode == 60, err  # curl: peer certificate cannot be authenticated
     assert tls.up.seen == []
     assert tls.svc.app[TUNNELS].opened == 0
+
+
+async def test_each_call_in_a_tunnel_gets_its_own_access_line(
+    tls: TlsSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import ssl
+
+    import aiohttp
+
+    ctx = ssl.create_default_context(cafile=str(tls.client_ca))
+    with caplog.at_level(logging.INFO, logger="proxy.access"):
+        async with aiohttp.ClientSession() as s:
+            for n in range(2):
+                async with s.get(f"{tls.up.url}/echo/{n}", proxy=tls.proxy_url(), ssl=ctx) as r:
+                    assert r.status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
+    tunnel_lines = [m for m in lines if m.startswith("tunnel t1/c1 -> 127.0.0.2")]
+    assert len(tunnel_lines) == 2, lines
+    assert len({m.rsplit("request ", 1)[1] for m in tunnel_lines}) == 2  # distinct request ids
+    assert tls.key not in " ".join(lines)
