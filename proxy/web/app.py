@@ -12,7 +12,18 @@ from aiohttp import web
 from proxy import services as services_mod
 from proxy.services import Services, build_services
 from proxy.settings import Settings
-from proxy.web import admin, admin_tenants_list, connect, connsvc, ops, proxy_routes, ratelimits, tunnel
+from proxy.web import (
+    admin,
+    admin_tenants_list,
+    connect,
+    connsvc,
+    conntest,
+    envelope,
+    ops,
+    proxy_routes,
+    ratelimits,
+    tunnel,
+)
 from proxy.web.authn import SERVICES as SERVICES
 from proxy.web.errors import error_middleware
 
@@ -36,6 +47,8 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app[SERVICES] = svc
     # The forward-proxy front end inspects absolute-form targets before routing.
     proxy_routes.setup(app)
+    envelope.setup(app)  # Runtara's envelope front end, on the same pipeline
+    conntest.setup(app)
     tunnel.setup(app)  # CONNECT interception and GET /ca.pem
     ops.setup(app)
     admin.setup(app)
