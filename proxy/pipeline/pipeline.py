@@ -46,6 +46,7 @@ from yarl import URL
 
 from proxy.cache import BoundedCache, IdentityCache
 from proxy.errors import (
+    HostNotAllowed,
     MethodNotAllowed,
     ProxyError,
     RateLimited,
@@ -315,6 +316,12 @@ class Pipeline:
             explicit_port = urlsplit_port(url)
             port = explicit_port if explicit_port not in (None, 80) else 443
         check_destination(self.egress, plan, scheme, host)
+        if port != plan.base_port:
+            # Another port of a bound host is another service: the caller may not pick it.
+            raise HostNotAllowed(
+                f"port {port} is not connection {plan.record.connection_id!r}'s port "
+                f"({plan.base_port}, from its base URL); send the call to that port"
+            )
         path, _, query = target.partition("?")
         prefix = plan.base_path.rstrip("/")
         if prefix:

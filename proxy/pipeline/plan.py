@@ -58,6 +58,7 @@ class Plan:
 
     __slots__ = (
         "base_path",
+        "base_port",
         "base_scheme",
         "base_tail",
         "base_url",
@@ -106,6 +107,7 @@ class Plan:
         self.base_tail = base_parts.path + (f"?{base_parts.query}" if base_parts.query else "")
         self.host = host
         self.host_key = f"{host}:{port}"
+        self.base_port = port
         patterns = record.allowed_hosts
         if patterns is None:
             patterns = integration.allowed_hosts

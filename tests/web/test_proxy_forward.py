@@ -13,7 +13,7 @@ import pytest
 from yarl import URL
 
 from tests.support.app import RunningService, running_service
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, running_upstream
 
 
 @pytest.fixture
@@ -114,6 +114,21 @@ async def test_absolute_form_outside_the_base_path_is_refused(
         assert status == 403
         assert "escapes the connection's base path" in json.loads(body)["message"]
     assert upstream.seen == []
+
+
+async def test_absolute_form_to_another_port_of_the_bound_host_is_refused(
+    svc: RunningService, upstream: Upstream
+) -> None:
+    # Same host, another port: another service, which the caller may not send the credential to.
+    async with running_upstream() as other:
+        key = await svc.mint_key("t1")
+        status, headers, body = await raw_request(
+            svc,
+            f"GET http://127.0.0.1:{other.port}/base/x HTTP/1.1\n"
+            f"Host: x\nProxy-Authorization: Bearer {key}\nX-Connection-Id: c1\nConnection: close\n",
+        )
+        assert (status, headers["x-proxy-error"]) == (403, "HOST_NOT_ALLOWED"), body
+        assert other.seen == [] and upstream.seen == []
 
 
 async def test_absolute_form_at_the_base_path_itself(svc: RunningService, upstream: Upstream) -> None:
