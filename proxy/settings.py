@@ -8,10 +8,11 @@ service reads the environment.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,68 +24,124 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting, with its default. The string under each field is its description in the
+    configuration reference (``docs/configuration.md``, made by ``make docs``), which a test
+    keeps current: a field without one fails it."""
+
     listen_host: str = "127.0.0.1"
+    """Where to listen, as HOST:PORT (the ``--listen`` option of ``serve`` wins)."""
     listen_port: int = 8080
     data_dir: Path = Path("./var")
+    """Folder of the embedded SQLite store and, in dev mode only, the generated master key,
+    admin token and CA."""
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    """When set, shared state (connections, rate-limit state, locks, audit) lives in this Redis
+    instead of the embedded store; every replica must point at the same one."""
     redis_timeout_s: float = 0.25
-    # Dev mode: with no master key configured, generate one (and an admin token) into data_dir.
-    # Production deployments set dev_mode = false so a missing key stops start-up instead.
+    """Timeout of one Redis command (store and rate limiter)."""
     dev_mode: bool = True
+    """With no master key configured, generate one (and an admin token and a CA) into
+    ``data_dir``. Production sets it false, so a missing key stops start-up instead."""
     master_key: str | None = field(default=None, repr=False)
+    """The master key ring inline (``VERSION:BASE64`` entries, comma-separated; one bare key
+    is version 1). Cannot change while the process runs: prefer ``master_key_file``."""
     master_key_file: Path | None = None
-    # Accept a key file readable by its group (never by others): for Kubernetes, whose secret
-    # volumes with an fsGroup are mode 0440. Off by default.
+    """File holding the master key ring (lines of ``VERSION:BASE64``, mode 0600), re-read on
+    SIGHUP; made by ``connection-proxy keys generate``."""
     master_key_file_group_readable: bool = False
+    """Accept a key file readable by its group (never by others): Kubernetes secret volumes
+    with an ``fsGroup`` are mode 0440."""
     admin_token: str | None = field(default=None, repr=False)
-    # Unset, load_settings derives it from listen_host:listen_port (see default_public_url).
+    """Bearer token of the admin API (at least 16 characters). Dev mode generates one into
+    ``data_dir`` when unset."""
     public_url: str = "http://127.0.0.1:8080"
+    """The service's external base URL: connect-page links and the OAuth redirect URI
+    ``{public_url}/oauth/callback``. Unset: ``http://`` + listen (a wildcard host becoming
+    loopback), right for dev mode only."""
     egress_allow: tuple[str, ...] = ()
+    """Hosts or CIDRs the egress guard lets through although private or loopback (e.g.
+    ``127.0.0.1/32``); credentials travel over plain http only to these."""
     trusted_networks: tuple[IPNetwork, ...] = ()
+    """CIDRs whose callers may use the Connection Service and the Runtara envelope without an
+    auth header (Runtara sends none). Empty: every caller authenticates."""
     connection_service_prefix: str = "/connections"
+    """Where the Runtara Connection Service is mounted
+    (``RUNTARA_CONNECTION_SERVICE_URL=http://HOST:8080/connections``)."""
     integrations_dirs: tuple[Path, ...] = ()
+    """Extra directories of integration files (``*.toml``, like the built-ins in
+    ``proxy/builtin_integrations/``)."""
     credential_cache_ttl_s: float = 5.0
-    # Per-caller quota of the Connection Service itself (requests per minute per caller).
+    """How long decrypted credentials stay cached in memory; admin changes invalidate them at
+    once (other replicas within a second, via Redis pub/sub)."""
     service_quota_per_minute: int = 6000
+    """The Connection Service's own quota per caller, in requests per minute (beyond: 429)."""
     audit_required: bool = False
+    """A credential leaves the Connection Service only once its release is durably recorded."""
     audit_flush_interval_s: float = 0.5
+    """How often the aggregated audit buffer is written to the store."""
     audit_buffer_max: int = 10000
+    """Audit events held in memory between flushes; beyond it events are dropped (and counted)."""
     audit_retention_days: float = 90.0
+    """Audit events older than this are deleted (hourly); 0 keeps the trail forever."""
     ratelimit_fail_mode: str = "open"
+    """When Redis fails: ``open`` falls back to an in-process limiter, ``closed`` answers 503."""
     upstream_connect_timeout_s: float = 5.0
+    """Timeout of connecting to an upstream (a connection's ``options.timeouts`` may lower it)."""
     upstream_read_timeout_s: float = 60.0
+    """Longest pause while reading an upstream's answer."""
     upstream_total_timeout_s: float = 300.0
+    """Longest a whole upstream call may take."""
     upstream_max_per_host: int = 256
+    """Concurrent calls per upstream host and process; beyond it callers get a fast 503."""
     max_wait_ms_cap: int = 30000
+    """The longest a caller may ask the proxy to wait for a rate limit (``X-Proxy-Max-Wait-Ms``)."""
     jwt_hs256_secret: str | None = field(default=None, repr=False)
+    """Shared secret of HS256 caller JWTs (unset: HS256 JWTs are refused)."""
     jwt_public_key_files: tuple[Path, ...] = ()
+    """PEM public keys of RS256/ES256/EdDSA caller JWTs."""
     jwt_issuer: str | None = None
+    """When set, caller JWTs must carry this ``iss``."""
     jwt_audience: str | None = None
+    """When set, caller JWTs must carry this ``aud``."""
     jwt_tenant_claim: str = "tenant_id"
+    """The JWT claim naming the caller's tenant."""
     connect_session_ttl_s: int = 3600
+    """How long a connect link stays valid."""
     proxy_only_tenants: tuple[str, ...] = ()
+    """Tenants whose connections never release secrets through the Connection Service (only
+    their non-secret parameters); the proxy injects them instead."""
     log_level: str = "INFO"
-    # json, text, or auto: json when stderr is not a terminal (see proxy.observe.logformat).
+    """``debug``, ``info``, ``warning`` (turns off the access lines) or ``error``."""
     log_format: str = "auto"
+    """``json``, ``text`` or ``auto``: JSON when stderr is not a terminal (systemd, containers)."""
     workers: int = 1
-    # Resource bounds (per process). Client connections served at once; beyond them a few more
-    # (connection_reserve) are accepted only to answer /healthz, the rest are closed at once.
+    """Processes of ``serve`` sharing the port (SO_REUSEPORT), at least 1 (the ``--workers``
+    option wins). With more than one, set ``redis_url`` so rate limits are shared."""
     max_connections: int = 1024
+    """Client connections one process serves at once."""
     connection_reserve: int = 16
-    # A connection that has not sent a complete request head this long after connecting (or
-    # after the first byte of its next head) is closed: slowloris.
+    """Connections accepted beyond ``max_connections`` only to answer ``/healthz``; the rest
+    are closed at once."""
     head_timeout_s: float = 10.0
-    # The envelope buffers the upstream's answer to wrap it in JSON: the most it buffers, and
-    # how many envelope calls run at once (beyond it: 503 with Retry-After).
+    """A connection that has not sent a complete request head this long after connecting (or
+    after the first byte of its next head) is closed (slowloris)."""
+    max_request_body_bytes: int = 10 * 1024 * 1024
+    """The largest request body the admin API, the Connection Service and the connect pages
+    read (beyond: 413). Path and forward mode stream bodies and are not bound by it."""
+    envelope_max_request_bytes: int = 32 * 1024 * 1024
+    """The largest request body the Runtara envelope carries (before base64; beyond: 413)."""
     envelope_max_response_bytes: int = 10 * 1024 * 1024
+    """The largest upstream answer the envelope buffers to wrap it in JSON (beyond: 502
+    ``UPSTREAM_RESPONSE_TOO_LARGE``; path mode streams any size)."""
     envelope_max_concurrent: int = 8
-    # CONNECT interception (proxy.security.ca): the CA that mints leaves for tunnelled hosts. The
-    # certificate file may hold older CA certificates too (rotation overlap: all are exported).
-    # Unset in dev mode: generated into data_dir.
+    """Envelope calls running at once per process (beyond: 503 with ``Retry-After: 1``)."""
     ca_cert_file: Path | None = None
+    """CONNECT interception CA certificate(s), PEM; may hold older CA certificates too (the
+    rotation overlap: all are exported). Unset in dev mode: generated into ``data_dir``."""
     ca_key_file: Path | None = None
-    # Extra CA bundle the service trusts for its own upstream TLS, beside the system roots.
+    """The CA's private key (EC, PEM) that signs the leaves for tunnelled hosts."""
     upstream_ca_file: Path | None = None
+    """Extra CA bundle the service trusts for its own upstream TLS, beside the system roots."""
 
     @property
     def listen(self) -> str:
@@ -132,12 +189,23 @@ def _number(key: str, v: Any, kind: type, minimum: float) -> Any:
     return n
 
 
+class _Number:
+    """A number parser that also tells the configuration reference its bound."""
+
+    def __init__(self, kind: type[int] | type[float], minimum: float) -> None:
+        self.kind, self.minimum = kind, minimum
+        self.constraint = f">= {minimum}"
+
+    def __call__(self, key: str, v: Any) -> Any:
+        return self.kind(_number(key, v, self.kind, self.minimum))
+
+
 def _int(minimum: int) -> Callable[[str, Any], int]:
-    return lambda key, v: int(_number(key, v, int, minimum))
+    return _Number(int, minimum)
 
 
 def _float(minimum: float) -> Callable[[str, Any], float]:
-    return lambda key, v: float(_number(key, v, float, minimum))
+    return _Number(float, minimum)
 
 
 def _list(key: str, v: Any) -> tuple[str, ...]:
@@ -210,21 +278,29 @@ def _prefix(key: str, v: Any) -> str:
     return text
 
 
-def _choice(*options: str) -> Callable[[str, Any], str]:
-    def parse(key: str, v: Any) -> str:
+class _Choice:
+    """A parser of one of a few words (case-insensitive); the reference lists them."""
+
+    def __init__(self, *options: str, upper: bool = False, blank: str | None = None) -> None:
+        self.options, self.upper, self.blank = options, upper, blank
+        self.constraint = "one of " + ", ".join(options)
+
+    def __call__(self, key: str, v: Any) -> str:
+        if v == "" and self.blank is not None:
+            return self.blank
         text = _str(key, v).strip().lower()
-        if text not in options:
-            raise ConfigError(key, f"must be one of {', '.join(options)}")
-        return text
-
-    return parse
+        if text not in self.options:
+            raise ConfigError(key, f"must be one of {', '.join(self.options)}")
+        return text.upper() if self.upper else text
 
 
-def _log_level(key: str, v: Any) -> str:
-    return _choice("debug", "info", "warning", "error")(key, v).upper()
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    return _Choice(*options)
 
 
-# key -> (Settings attribute(s), parser). The TOML key and the env name (PROXY_ + upper) agree.
+# key -> parser. The TOML key and the env name (PROXY_ + upper) agree; each key is the Settings
+# field of that name, except these, which set several fields.
+COMPOSITE_KEYS: dict[str, tuple[str, ...]] = {"listen": ("listen_host", "listen_port")}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "listen": _listen,
     "data_dir": lambda k, v: Path(_str(k, v)),
@@ -259,12 +335,14 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "jwt_tenant_claim": _str,
     "connect_session_ttl_s": _int(60),
     "proxy_only_tenants": _list,
-    "log_level": _log_level,
-    "log_format": lambda k, v: "auto" if v == "" else _choice("auto", "json", "text")(k, v),
+    "log_level": _Choice("debug", "info", "warning", "error", upper=True),
+    "log_format": _Choice("auto", "json", "text", blank="auto"),
     "workers": _int(1),
     "max_connections": _int(1),
     "connection_reserve": _int(0),
     "head_timeout_s": _float(0.01),
+    "max_request_body_bytes": _int(1024),
+    "envelope_max_request_bytes": _int(1024),
     "envelope_max_response_bytes": _int(1024),
     "envelope_max_concurrent": _int(1),
     "ca_cert_file": _opt_path,
@@ -304,7 +382,10 @@ def load_settings(
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         unknown = sorted(set(raw) - set(_PARSERS))
         if unknown:
-            raise ConfigError(unknown[0], f"unknown setting in {path}; known: {', '.join(_PARSERS)}")
+            raise ConfigError(
+                unknown[0], f"unknown setting in {path}{_closest(unknown[0], _PARSERS)}; known: {', '.join(_PARSERS)}"
+            )
+    _check_environment(env)
     for key in _PARSERS:
         name = f"PROXY_{key.upper()}"
         if name in env:
@@ -328,6 +409,42 @@ def load_settings(
     settings = Settings(**values)
     _cross_check(settings)
     return settings
+
+
+# PROXY_* variables that are not settings: read by the command line, never by the service's
+# settings. Together with PROXY_<KEY> for every key above they are every PROXY_* variable there
+# is; any other one is refused at start (a typo such as PROXY_DEV_MOD must not be ignored).
+CLI_VARIABLES: dict[str, str] = {
+    "PROXY_CONFIG": "the TOML settings file, when no --config option is given",
+    "PROXY_CALLER_KEY": "`connection-proxy run`: the caller credential (tenant API key or JWT)",
+    "PROXY_URL": "`connection-proxy admin`: the service's base URL (before PROXY_PUBLIC_URL and PROXY_LISTEN)",
+    "PROXY_WORKER_CHILD": "internal: set by `serve --workers N` in the environment of its worker processes",
+}
+
+
+def env_name(key: str) -> str:
+    return f"PROXY_{key.upper()}"
+
+
+def known_variables() -> list[str]:
+    return [env_name(k) for k in _PARSERS] + list(CLI_VARIABLES)
+
+
+def _closest(name: str, known: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    known = known_variables()
+    for name in sorted(env):
+        if name.startswith("PROXY_") and name not in known:
+            raise ConfigError(
+                name,
+                f"unknown environment variable{_closest(name, known)}; every PROXY_* variable must "
+                "be a setting (docs/configuration.md lists them) or one the command line reads "
+                f"({', '.join(CLI_VARIABLES)}): unset it or fix its name",
+            )
 
 
 def _cross_check(s: Settings) -> None:

@@ -319,7 +319,7 @@ class Pipeline:
         if port != plan.base_port:
             # Another port of a bound host is another service: the caller may not pick it.
             raise HostNotAllowed(
-                f"port {port} is not connection {plan.record.connection_id!r}'s port "
+                f"port {port} is not the port of connection {plan.record.connection_id!r} "
                 f"({plan.base_port}, from its base URL); send the call to that port"
             )
         path, _, query = target.partition("?")

@@ -142,7 +142,7 @@ def check_destination(policy: egress_mod.EgressPolicy, plan: Plan, scheme: str, 
         )
     if not egress_mod.host_matches(host, plan.host_patterns):
         raise HostNotAllowed(
-            f"host {host!r} is not among connection {plan.record.connection_id!r}'s allowed hosts "
+            f"host {host!r} is not among the allowed hosts of connection {plan.record.connection_id!r} "
             f"({', '.join(plan.host_patterns)}); fix the URL, or the connection's allowed_hosts if intended"
         )
     if scheme != "https" and not policy.is_allowed_host(host):

@@ -211,7 +211,7 @@ def wrap_dek(ring: KeyRing, tenant_id: str, dek_version: int, dek: bytes) -> Wra
 
 def unwrap_dek(ring: KeyRing, tenant_id: str, wrapped: WrappedKey) -> bytes:
     v = wrapped.kek_version
-    kek = ring.get(v, f"tenant {tenant_id!r}'s data key")
+    kek = ring.get(v, f"the data key of tenant {tenant_id!r}")
     aad = _aad("cp-dek", tenant_id, wrapped.dek_version, v)
     try:
         dek = AESGCM(kek).decrypt(wrapped.blob[:NONCE_BYTES], wrapped.blob[NONCE_BYTES:], aad)
@@ -219,7 +219,7 @@ def unwrap_dek(ring: KeyRing, tenant_id: str, wrapped: WrappedKey) -> bytes:
         dek = b""
     if len(dek) != KEY_BYTES:
         raise CryptoError(
-            f"master key version {v} cannot open tenant {tenant_id!r}'s data key: "
+            f"master key version {v} cannot open the data key of tenant {tenant_id!r}: "
             "wrong master key or tampered record"
         )
     return dek

@@ -143,7 +143,7 @@ def key_check_holds(tenant: dict[str, Any] | None, check: Mapping[str, str]) -> 
 
 def key_record_changed(tenant_id: str) -> KeyRecordChanged:
     return KeyRecordChanged(
-        f"tenant {tenant_id!r}'s key record changed or vanished while the write was prepared "
+        f"the key record of tenant {tenant_id!r} changed or vanished while the write was prepared "
         "(the store lost or replaced it); nothing was written: retry the request"
     )
 

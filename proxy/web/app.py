@@ -29,10 +29,6 @@ from proxy.web.errors import error_middleware
 
 __all__ = ["SERVICES", "Services", "build_app", "build_services"]
 
-# Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this.
-ADMIN_BODY_MAX = 10 * 1024 * 1024
-
-
 async def _startup(app: web.Application) -> None:
     await services_mod.start(app[SERVICES])
 
@@ -43,7 +39,9 @@ async def _cleanup(app: web.Application) -> None:
 
 def build_app(settings: Settings, services: Services | None = None) -> web.Application:
     svc = services or build_services(settings)
-    app = web.Application(middlewares=[error_middleware], client_max_size=ADMIN_BODY_MAX)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_body_bytes)
+    # Admin/JSON bodies are small; the proxy streams its bodies and is not bound by this. A 413
+    # names the limit and the setting (proxy.web.errors).
     app[SERVICES] = svc
     # The forward-proxy front end inspects absolute-form targets before routing.
     proxy_routes.setup(app)

@@ -31,12 +31,16 @@ from proxy.web.proxy_routes import CHUNK, PIPELINE, WATCHER, runtime_user_of, te
 
 ENVELOPE_GATE = web.AppKey("envelope_gate", envelope_answer.EnvelopeGate)
 ENVELOPE_CLASSIFIER = web.AppKey("envelope_classifier", envelope_answer.BodyClassifier)
-ENVELOPE_MAX_BODY = 32 * 1024 * 1024
-# The envelope carries the request body base64-encoded inside JSON: 4/3 of the body plus headers.
-ENVELOPE_MAX_REQUEST = ENVELOPE_MAX_BODY * 4 // 3 + 1024 * 1024
 
 
-async def _read_capped(stream: aiohttp.StreamReader, cap: int, what: str) -> bytes:
+def envelope_request_cap(max_body: int) -> int:
+    """The envelope carries the request body base64-encoded inside JSON: 4/3 of the body plus
+    1 MiB for the other fields."""
+    return max_body * 4 // 3 + 1024 * 1024
+
+
+async def _read_capped(stream: aiohttp.StreamReader, max_body: int) -> bytes:
+    cap = envelope_request_cap(max_body)
     buf = bytearray()
     while True:
         chunk = await stream.read(CHUNK)
@@ -45,8 +49,10 @@ async def _read_capped(stream: aiohttp.StreamReader, cap: int, what: str) -> byt
         buf += chunk
         if len(buf) > cap:
             raise PayloadTooLarge(
-                f"{what} is larger than the envelope's {cap // (1024 * 1024)} MiB limit; use path "
-                "mode (/proxy/{path}), which streams bodies of any size"
+                f"the envelope request is larger than its limit of {cap} bytes (a body of at most "
+                f"{max_body} bytes, base64 in JSON; setting envelope_max_request_bytes, "
+                "PROXY_ENVELOPE_MAX_REQUEST_BYTES); use path mode (/proxy/{path}), which streams "
+                "bodies of any size"
             )
 
 
@@ -152,7 +158,9 @@ async def envelope(request: web.Request) -> web.StreamResponse:
         # Before the request body is read: a refused call holds nothing.
         gate.enter()
         entered = True
-        raw = await _read_capped(request.content, ENVELOPE_MAX_REQUEST, "the envelope request")
+        raw = await _read_capped(
+            request.content, services_of(request.app).settings.envelope_max_request_bytes
+        )
         try:
             payload = jsonin.loads(raw)
         except jsonin.JsonInputError as exc:

@@ -41,6 +41,16 @@ _HTTP_MAP: dict[int, tuple[type[errors.ProxyError], str]] = {
 }
 
 
+def _too_large(request: web.Request) -> str:
+    """A 413 names the limit and the setting that changes it (aiohttp's client_max_size)."""
+    limit = request.client_max_size
+    return (
+        f"the request body is larger than the limit of {limit} bytes for this endpoint (setting "
+        "max_request_body_bytes, PROXY_MAX_REQUEST_BODY_BYTES); path mode (/proxy/...) streams "
+        "bodies of any size"
+    )
+
+
 def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
     ERRORS.labels(code=exc.code).inc()
     body = exc.to_body()
@@ -116,6 +126,8 @@ async def _handle(request: web.Request, handler: Handler, rid: str) -> web.Strea
         if exc.status < 400:
             raise
         cls, message = _HTTP_MAP.get(exc.status, (errors.BadRequest, exc.reason))
+        if exc.status == 413:
+            message = _too_large(request)
         mapped = cls(message)
         if exc.status not in _HTTP_MAP:
             mapped.status = exc.status  # type: ignore[misc]

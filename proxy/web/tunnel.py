@@ -253,8 +253,8 @@ async def _bound(app: web.Application, identity: Identity, host: str) -> None:
     plan = pipeline.plan_for(creds)
     if not egress_mod.host_matches(host, plan.host_patterns):
         raise HostNotAllowed(
-            f"CONNECT to {host!r} refused: it is not among connection {plan.record.connection_id!r}'s "
-            f"allowed hosts ({', '.join(plan.host_patterns)}); the proxy opens no tunnels it cannot "
+            f"CONNECT to {host!r} refused: it is not among the allowed hosts of connection "
+            f"{plan.record.connection_id!r} ({', '.join(plan.host_patterns)}); the proxy opens no tunnels it cannot "
             "inject into. Call that host without the proxy (NO_PROXY), or bind a connection to it"
         )
     check_destination(pipeline.egress, plan, "https", host)

@@ -217,7 +217,7 @@ def test_wrapped_dek_moved_to_another_tenant_fails() -> None:
     with pytest.raises(CryptoError) as info:
         crypto.unwrap_dek(ring, "tenant-b", wrapped)
     assert str(info.value) == (
-        "master key version 1 cannot open tenant 'tenant-b''s data key: wrong master key or tampered record"
+        "master key version 1 cannot open the data key of tenant 'tenant-b': wrong master key or tampered record"
     )
     assert_no_leak(info.value, DEK, KEY_A)
 
