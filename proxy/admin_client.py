@@ -299,7 +299,12 @@ def add_parser(sub: Any) -> None:
     admin = sub.add_parser(
         "admin",
         help="manage connections, API keys, connect sessions and tenants through the admin API",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=(
+            "Calls the admin API: the URL from --url, PROXY_URL, PROXY_PUBLIC_URL or PROXY_LISTEN; "
+            "the token from PROXY_ADMIN_TOKEN, else dev mode's $PROXY_DATA_DIR/admin.token. Prints "
+            "tables, or the service's JSON with --json. Exit status: 0 done, 1 the service refused "
+            "(its error code and message are printed), 2 bad usage or no token, 3 unreachable."
+        ),
     )
     groups = admin.add_subparsers(dest="admin_group", required=True)
 

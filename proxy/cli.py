@@ -46,7 +46,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
         overrides["listen"] = args.listen
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:
         overrides["workers"] = args.workers
     return load_settings(args.config, overrides=overrides)
 
@@ -332,15 +332,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         return child.wait()
 
 
+DESCRIPTION = """\
+A vault of API credentials for many tenants that proxies calls and injects them, a rate limiter
+shared by every replica, and a Runtara Connection Service.
+
+Settings come from --config FILE (or PROXY_CONFIG) and PROXY_* environment variables, the
+environment winning; docs/configuration.md lists every one. Start with: connection-proxy serve
+"""
+EPILOG = "Run connection-proxy COMMAND --help for the options of a command."
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command group given without its command prints the group's help, not argparse's
+    "the following arguments are required: cmd"."""
+
+    def error(self, message: str) -> Any:
+        groups = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        names = {str(g.metavar or g.dest) for g in groups}
+        if message.startswith("the following arguments are required:") and any(n in message for n in names):
+            self.print_help(sys.stderr)
+            self.exit(2, f"\n{self.prog}: give one of the commands above\n")
+        super().error(message)
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of processes, at least 1 (got {text!r}); one process is --workers 1"
+        )
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="connection-proxy", description=__doc__)
+    parser = _Parser(
+        prog="connection-proxy",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8080)")
-    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="processes sharing the port, at least 1 (default 1, or PROXY_WORKERS)",
+    )
 
     keys = sub.add_parser("keys", help="master key ring and tenant data keys")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)

@@ -383,7 +383,8 @@ def load_settings(
         unknown = sorted(set(raw) - set(_PARSERS))
         if unknown:
             raise ConfigError(
-                unknown[0], f"unknown setting in {path}{_closest(unknown[0], _PARSERS)}; known: {', '.join(_PARSERS)}"
+                unknown[0],
+                f"unknown setting in {path}{_closest(unknown[0], _PARSERS)}; known: {', '.join(_PARSERS)}",
             )
     _check_environment(env)
     for key in _PARSERS:

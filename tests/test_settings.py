@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.settings import Settings, load_settings
+from proxy.settings import CLI_VARIABLES, Settings, load_settings
 
 
 def test_defaults_match_the_contract() -> None:
@@ -159,3 +159,25 @@ def test_public_url_in_a_file_wins_over_the_listen_override(tmp_path: Path) -> N
         load_settings(cfg, env={}, overrides={"listen": "127.0.0.1:9130"}).public_url
         == "https://cp.example.com"
     )
+
+
+def test_an_unknown_proxy_variable_is_refused_naming_the_closest_known_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"PROXY_DEV_MOD": "false"})
+    assert info.value.key == "PROXY_DEV_MOD"
+    assert "did you mean PROXY_DEV_MODE?" in info.value.message
+
+
+def test_the_variables_the_command_line_reads_are_not_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text('listen = "127.0.0.1:9999"\n')
+    env = {name: "x" for name in CLI_VARIABLES} | {"PROXY_CONFIG": str(cfg)}
+    assert load_settings(env=env).listen_port == 9999  # PROXY_CONFIG is read, the others let be
+
+
+def test_an_unknown_toml_key_names_the_closest_known_one(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text("dev_mod = false\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert info.value.key == "dev_mod" and "did you mean dev_mode?" in info.value.message

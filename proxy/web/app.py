@@ -29,6 +29,7 @@ from proxy.web.errors import error_middleware
 
 __all__ = ["SERVICES", "Services", "build_app", "build_services"]
 
+
 async def _startup(app: web.Application) -> None:
     await services_mod.start(app[SERVICES])
 

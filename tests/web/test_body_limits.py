@@ -14,7 +14,10 @@ from tests.support.app import RunningService, running_service
 @pytest.fixture
 async def small(tmp_path: Path) -> AsyncIterator[RunningService]:
     async with running_service(
-        tmp_path, max_request_body_bytes=2048, envelope_max_request_bytes=1024, trusted_networks=["127.0.0.1/32"]
+        tmp_path,
+        max_request_body_bytes=2048,
+        envelope_max_request_bytes=1024,
+        trusted_networks=["127.0.0.1/32"],
     ) as s:
         yield s
 

@@ -15,8 +15,8 @@ from tests.support.app import ADMIN_TOKEN, RunningService, running_service, star
 from tests.support.upstream import PATTERN, Upstream, pattern_bytes
 
 GIB = 1 << 30
-# The memory test moves this much each way (override with PROXY_TEST_STREAM_BYTES).
-STREAM_BYTES = int(os.environ.get("PROXY_TEST_STREAM_BYTES", str(GIB)))
+# The memory test moves this much each way (override with CONNECTION_PROXY_TEST_STREAM_BYTES).
+STREAM_BYTES = int(os.environ.get("CONNECTION_PROXY_TEST_STREAM_BYTES", str(GIB)))
 MAX_GROWTH = 50 * 1024 * 1024
 
 
