@@ -1,6 +1,7 @@
 """The integration catalogue: what each ``integration_id`` means, as data.
 
-Each integration is a TOML file (built-ins in ``config/integrations/``; operators add their own
+Each integration is a TOML file (built-ins in ``proxy/builtin_integrations/``, package data, also
+reached as ``config/integrations/``; operators add their own
 directories with the ``integrations_dirs`` setting). A file says which parameters exist, which
 are secret (encrypted at rest, never shown), which are required before the connection is
 *active*, how credentials are injected, the base URL (fixed or templated), which rate-limit
@@ -86,8 +87,9 @@ _INJECTED_BY_KIND: dict[AuthKind, frozenset[str]] = {
     AuthKind.OAUTH2_AUTHORIZATION_CODE: frozenset({"access_token"}),
     AuthKind.OAUTH2_CLIENT_CREDENTIALS: frozenset({"access_token"}),
 }
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "config" / "integrations"
-PACKAGED_DIR = Path(__file__).resolve().parent / "builtin_integrations"
+# The built-ins are package data, the one copy: a source checkout, an editable install and a wheel
+# load the same files (config/integrations is a symlink to them for people browsing the tree).
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_integrations"
 # Parameters that decide where a secret goes or how it is framed, whatever an integration says.
 DESTINATION_NAMES = frozenset(
     {
@@ -490,9 +492,8 @@ class Catalogue:
 
     @classmethod
     def load(cls, extra_dirs: tuple[Path, ...] = ()) -> Catalogue:
-        builtin = BUILTIN_DIR if BUILTIN_DIR.is_dir() else PACKAGED_DIR
         found: dict[str, Integration] = {}
-        for directory in (builtin, *extra_dirs):
+        for directory in (BUILTIN_DIR, *extra_dirs):
             if not directory.is_dir():
                 raise ConfigError("integrations_dirs", f"{directory} is not a directory")
             for path in sorted(directory.glob("*.toml")):

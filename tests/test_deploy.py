@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.settings import _PARSERS
+from proxy.settings import _PARSERS, load_settings
 from tests.support.app import REPO_ROOT, start_service_process
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -198,3 +198,21 @@ def test_every_metric_of_the_dashboard_and_alerts_is_served(tmp_path: Path) -> N
     assert not missing, f"used by deploy/ but not in a live /metrics: {missing}"
     # The check can fail: a made-up name is not served.
     assert _family("proxy_no_such_metric_total") not in families
+
+
+def test_the_systemd_unit_sets_a_production_configuration_that_loads() -> None:
+    unit = (REPO_ROOT / "deploy" / "connection-proxy.service").read_text()
+    env = dict(
+        line.removeprefix("Environment=").split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith("Environment=")
+    )
+    # The admin token comes from the EnvironmentFile, which the unit names.
+    assert "EnvironmentFile=-/etc/connection-proxy/env" in unit
+    settings = load_settings(env={**env, "PROXY_ADMIN_TOKEN": "t" * 32})
+    assert settings.dev_mode is False
+    assert settings.public_url == env["PROXY_PUBLIC_URL"]
+    assert settings.public_url.startswith(
+        "https://"
+    )  # links and the OAuth callback are not the listen address
+    assert settings.master_key_file is not None
