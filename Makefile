@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server chromium prometheus
 
-.PHONY: run test test-fast lint typecheck check-system bench clean
+.PHONY: run test test-fast lint typecheck check-system bench clean docs
 
 # Debian's python3 needs python3-venv for `-m venv`: installed when root, else named.
 $(BIN)/python:
@@ -38,6 +38,10 @@ test: $(VENV)/.installed-test check-system lint
 ## make test-fast: the pure and in-process tests only, on every core (no lint; needs redis-server, not chromium)
 test-fast: $(VENV)/.installed-test
 	$(BIN)/pytest -q -n auto -m "not system and not browser"
+
+## make docs: regenerate docs/configuration.md from proxy/settings.py (a test fails while it is stale)
+docs: $(VENV)/.installed
+	$(BIN)/python -m proxy.configref --write
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check proxy tests bench

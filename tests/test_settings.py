@@ -181,3 +181,11 @@ def test_an_unknown_toml_key_names_the_closest_known_one(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, env={})
     assert info.value.key == "dev_mod" and "did you mean dev_mode?" in info.value.message
+
+
+def test_the_command_line_reads_no_proxy_variable_outside_the_one_list() -> None:
+    from proxy import runenv
+
+    assert runenv.KEY_ENV in CLI_VARIABLES
+    source = (Path(__file__).resolve().parent.parent / "proxy" / "admin_client.py").read_text()
+    assert 'env.get("PROXY_URL")' in source and "PROXY_URL" in CLI_VARIABLES
