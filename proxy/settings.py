@@ -3,7 +3,12 @@
 Settings come from an optional TOML file and from ``PROXY_*`` environment variables, the
 environment winning. Every value is validated here, once, at start-up; a bad value raises
 ``ConfigError`` naming the key, so the process stops before it listens. Nothing else in the
-service reads the environment.
+service reads the environment; an unknown ``PROXY_*`` variable is refused like an unknown TOML
+key (the command line's own variables are listed once, in ``CLI_VARIABLES``).
+
+A new setting is a field of ``Settings`` with a docstring under it (its description in the
+configuration reference) and a parser in ``_PARSERS``; then ``make docs`` regenerates
+``docs/configuration.md`` (``tests/test_configref.py`` fails until it is current).
 """
 
 from __future__ import annotations
