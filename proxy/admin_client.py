@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.security.bootstrap import DEV_TOKEN_FILE
-from proxy.settings import default_public_url
+from proxy.settings import check_environment, default_public_url
 
 __all__ = ["EXIT_REFUSED", "EXIT_UNREACHABLE", "EXIT_USAGE", "add_parser", "run"]
 
@@ -286,6 +286,7 @@ def _dispatch(args: argparse.Namespace, client: Client) -> int:
 
 def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
+    check_environment(env)  # a typo such as PROXY_ULR must not silently fall back to a default
     try:
         client = Client(service_url(env, args.url), admin_token(env))
         return _dispatch(args, client)

@@ -391,7 +391,7 @@ def load_settings(
                 unknown[0],
                 f"unknown setting in {path}{_closest(unknown[0], _PARSERS)}; known: {', '.join(_PARSERS)}",
             )
-    _check_environment(env)
+    check_environment(env)
     for key in _PARSERS:
         name = f"PROXY_{key.upper()}"
         if name in env:
@@ -441,7 +441,7 @@ def _closest(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _check_environment(env: Mapping[str, str]) -> None:
+def check_environment(env: Mapping[str, str]) -> None:
     known = known_variables()
     for name in sorted(env):
         if name.startswith("PROXY_") and name not in known:

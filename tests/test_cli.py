@@ -90,9 +90,14 @@ def test_a_command_group_alone_prints_its_usage(
             {"PROXY_DEV_MOD": "false"},
             "setting 'PROXY_DEV_MOD': unknown environment variable (did you mean PROXY_DEV_MODE?)",
         ),
+        (
+            ("admin", "tenants", "list"),
+            {"PROXY_ULR": "http://127.0.0.1:1"},
+            "setting 'PROXY_ULR': unknown environment variable (did you mean PROXY_URL?)",
+        ),
     ],
 )
-def test_serve_refuses_what_it_would_otherwise_ignore(
+def test_commands_refuse_what_they_would_otherwise_ignore(
     args: tuple[str, ...], env: dict[str, str], expect: str, tmp_path: Path
 ) -> None:
     result = cli(*args, env=env, tmp=tmp_path)

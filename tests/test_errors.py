@@ -51,7 +51,7 @@ def _possessives_after_repr() -> list[str]:
                         isinstance(value, ast.FormattedValue)
                         and value.conversion == ord("r")
                         and isinstance(after, ast.Constant)
-                        and str(after.value).startswith(("'s", "’s"))
+                        and str(after.value).startswith(("'s", "\u2019s"))
                     ):
                         found.append(f"{path.relative_to(root.parent)}:{node.lineno}")
     return found
