@@ -10,6 +10,7 @@ handlers validate with (``body(shape)``), error responses from the ``proxy.error
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -29,6 +30,8 @@ __all__ = [
     "query_param",
     "ref",
 ]
+
+_REGEX_PART: Final = re.compile(r"\{(\w+):[^}]*\}")  # aiohttp's {name:regex}
 
 # The methods a "*" route (the proxy's path mode) documents: every method it forwards.
 HTTP_METHODS: Final = ("get", "put", "post", "delete", "options", "head", "patch")
@@ -57,7 +60,7 @@ class Operation:
         return HTTP_METHODS if self.method == "*" else (self.method.lower(),)
 
     def doc_path(self, prefix: str) -> str:
-        return (self.path or self.route).replace("{prefix}", prefix)
+        return _REGEX_PART.sub(r"{\1}", (self.path or self.route).replace("{prefix}", prefix))
 
     def route_path(self, prefix: str) -> str:
         return self.route.replace("{prefix}", prefix)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Final
 
-from proxy.web.openapi import components
+from proxy.web.openapi.components import error_responses, schemas
 from proxy.web.openapi.declare import Operation
 from proxy.web.openapi.ops_admin import ADMIN_OPERATIONS
 from proxy.web.openapi.ops_front import FRONT_OPERATIONS
@@ -123,8 +123,8 @@ def build(
         "tags": _TAGS,
         "paths": dict(sorted(paths.items())),
         "components": {
-            "schemas": components.schemas(),
-            "responses": components.error_responses(),
+            "schemas": schemas(),
+            "responses": error_responses(),
             "securitySchemes": _SECURITY_SCHEMES,
         },
     }
