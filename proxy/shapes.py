@@ -16,6 +16,11 @@ would take a custom validator on every field: this module again, over a compiled
 A value that fails its check is kept as it came, so cross-field rules (``runtime_user_id``
 needs ``default_connection_id``) still see that something was sent; a caller raises the
 problems (``raise_problems``) before using any value. Pure module: no aiohttp.
+
+Each check also says what it accepts as JSON Schema (``to_json_schema``, draft 2020-12 as
+OpenAPI 3.1 uses it): ``proxy.web.openapi`` publishes the request bodies from these very
+objects, so the document and the validation cannot drift. A check that cannot be said in JSON
+Schema exactly (a byte budget, a cross-field rule) says the rest in ``description``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from typing import Any, Final
 from proxy.errors import ValidationError
 from proxy.model import ID_RE
 
+# ID_RE in the regular-expression dialect JSON Schema uses (ECMA 262: no \A, \Z).
+ID_PATTERN: Final = "^" + ID_RE.pattern.removeprefix("\\A").removesuffix("\\Z") + "$"
+
 __all__ = [
+    "ID_PATTERN",
     "UNSET",
     "Bool",
     "Check",
@@ -80,6 +89,23 @@ class Check:
     def read(self, value: Any, at: str, problems: Problems) -> Any:
         raise NotImplementedError
 
+    def to_json_schema(self) -> dict[str, Any]:
+        """What this check accepts, as a JSON Schema. Every check declares it (a new one that
+        does not makes the OpenAPI document fail to build, and its test)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no JSON Schema")
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` that also accepts null (3.1's ``type: [..., "null"]``, not 3.0's ``nullable``)."""
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    if isinstance(kind, list):
+        return {**schema, "type": kind if "null" in kind else [*kind, "null"]}
+    if not schema or set(schema) <= {"description"}:
+        return schema  # already accepts anything
+    return {"anyOf": [schema, {"type": "null"}]}
+
 
 class Simple(Check):
     """A check of one value with one message: ``accepts`` it or not, then ``convert``."""
@@ -92,6 +118,13 @@ class Simple(Check):
 
     def convert(self, value: Any) -> Any:
         return value
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema keywords of this check (``to_json_schema`` adds the message)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no JSON Schema")
+
+    def to_json_schema(self) -> dict[str, Any]:
+        return {**self.schema(), "description": self.message}
 
     def read(self, value: Any, at: str, problems: Problems) -> Any:
         if not self.accepts(value):
@@ -113,6 +146,9 @@ class Raw(Simple):
     def accepts(self, value: Any) -> bool:
         return True
 
+    def schema(self) -> dict[str, Any]:
+        return {}
+
 
 class Int(Simple):
     """An integer (not a boolean) of at least ``lo``, at most ``hi``."""
@@ -125,6 +161,12 @@ class Int(Simple):
     def accepts(self, value: Any) -> bool:
         return _is_int(value) and value >= self.lo and (self.hi is None or value <= self.hi)
 
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer", "minimum": self.lo}
+        if self.hi is not None:
+            out["maximum"] = self.hi
+        return out
+
 
 class Number(Simple):
     """An integer or a float (not a boolean) above ``gt``."""
@@ -136,6 +178,9 @@ class Number(Simple):
     def accepts(self, value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and value > self.gt
 
+    def schema(self) -> dict[str, Any]:
+        return {"type": "number", "exclusiveMinimum": self.gt}
+
 
 class Bool(Simple):
     def __init__(self, message: str = "must be true or false") -> None:
@@ -143,6 +188,9 @@ class Bool(Simple):
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, bool)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
 
 
 class Ident(Simple):
@@ -153,6 +201,9 @@ class Ident(Simple):
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, str) and ID_RE.match(value) is not None
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": ID_PATTERN}
 
 
 class Text(Simple):
@@ -169,6 +220,12 @@ class Text(Simple):
             and (not self.stripped or value.strip() == value)
         )
 
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "string", "minLength": self.lo, "maxLength": self.hi}
+        if self.stripped:
+            out["pattern"] = r"^(?:\S(?:[\s\S]*\S)?)?$"  # no whitespace at either end
+        return out
+
 
 class Nullable(Simple):
     """``inner`` or null (kept as None); the message says "or null" unless given."""
@@ -182,6 +239,9 @@ class Nullable(Simple):
 
     def convert(self, value: Any) -> Any:
         return None if value is None else self.inner.convert(value)
+
+    def schema(self) -> dict[str, Any]:
+        return _or_null(self.inner.schema())
 
 
 class ListOf(Simple):
@@ -202,6 +262,9 @@ class ListOf(Simple):
     def convert(self, value: Any) -> Any:
         return tuple(self.item.convert(v) for v in value)
 
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "maxItems": self.max_len, "items": self.item.schema()}
+
 
 class JsonObject(Check):
     """A free-form object (operator metadata), of at most ``max_bytes`` once encoded if given."""
@@ -218,6 +281,12 @@ class JsonObject(Check):
             problems[at] = f"must be at most {self.max_bytes} bytes of JSON"
         return value
 
+    def to_json_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "object", "description": self.message}
+        if self.max_bytes is not None:
+            out["description"] = f"an object of at most {self.max_bytes} bytes once encoded as JSON"
+        return out
+
 
 class NullMeans(Check):
     """Null stands for ``empty()`` (e.g. ``"metadata": null`` is ``{}``); anything else is ``inner``'s."""
@@ -229,6 +298,9 @@ class NullMeans(Check):
     def read(self, value: Any, at: str, problems: Problems) -> Any:
         return self.empty() if value is None else self.inner.read(value, at, problems)
 
+    def to_json_schema(self) -> dict[str, Any]:
+        return _or_null(self.inner.to_json_schema())
+
 
 class NullOmits(Check):
     """Null is as if the key were not sent (an option set to null is no option)."""
@@ -239,6 +311,9 @@ class NullOmits(Check):
 
     def read(self, value: Any, at: str, problems: Problems) -> Any:
         return UNSET if value is None else self.inner.read(value, at, problems)
+
+    def to_json_schema(self) -> dict[str, Any]:
+        return _or_null(self.inner.to_json_schema())
 
 
 class Obj(Check):
@@ -255,6 +330,16 @@ class Obj(Check):
         self.unknown = unknown or f"unknown field; known: {', '.join(sorted(self.fields))}"
         self.required = tuple(required)
         assert set(self.required) <= set(self.fields), "a required key must be declared"
+
+    def to_json_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": "object",
+            "properties": {k: c.to_json_schema() for k, c in self.fields.items()},
+            "additionalProperties": False,  # unknown keys are problems
+        }
+        if self.required:
+            out["required"] = list(self.required)
+        return out
 
     def parse(self, value: Any) -> tuple[dict[str, Any], Problems]:
         """The top-level form: the values of the keys present, and every problem."""

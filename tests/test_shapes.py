@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import ValidationError
 from proxy.shapes import (
+    ID_PATTERN,
     UNSET,
     Bool,
+    Check,
     Ident,
     Int,
     JsonObject,
@@ -21,6 +26,7 @@ from proxy.shapes import (
     Number,
     Obj,
     Raw,
+    Simple,
     Text,
     raise_problems,
 )
@@ -121,3 +127,79 @@ def test_raise_problems_names_fields_never_values() -> None:
     assert info.value.fields == {"b": "must be an object", "a": "unknown field; known: x"}
     _values, problems = parse(Obj({"k": Int(0)}), {"k": SECRET, SECRET: 1})
     assert all(SECRET not in m for m in problems.values())
+
+
+# --- to_json_schema: the OpenAPI document's bodies accept what the checks accept ----------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+_strings = st.from_regex(ID_PATTERN.replace("{0,199}", "{0,8}"), fullmatch=True) | st.text(max_size=12)
+_CHECKS: list[Simple] = [
+    Int(0),
+    Int(0, 5),
+    Number(gt=0),
+    Bool(),
+    Ident(),
+    Text(1, 5),
+    Text(1, 5, stripped=True),
+    Nullable(Text(1, 200)),
+    ListOf(Text(1, 6, stripped=True), 3),
+]
+
+
+def _comparable(v: Any) -> bool:
+    # JSON Schema's "integer" takes 1.0 (JSON encoders write 1); Python's re, which jsonschema
+    # uses, lets "$" match before a final newline, which ECMA 262 (OpenAPI's dialect) does not.
+    if isinstance(v, float):
+        return not v.is_integer()
+    if isinstance(v, str):
+        return not v.endswith("\n")
+    if isinstance(v, list):
+        return all(_comparable(x) for x in v)
+    return True
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(index=st.integers(0, len(_CHECKS) - 1), value=_json | _strings | st.lists(_strings, max_size=4))
+def test_each_check_and_its_json_schema_accept_the_same_values(index: int, value: Any) -> None:
+    check = _CHECKS[index]
+    if not _comparable(value):
+        return
+    assert check.accepts(value) == jsonschema.Draft202012Validator(check.to_json_schema()).is_valid(value), (
+        check,
+        value,
+    )
+
+
+def test_an_obj_schema_says_required_unknown_and_null_as_the_parse_does() -> None:
+    shape = Obj(
+        {
+            "a": Int(0, 5),
+            "b": Nullable(Text(1, 3)),
+            "c": NullOmits(Bool()),
+            "m": NullMeans(JsonObject(64), dict),
+        },
+        required=("a",),
+    )
+    schema = shape.to_json_schema()
+    assert schema["required"] == ["a"] and schema["additionalProperties"] is False
+    assert schema["properties"]["b"]["type"] == ["string", "null"]
+    assert schema["properties"]["a"]["description"] == "must be an integer from 0 to 5"
+    assert "64 bytes" in schema["properties"]["m"]["description"]
+    v = jsonschema.Draft202012Validator(schema)
+    for body in ({"a": 1}, {"a": 1, "b": None, "c": None, "m": None}, {"a": 0, "b": "xy", "m": {}}):
+        assert v.is_valid(body) and shape.parse(body)[1] == {}, body
+    for body in ({}, {"a": 6}, {"a": 1, "z": 1}, {"a": 1, "b": ""}, {"a": 1, "c": "yes"}):
+        assert not v.is_valid(body) and shape.parse(body)[1], body
+
+
+def test_a_check_that_declares_no_schema_refuses_to_guess() -> None:
+    class Odd(Check):
+        def read(self, value: Any, at: str, problems: dict[str, str]) -> Any:
+            return value
+
+    with pytest.raises(NotImplementedError, match="Odd declares no JSON Schema"):
+        Obj({"x": Odd()}).to_json_schema()

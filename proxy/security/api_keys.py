@@ -22,9 +22,10 @@ from proxy.security.auth import Authenticator
 from proxy.shapes import Nullable, Obj, Text
 from proxy.store.base import Store
 
-__all__ = ["ApiKeyBody", "ApiKeys", "api_key_body"]
+__all__ = ["API_KEY_SHAPE", "ApiKeyBody", "ApiKeys", "api_key_body"]
 
 _BODY: Final = Obj({"name": Nullable(Text(1, 200), message="must be a string of 1-200 characters")})
+API_KEY_SHAPE: Final = _BODY  # the declaration itself, for the OpenAPI document
 
 
 @dataclass(frozen=True, slots=True)

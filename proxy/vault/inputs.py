@@ -36,7 +36,16 @@ from proxy.shapes import (
     Unset,
 )
 
-__all__ = ["METADATA_MAX_BYTES", "OPTIONS", "TIMEOUT_KEYS", "ConnectionBody", "patch_body", "put_body"]
+__all__ = [
+    "METADATA_MAX_BYTES",
+    "OPTIONS",
+    "PATCH_SHAPE",
+    "PUT_SHAPE",
+    "TIMEOUT_KEYS",
+    "ConnectionBody",
+    "patch_body",
+    "put_body",
+]
 
 TIMEOUT_KEYS: Final = ("connect_s", "read_s", "total_s")
 METADATA_MAX_BYTES: Final = 64 * 1024
@@ -58,6 +67,47 @@ class RateLimits(Check):
             problems.update(exc.fields)
             return value
         return [w.to_dict() for w in windows] if self.as_dicts else windows
+
+    def to_json_schema(self) -> dict[str, Any]:
+        return {
+            "description": 'windows like [{"limit": 100, "window": "1m"}] or Runtara\'s '
+            '{"requestsPerSecond": 10, "burstSize": 20}; windows from 1ms to 31d',
+            "anyOf": [{"type": "null"}, _WINDOW_SCHEMA, {"type": "array", "items": _WINDOW_SCHEMA}],
+        }
+
+
+_DURATION: Final = {
+    "anyOf": [
+        {"type": "number", "minimum": 0.001, "maximum": 31 * 86400},
+        {"type": "string", "pattern": r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+    ]
+}
+_BURST: Final = {"type": ["integer", "null"], "minimum": 1}
+# proxy.model.RateWindow.parse, said in JSON Schema (other keys of a window are ignored).
+_WINDOW_SCHEMA: Final = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["requestsPerSecond"],
+            "properties": {
+                "requestsPerSecond": {"type": "number", "exclusiveMinimum": 0},
+                "burstSize": _BURST,
+            },
+        },
+        {
+            "type": "object",
+            "required": ["limit"],
+            "not": {"required": ["requestsPerSecond"]},
+            "anyOf": [{"required": ["window"]}, {"required": ["window_s"]}],
+            "properties": {
+                "limit": {"type": "integer", "minimum": 1},
+                "window": _DURATION,
+                "window_s": _DURATION,
+                "burst": _BURST,
+            },
+        },
+    ]
+}
 
 
 _SIMPLE_OPTIONS: Final[dict[str, Check]] = {
@@ -107,6 +157,9 @@ _PUT: Final = Obj(
 # The same keys: PATCH compares integration_id with the stored one (it cannot change).
 _PATCH: Final = Obj({**_SETTINGS, "integration_id": Raw(), "parameters": _PARAMETERS})
 SETTING_NAMES: Final = tuple(_SETTINGS)
+# The declarations themselves, for the OpenAPI document (proxy.web.openapi).
+PUT_SHAPE: Final = _PUT
+PATCH_SHAPE: Final = _PATCH
 
 
 @dataclass(frozen=True, slots=True)

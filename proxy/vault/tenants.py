@@ -20,10 +20,11 @@ from proxy.shapes import Bool, Obj
 from proxy.store.base import Store
 from proxy.vault.vault import Vault
 
-__all__ = ["CAS_ATTEMPTS", "TenantBody", "TenantView", "Tenants", "tenant_body"]
+__all__ = ["CAS_ATTEMPTS", "TENANT_SHAPE", "TenantBody", "TenantView", "Tenants", "tenant_body"]
 
 CAS_ATTEMPTS: Final = 3
 _BODY: Final = Obj({"proxy_only": Bool("required: true or false")}, required=("proxy_only",))
+TENANT_SHAPE: Final = _BODY  # the declaration itself, for the OpenAPI document
 
 # Cleared when a put finds this many (the old "> 10000" test cleared at 10001).
 TENANT_FLAGS_MAX = 10001

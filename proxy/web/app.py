@@ -19,6 +19,7 @@ from proxy.web import (
     connsvc,
     conntest,
     envelope,
+    openapi,
     ops,
     proxy_routes,
     ratelimits,
@@ -55,6 +56,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     ratelimits.setup(app)
     connsvc.setup(app)
     connect.setup(app)
+    openapi.setup(app)  # GET /openapi.json: built from the routes above at start-up
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
