@@ -25,6 +25,7 @@ from proxy.catalogue import Catalogue
 from proxy.oauth.tokens import TokenManager
 from proxy.observe import logs
 from proxy.observe.audit import AuditLog
+from proxy.observe.metrics import STORE_DEGRADED, gauge_from
 from proxy.pipeline.upstream.client import make_session
 from proxy.ratelimit.limiter import Limiter, LocalLimiter
 from proxy.ratelimit.redis import RedisLimiter
@@ -33,6 +34,7 @@ from proxy.security.auth import Authenticator
 from proxy.security.bootstrap import Secrets, load_secrets, ring_reader
 from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
+from proxy.stale import StaleWindow
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.vault.tenants import TenantFlags
@@ -69,6 +71,7 @@ class Services:
     egress: EgressPolicy
     tokens: TokenManager
     tenant_flags: TenantFlags
+    stale: StaleWindow  # the store's health as reads see it, shared by the caches and /readyz
     http: aiohttp.ClientSession | None = None
 
     @property
@@ -83,7 +86,11 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
     logs.install([secrets.admin_token, settings.jwt_hs256_secret])
     store = open_store(settings)
     catalogue = Catalogue.load(settings.integrations_dirs)
-    vault = Vault(store, secrets.ring, catalogue, settings.credential_cache_ttl_s, ring_reader(settings))
+    stale = StaleWindow(settings.stale_if_error_s)
+    gauge_from(STORE_DEGRADED, lambda: 1.0 if stale.down else 0.0)
+    vault = Vault(
+        store, secrets.ring, catalogue, settings.credential_cache_ttl_s, ring_reader(settings), stale=stale
+    )
     return Services(
         settings=settings,
         secrets=secrets,
@@ -92,10 +99,11 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
         vault=vault,
         limiter=make_limiter(settings),
         audit=AuditLog(store, settings),
-        auth=Authenticator(settings, store, secrets.admin_token),
+        auth=Authenticator(settings, store, secrets.admin_token, stale),
         egress=EgressPolicy(settings.egress_allow),
         tokens=TokenManager(vault, store, settings),
-        tenant_flags=TenantFlags(store, settings.proxy_only_tenants, settings.credential_cache_ttl_s),
+        tenant_flags=TenantFlags(store, settings.proxy_only_tenants, settings.credential_cache_ttl_s, stale),
+        stale=stale,
     )
 
 

@@ -78,6 +78,9 @@ class Settings:
     credential_cache_ttl_s: float = 5.0
     """How long decrypted credentials stay cached in memory; admin changes invalidate them at
     once (other replicas within a second, via Redis pub/sub)."""
+    stale_if_error_s: float = 300.0
+    """While the store is unreachable, cached credentials, caller keys and resolutions keep serving
+    this long after their last successful load (stale-if-error; see the README); 0 disables."""
     service_quota_per_minute: int = 6000
     """The Connection Service's own quota per caller, in requests per minute (beyond: 429)."""
     audit_required: bool = False
@@ -322,6 +325,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "connection_service_prefix": _prefix,
     "integrations_dirs": _paths,
     "credential_cache_ttl_s": _float(0.0),
+    "stale_if_error_s": _float(0.0),
     "service_quota_per_minute": _int(1),
     "audit_required": _bool,
     "audit_flush_interval_s": _float(0.01),

@@ -33,6 +33,8 @@ from proxy.errors import (
     ConnectionNotAuthorized,
     ProxyError,
     ServiceUnavailable,
+    StoreLost,
+    StoreUnavailable,
     UpstreamUnreachable,
 )
 from proxy.model import ConnectionRecord, ConnectionStatus, not_authorized
@@ -81,7 +83,30 @@ class TokenManager:
         stale = token if (force or self._is_forced(key, token)) else None
         if (usable := self._usable(creds, stale)) is not None:
             return usable
-        return await self._single_flight(key, lambda: self._refresh(key, stale))
+        try:
+            return await self._single_flight(key, lambda: self._refresh(key, stale))
+        except StoreLost:
+            raise
+        except StoreUnavailable as exc:
+            return self._during_outage(creds, stale, exc)
+
+    def _during_outage(self, creds: Credentials, stale: str | None, exc: StoreUnavailable) -> str:
+        """The store is unreachable, so no refreshed token could be saved (and a refresh token
+        the provider rotates must never be spent unsaved): the current access token serves
+        while it has not actually expired (the refresh margin is skipped); after that, 503."""
+        token = creds.params.get("access_token")
+        if (
+            token
+            and token != stale
+            and not flows.expires_soon(creds.params.get("expires_at"), self.clock(), 0)
+        ):
+            return str(token)
+        raise ServiceUnavailable(
+            f"the access token of connection {creds.record.connection_id!r} has expired and cannot be "
+            f"refreshed while the store is unreachable ({exc.message}); retry once the store is back "
+            "(GET /readyz reports it)",
+            headers={"Retry-After": "5"},
+        ) from None
 
     async def on_unauthorized(self, creds: Credentials, token: str | None = None) -> None:
         """The upstream answered 401 to ``token`` (default: the stored one): the next

@@ -7,6 +7,12 @@ interval carrying a count, so a busy workflow costs one dict update per call and
 interval. The buffer is bounded (``audit_buffer_max``); what does not fit is counted as
 dropped and logged, never silently. A store failure keeps the batch for the next flush.
 
+While the store is unreachable, calls may be answered from stale credentials (``proxy.stale``):
+such uses are kept apart (their own event, ``detail.stale_credentials``), so the trail says which
+calls used a copy the store could not confirm. They wait in the same bounded buffer: an outage
+longer than the buffer holds drops the newest uses, counted in
+``proxy_audit_events_total{result="dropped"}``; memory stays bounded, the call is not refused.
+
 Retention: events older than ``audit_retention_days`` (0 keeps everything) are deleted by a
 background task of their own, a minute after start and then hourly, in small batches.
 
@@ -27,6 +33,7 @@ from typing import Any, Final
 
 from proxy.errors import ServiceUnavailable
 from proxy.model import AuditEvent
+from proxy.observe import trace
 from proxy.observe.metrics import AUDIT_EVENTS, AUDIT_QUEUE
 from proxy.settings import Settings
 from proxy.store.base import AuditStore
@@ -39,7 +46,7 @@ PRUNE_EVERY_S: Final = 3600.0
 STOP_ATTEMPTS: Final = 3
 _DROP_LOG_EVERY_S: Final = 10.0
 
-UseKey = tuple[str, str, str | None, str, str]  # actor, tenant, connection, action, outcome
+UseKey = tuple[str, str, str | None, str, str, bool]  # actor, tenant, connection, action, outcome, stale
 FlushHook = Callable[[], Awaitable[None]]
 
 
@@ -189,8 +196,10 @@ class AuditLog:
         outcome: str,
         request_id: str | None,
     ) -> None:
-        """Count one use; O(1). Uses with the same key within a flush interval become one event."""
-        key = (actor, tenant_id, connection_id, action, outcome)
+        """Count one use; O(1). Uses with the same key within a flush interval become one event.
+        A use answered from stale credentials (the request's context says so) is its own key."""
+        ctx = trace.current()
+        key = (actor, tenant_id, connection_id, action, outcome, ctx is not None and ctx.stale)
         use = self._uses.get(key)
         if use is not None:
             use.count += 1
@@ -234,8 +243,10 @@ class AuditLog:
         if not self._uses:
             return
         uses, self._uses = self._uses, {}
-        for (actor, tenant, conn, action, outcome), use in uses.items():
+        for (actor, tenant, conn, action, outcome, stale), use in uses.items():
             detail: dict[str, object] = {"count": use.count}
+            if stale:
+                detail["stale_credentials"] = True
             if use.count > 1:
                 detail.update(
                     first_request_id=use.first_request_id,

@@ -121,6 +121,8 @@ class AccessFields:
             "limit_source": ctx.limit_source,
             "limit_wait_ms": ctx.limit_wait_ms,
         }
+        if ctx.stale:  # credentials served past their TTL while the store was unreachable
+            self.fields["stale_credentials"] = True
 
 
 # Set by configure(): with JSON output the fields say it all and the message stays short.

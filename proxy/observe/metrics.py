@@ -172,6 +172,19 @@ STORE_ERRORS = Counter(
     ["backend"],
     registry=REGISTRY,
 )
+STALE_SERVED = Counter(
+    "proxy_stale_served_total",
+    "Cached store reads answered past their TTL because the store was unreachable (stale-if-error), "
+    "by cache (credentials, resolve, api_key, tenant_flags).",
+    ["cache"],
+    registry=REGISTRY,
+)
+STORE_DEGRADED = Gauge(
+    "proxy_store_degraded",
+    "1 while this process finds the store unreachable and serves cached entries (stale-if-error).",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 CLIENT_CONNECTIONS_CLOSED = Counter(
     "proxy_client_connections_closed_total",
     "Client connections closed by the resource bounds: over_limit (max_connections) or head_timeout.",
@@ -218,3 +231,4 @@ UPSTREAM_RESPONSES_TALLY = Tally(UPSTREAM_RESPONSES)
 UPSTREAM_LATENCY_TALLY = LatencyTally(UPSTREAM_LATENCY, _LATENCY_BUCKETS)
 CREDENTIAL_CACHE_TALLY = Tally(CREDENTIAL_CACHE)
 RATELIMIT_DECISIONS_TALLY = Tally(RATELIMIT_DECISIONS)
+STALE_SERVED_TALLY = Tally(STALE_SERVED)

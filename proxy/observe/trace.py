@@ -72,6 +72,7 @@ class CallContext:
         "outcome",
         "request_id",
         "span_id",
+        "stale",
         "started",
         "tenant",
         "tracestate",
@@ -100,6 +101,9 @@ class CallContext:
         self.limit_source: str | None = None
         self.limit_wait_ms: float | None = None
         self.outcome: str | None = None
+        # Set when the call was answered from credentials served past their TTL because the
+        # store was unreachable (proxy.stale): the access line and the audit trail say so.
+        self.stale = False
 
     def _resolve(self) -> tuple[str, str | None, str]:
         trace = self._trace

@@ -22,6 +22,9 @@ With no header at all, a peer inside ``trusted_networks`` is let in as
 Hot path: verified API keys are cached in memory for ``KEY_CACHE_TTL_S`` so a busy caller does
 not hit the store per request; the secret is still hash-compared on every call. Revocation
 through this process drops the cache entry at once; another replica notices within the TTL.
+While the store is unreachable, a cached entry (known or unknown key) keeps answering within the
+bounds of ``proxy.stale``; a key revoked before the outage was dropped or re-read as revoked, so
+it stays refused.
 Last-used times are kept in memory and written in batches by ``flush_usage``.
 
 Pure module: no aiohttp, no redis. Error messages never quote the presented credential.
@@ -50,6 +53,7 @@ from proxy.errors import ConfigError, ProxyError, Unauthenticated
 from proxy.model import ID_RE, ApiKeyRecord, Caller
 from proxy.security import crypto
 from proxy.settings import Settings
+from proxy.stale import StaleWindow
 from proxy.store import FLUSH_ALL
 from proxy.store.base import Store
 
@@ -211,9 +215,12 @@ def load_jwt_keys(paths: tuple[Path, ...]) -> dict[str, list[Any]]:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, store: Store, admin_token: str) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, admin_token: str, stale: StaleWindow | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.stale = stale or StaleWindow(settings.stale_if_error_s)
         self._admin_bytes = admin_token.encode()
         self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
         if settings.jwt_hs256_secret:
@@ -250,13 +257,12 @@ class Authenticator:
         now = time.monotonic()
         cached = self._keys.get(key_id)
         if cached is None or cached.expires <= now:
-            record = await self.store.get_api_key(key_id)
-            if record is not None and record.revoked_at is not None:
-                record = None
-            ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
-            caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
-            digest = _digest_of(record.secret_hash) if record is not None else None
-            cached = self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest))
+            cached = await self.stale.load(
+                "api_key",
+                f"API key {key_id}",
+                lambda: self._load_key(key_id, now),
+                lambda: self._entry(key_id),
+            )
         record = cached.record
         # Hash compare on every call, cached or not: the cache holds the hash, never the key.
         if (
@@ -271,6 +277,22 @@ class Authenticator:
             )
         self._last_used[key_id] = time.time()
         return cached.caller
+
+    async def _load_key(self, key_id: str, now: float) -> _CachedKey:
+        record = await self.store.get_api_key(key_id)
+        if record is not None and record.revoked_at is not None:
+            record = None
+        ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
+        caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
+        digest = _digest_of(record.secret_hash) if record is not None else None
+        return self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest))
+
+    def _entry(self, key_id: str) -> tuple[_CachedKey, float] | None:
+        """The cached entry and when it was loaded, for serving it stale."""
+        cached = self._keys.get(key_id)
+        if cached is None:
+            return None
+        return cached, cached.expires - (KEY_CACHE_TTL_S if cached.record is not None else NEGATIVE_TTL_S)
 
     def forget_key(self, key_id: str) -> None:
         """Drop a cached key at once (after revocation) so the next call re-reads the store."""

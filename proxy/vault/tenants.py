@@ -17,6 +17,7 @@ from proxy.cache import TtlCache
 from proxy.errors import Conflict
 from proxy.observe.audit import Actor, AuditLog
 from proxy.shapes import Bool, Obj
+from proxy.stale import StaleWindow, ttl_entry
 from proxy.store.base import Store
 from proxy.vault.vault import Vault
 
@@ -36,11 +37,14 @@ class TenantFlags:
     (public parameters only) and the proxy (redacting echoed secrets) read the same answer, and
     a tenant update forgets it."""
 
-    def __init__(self, store: Store, configured: tuple[str, ...], ttl_s: float) -> None:
+    def __init__(
+        self, store: Store, configured: tuple[str, ...], ttl_s: float, stale: StaleWindow | None = None
+    ) -> None:
         self.store = store
         self.configured = frozenset(configured)
         self.ttl = max(ttl_s, 0.0)
         self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
+        self.stale = stale or StaleWindow(0.0)  # while the store is down: proxy.stale
 
     async def proxy_only(self, tenant_id: str) -> bool:
         if tenant_id in self.configured:
@@ -49,11 +53,20 @@ class TenantFlags:
         hit = self._cache.get(tenant_id)
         if hit is not None and hit[0] > now:
             return hit[1]
-        tenant = await self.store.get_tenant(tenant_id)
-        flag = bool(tenant is not None and tenant.proxy_only)
-        if self.ttl > 0:
-            self._cache.put(tenant_id, flag, now + self.ttl)
-        return flag
+
+        async def fetch() -> bool:
+            tenant = await self.store.get_tenant(tenant_id)
+            flag = bool(tenant is not None and tenant.proxy_only)
+            if self.ttl > 0:
+                self._cache.put(tenant_id, flag, now + self.ttl)
+            return flag
+
+        return await self.stale.load(
+            "tenant_flags",
+            f"tenant {tenant_id!r}",
+            fetch,
+            lambda: ttl_entry(self._cache, tenant_id, self.ttl),
+        )
 
     def forget(self, tenant_id: str) -> None:
         self._cache.discard(tenant_id)

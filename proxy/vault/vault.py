@@ -4,7 +4,8 @@ It joins the store (where records live), the key ring (master keys) and the cata
 parameters are secret). Tenant data keys are created lazily on a tenant's first write, wrapped by
 the newest master key, and cached unwrapped in memory only. Decrypted credentials (and which
 connection a runtime user resolves to) are cached for ``credential_cache_ttl_s`` and dropped at
-once on a local change or a peer's invalidation.
+once on a local change or a peer's invalidation; while the store is unreachable, expired ones
+keep serving within the bounds of ``proxy.stale`` (an answered reload drops or replaces them).
 
 The destination rules of ``proxy.security.destinations`` are applied here, where every write and every
 decryption passes: ``save`` refuses a destination change under a kept secret whichever handler
@@ -32,7 +33,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from proxy.cache import UNBOUNDED, TtlCache
+from proxy.cache import TtlCache
 from proxy.catalogue import Catalogue, Integration
 from proxy.errors import (
     Conflict,
@@ -41,10 +42,12 @@ from proxy.errors import (
     KeyRecordChanged,
     KeyVersionMissing,
     ProxyError,
+    StoreUnavailable,
 )
 from proxy.model import ConnectionRecord, ConnectionStatus, TenantRecord
 from proxy.observe.metrics import CREDENTIAL_CACHE_TALLY
 from proxy.security import crypto, destinations
+from proxy.stale import StaleWindow, ttl_entry
 from proxy.store import FLUSH_ALL
 from proxy.store.base import ANY_VERSION, ExpectedVersion, Page, Store
 from proxy.vault.records import Credentials, compute_status
@@ -55,6 +58,8 @@ log = logging.getLogger("proxy.vault")
 # A data key wrapped by an unknown master-key version re-reads the key source at most this often.
 RING_REREAD_MIN_INTERVAL_S = 2.0
 RESOLVE_CACHE_MAX = 4096
+# Decrypted credentials held at once; full, it is cleared (proxy.cache) and what it held reloads.
+CREDENTIAL_CACHE_MAX = 65536
 # Labelled children looked up once: this counter moves on every proxied call.
 _CACHE_HIT = ("hit",)
 _CACHE_MISS = ("miss",)
@@ -68,8 +73,11 @@ class Vault(KeyRotation):
         catalogue: Catalogue,
         cache_ttl_s: float,
         ring_source: Callable[[], crypto.KeyRing] | None = None,
+        stale: StaleWindow | None = None,
     ) -> None:
         self.store = store
+        # Shared with the other caches of store reads and /readyz; disabled unless given.
+        self.stale = stale or StaleWindow(0.0)
         self.ring = ring
         # Re-reads the key ring (the key file); None when it cannot change (PROXY_MASTER_KEY).
         self._ring_source = ring_source
@@ -82,9 +90,9 @@ class Vault(KeyRotation):
         self._current_dek: dict[str, int] = {}
         # tenant -> dek version -> wrapped blob (base64) the cached key was unwrapped from.
         self._blobs: dict[str, dict[int, str]] = {}
-        # One entry per connection read: bounded by the store, never cleared for size (clearing
-        # would also drop every Plan the pipeline keeps by the identity of these objects).
-        self._creds: TtlCache[tuple[str, str], Credentials] = TtlCache(UNBOUNDED)
+        # One entry per connection read. Clearing when full also drops the Plans the pipeline
+        # keeps by the identity of these objects (they are rebuilt), never a correctness issue.
+        self._creds: TtlCache[tuple[str, str], Credentials] = TtlCache(CREDENTIAL_CACHE_MAX)
         # (tenant, connection, runtime user) -> the connection id to use.
         self._resolved: TtlCache[tuple[str, str, str], str] = TtlCache(RESOLVE_CACHE_MAX)
         self._tenant_locks: dict[str, asyncio.Lock] = {}
@@ -412,11 +420,18 @@ class Vault(KeyRotation):
         hit = self._resolved.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
-        resolved = user.connection_id if user is not None else connection_id
-        if self.cache_ttl_s > 0:
-            self._resolved.put(key, resolved, now + self.cache_ttl_s)
-        return resolved
+
+        async def fetch() -> str:
+            user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
+            resolved = user.connection_id if user is not None else connection_id
+            if self.cache_ttl_s > 0:
+                self._resolved.put(key, resolved, now + self.cache_ttl_s)
+            return resolved
+
+        what = f"the runtime user connection of {connection_id!r} (tenant {tenant_id!r})"
+        return await self.stale.load(
+            "resolve", what, fetch, lambda: ttl_entry(self._resolved, key, self.cache_ttl_s)
+        )
 
     async def credentials(self, tenant_id: str, connection_id: str) -> Credentials:
         key = (tenant_id, connection_id)
@@ -426,11 +441,24 @@ class Vault(KeyRotation):
             CREDENTIAL_CACHE_TALLY.inc(_CACHE_HIT)
             return hit[1]
         CREDENTIAL_CACHE_TALLY.inc(_CACHE_MISS)
-        record = await self.get_record(tenant_id, connection_id)
-        creds = await self.decrypt(record)
-        if self.cache_ttl_s > 0:
-            self._creds.put(key, creds, now + self.cache_ttl_s)
-        return creds
+
+        async def fetch() -> Credentials:
+            try:
+                record = await self.get_record(tenant_id, connection_id)
+                creds = await self.decrypt(record)
+            except StoreUnavailable:
+                raise  # the entry may serve stale (proxy.stale decides)
+            except ProxyError:  # the store answered: never serve the old copy stale later
+                self._creds.discard(key)
+                raise
+            if self.cache_ttl_s > 0:
+                self._creds.put(key, creds, now + self.cache_ttl_s)
+            return creds
+
+        what = f"connection {connection_id!r} (tenant {tenant_id!r})"
+        return await self.stale.load(
+            "credentials", what, fetch, lambda: ttl_entry(self._creds, key, self.cache_ttl_s)
+        )
 
     async def decrypt(self, record: ConnectionRecord) -> Credentials:
         integration = self.catalogue.get(record.integration_id)

@@ -92,6 +92,26 @@ NonOriginDispatcher = Callable[[web.Request, Handler], Awaitable[web.StreamRespo
 NON_ORIGIN_FORM: web.AppKey[NonOriginDispatcher] = web.AppKey("non_origin_form_dispatcher")
 
 
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _is_admin_write(request: web.Request) -> bool:
+    return request.method in _WRITE_METHODS and request.path.startswith("/admin/")
+
+
+def _write_refused(exc: errors.StoreUnavailable) -> errors.StoreUnavailable:
+    """An admin change the store could not take, worded as such: while the store is unreachable
+    the caches may still serve reads (proxy.stale), but nothing can be changed. A lost store
+    (``StoreLost``) keeps its own message: it names the operator's way out."""
+    if isinstance(exc, errors.StoreLost):
+        return exc
+    return errors.StoreUnavailable(
+        f"the store is unreachable, so this change cannot be made now ({exc.message}); retry the "
+        "request once the store is back (GET /readyz reports it)",
+        headers={"Retry-After": "5", **exc.headers},
+    )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = _assign_request_id(request)
@@ -119,6 +139,8 @@ async def _handle(request: web.Request, handler: Handler, rid: str) -> web.Strea
                 return await dispatch(request, handler)
         return await handler(request)
     except errors.ProxyError as exc:
+        if isinstance(exc, errors.StoreUnavailable) and _is_admin_write(request):
+            exc = _write_refused(exc)
         if exc.status >= 500:
             log.warning("request %s failed: %s %s", rid, exc.code, exc.message)
         return error_response(exc, rid)

@@ -15,6 +15,9 @@ that the file is still the one opened.
   writing into an unlinked inode, lost at the next start. Every operation first compares the
   path's (device, inode) with the file opened (one ``stat``, about a microsecond) and, when it
   differs, refuses with ``StoreLost``; ``accept_loss`` reopens whatever file is there now.
+  A file *moved away* (its data directory renamed or unmounted: the path is gone but the file
+  opened still has a link) is an outage, not a loss: refused with ``StoreUnavailable`` while it
+  is away, and served again once it is back at the path.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class SqliteCore:
         self._poller: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._fd: int | None = None  # the file opened, read-only: tells "moved away" from "deleted"
         self._lost: StoreLost | None = None
 
     async def _run(self, op: str, fn: Callable[[Db], T]) -> T:
@@ -102,6 +106,11 @@ class SqliteCore:
                 now = None
             if now == self._file:
                 return
+            if now is None and self._fd is not None and os.fstat(self._fd).st_nlink > 0:
+                raise StoreUnavailable(
+                    f"the embedded store's file is not at {self.path} any more but still exists "
+                    "elsewhere (its data directory was moved or unmounted); put it back at that path"
+                )
             what = "its file was deleted" if now is None else "its file was replaced by another one"
             self._lost = store_lost(
                 "embedded",

@@ -59,7 +59,10 @@ class SqliteLifecycle(SqliteCore, StoreLifecycle, IdentityStore, MetaStore):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._write(db, lambda d: migrate(d, self.path), durable=True)
-            st = os.stat(self.path)
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(self._fd)
             self._file = (st.st_dev, st.st_ino)
         except ConfigError:
             db.close()
@@ -116,6 +119,9 @@ class SqliteLifecycle(SqliteCore, StoreLifecycle, IdentityStore, MetaStore):
         db, self._db = self._db, None
         if db is not None:
             await asyncio.get_running_loop().run_in_executor(executor, _close_db, db)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         executor.shutdown(wait=False)
 
     async def ping(self) -> None:
