@@ -2,7 +2,8 @@
 
 Tests never mock Redis: the limiter's Lua, hash tags and TTLs only mean something against the
 real server. ``stop()`` / ``start()`` let fail-mode tests kill Redis mid-run and bring it back
-on the same port.
+on the same port; ``persist=True`` keeps the data across such a restart (AOF, fsync always), for
+outage tests where the store must come back as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -32,6 +33,7 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cp-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.persist = persist
 
     @property
     def url(self) -> str:
@@ -48,7 +50,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.dir),
                 "--protected-mode",
