@@ -67,6 +67,8 @@ def test_contract_variables() -> None:
         ({"PROXY_RATELIMIT_FAIL_MODE": "sometimes"}, "ratelimit_fail_mode"),
         ({"PROXY_UPSTREAM_MAX_PER_HOST": "0"}, "upstream_max_per_host"),
         ({"PROXY_CREDENTIAL_CACHE_TTL_S": "soon"}, "credential_cache_ttl_s"),
+        ({"PROXY_STALE_IF_ERROR_S": "-1"}, "stale_if_error_s"),
+        ({"PROXY_STALE_IF_ERROR_S": "forever"}, "stale_if_error_s"),
         ({"PROXY_DEV_MODE": "maybe"}, "dev_mode"),
         ({"PROXY_DEV_MODE": "false", "PROXY_ADMIN_TOKEN": "x" * 20}, "master_key"),
         ({"PROXY_DEV_MODE": "false", "PROXY_MASTER_KEY": "k"}, "admin_token"),
@@ -189,3 +191,9 @@ def test_the_command_line_reads_no_proxy_variable_outside_the_one_list() -> None
     assert runenv.KEY_ENV in CLI_VARIABLES
     source = (Path(__file__).resolve().parent.parent / "proxy" / "admin_client.py").read_text()
     assert 'env.get("PROXY_URL")' in source and "PROXY_URL" in CLI_VARIABLES
+
+
+def test_stale_if_error_defaults_to_five_minutes_and_zero_disables() -> None:
+    assert load_settings(env={}).stale_if_error_s == 300.0
+    assert load_settings(env={"PROXY_STALE_IF_ERROR_S": "0"}).stale_if_error_s == 0.0
+    assert load_settings(env={"PROXY_STALE_IF_ERROR_S": "42.5"}).stale_if_error_s == 42.5

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from proxy.catalogue import Catalogue
-from proxy.errors import ConnectionNotAuthorized, HostNotAllowed, UpstreamUnreachable
+from proxy.errors import ConnectionNotAuthorized, HostNotAllowed, ServiceUnavailable, UpstreamUnreachable
 from proxy.model import ConnectionRecord
 from proxy.oauth import state as pkce
 from proxy.oauth.tokens import TokenManager
@@ -402,3 +402,32 @@ async def test_plain_http_or_private_token_endpoint_refused_without_egress_allow
     finally:
         await guarded.close()
     assert authserver.count("refreshes") == 0
+
+
+async def test_store_outage_serves_the_unexpired_access_token_and_refuses_an_expired_one(
+    tmp_path: Path, ring: KeyRing, authserver: AuthServer
+) -> None:
+    """While the store is unreachable no refreshed token could be saved (and a rotated refresh
+    token must never be spent unsaved): the current access token serves until it has really
+    expired, the refresh margin skipped; then 503 says why. The store back, the refresh happens."""
+    data = tmp_path / "data"
+    r = await make_replica(SqliteStore(data / "store.sqlite3"), ring)
+    try:
+        authserver.control(expires_in=30)  # inside the one-minute refresh margin: a refresh is due
+        params = await oauth_connection(r, authserver)
+        creds = await r.creds("crm")
+        data.rename(tmp_path / "away")  # the store really stops answering
+        assert await r.tokens.access_token(creds) == params["access_token"]
+        assert authserver.count("refreshes") == 0
+        r.tokens.clock = lambda: time.time() + 31  # now past expiry
+        with pytest.raises(ServiceUnavailable) as exc:
+            await r.tokens.access_token(creds)
+        assert "has expired and cannot be refreshed while the store is unreachable" in exc.value.message
+        assert params["access_token"] not in exc.value.message
+        assert authserver.count("refreshes") == 0
+        (tmp_path / "away").rename(data)
+        authserver.control(expires_in=3600)
+        token = await r.tokens.access_token(creds)
+        assert token != params["access_token"] and authserver.count("refreshes") == 1
+    finally:
+        await r.close()

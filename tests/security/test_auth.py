@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -15,11 +17,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from proxy.errors import ConfigError, Unauthenticated
+from proxy.errors import ConfigError, StoreUnavailable, Unauthenticated
 from proxy.model import ApiKeyRecord, Caller
+from proxy.security import auth as auth_mod
 from proxy.security import crypto
 from proxy.security.auth import Authenticator, bearer_token, peer_in
 from proxy.settings import Settings, load_settings
+from proxy.stale import StaleWindow
 from proxy.store.base import Store
 from proxy.store.sqlite import SqliteStore
 
@@ -293,3 +297,39 @@ def test_basic_proxy_credentials_parse() -> None:
         with pytest.raises(Unauthenticated) as info:
             proxy_user(h(bad)) if bad != "c1:" else bearer_token(h(bad))
         assert "k" not in info.value.message.split() and bad not in info.value.message
+
+
+async def test_store_outage_keeps_cached_keys_working_and_revoked_keys_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale-if-error for caller keys, through a real outage (the data directory moved away): a
+    key verified before keeps authenticating, its secret still compared on every call; a key the
+    replica saw revoked (a reload answered "revoked") stays refused, however stale."""
+    monkeypatch.setattr(auth_mod, "KEY_CACHE_TTL_S", 0.05)
+    monkeypatch.setattr(auth_mod, "NEGATIVE_TTL_S", 0.05)
+    data = tmp_path / "data"
+    store = SqliteStore(data / "store.sqlite3")
+    await store.open()
+    try:
+        auth = Authenticator(settings(), store, ADMIN, StaleWindow(60.0))
+        _, good = await mint(store)
+        bad_id, bad = await mint(store)
+        for key in (good, bad):
+            await auth.authenticate(hdr(key), None, allow_trusted=False)
+        record = await store.get_api_key(bad_id)
+        assert record is not None
+        await store.put_api_key(dataclasses.replace(record, revoked_at=time.time()))  # by another replica
+        await asyncio.sleep(0.1)
+        await expect_401(auth, hdr(bad))  # the reload saw the revocation
+        await asyncio.sleep(0.1)
+        data.rename(tmp_path / "away")
+        assert (await auth.authenticate(hdr(good), None, allow_trusted=False)).tenant_id == "t1"
+        assert "revoked" in await expect_401(auth, hdr(bad))
+        await expect_401(auth, hdr(good[:-2] + "xx"))  # a stale entry still checks the secret
+        _, never_seen = crypto.new_api_key()
+        with pytest.raises(StoreUnavailable, match="not cached on this replica"):
+            await auth.authenticate(hdr(never_seen), None, allow_trusted=False)
+    finally:
+        if (tmp_path / "away").exists():
+            (tmp_path / "away").rename(data)
+        await store.close()

@@ -173,7 +173,9 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
         "rate_limits": [{"limit": 1000000, "window": "1m"}],
     }
     await svc.put_connection(T, "c1", conn)
-    await svc.put_connection(T, "gone", {**conn, "parameters": {"token": "tok-gone", "base_url": upstream.url}})
+    await svc.put_connection(
+        T, "gone", {**conn, "parameters": {"token": "tok-gone", "base_url": upstream.url}}
+    )
     key = await svc.mint_key(T)
     # Revoked and deleted before the outage, both once used (so once cached) first.
     revoked = await svc.mint_key(T, "revoked")
@@ -251,7 +253,9 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
     during = load.since(down, up)
     served = [c for c in during if c.status == 200]
     # Only served or refused with the contract's code: no 401 for a cached key, no 500.
-    assert {(c.status, c.code) for c in during} <= {(200, None), (503, "SERVICE_UNAVAILABLE")}, _counts(during)
+    assert {(c.status, c.code) for c in during} <= {(200, None), (503, "SERVICE_UNAVAILABLE")}, _counts(
+        during
+    )
     kept_serving = max(c.started for c in served) - down
     # Every entry was loaded at most TTL_S before the outage, and never serves past STALE_S.
     assert STALE_S - TTL_S - 0.6 <= kept_serving <= STALE_S + 0.1, kept_serving
@@ -266,7 +270,9 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
     assert (await _proxy(svc, revoked, "c1"))[0] == 401
     assert (await _proxy(svc, key, "gone"))[0] == 404
     await wait_until(lambda: svc.services.audit.pending == 0, timeout=5)
-    status, page = await svc.admin("GET", f"/admin/tenants/{T}/audit?action=proxy.use&connection_id=c1&limit=500")
+    status, page = await svc.admin(
+        "GET", f"/admin/tenants/{T}/audit?action=proxy.use&connection_id=c1&limit=500"
+    )
     assert status == 200
     stale_uses = sum(e["detail"]["count"] for e in page["items"] if e["detail"].get("stale_credentials"))
     assert stale_uses >= len(served) // 2, (stale_uses, len(served))  # kept in memory, written after
