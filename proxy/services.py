@@ -86,7 +86,7 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
     logs.install([secrets.admin_token, settings.jwt_hs256_secret])
     store = open_store(settings)
     catalogue = Catalogue.load(settings.integrations_dirs)
-    stale = StaleWindow(settings.stale_if_error_s)
+    stale = StaleWindow(settings.stale_if_error_s, store.name)
     gauge_from(STORE_DEGRADED, lambda: 1.0 if stale.down else 0.0)
     vault = Vault(
         store, secrets.ring, catalogue, settings.credential_cache_ttl_s, ring_reader(settings), stale=stale

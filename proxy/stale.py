@@ -36,7 +36,7 @@ from typing import Final, TypeVar
 from proxy.cache import TtlCache
 from proxy.errors import StoreLost, StoreUnavailable
 from proxy.observe import trace
-from proxy.observe.metrics import STALE_SERVED_TALLY
+from proxy.observe.metrics import STALE_SERVED_TALLY, STORE_ERRORS
 
 __all__ = ["RETRY_S", "StaleWindow", "ttl_entry"]
 
@@ -53,9 +53,14 @@ RETRY_AFTER_S: Final = 5
 class StaleWindow:
     """The store's health as reads see it, and the rule for serving what the caches hold."""
 
-    def __init__(self, stale_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stale_s: float, backend: str = "store", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stale_s = stale_s
         self.clock = clock
+        # Failed reads count in proxy_store_errors_total{backend}: about one a second while
+        # down (the probes), which is what its alert watches.
+        self._errors = STORE_ERRORS.labels(backend=backend)
         self.failure: StoreUnavailable | None = None  # the last failure while the store is down
         self.down_since: float | None = None
         self.last_ok = clock()  # when the store last answered a read
@@ -74,6 +79,7 @@ class StaleWindow:
 
     def failed(self, exc: StoreUnavailable) -> None:
         now = self.clock()
+        self._errors.inc()
         if self.failure is None:
             self.down_since = now
             log.error(

@@ -59,7 +59,7 @@ def clock() -> Clock:
 
 
 async def test_serves_the_cached_entry_up_to_the_bound_from_its_last_load(clock: Clock) -> None:
-    w, cache, store = StaleWindow(30.0, clock), TtlCache[str, str](10), Store()
+    w, cache, store = StaleWindow(30.0, clock=clock), TtlCache[str, str](10), Store()
     assert await load(w, cache, store, clock) == "fresh"
     loaded = clock.now
     store.error = StoreUnavailable("redis store unavailable during get_connection (ConnectionError)")
@@ -77,8 +77,8 @@ async def test_a_miss_during_an_outage_is_refused_and_zero_disables(clock: Clock
     store = Store()
     store.error = StoreUnavailable("down")
     with pytest.raises(StoreUnavailable, match="not cached on this replica"):
-        await load(StaleWindow(30.0, clock), TtlCache[str, str](10), store, clock)
-    off, cache = StaleWindow(0.0, clock), TtlCache[str, str](10)
+        await load(StaleWindow(30.0, clock=clock), TtlCache[str, str](10), store, clock)
+    off, cache = StaleWindow(0.0, clock=clock), TtlCache[str, str](10)
     store.error = None
     await load(off, cache, store, clock)
     clock.now += TTL + 1
@@ -88,7 +88,7 @@ async def test_a_miss_during_an_outage_is_refused_and_zero_disables(clock: Clock
 
 
 async def test_a_lost_store_or_an_answer_is_never_overridden(clock: Clock) -> None:
-    w, cache, store = StaleWindow(30.0, clock), TtlCache[str, str](10), Store()
+    w, cache, store = StaleWindow(30.0, clock=clock), TtlCache[str, str](10), Store()
     await load(w, cache, store, clock)
     clock.now += TTL + 1
     store.error = StoreLost("the store was flushed")
@@ -102,7 +102,7 @@ async def test_a_lost_store_or_an_answer_is_never_overridden(clock: Clock) -> No
 
 async def test_an_invalidation_during_the_failed_load_wins(clock: Clock) -> None:
     """What is served stale is read after the failure: an entry dropped meanwhile stays dropped."""
-    w, cache = StaleWindow(30.0, clock), TtlCache[str, str](10)
+    w, cache = StaleWindow(30.0, clock=clock), TtlCache[str, str](10)
     cache.put("k", "old", clock.now + TTL)
     clock.now += TTL + 1
 
@@ -115,7 +115,7 @@ async def test_an_invalidation_during_the_failed_load_wins(clock: Clock) -> None
 
 
 async def test_the_store_is_probed_at_most_once_per_retry_interval_and_recovery_is_seen(clock: Clock) -> None:
-    w, cache, store = StaleWindow(30.0, clock), TtlCache[str, str](10), Store()
+    w, cache, store = StaleWindow(30.0, clock=clock), TtlCache[str, str](10), Store()
     await load(w, cache, store, clock)
     clock.now += TTL + 1
     store.error = StoreUnavailable("down")
@@ -131,7 +131,7 @@ async def test_the_store_is_probed_at_most_once_per_retry_interval_and_recovery_
 
 
 async def test_a_stale_serve_marks_the_request_context(clock: Clock) -> None:
-    w, cache, store = StaleWindow(30.0, clock), TtlCache[str, str](10), Store()
+    w, cache, store = StaleWindow(30.0, clock=clock), TtlCache[str, str](10), Store()
     await load(w, cache, store, clock)
     clock.now += TTL + 1
     store.error = StoreUnavailable("down")
@@ -144,7 +144,7 @@ async def test_a_stale_serve_marks_the_request_context(clock: Clock) -> None:
 
 
 def test_serving_follows_the_last_answer(clock: Clock) -> None:
-    w = StaleWindow(10.0, clock)
+    w = StaleWindow(10.0, clock=clock)
     w.failed(StoreUnavailable("down"))
     assert w.serving() and w.remaining_s() == 10.0
     clock.now += 10.5
