@@ -18,10 +18,11 @@ The security bounds, which every cache using it keeps:
   so an entry an invalidation dropped meanwhile (a local write, a peer's pub/sub or change-log
   message, a FLUSH_ALL) is gone. A deletion or revocation this replica saw is never undone; one it
   could not see (it was cut off from its peers) is exposed for at most the bound.
-- Probing is rate-limited: after a failure the store is not asked again for ``RETRY_S``; calls
-  meanwhile are answered from stale entries (or refused with the failure) at once, so an outage
-  whose failures are slow (timeouts, a busy file) costs one slow call per ``RETRY_S``, not one per
-  call. The first call after ``RETRY_S`` probes; a success ends the outage for everyone.
+- Probing is rate-limited: after a failure, calls that have a servable entry are answered from it
+  without asking the store for ``RETRY_S``, so an outage whose failures are slow (timeouts, a
+  busy file) costs one slow call per ``RETRY_S``, not one per call. The first call after
+  ``RETRY_S`` probes; a success ends the outage for everyone. A call with nothing to serve
+  always asks the store itself.
 
 Pure module: no aiohttp, no redis.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final, TypeGuard, TypeVar
 
 from proxy.cache import TtlCache
 from proxy.errors import StoreLost, StoreUnavailable
@@ -110,11 +111,15 @@ class StaleWindow:
         it is called after a failed ``fetch`` so an invalidation during the attempt counts.
         ``kind`` labels the metric (a fixed vocabulary); ``what`` names the entry in a refusal
         (ids only, never a credential)."""
-        failure = self.failure
-        if failure is not None and self.clock() < self._retry_at:
-            return self._stale(kind, what, cached(), failure)
-        if failure is not None:
-            self._retry_at = self.clock() + RETRY_S  # this call probes; the others do not wait
+        if self.failure is not None:
+            if self.clock() < self._retry_at:
+                entry = cached()
+                if self._servable(entry):
+                    return self._serve(kind, entry)
+                # Nothing to serve: this call asks the store itself (a failure in one record,
+                # a malformed one say, must not refuse every other read for RETRY_S).
+            else:
+                self._retry_at = self.clock() + RETRY_S  # this call probes; the others do not wait
         try:
             value = await fetch()
         except StoreLost:
@@ -128,13 +133,19 @@ class StaleWindow:
             self.last_ok = self.clock()
         return value
 
+    def _servable(self, entry: tuple[V, float] | None) -> TypeGuard[tuple[V, float]]:
+        return entry is not None and self.stale_s > 0 and self.clock() - entry[1] <= self.stale_s
+
+    def _serve(self, kind: str, entry: tuple[V, float]) -> V:
+        STALE_SERVED_TALLY.inc((kind,))
+        ctx = trace.current()
+        if ctx is not None:
+            ctx.stale = True
+        return entry[0]
+
     def _stale(self, kind: str, what: str, entry: tuple[V, float] | None, exc: StoreUnavailable) -> V:
-        if entry is not None and self.stale_s > 0 and self.clock() - entry[1] <= self.stale_s:
-            STALE_SERVED_TALLY.inc((kind,))
-            ctx = trace.current()
-            if ctx is not None:
-                ctx.stale = True
-            return entry[0]
+        if self._servable(entry):
+            return self._serve(kind, entry)
         if self.stale_s <= 0:
             why = "serving cached copies is disabled (stale_if_error_s = 0)"
         elif entry is None:

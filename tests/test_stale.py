@@ -124,6 +124,10 @@ async def test_the_store_is_probed_at_most_once_per_retry_interval_and_recovery_
     for _ in range(5):
         assert await load(w, cache, store, clock) == "fresh"
     assert store.calls == asked  # answered from the cache at once, the store not asked again
+    with pytest.raises(StoreUnavailable, match="not cached"):  # nothing to serve: it asks
+        await w.load("credentials", "connection 'x'", store.fetch(cache, clock), lambda: None)
+    assert store.calls == asked + 1
+    asked += 1
     clock.now += RETRY_S
     store.error = None
     assert await load(w, cache, store, clock) == "fresh" and store.calls == asked + 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import re
 import time
@@ -37,6 +38,7 @@ from tests.support.upstream import Upstream
 from tests.support.wait import wait_until
 
 T = "acme"
+CANARY = "tok-canary-5e1f0c"  # the connection's secret: in no degraded answer, metric or message
 STALE_S = 3.0
 TTL_S = 0.3
 CALLERS = 4
@@ -168,7 +170,7 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
     svc, outage, backend = setup
     conn = {
         "integration_id": "http_bearer",
-        "parameters": {"token": "tok-c1", "base_url": upstream.url},
+        "parameters": {"token": CANARY, "base_url": upstream.url},
         # A configured limit, so every call asks the limiter (Redis's, on Redis).
         "rate_limits": [{"limit": 1000000, "window": "1m"}],
     }
@@ -197,6 +199,7 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
         await asyncio.sleep(1.0)
         status, ready = await _get(svc.session, svc.url + "/readyz")
         assert status == 200 and ready["status"] == "degraded", ready
+        assert CANARY not in json.dumps(ready)
         assert ready["reason"].startswith("store unreachable") and ready["stale_if_error_s"] == STALE_S
         status, body = await svc.admin("PUT", f"/admin/tenants/{T}/connections/c1", json=conn)
         assert status == 503 and body["error"] == "SERVICE_UNAVAILABLE", body
@@ -206,6 +209,7 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
         status, body = await _proxy(svc, key, "gone")
         assert status in (404, 503), body
         mid = await _metrics(svc)
+        assert CANARY not in mid and CANARY not in json.dumps(body)
         assert _sample(mid, "proxy_stale_served_total", 'cache="credentials"') > _sample(
             before, "proxy_stale_served_total", 'cache="credentials"'
         )
@@ -251,6 +255,8 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
         await asyncio.gather(*callers)
 
     during = load.since(down, up)
+    assert not [c for c in load.calls if CANARY in (c.message or "")]
+    assert upstream.seen[-1].header("Authorization") == [f"Bearer {CANARY}"]  # what was injected
     served = [c for c in during if c.status == 200]
     # Only served or refused with the contract's code: no 401 for a cached key, no 500.
     assert {(c.status, c.code) for c in during} <= {(200, None), (503, "SERVICE_UNAVAILABLE")}, _counts(
@@ -285,3 +291,25 @@ async def test_cached_credentials_serve_through_a_store_outage_up_to_the_bound_t
         f"audit stale uses {stale_uses}; before the outage {_counts(load.since(0, down))}, "
         f"after {_counts(after)}"
     )
+
+
+async def test_the_limiter_follows_its_fail_mode_closed_through_a_redis_outage(
+    tmp_path: Path, dedicated_redis: RedisServer, upstream: Upstream
+) -> None:
+    """Cached credentials would serve, but ``ratelimit_fail_mode = "closed"`` refuses a limited
+    call while Redis is down: the operator's choice wins over stale serving."""
+    async with running_service(
+        tmp_path, redis_url=dedicated_redis.url, stale_if_error_s=STALE_S, ratelimit_fail_mode="closed"
+    ) as svc:
+        limited = {"parameters": {"token": CANARY, "base_url": upstream.url}, "integration_id": "http_bearer"}
+        await svc.put_connection(T, "c1", {**limited, "rate_limits": [{"limit": 1000, "window": "1m"}]})
+        await svc.put_connection(T, "free", limited)
+        key = await svc.mint_key(T)
+        assert (await _proxy(svc, key, "c1"))[0] == 200 and (await _proxy(svc, key, "free"))[0] == 200
+        dedicated_redis.stop()
+        try:
+            status, body = await _proxy(svc, key, "c1")
+            assert status == 503 and "ratelimit_fail_mode is 'closed'" in body["message"], body
+            assert (await _proxy(svc, key, "free"))[0] == 200  # no configured limit: served from the cache
+        finally:
+            dedicated_redis.start()
