@@ -372,17 +372,23 @@ FRONT_OPERATIONS: Final = (
         "operations",
         {
             "summary": "Ready: the store (and Redis) reachable, and still the store this replica opened",
+            "description": "While the store is unreachable but cached credentials may still serve "
+            "(stale_if_error_s), 200 with status degraded and the reason; 503 after that.",
             "operationId": "readyz",
             "responses": {
                 "200": ok(
-                    "ready",
+                    "ready, or degraded (the store unreachable, cached credentials serving)",
                     {
                         "type": "object",
                         "required": ["status"],
                         "properties": {
-                            "status": {"type": "string"},
+                            "status": {"enum": ["ready", "degraded"]},
                             "store": {"type": "string"},
                             "store_id": {"type": ["string", "null"]},
+                            "reason": {"type": "string"},
+                            "down_for_s": {"type": "number"},
+                            "stale_if_error_s": {"type": "number"},
+                            "stale_serving_left_s": {"type": "number"},
                         },
                     },
                 ),
