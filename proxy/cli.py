@@ -81,7 +81,10 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
 
 
 async def _reload_keys_on_sighup(app: Any) -> None:
+    """SIGHUP: re-read the master key ring, the CA files and the listener's certificate; each
+    part that fails to load keeps what it had, and the service keeps serving."""
     from proxy.web.app import SERVICES
+    from proxy.web.tunnel import reload_tls
 
     vault = app[SERVICES].vault
     loop = asyncio.get_running_loop()
@@ -96,6 +99,13 @@ async def _reload_keys_on_sighup(app: Any) -> None:
                 "SIGHUP: master key ring not reloaded, keeping versions %s: %s",
                 list(vault.ring.versions),
                 exc.message,
+            )
+        try:
+            for line in reload_tls(app):
+                log.info("SIGHUP: %s", line)
+        except ProxyError as exc:
+            log.error(
+                "SIGHUP: CA or listener certificate not reloaded, keeping the current one: %s", exc.message
             )
 
     def on_hup() -> None:
@@ -314,7 +324,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     proxy_url = args.proxy or load_settings(args.config).public_url
     key = runenv.caller_key(os.environ, args.key_file)
-    with runenv.prepared(proxy_url, key, args.connection, args.tenant, args.runtime_user) as env_vars:
+    with runenv.prepared(
+        proxy_url, key, args.connection, args.tenant, args.runtime_user, args.proxy_cacert
+    ) as env_vars:
         env = {k: v for k, v in os.environ.items() if k != runenv.KEY_ENV}
         env.update(env_vars)
         try:
@@ -414,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime-user", help="a runtime user id (its own connection, if any)")
     run.add_argument("--proxy", help="proxy URL (default: public_url, i.e. PROXY_PUBLIC_URL or PROXY_LISTEN)")
     run.add_argument("--key-file", help="read the caller credential from FILE instead of PROXY_CALLER_KEY")
+    run.add_argument(
+        "--proxy-cacert",
+        metavar="FILE",
+        help="CA that verifies an https:// proxy listener (added to the bundle); e.g. `ca export` output",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     for p in (generate, add, rotate, retire, status, reenc, export, run):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")

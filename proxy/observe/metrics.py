@@ -172,6 +172,12 @@ STORE_ERRORS = Counter(
     ["backend"],
     registry=REGISTRY,
 )
+TUNNELS_OPEN = Gauge(
+    "proxy_tunnels_open",
+    "CONNECT tunnels open now (TLS established with the client; summed over workers).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 CLIENT_CONNECTIONS_CLOSED = Counter(
     "proxy_client_connections_closed_total",
     "Client connections closed by the resource bounds: over_limit (max_connections) or head_timeout.",

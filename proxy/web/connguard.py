@@ -45,6 +45,7 @@ from proxy.observe.metrics import CLIENT_CONNECTIONS_CLOSED
 from proxy.settings import Settings
 from proxy.web import ops
 from proxy.web.errors import error_response
+from proxy.web.tunnel import LISTENER_TLS
 
 log = logging.getLogger("proxy.connguard")
 
@@ -261,8 +262,14 @@ async def start_guarded(
         settings.head_timeout_s,
     )
     loop = asyncio.get_running_loop()
+    # https:// proxy URLs: the listener's TLS (proxy.web.tunnel, proxy.security.listener_tls).
+    # The handshake gets the request-head deadline; the guard's own timer starts after it.
+    tls = runner.app.get(LISTENER_TLS) if isinstance(runner, web.AppRunner) else None
+    ssl_kw: dict[str, Any] = {}
+    if tls is not None:
+        ssl_kw = {"ssl": tls.context, "ssl_handshake_timeout": settings.head_timeout_s}
     if sock is not None:
-        server = await loop.create_server(guard, sock=sock, backlog=1024)
+        server = await loop.create_server(guard, sock=sock, backlog=1024, **ssl_kw)
     else:
         server = await loop.create_server(
             guard,
@@ -271,6 +278,7 @@ async def start_guarded(
             backlog=1024,
             reuse_address=True,
             reuse_port=reuse_port or None,
+            **ssl_kw,
         )
     return guard, server
 
@@ -295,7 +303,8 @@ async def serve(
             runner, settings, max_connections=plan.max_connections, reuse_port=reuse_port
         )
         host = settings.listen_host if ":" not in settings.listen_host else f"[{settings.listen_host}]"
-        announce(f"Running on http://{host}:{settings.listen_port}\n(Press CTRL+C to quit)")
+        scheme = "https" if settings.listen_tls else "http"
+        announce(f"Running on {scheme}://{host}:{settings.listen_port}\n(Press CTRL+C to quit)")
         await stop.wait()
     finally:
         if server is not None:

@@ -49,11 +49,12 @@ from proxy.errors import (
     Unauthenticated,
 )
 from proxy.observe import logformat, trace
-from proxy.observe.metrics import REQUESTS_TALLY
+from proxy.observe.metrics import REQUESTS_TALLY, TUNNELS_OPEN
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.plan import check_destination
 from proxy.security import egress as egress_mod
 from proxy.security.ca import CertificateAuthority, load_ca
+from proxy.security.listener_tls import ListenerTLS, listener_tls
 from proxy.web.authn import SERVICES
 from proxy.web.errors import error_response, request_id_of
 from proxy.web.proxy_routes import (
@@ -67,9 +68,11 @@ from proxy.web.proxy_routes import (
 
 log = logging.getLogger("proxy.tunnel")
 
-__all__ = ["TUNNELS", "TUNNEL_CA", "Tunnels", "connect", "setup"]
+__all__ = ["LISTENER_TLS", "TUNNELS", "TUNNEL_CA", "Tunnels", "connect", "reload_tls", "setup"]
 
 TUNNEL_CA = web.AppKey("tunnel_ca", CertificateAuthority)
+# Set when the listener itself speaks TLS (https:// proxy URLs); read by the connection guard.
+LISTENER_TLS = web.AppKey("listener_tls", ListenerTLS)
 # Idle kept-alive tunnel connections are closed after this (aiohttp's server default is 75 s).
 TUNNEL_KEEPALIVE_S = 75.0
 
@@ -140,6 +143,7 @@ class Tunnels:
         self._server: web.Server | None = None  # built on first use: it needs the running loop
         self._by_handler: dict[RequestHandler, _Tunnel] = {}
         self.opened = 0  # tunnels established since start-up
+        self.open = 0  # tunnels open now (also the proxy_tunnels_open gauge, over all apps)
 
     @property
     def server(self) -> web.Server:
@@ -309,7 +313,13 @@ async def connect(request: web.Request) -> web.StreamResponse:
             raise ConnectionResetError
         proto.connection_made(tls)
         tunnels.opened += 1
-        await done
+        tunnels.open += 1
+        TUNNELS_OPEN.inc()
+        try:
+            await done
+        finally:
+            tunnels.open -= 1
+            TUNNELS_OPEN.dec()
     except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
         outcome = Outcome.TLS_HANDSHAKE_FAILED
         # Most often the client does not trust the CA; the reason names no secret.
@@ -350,10 +360,16 @@ async def _shutdown(app: web.Application) -> None:
 
 
 def setup(app: web.Application) -> None:
-    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``.
+    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``; prepare
+    the listener's own TLS when configured (``proxy.security.listener_tls``).
 
     With dev mode off and no ``ca_cert_file``/``ca_key_file``, CONNECT stays refused (405)."""
-    ca = load_ca(app[SERVICES].settings)
+    settings = app[SERVICES].settings
+    ca = load_ca(settings)
+    tls = listener_tls(settings, ca)
+    if tls is not None:
+        log.info("listener TLS on (%s certificate)", tls.mode)
+        app[LISTENER_TLS] = tls
     if ca is None:
         return
     log.info("CONNECT interception on: CA %s (sha256 %s)", ca.source, ca.fingerprint)
@@ -362,3 +378,24 @@ def setup(app: web.Application) -> None:
     app[CONNECT_HANDLER] = connect
     app.router.add_get("/ca.pem", ca_pem)
     app.on_shutdown.append(_shutdown)
+
+
+def reload_tls(app: web.Application) -> list[str]:
+    """SIGHUP: re-read the CA files and the listener's certificate, keep serving. The CA object
+    is updated in place (its leaf cache dropped), so new tunnels and handshakes use the new one
+    at once; tunnels already open keep theirs. A bad file raises ``ConfigError`` and changes
+    nothing of that part. Returns what changed, for the log (fingerprints, never keys)."""
+    done: list[str] = []
+    ca = app.get(TUNNEL_CA)
+    if ca is not None:
+        fresh = load_ca(app[SERVICES].settings)
+        if fresh is not None and ca.adopt(fresh):
+            done.append(
+                f"CA reloaded from {ca.source}: signing sha256 {ca.fingerprint}, {len(ca.trusted)} trusted"
+            )
+        else:
+            done.append("CA unchanged")
+    tls = app.get(LISTENER_TLS)
+    if tls is not None and tls.reload():
+        done.append("listener certificate reloaded")
+    return done

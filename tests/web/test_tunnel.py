@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.web.tunnel import TUNNELS
+from proxy.web.tunnel import TUNNEL_CA, TUNNELS
 from tests.support.app import ADMIN_TOKEN, REPO_ROOT
 from tests.support.tlsupstream import TlsSetup, tls_setup
 
@@ -217,3 +217,36 @@ async def test_each_call_in_a_tunnel_gets_its_own_access_line(
     assert len(tunnel_lines) == 2, lines
     assert len({m.rsplit("request ", 1)[1] for m in tunnel_lines}) == 2  # distinct request ids
     assert tls.key not in " ".join(lines)
+
+
+@pytest.mark.system
+async def test_connection_proxy_run_with_an_https_proxy_url(tmp_path: Path) -> None:
+    """``run --proxy https://...``: the listener's CA (here: minted from the service's CA, given
+    as --proxy-cacert from `ca export`) verifies the /ca.pem fetch and is in the bundle, so
+    requests and (with its one option) curl speak TLS to the proxy and through the tunnel."""
+    async with tls_setup(tmp_path, listen_tls_hostnames=["127.0.0.1"]) as tls:
+        assert tls.svc.url.startswith("https://")
+        exported = tmp_path / "exported-ca.pem"
+        exported.write_text(tls.svc.app[TUNNEL_CA].bundle_pem)
+        url = tls.up.url + "/echo/run-https"
+        script = (
+            "import json, os, requests, subprocess\n"
+            f"r = requests.get({url!r}, timeout=20)\n"
+            "c = subprocess.run(['curl', '-sS', '-m', '20', '-o', '/dev/null', '-w', '%{http_code}',"
+            f" '--proxy-cacert', os.environ['CURL_CA_BUNDLE'], {url!r}], capture_output=True, text=True)\n"
+            "print(json.dumps({'requests': r.status_code, 'curl': c.stdout, 'curl_err': c.stderr,"
+            " 'proxy': os.environ['HTTPS_PROXY'].split(':', 1)[0]}))\n"
+        )
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env["PROXY_CALLER_KEY"] = tls.key
+        argv = [sys.executable, "-m", "proxy", "run", "--connection", "c1", "--proxy", tls.svc.url]
+        p = await asyncio.create_subprocess_exec(
+            *argv, "--proxy-cacert", str(exported), "--", sys.executable, "-c", script,
+            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        assert p.returncode == 0, err.decode()
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        assert result == {"requests": 200, "curl": "200", "curl_err": "", "proxy": "https"}, result
+        runs = [s for s in tls.up.seen if s.path == "/echo/run-https"]
+        assert len(runs) == 2 and all(s.header("Authorization") == ["Bearer tok"] for s in runs)
