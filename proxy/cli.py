@@ -299,6 +299,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
     from proxy.security.ca import load_ca
 
     settings = _settings(args)
+    if args.ca_cmd == "rotate":
+        return _ca_rotate(settings, args.finish)
     ca = load_ca(settings)
     if ca is None:
         print(
@@ -307,6 +309,28 @@ def cmd_ca(args: argparse.Namespace) -> int:
         )
         return 2
     sys.stdout.write(ca.bundle_pem)  # certificates only: the key is never printed
+    return 0
+
+
+def _ca_rotate(settings: Settings, finish: bool) -> int:
+    """The two steps of a CA rotation (runbook: README, "Rotating the CA")."""
+    from proxy.security import ca_rotation
+
+    if finish:
+        done = ca_rotation.finish(settings)
+        print(
+            f"rotation finished: {done.cert_file} now holds only the signing CA (sha256 {done.signer}). "
+            "Send SIGHUP to every serve process (or restart); clients that still trust only the old "
+            "CA fail from then on"
+        )
+        return 0
+    done = ca_rotation.rotate(settings)
+    print(
+        f"new signing CA sha256 {done.signer}, cross-signed by the old one; {done.cert_file} exports "
+        f"{len(done.trusted)} CA certificates. Send SIGHUP to every serve process (or restart): "
+        "clients trusting either CA keep working. Once every client trusts the new bundle "
+        "(GET /ca.pem, `ca export`), run `connection-proxy ca rotate --finish`"
+    )
     return 0
 
 
@@ -415,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the CA that HTTPS_PROXY clients must trust")
     casub = ca.add_subparsers(dest="ca_cmd", required=True)
     export = casub.add_parser("export", help="print the CA certificate bundle (PEM) to trust")
+    ca_rotate = casub.add_parser(
+        "rotate",
+        help="new signing CA, cross-signed by the current one (both trusted); --finish drops the old",
+    )
+    ca_rotate.add_argument(
+        "--finish", action="store_true", help="end the overlap: keep only the signing CA in the file"
+    )
 
     run = sub.add_parser(
         "run",
@@ -432,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CA that verifies an https:// proxy listener (added to the bundle); e.g. `ca export` output",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    for p in (generate, add, rotate, retire, status, reenc, export, run):
+    for p in (generate, add, rotate, retire, status, reenc, export, ca_rotate, run):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
 
     from proxy import admin_client
