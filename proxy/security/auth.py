@@ -174,6 +174,7 @@ class _CachedKey:
     record: ApiKeyRecord | None  # None: unknown or revoked
     caller: Caller | None
     digest: bytes | None  # the stored hash as bytes; None if the stored value is not a hash
+    tenant_id: str | None = None  # the key id's tenant, revoked keys included (audit of refusals)
 
 
 def _digest_of(secret_hash: str) -> bytes | None:
@@ -251,12 +252,13 @@ class Authenticator:
         cached = self._keys.get(key_id)
         if cached is None or cached.expires <= now:
             record = await self.store.get_api_key(key_id)
+            owner = record.tenant_id if record is not None else None
             if record is not None and record.revoked_at is not None:
                 record = None
             ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
             caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
             digest = _digest_of(record.secret_hash) if record is not None else None
-            cached = self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest))
+            cached = self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest, owner))
         record = cached.record
         # Hash compare on every call, cached or not: the cache holds the hash, never the key.
         if (
@@ -271,6 +273,21 @@ class Authenticator:
             )
         self._last_used[key_id] = time.time()
         return cached.caller
+
+    def refused_key_owner(self, headers: Mapping[str, str]) -> tuple[str, str] | None:
+        """(key id, tenant) of the API key a refused request presented, when that key id exists
+        (wrong secret or revoked), from the cache ``authenticate`` just filled: no store read.
+        The key id is no secret; it lets the audit trail of the key's tenant show the refusal,
+        where an unauthenticated caller could otherwise pick any tenant."""
+        try:
+            token = bearer_token(headers)
+        except Unauthenticated:
+            return None
+        parts = crypto.split_api_key(token) if token else None
+        cached = self._keys.get(parts[0]) if parts is not None else None
+        if parts is None or cached is None or cached.tenant_id is None:
+            return None
+        return parts[0], cached.tenant_id
 
     def forget_key(self, key_id: str) -> None:
         """Drop a cached key at once (after revocation) so the next call re-reads the store."""

@@ -264,10 +264,37 @@ async def _bound(app: web.Application, identity: Identity, host: str) -> None:
     check_destination(pipeline.egress, plan, "https", host)
 
 
+CONNECT_ACTION = "proxy.connect"
+
+
+def _audit_refusal(request: web.Request, identity: Identity | None, exc: ProxyError, rid: str) -> None:
+    """A refused CONNECT into the audit trail of the tenant it concerns, outcome = its code.
+
+    Who chose the tenant decides whether it is recorded: an authenticated caller's refusals (a
+    host the connection is not bound to, egress, an unknown connection) go to its tenant; a 407
+    only when it presented an existing API key id (wrong secret, revoked key), to that key's
+    tenant, as ``api_key:<id>``. Any other unauthenticated CONNECT names no tenant it could be
+    held to (the tenant in a proxy user is its own choice, and letting it write into any
+    trail would let it flood that trail's buffer), so it is counted in the request metrics only.
+    Uses fold per (actor, tenant, connection, outcome) like every use; no header value is kept."""
+    svc = request.app[SERVICES]
+    if identity is not None:
+        actor, tenant, connection = identity.caller.actor, identity.tenant_id, identity.connection_id
+    elif isinstance(exc, ProxyAuthenticationRequired):
+        owner = svc.auth.refused_key_owner(request.headers)
+        if owner is None:
+            return
+        actor, tenant, connection = f"api_key:{owner[0]}", owner[1], None
+    else:
+        return
+    svc.audit.record_use(actor, tenant, connection, CONNECT_ACTION, of_error(exc), rid)
+
+
 async def connect(request: web.Request) -> web.StreamResponse:
     """The ``CONNECT`` handler: check, answer 200, terminate TLS, serve the tunnel to its end."""
     app = request.app
     rid = request_id_of(request)
+    identity: Identity | None = None
     try:
         identity = await forward_identity(request, app)
         host, port = _authority(request.raw_path)
@@ -275,6 +302,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         context = app[TUNNEL_CA].server_context(host)
     except ProxyError as exc:
         REQUESTS_TALLY.inc(("connect", of_error(exc)))
+        _audit_refusal(request, identity, exc, rid)
         resp = error_response(exc, rid)
         resp.force_close()  # the client may already be sending tunnel bytes: never read them
         return resp

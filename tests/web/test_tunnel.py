@@ -250,3 +250,73 @@ async def test_connection_proxy_run_with_an_https_proxy_url(tmp_path: Path) -> N
         assert result == {"requests": 200, "curl": "200", "curl_err": "", "proxy": "https"}, result
         runs = [s for s in tls.up.seen if s.path == "/echo/run-https"]
         assert len(runs) == 2 and all(s.header("Authorization") == ["Bearer tok"] for s in runs)
+
+
+async def _connect_audit(tls: TlsSetup) -> list[dict[str, object]]:
+    await tls.svc.flush_audit()
+    status, data = await tls.svc.admin("GET", "/admin/tenants/t1/audit?action=proxy.connect")
+    assert status == 200, data
+    return list(data["items"])
+
+
+async def test_refused_connects_are_audited_without_secrets(tls: TlsSetup) -> None:
+    from proxy.security import crypto
+
+    key_id = crypto.split_api_key(tls.key)[0]  # type: ignore[index]
+    # Authenticated, but a host the connection is not bound to: 403, in the caller's tenant.
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    writer.write(
+        f"CONNECT 127.0.0.3:443 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {basic('c1', tls.key)}\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 403")
+    writer.close()
+    # No credential, or one naming no existing key: 407, on no tenant's record (it could pick any).
+    for auth in (None, basic("t1%2Fc1", "cpk_nope_nope"), basic("t1/c1", "not-a-key")):
+        assert (await connect_head(tls, auth))[0] == 407
+    (refused,) = await _connect_audit(tls)
+    assert refused["outcome"] == "HOST_NOT_ALLOWED" and refused["actor"] == f"api_key:{key_id}"
+    assert refused["connection_id"] == "c1" and refused["request_id"]
+    # A revoked key's id still names its tenant: that 407 is on t1's record.
+    status, _ = await tls.svc.admin("DELETE", f"/admin/tenants/t1/api-keys/{key_id}")
+    assert status in (200, 204)
+    for _ in range(2):  # folded: one event with a count
+        assert (await connect_head(tls, basic("c1", tls.key)))[0] == 407
+    events = await _connect_audit(tls)
+    unauth = [e for e in events if e["outcome"] == "UNAUTHENTICATED"]
+    assert len(unauth) == 1 and unauth[0]["actor"] == f"api_key:{key_id}"
+    assert unauth[0]["connection_id"] is None
+    assert unauth[0]["detail"]["count"] == 2  # type: ignore[index]
+    assert tls.key not in json.dumps(events) and key_id in json.dumps(events)
+
+
+async def test_open_tunnel_gauge_on_live_metrics(tls: TlsSetup) -> None:
+    import ssl
+
+    def gauge(text: str) -> float:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("proxy_tunnels_open ")]
+        return float(line.split()[1])
+
+    async def scrape() -> float:
+        async with tls.svc.session.get(tls.svc.url + "/metrics") as r:
+            assert r.status == 200
+            return gauge(await r.text())
+
+    base = await scrape()  # other tests' tunnels in this process are closed by now
+    ctx = ssl.create_default_context(cafile=str(tls.client_ca))
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    target = f"127.0.0.2:{tls.up.port}"
+    writer.write(
+        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {basic('c1', tls.key)}\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await writer.start_tls(ctx, server_hostname="127.0.0.2")
+    writer.write(f"GET /echo/g HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert await scrape() == base + 1  # open while the client keeps it
+    writer.close()
+    for _ in range(100):
+        if await scrape() == base:
+            break
+        await asyncio.sleep(0.02)
+    assert await scrape() == base
+    assert tls.svc.app[TUNNELS].open == 0
