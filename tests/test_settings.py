@@ -189,3 +189,18 @@ def test_the_command_line_reads_no_proxy_variable_outside_the_one_list() -> None
     assert runenv.KEY_ENV in CLI_VARIABLES
     source = (Path(__file__).resolve().parent.parent / "proxy" / "admin_client.py").read_text()
     assert 'env.get("PROXY_URL")' in source and "PROXY_URL" in CLI_VARIABLES
+
+
+def test_listener_tls_settings_from_file_and_environment(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[listen_tls]\nhostnames = ["Proxy.Internal.", "10.0.0.5"]\n')
+    s = load_settings(f, env={"PROXY_LISTEN": "0.0.0.0:8443"})
+    assert s.listen_tls and s.listen_tls_hostnames == ("proxy.internal", "10.0.0.5")
+    assert s.public_url == "https://127.0.0.1:8443"
+    env = {"PROXY_LISTEN_TLS_CERT_FILE": "/l.pem", "PROXY_LISTEN_TLS_KEY_FILE": "/l.key"}
+    s = load_settings(env=env)
+    assert (s.listen_tls_cert_file, s.listen_tls_key_file) == (Path("/l.pem"), Path("/l.key"))
+    assert s.public_url.startswith("https://") and not load_settings(env={}).listen_tls
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={**env, "PROXY_LISTEN_TLS_HOSTNAMES": "a"})
+    assert err.value.key == "listen_tls_hostnames"

@@ -77,6 +77,30 @@ async def test_a_silent_new_connection_is_closed_too(quick_heads: RunningService
     writer.close()
 
 
+async def test_an_https_listener_bounds_the_handshake_and_then_the_head(tmp_path: Path) -> None:
+    """With the listener over TLS, a client silent before or during its handshake is closed
+    after head_timeout_s, and so is one that completes the handshake but sends no head."""
+    import ssl
+
+    from proxy.web.tunnel import TUNNEL_CA
+
+    async with running_service(tmp_path, head_timeout_s=0.4, listen_tls_hostnames=["127.0.0.1"]) as svc:
+        port = int(svc.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        assert await closed_by_server(reader, 5)  # no ClientHello at all
+        assert time.monotonic() - started >= 0.35
+        writer.close()
+        ctx = ssl.create_default_context(cadata=svc.app[TUNNEL_CA].bundle_pem)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        assert await closed_by_server(reader, 5)  # handshake done, then nothing
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        writer.write(HEALTHZ)
+        assert (await response(reader))[0] == 200  # a prompt TLS client is served
+        writer.close()
+
+
 async def test_kept_alive_connections_idle_freely_but_a_dribbled_next_head_is_closed(
     quick_heads: RunningService,
 ) -> None:

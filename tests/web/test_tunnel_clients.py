@@ -238,9 +238,13 @@ async def test_https_listener_with_certificate_files_and_plain_http_refused(tmp_
         listen_tls_key_file=str(key_file),
     ) as tls:
         env = tls.client_env("c1")
+        env.update(HTTP_PROXY=env["HTTPS_PROXY"], http_proxy=env["HTTPS_PROXY"])
+        plain = tls.up.url.replace("https://", "http://")
         for kind in ("requests", "curl"):
-            results = await run_client(kind, [f"{tls.up.url}/echo/{kind}"], env)
-            assert [r.get("status") for r in results] == [200], (kind, results)
+            # An https:// URL goes through CONNECT; an http:// one as an absolute-form request
+            # over the TLS connection to the proxy (forward mode, upgraded to the https upstream).
+            results = await run_client(kind, [f"{tls.up.url}/echo/{kind}", f"{plain}/echo/{kind}-fwd"], env)
+            assert [r.get("status") for r in results] == [200, 200], (kind, results)
         # A client speaking plain HTTP to the TLS port (urllib with an https:// proxy URL) gets
         # no HTTP answer at all: the handshake fails and nothing reaches the pipeline.
         reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
@@ -248,4 +252,6 @@ async def test_https_listener_with_certificate_files_and_plain_http_refused(tmp_
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert not data.startswith(b"HTTP/"), data
-        assert [s.path for s in tls.up.seen] == ["/echo/requests", "/echo/curl"]
+        paths = ["/echo/requests", "/echo/requests-fwd", "/echo/curl", "/echo/curl-fwd"]
+        assert [s.path for s in tls.up.seen] == paths
+        assert all(s.header("Authorization") == ["Bearer tok"] for s in tls.up.seen)
