@@ -454,7 +454,9 @@ def from_parts(certs: list[x509.Certificate], key: _PrivateKey, source: str) -> 
     mine = [c for c in certs if _spki(c) == public]
     signing = [c for c in mine if self_signed(c)]
     if not signing:
-        raise ConfigError("ca_key_file", f"the CA key matches no self-signed certificate in {source}")
+        raise ConfigError(
+            "ca_key_file", f"the CA key matches no certificate in {source} (none self-signed for it)"
+        )
     # The newest certificate of the key signs (a renewed CA certificate for the same key).
     signer = max(signing, key=lambda c: c.not_valid_after_utc)
     try:
