@@ -276,7 +276,9 @@ def _audit_refusal(request: web.Request, identity: Identity | None, exc: ProxyEr
     tenant, as ``api_key:<id>``. Any other unauthenticated CONNECT names no tenant it could be
     held to (the tenant in a proxy user is its own choice, and letting it write into any
     trail would let it flood that trail's buffer), so it is counted in the request metrics only.
-    Uses fold per (actor, tenant, connection, outcome) like every use; no header value is kept."""
+    Uses fold per (actor, tenant, connection, outcome) like every use; no header value is kept.
+    A tunnel granted but whose TLS handshake the client refused is recorded the same way
+    (``tls_handshake_failed``, in ``connect``)."""
     svc = request.app[SERVICES]
     if identity is not None:
         actor, tenant, connection = identity.caller.actor, identity.tenant_id, identity.connection_id
@@ -356,6 +358,11 @@ async def connect(request: web.Request) -> web.StreamResponse:
             "(connection-proxy ca export, GET /ca.pem)?",
             host,
             type(exc).__name__,
+        )
+        # On the caller's record too: after a CA rotation is finished, which callers' clients
+        # still trust only the old CA.
+        app[SERVICES].audit.record_use(
+            identity.caller.actor, identity.tenant_id, identity.connection_id, CONNECT_ACTION, outcome, rid
         )
         transport.abort()
     except asyncio.CancelledError:

@@ -158,6 +158,15 @@ async def test_rotation_with_real_clients_and_sighup(tmp_path: Path) -> None:
             assert await _curl(f"{up.url}/echo/old-after", proxy, old_only) == -60  # not trusted
             assert await _curl(f"{up.url}/echo/new-after", proxy, new_only) == 200
             assert sp.proc.poll() is None  # served throughout
+            # The refused handshake is on the caller's record: who still trusts only the old CA.
+            wait_until_sync(
+                lambda: any(
+                    e["outcome"] == "tls_handshake_failed"
+                    for e in _admin(sp, "GET", "/admin/tenants/t1/audit?action=proxy.connect")["items"]
+                ),
+                10,
+                0.05,
+            )
             paths = [s.path for s in up.seen]
             assert paths == ["/echo/before", "/echo/old-mid", "/echo/new-mid", "/echo/new-after"]
             # A broken CA file on SIGHUP: the error is logged, the current CA keeps serving.

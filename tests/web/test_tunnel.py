@@ -279,13 +279,12 @@ async def test_refused_connects_are_audited_without_secrets(tls: TlsSetup) -> No
     # A revoked key's id still names its tenant: that 407 is on t1's record.
     status, _ = await tls.svc.admin("DELETE", f"/admin/tenants/t1/api-keys/{key_id}")
     assert status in (200, 204)
-    for _ in range(2):  # folded: one event with a count
+    for _ in range(2):  # folded per flush interval into events with a count
         assert (await connect_head(tls, basic("c1", tls.key)))[0] == 407
     events = await _connect_audit(tls)
     unauth = [e for e in events if e["outcome"] == "UNAUTHENTICATED"]
-    assert len(unauth) == 1 and unauth[0]["actor"] == f"api_key:{key_id}"
-    assert unauth[0]["connection_id"] is None
-    assert unauth[0]["detail"]["count"] == 2  # type: ignore[index]
+    assert {(e["actor"], e["connection_id"]) for e in unauth} == {(f"api_key:{key_id}", None)}
+    assert sum(e["detail"]["count"] for e in unauth) == 2  # type: ignore[index, misc]
     assert tls.key not in json.dumps(events) and key_id in json.dumps(events)
 
 
