@@ -42,6 +42,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import (
     BadRequest,
+    ConfigError,
     HostNotAllowed,
     NotSupported,
     ProxyAuthenticationRequired,
@@ -418,19 +419,33 @@ def setup(app: web.Application) -> None:
 def reload_tls(app: web.Application) -> list[str]:
     """SIGHUP: re-read the CA files and the listener's certificate, keep serving. The CA object
     is updated in place (its leaf cache dropped), so new tunnels and handshakes use the new one
-    at once; tunnels already open keep theirs. A bad file raises ``ConfigError`` and changes
-    nothing of that part. Returns what changed, for the log (fingerprints, never keys)."""
+    at once; tunnels already open keep theirs. Each part is reloaded on its own: a bad file keeps
+    that part as it was, and the first such ``ConfigError`` is raised after both were tried.
+    Returns what changed, for the log (fingerprints, never keys)."""
     done: list[str] = []
+    failed: ConfigError | None = None
     ca = app.get(TUNNEL_CA)
     if ca is not None:
-        fresh = load_ca(app[SERVICES].settings)
-        if fresh is not None and ca.adopt(fresh):
-            done.append(
-                f"CA reloaded from {ca.source}: signing sha256 {ca.fingerprint}, {len(ca.trusted)} trusted"
-            )
+        try:
+            fresh = load_ca(app[SERVICES].settings)
+        except ConfigError as exc:
+            failed = exc
         else:
-            done.append("CA unchanged")
+            if fresh is not None and ca.adopt(fresh):
+                done.append(
+                    f"CA reloaded from {ca.source}: signing sha256 {ca.fingerprint}, {len(ca.trusted)} trusted"
+                )
+            else:
+                done.append("CA unchanged")
     tls = app.get(LISTENER_TLS)
-    if tls is not None and tls.reload():
-        done.append("listener certificate reloaded")
+    if tls is not None:
+        try:
+            if tls.reload():
+                done.append("listener certificate reloaded")
+        except ConfigError as exc:
+            failed = failed or exc
+    if failed is not None:
+        for line in done:
+            log.info("SIGHUP: %s", line)
+        raise failed
     return done

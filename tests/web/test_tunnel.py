@@ -319,3 +319,42 @@ async def test_open_tunnel_gauge_on_live_metrics(tls: TlsSetup) -> None:
         await asyncio.sleep(0.02)
     assert await scrape() == base
     assert tls.svc.app[TUNNELS].open == 0
+
+
+async def test_reload_tls_reloads_each_part_on_its_own(tmp_path: Path) -> None:
+    """SIGHUP's reload: a broken CA file keeps the current CA, and the listener's certificate
+    files are still re-read; the error is raised after both were tried."""
+    import trustme
+
+    from proxy.errors import ConfigError
+    from proxy.security.ca import CA_CERT_NAME
+    from proxy.web.tunnel import LISTENER_TLS, reload_tls
+
+    test_ca = trustme.CA()
+    cert_file, key_file, listener_ca = tmp_path / "l.pem", tmp_path / "l.key", tmp_path / "l-ca.pem"
+    test_ca.cert_pem.write_to_path(str(listener_ca))
+
+    def issue() -> None:
+        leaf = test_ca.issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+        leaf.private_key_pem.write_to_path(str(key_file))
+
+    issue()
+    async with tls_setup(
+        tmp_path,
+        listener_ca=listener_ca,
+        listen_tls_cert_file=str(cert_file),
+        listen_tls_key_file=str(key_file),
+    ) as tls:
+        app = tls.svc.app
+        assert reload_tls(app) == ["CA unchanged", "listener certificate reloaded"]
+        before = app[LISTENER_TLS]._current
+        fingerprint = app[TUNNEL_CA].fingerprint
+        issue()
+        (tmp_path / CA_CERT_NAME).write_text("broken")
+        with pytest.raises(ConfigError, match="no PEM certificates"):
+            reload_tls(app)
+        assert app[TUNNEL_CA].fingerprint == fingerprint
+        assert app[LISTENER_TLS]._current is not before  # re-read although the CA failed
+        async with tls.svc.session.get(tls.svc.url + "/healthz") as r:
+            assert r.status == 200
