@@ -313,7 +313,7 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def _ca_rotate(settings: Settings, finish: bool) -> int:
-    """The two steps of a CA rotation (runbook: README, "Rotating the CA")."""
+    """The two steps of a CA rotation (runbook: docs/ca-rotation.md)."""
     from proxy.security import ca_rotation
 
     if finish:
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--proxy-cacert",
         metavar="FILE",
-        help="CA that verifies an https:// proxy listener (added to the bundle); e.g. `ca export` output",
+        help="CA that verifies an https:// proxy listener (added to the bundle), e.g. what ca export prints",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     for p in (generate, add, rotate, retire, status, reenc, export, ca_rotate, run):
