@@ -9,7 +9,12 @@ service trusts via ``upstream_ca_file``; both modes pay the same upstream TLS):
 - **new tunnel, cached leaf**: ``CONNECT`` + proxy auth + TLS handshake, no request, to the
   same host each time (its leaf comes from the in-memory cache);
 - **new tunnel, uncached leaf**: the same to a new host each time (``hN.bench.test``, bound by an
-  ``allowed_hosts`` wildcard), so every tunnel mints a leaf (EC P-256 key + signature).
+  ``allowed_hosts`` wildcard), so every tunnel mints a leaf (EC P-256 key + signature);
+- **https:// listener** (``listen_tls_hostnames``: the listener's certificate minted from the same
+  CA): a second service process on the same data dir whose listener speaks TLS, so a tunnel is
+  TLS inside TLS. The same kept-alive GETs and new tunnels, with urllib3 as the client (the
+  standard library speaks no TLS to a proxy); its client wall time is urllib3's pure-Python inner
+  TLS layer, so compare service CPU only.
 
 Reported: the service process's CPU (utime+stime from /proc) per call or per tunnel, and the
 client-observed wall time. One sequential client: this measures cost, not throughput.
@@ -26,6 +31,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE), str(_HERE)]
@@ -136,6 +142,75 @@ def per_new_tunnel(
     return measure(svc, tunnel, n)
 
 
+def start_tls_twin(stack: object, tmp: Path, svc: c.Service, extra_env: dict[str, str]) -> c.Service:
+    """A second ``serve`` on ``svc``'s data dir (same store, CA, keys) with an https listener."""
+    import os
+
+    port = c.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env.update(
+        PROXY_DATA_DIR=str(tmp / f"data-{svc.name}"),
+        PROXY_ADMIN_TOKEN=c.ADMIN_TOKEN,
+        PROXY_LISTEN=f"127.0.0.1:{port}",
+        PROXY_LISTEN_TLS_HOSTNAMES="127.0.0.1",
+        PROXY_SERVICE_QUOTA_PER_MINUTE="1000000000",
+        **extra_env,
+    )
+    proc = c.spawn(stack, "cp-tls", [c.PY, "-m", "proxy", "serve"], tmp, env=env, cpus=None, cwd=c.REPO)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return c.Service("cp-tls", f"https://127.0.0.1:{port}", port, proc)
+        except OSError:
+            if not proc.alive():
+                break
+            time.sleep(0.05)
+    raise c.StartError(f"the https-listener service did not start:\n{proc.tail()}")
+
+
+def _proxy_manager(svc: c.Service, key: str, ctx: ssl.SSLContext) -> object:
+    import base64
+
+    import urllib3
+
+    auth = base64.b64encode(f"{CONN}:{key}".encode()).decode()
+    return urllib3.ProxyManager(
+        svc.url,
+        proxy_headers={"Proxy-Authorization": f"Basic {auth}"},
+        proxy_ssl_context=ctx,
+        ssl_context=ctx,
+    )
+
+
+def per_call_tls_listener(
+    svc: c.Service, key: str, up_url: str, ctx: ssl.SSLContext, n: int
+) -> tuple[float, float]:
+    pm: Any = _proxy_manager(svc, key, ctx)
+
+    def call() -> None:
+        r = pm.request("GET", f"{up_url}/bench/items?page=1", retries=False)
+        assert r.status == 200, r.status
+
+    call()  # the proxy TLS, CONNECT and inner handshake happen here, outside the measurement
+    return measure(svc, call, n)
+
+
+def per_new_tunnel_tls_listener(
+    svc: c.Service, key: str, up_url: str, ctx: ssl.SSLContext, n: int
+) -> tuple[float, float]:
+    pm: Any = _proxy_manager(svc, key, ctx)
+    pool = pm.connection_from_url(up_url)
+
+    def tunnel() -> None:
+        conn = pool._new_conn()
+        pool._prepare_proxy(conn)  # TLS to the proxy, CONNECT, 200, TLS inside it; no request
+        assert conn.is_verified and conn.proxy_is_verified
+        conn.close()
+
+    return measure(svc, tunnel, n)
+
+
 def measure(svc: c.Service, fn: object, n: int) -> tuple[float, float]:
     """(service CPU us per op, client wall us per op) over ``n`` ops after a short warm-up."""
     for _ in range(min(50, n)):
@@ -158,13 +233,8 @@ def main() -> int:
         except c.Unavailable as exc:
             print(f"cannot run: {exc}")
             return 1
-        svc = c.start_service(
-            stack,
-            tmp,
-            "cp",
-            cpus=None,
-            extra_env={"PROXY_EGRESS_ALLOW": "127.0.0.0/8", "PROXY_UPSTREAM_CA_FILE": str(up_ca)},
-        )
+        extra_env = {"PROXY_EGRESS_ALLOW": "127.0.0.0/8", "PROXY_UPSTREAM_CA_FILE": str(up_ca)}
+        svc = c.start_service(stack, tmp, "cp", cpus=None, extra_env=extra_env)
         c.put_connection(
             svc,
             TENANT,
@@ -178,6 +248,7 @@ def main() -> int:
         key = c.mint_api_key(svc, TENANT)
         with urllib.request.urlopen(svc.url + "/ca.pem", timeout=10) as r:
             ctx = ssl.create_default_context(cadata=r.read().decode())
+        tls_svc = start_tls_twin(stack, tmp, svc, extra_env)
         rows = [
             ("path mode, kept-alive connection", "call", *per_call_path(svc, key, n_calls)),
             (
@@ -190,6 +261,16 @@ def main() -> int:
                 "new tunnel, uncached leaf (minted)",
                 "tunnel",
                 *per_new_tunnel(svc, key, up_port, ctx, n_tunnels, True),
+            ),
+            (
+                "https:// listener: tunnel kept alive (TLS in TLS)",
+                "call",
+                *per_call_tls_listener(tls_svc, key, up_url, ctx, n_calls),
+            ),
+            (
+                "https:// listener: new tunnel, cached leaves",
+                "tunnel",
+                *per_new_tunnel_tls_listener(tls_svc, key, up_url, ctx, n_tunnels),
             ),
         ]
     print(
@@ -209,6 +290,13 @@ def main() -> int:
     )
     print(
         f"leaf minting adds ~{rows[3][2] - rows[2][2]:.0f} us of service CPU to a new tunnel; cached leaves add none"
+    )
+    in_tls = rows[4][2] / rows[1][2] if rows[1][2] else None
+    c.ratio_line(
+        "https-listener/plain-listener tunnel CPU per call",
+        in_tls,
+        "any: informational, the cost of the second TLS layer",
+        True,
     )
     return 0
 

@@ -81,7 +81,10 @@ def _serve_one(settings: Settings, reuse_port: bool) -> None:
 
 
 async def _reload_keys_on_sighup(app: Any) -> None:
+    """SIGHUP: re-read the master key ring, the CA files and the listener's certificate; each
+    part that fails to load keeps what it had, and the service keeps serving."""
     from proxy.web.app import SERVICES
+    from proxy.web.tunnel import reload_tls
 
     vault = app[SERVICES].vault
     loop = asyncio.get_running_loop()
@@ -96,6 +99,13 @@ async def _reload_keys_on_sighup(app: Any) -> None:
                 "SIGHUP: master key ring not reloaded, keeping versions %s: %s",
                 list(vault.ring.versions),
                 exc.message,
+            )
+        try:
+            for line in reload_tls(app):
+                log.info("SIGHUP: %s", line)
+        except ProxyError as exc:
+            log.error(
+                "SIGHUP: CA or listener certificate not reloaded, keeping the current one: %s", exc.message
             )
 
     def on_hup() -> None:
@@ -289,6 +299,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
     from proxy.security.ca import load_ca
 
     settings = _settings(args)
+    if args.ca_cmd == "rotate":
+        return _ca_rotate(settings, args.finish)
     ca = load_ca(settings)
     if ca is None:
         print(
@@ -297,6 +309,28 @@ def cmd_ca(args: argparse.Namespace) -> int:
         )
         return 2
     sys.stdout.write(ca.bundle_pem)  # certificates only: the key is never printed
+    return 0
+
+
+def _ca_rotate(settings: Settings, finish: bool) -> int:
+    """The two steps of a CA rotation (runbook: docs/ca-rotation.md)."""
+    from proxy.security import ca_rotation
+
+    if finish:
+        done = ca_rotation.finish(settings)
+        print(
+            f"rotation finished: {done.cert_file} now holds only the signing CA (sha256 {done.signer}). "
+            "Send SIGHUP to every serve process (or restart); clients that still trust only the old "
+            "CA fail from then on"
+        )
+        return 0
+    done = ca_rotation.rotate(settings)
+    print(
+        f"new signing CA sha256 {done.signer}, cross-signed by the old one; {done.cert_file} exports "
+        f"{len(done.trusted)} CA certificates. Send SIGHUP to every serve process (or restart): "
+        "clients trusting either CA keep working. Once every client trusts the new bundle "
+        "(GET /ca.pem, `ca export`), run `connection-proxy ca rotate --finish`"
+    )
     return 0
 
 
@@ -314,7 +348,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     proxy_url = args.proxy or load_settings(args.config).public_url
     key = runenv.caller_key(os.environ, args.key_file)
-    with runenv.prepared(proxy_url, key, args.connection, args.tenant, args.runtime_user) as env_vars:
+    with runenv.prepared(
+        proxy_url, key, args.connection, args.tenant, args.runtime_user, args.proxy_cacert
+    ) as env_vars:
         env = {k: v for k, v in os.environ.items() if k != runenv.KEY_ENV}
         env.update(env_vars)
         try:
@@ -403,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the CA that HTTPS_PROXY clients must trust")
     casub = ca.add_subparsers(dest="ca_cmd", required=True)
     export = casub.add_parser("export", help="print the CA certificate bundle (PEM) to trust")
+    ca_rotate = casub.add_parser(
+        "rotate",
+        help="new signing CA, cross-signed by the current one (both trusted); --finish drops the old",
+    )
+    ca_rotate.add_argument(
+        "--finish", action="store_true", help="end the overlap: keep only the signing CA in the file"
+    )
 
     run = sub.add_parser(
         "run",
@@ -414,8 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime-user", help="a runtime user id (its own connection, if any)")
     run.add_argument("--proxy", help="proxy URL (default: public_url, i.e. PROXY_PUBLIC_URL or PROXY_LISTEN)")
     run.add_argument("--key-file", help="read the caller credential from FILE instead of PROXY_CALLER_KEY")
+    run.add_argument(
+        "--proxy-cacert",
+        metavar="FILE",
+        help="CA that verifies an https:// proxy listener (added to the bundle), e.g. what ca export prints",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    for p in (generate, add, rotate, retire, status, reenc, export, run):
+    for p in (generate, add, rotate, retire, status, reenc, export, ca_rotate, run):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
 
     from proxy import admin_client

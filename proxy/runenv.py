@@ -14,6 +14,12 @@ knowledge worth keeping in one place:
   and ``NODE_EXTRA_CA_CERTS`` (added to Node's own roots);
 - ``NODE_USE_ENV_PROXY=1`` (Node 22.21+/24.5+ honour the proxy variables in ``fetch`` with it).
 
+An ``https://`` proxy URL (the listener over TLS) works the same way: the CA that verifies the
+listener (``--proxy-cacert FILE``; not needed when the listener's certificate chains to the
+system roots) verifies the ``/ca.pem`` fetch and goes into the bundle too, so clients that read
+the bundle for their proxy connection (requests/urllib3, httpx, Node) trust both. curl reads no
+variable for its proxy's CA: call it with ``--proxy-cacert "$CURL_CA_BUNDLE"``.
+
 The bundle lives in a private temporary directory removed when the command ends. The credential
 is read from ``PROXY_CALLER_KEY`` or a file; it is never an argument. Pure module: no aiohttp.
 """
@@ -68,11 +74,18 @@ def proxy_url_with_credentials(
     return f"{parts.scheme}://{quote(user, safe='')}:{quote(key, safe='')}@{netloc}"
 
 
-def fetch_ca(proxy_url: str, timeout: float = 10.0) -> str:
-    """The proxy's CA bundle from its public ``/ca.pem`` (never through another proxy)."""
+def fetch_ca(proxy_url: str, timeout: float = 10.0, proxy_cacert: str | None = None) -> str:
+    """The proxy's CA bundle from its public ``/ca.pem`` (never through another proxy); over
+    https verified with the system roots plus ``proxy_cacert``."""
     parts = urlsplit(proxy_url)
     url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/ca.pem"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if parts.scheme == "https":
+        ctx = ssl.create_default_context()
+        if proxy_cacert:
+            ctx.load_verify_locations(cafile=proxy_cacert)
+        handlers.append(urllib.request.HTTPSHandler(context=ctx))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as resp:
             pem = str(resp.read().decode())
@@ -94,13 +107,26 @@ def system_roots() -> str:
 
 @contextlib.contextmanager
 def prepared(
-    proxy_url: str, key: str, connection: str | None, tenant: str | None, runtime_user: str | None = None
+    proxy_url: str,
+    key: str,
+    connection: str | None,
+    tenant: str | None,
+    runtime_user: str | None = None,
+    proxy_cacert: str | None = None,
 ) -> Iterator[dict[str, str]]:
     """The variables to set (the CA bundle file exists while the context is open)."""
     if not connection:
         raise ConfigError("connection", "name the connection whose credentials calls use: --connection C")
     url = proxy_url_with_credentials(proxy_url, key, connection, tenant, runtime_user)
-    pem = fetch_ca(proxy_url)
+    listener_pem = ""
+    if proxy_cacert:
+        try:
+            listener_pem = Path(proxy_cacert).read_text()
+        except OSError as exc:
+            raise ConfigError("proxy_cacert", f"cannot read {proxy_cacert}: {exc.strerror}") from None
+    pem = fetch_ca(proxy_url, proxy_cacert=proxy_cacert)
+    if listener_pem.strip() and listener_pem.strip() not in pem:
+        pem = pem.rstrip("\n") + "\n" + listener_pem
     tmp = tempfile.mkdtemp(prefix="connection-proxy-run-")
     try:
         bundle = Path(tmp) / "ca-bundle.pem"

@@ -150,6 +150,19 @@ class Settings:
     """The CA's private key (EC, PEM) that signs the leaves for tunnelled hosts."""
     upstream_ca_file: Path | None = None
     """Extra CA bundle the service trusts for its own upstream TLS, beside the system roots."""
+    listen_tls_cert_file: Path | None = None
+    """The listener over TLS (``https://`` proxy URLs): its certificate chain, PEM, from your
+    PKI; with ``listen_tls_key_file``. Re-read on SIGHUP. Unset (and no
+    ``listen_tls_hostnames``): plain HTTP."""
+    listen_tls_key_file: Path | None = None
+    """The private key (PEM, unencrypted) of ``listen_tls_cert_file``."""
+    listen_tls_hostnames: tuple[str, ...] = ()
+    """Instead of files: mint the listener's certificates from the CA (``ca_cert_file``, or dev
+    mode's) for these host names or IPs, chosen by SNI; the first when a client sends none."""
+
+    @property
+    def listen_tls(self) -> bool:
+        return self.listen_tls_cert_file is not None or bool(self.listen_tls_hostnames)
 
     @property
     def listen(self) -> str:
@@ -259,7 +272,7 @@ def _url(key: str, v: Any) -> str | None:
     return text
 
 
-def default_public_url(host: str, port: int) -> str:
+def default_public_url(host: str, port: int, scheme: str = "http") -> str:
     """Where the service is reached when no ``public_url`` is set: its own listen address.
 
     Connect links and the OAuth redirect URI are built from it, so a service listening on
@@ -269,7 +282,7 @@ def default_public_url(host: str, port: int) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:
         host = f"[{host}]"  # an IPv6 literal in a URL
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def _redis_url(key: str, v: Any) -> str | None:
@@ -357,6 +370,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "ca_cert_file": _opt_path,
     "ca_key_file": _opt_path,
     "upstream_ca_file": _opt_path,
+    "listen_tls_cert_file": _opt_path,
+    "listen_tls_key_file": _opt_path,
+    "listen_tls_hostnames": lambda k, v: tuple(h.lower().rstrip(".") for h in _list(k, v)),
 }
 
 
@@ -413,8 +429,11 @@ def load_settings(
             values[key] = parsed
     if "public_url" not in values:
         defaults = Settings()
+        tls = values.get("listen_tls_cert_file") is not None or bool(values.get("listen_tls_hostnames"))
         values["public_url"] = default_public_url(
-            values.get("listen_host", defaults.listen_host), values.get("listen_port", defaults.listen_port)
+            values.get("listen_host", defaults.listen_host),
+            values.get("listen_port", defaults.listen_port),
+            "https" if tls else "http",
         )
     settings = Settings(**values)
     _cross_check(settings)
@@ -470,5 +489,15 @@ def _cross_check(s: Settings) -> None:
         raise ConfigError("admin_token", "dev_mode is off and PROXY_ADMIN_TOKEN is not set")
     if s.admin_token is not None and len(s.admin_token) < 16:
         raise ConfigError("admin_token", "must be at least 16 characters")
+    if (s.listen_tls_cert_file is None) != (s.listen_tls_key_file is None):
+        raise ConfigError(
+            "listen_tls_cert_file", "set both listen_tls_cert_file and listen_tls_key_file, or neither"
+        )
+    if s.listen_tls_cert_file is not None and s.listen_tls_hostnames:
+        raise ConfigError(
+            "listen_tls_hostnames",
+            "set either listen_tls_cert_file/listen_tls_key_file (a certificate you provide) or "
+            "listen_tls_hostnames (minted from the CA), not both",
+        )
     if s.upstream_connect_timeout_s > s.upstream_total_timeout_s:
         raise ConfigError("upstream_connect_timeout_s", "must not exceed upstream_total_timeout_s")

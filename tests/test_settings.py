@@ -197,3 +197,18 @@ def test_stale_if_error_defaults_to_five_minutes_and_zero_disables() -> None:
     assert load_settings(env={}).stale_if_error_s == 300.0
     assert load_settings(env={"PROXY_STALE_IF_ERROR_S": "0"}).stale_if_error_s == 0.0
     assert load_settings(env={"PROXY_STALE_IF_ERROR_S": "42.5"}).stale_if_error_s == 42.5
+
+
+def test_listener_tls_settings_from_file_and_environment(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[listen_tls]\nhostnames = ["Proxy.Internal.", "10.0.0.5"]\n')
+    s = load_settings(f, env={"PROXY_LISTEN": "0.0.0.0:8443"})
+    assert s.listen_tls and s.listen_tls_hostnames == ("proxy.internal", "10.0.0.5")
+    assert s.public_url == "https://127.0.0.1:8443"
+    env = {"PROXY_LISTEN_TLS_CERT_FILE": "/l.pem", "PROXY_LISTEN_TLS_KEY_FILE": "/l.key"}
+    s = load_settings(env=env)
+    assert (s.listen_tls_cert_file, s.listen_tls_key_file) == (Path("/l.pem"), Path("/l.key"))
+    assert s.public_url.startswith("https://") and not load_settings(env={}).listen_tls
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={**env, "PROXY_LISTEN_TLS_HOSTNAMES": "a"})
+    assert err.value.key == "listen_tls_hostnames"

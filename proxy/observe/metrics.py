@@ -185,6 +185,12 @@ STORE_DEGRADED = Gauge(
     registry=REGISTRY,
     multiprocess_mode="max",
 )
+TUNNELS_OPEN = Gauge(
+    "proxy_tunnels_open",
+    "CONNECT tunnels open now (TLS established with the client; summed over workers).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 CLIENT_CONNECTIONS_CLOSED = Counter(
     "proxy_client_connections_closed_total",
     "Client connections closed by the resource bounds: over_limit (max_connections) or head_timeout.",

@@ -178,6 +178,7 @@ class _CachedKey:
     record: ApiKeyRecord | None  # None: unknown or revoked
     caller: Caller | None
     digest: bytes | None  # the stored hash as bytes; None if the stored value is not a hash
+    tenant_id: str | None = None  # the key id's tenant, revoked keys included (audit of refusals)
 
 
 def _digest_of(secret_hash: str) -> bytes | None:
@@ -280,12 +281,13 @@ class Authenticator:
 
     async def _load_key(self, key_id: str, now: float) -> _CachedKey:
         record = await self.store.get_api_key(key_id)
+        owner = record.tenant_id if record is not None else None
         if record is not None and record.revoked_at is not None:
             record = None
         ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
         caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
         digest = _digest_of(record.secret_hash) if record is not None else None
-        return self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest))
+        return self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest, owner))
 
     def _entry(self, key_id: str) -> tuple[_CachedKey, float] | None:
         """The cached entry and when it was loaded, for serving it stale."""
@@ -293,6 +295,21 @@ class Authenticator:
         if cached is None:
             return None
         return cached, cached.expires - (KEY_CACHE_TTL_S if cached.record is not None else NEGATIVE_TTL_S)
+
+    def refused_key_owner(self, headers: Mapping[str, str]) -> tuple[str, str] | None:
+        """(key id, tenant) of the API key a refused request presented, when that key id exists
+        (wrong secret or revoked), from the cache ``authenticate`` just filled: no store read.
+        The key id is no secret; it lets the audit trail of the key's tenant show the refusal,
+        where an unauthenticated caller could otherwise pick any tenant."""
+        try:
+            token = bearer_token(headers)
+        except Unauthenticated:
+            return None
+        parts = crypto.split_api_key(token) if token else None
+        cached = self._keys.get(parts[0]) if parts is not None else None
+        if parts is None or cached is None or cached.tenant_id is None:
+            return None
+        return parts[0], cached.tenant_id
 
     def forget_key(self, key_id: str) -> None:
         """Drop a cached key at once (after revocation) so the next call re-reads the store."""

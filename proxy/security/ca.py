@@ -8,11 +8,14 @@ leaf per host from it.
 
 - **Dev mode** generates a CA into the data dir (``ca.pem``, key ``ca.key`` mode 0600, published
   atomically the way the dev master key is, so concurrent workers end up with the same CA).
-- **Production** reads ``ca_cert_file`` + ``ca_key_file``. Rotation with overlap: the certificate
-  file may hold several CA certificates; the one matching the key signs, every other one that
-  has not expired is still exported, so clients that trust the bundle accept leaves from the old
-  CA (already cached by clients) and the new one during the window. Drop the old certificate from
-  the file once every client has fetched the new bundle.
+- **Production** reads ``ca_cert_file`` + ``ca_key_file``. Rotation with overlap
+  (``proxy.security.ca_rotation``, ``connection-proxy ca rotate``): the certificate file may hold
+  several certificates. The self-signed one matching the key signs; every other unexpired
+  self-signed one is still exported (``bundle_pem``), so clients trusting the bundle accept both.
+  A certificate for the signing key issued by an *older* CA (a cross certificate) is sent after
+  each leaf, so a client that still trusts only the old CA verifies leaf -> cross -> old root
+  while one that trusts the new CA stops at the new root. ``adopt`` swaps in a re-read CA while
+  serving (SIGHUP) and drops the leaf cache.
 - **Leaves** carry what strict verifiers (Python 3.13's ``VERIFY_X509_STRICT``, Go, browsers)
   require: SAN (DNS or IP), SKI and AKI, critical key usage (digitalSignature), EKU serverAuth,
   critical ``basicConstraints CA:false``. They live ``LEAF_LIFETIME`` (clamped to the CA's own
@@ -54,8 +57,11 @@ __all__ = [
     "CA_KEY_NAME",
     "LEAF_LIFETIME",
     "CertificateAuthority",
+    "ca_files",
+    "from_parts",
     "generate_ca",
     "load_ca",
+    "self_signed",
 ]
 
 CA_CERT_NAME: Final = "ca.pem"
@@ -89,15 +95,31 @@ def generate_ca(common_name: str = "connection-proxy local CA") -> tuple[bytes, 
             x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} {int(time.time())}"),
         ]
     )
+    cert = ca_certificate(name, key.public_key(), name, key, _now() + CA_LIFETIME)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def ca_certificate(
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    issuer: x509.Name,
+    issuer_key: _PrivateKey,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A CA certificate (self-signed when ``issuer_key`` is the subject's own key, else a cross
+    certificate): basicConstraints CA pathlen 0, keyCertSign, SKI, and AKI when cross-signed."""
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + CA_LIFETIME)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -113,13 +135,13 @@ def generate_ca(common_name: str = "connection-proxy local CA") -> tuple[bytes, 
             ),
             critical=True,
         )
-        .add_extension(_ski(key), critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    if _spki(issuer_key) != _spki_of_public(public_key):
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +152,21 @@ class _Leaf:
 
 @dataclass
 class CertificateAuthority:
-    """The signing CA plus every CA certificate clients should trust; mints cached leaves."""
+    """The signing CA plus every CA certificate clients should trust; mints cached leaves.
+
+    Mutable on purpose: ``adopt`` replaces the signer in place (SIGHUP reload), so every holder
+    of this object (the tunnel handler, the listener's TLS) uses the new CA at once."""
 
     signing_cert: x509.Certificate
     _signing_key: _PrivateKey = field(repr=False)
     trusted: tuple[x509.Certificate, ...]  # signing first, then older ones still in their window
     source: str  # for logs: a path, never key material
+    # Certificates for the signing key issued by older CAs, sent after each leaf (rotation).
+    cross: tuple[x509.Certificate, ...] = ()
     minted: int = 0  # leaves minted (not served from the cache)
     _leaves: OrderedDict[str, _Leaf] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _generation: int = 0  # bumped by adopt: a leaf minted from the previous signer is not cached
 
     @property
     def bundle_pem(self) -> str:
@@ -160,8 +188,12 @@ class CertificateAuthority:
             if leaf is not None and leaf.renew_at > now:
                 self._leaves.move_to_end(host)
                 return leaf.context
+        with self._lock:
+            generation = self._generation
         leaf = self._mint(host)
         with self._lock:
+            if generation != self._generation:  # adopt() ran meanwhile: use, do not keep
+                return leaf.context
             self._leaves[host] = leaf
             self._leaves.move_to_end(host)
             while len(self._leaves) > LEAF_CACHE_MAX:
@@ -172,6 +204,23 @@ class CertificateAuthority:
         with self._lock:
             self._leaves.clear()
 
+    def adopt(self, other: CertificateAuthority) -> bool:
+        """Take ``other``'s signer, trust list and chain; drop every cached leaf. False (and
+        nothing dropped) when ``other`` is the same CA as this one."""
+        with self._lock:
+            same = (
+                other.signing_cert == self.signing_cert
+                and other.trusted == self.trusted
+                and other.cross == self.cross
+            )
+            if same:
+                return False
+            self.signing_cert, self._signing_key = other.signing_cert, other._signing_key
+            self.trusted, self.cross, self.source = other.trusted, other.cross, other.source
+            self._generation += 1
+            self._leaves.clear()
+            return True
+
     def leaf_pem(self, host: str) -> bytes:
         """A freshly minted leaf certificate (PEM) for ``host``; for tests and inspection."""
         cert, _ = self._leaf_cert(host)
@@ -179,7 +228,8 @@ class CertificateAuthority:
 
     def _leaf_cert(self, host: str) -> tuple[x509.Certificate, _PrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
-        ca = self.signing_cert
+        with self._lock:  # one consistent signer, even while adopt() swaps it
+            ca, ca_key = self.signing_cert, self._signing_key
         now = _now()
         not_after = min(now + LEAF_LIFETIME, ca.not_valid_after_utc)
         san: x509.GeneralName
@@ -215,28 +265,40 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(_ski(key), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._signing_key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
             )
-            .sign(self._signing_key, hashes.SHA256())
+            .sign(ca_key, hashes.SHA256())
         )
         return cert, key
 
+    def chain_after_leaf(self) -> list[x509.Certificate]:
+        """What a server sends after a leaf of this CA: the cross certificates during a rotation
+        (old-CA clients build leaf -> cross -> old root; new-CA clients stop at the new root),
+        else the signing certificate."""
+        with self._lock:
+            return list(self.cross) if self.cross else [self.signing_cert]
+
     def _mint(self, host: str) -> _Leaf:
-        cert, key = self._leaf_cert(host)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(list(ALPN))
+        cert = self.load_leaf_into(ctx, host)
         self.minted += 1
-        chain = cert.public_bytes(serialization.Encoding.PEM) + self.signing_cert.public_bytes(
-            serialization.Encoding.PEM
+        renew = min(cert.not_valid_after_utc - LEAF_RENEW_BEFORE, _now() + LEAF_LIFETIME - LEAF_RENEW_BEFORE)
+        return _Leaf(ctx, renew.timestamp())
+
+    def load_leaf_into(self, ctx: ssl.SSLContext, host: str) -> x509.Certificate:
+        """Mint a leaf for ``host`` and load it, with its chain, into ``ctx`` (key in memory only)."""
+        cert, key = self._leaf_cert(host)
+        chain = cert.public_bytes(serialization.Encoding.PEM) + b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in self.chain_after_leaf()
         )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(list(ALPN))
         _load_chain_in_memory(ctx, chain, key_pem)
-        renew = min(cert.not_valid_after_utc - LEAF_RENEW_BEFORE, _now() + LEAF_LIFETIME - LEAF_RENEW_BEFORE)
-        return _Leaf(ctx, renew.timestamp())
+        return cert
 
 
 def _load_chain_in_memory(ctx: ssl.SSLContext, chain: bytes, key_pem: bytes) -> None:
@@ -333,36 +395,68 @@ def _dev_files(settings: Settings) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def load_ca(settings: Settings) -> CertificateAuthority | None:
-    """The CA from settings (production) or the data dir (dev mode); None when neither (CONNECT
-    is then refused); ``ConfigError`` for a CA that is configured but unusable."""
+def ca_files(settings: Settings) -> tuple[Path, Path] | None:
+    """(certificate file, key file) of the CA: configured, or dev mode's (generated on first
+    use); None when neither."""
     if settings.ca_cert_file is not None or settings.ca_key_file is not None:
         if settings.ca_cert_file is None or settings.ca_key_file is None:
             raise ConfigError("ca_cert_file", "set both ca_cert_file and ca_key_file, or neither")
-        cert_path, key_path = settings.ca_cert_file, settings.ca_key_file
-    elif settings.dev_mode:
-        cert_path, key_path = _dev_files(settings)
-    else:
+        return settings.ca_cert_file, settings.ca_key_file
+    if settings.dev_mode:
+        return _dev_files(settings)
+    return None
+
+
+def load_ca(settings: Settings) -> CertificateAuthority | None:
+    """The CA from settings (production) or the data dir (dev mode); None when neither (CONNECT
+    is then refused); ``ConfigError`` for a CA that is configured but unusable."""
+    files = ca_files(settings)
+    if files is None:
         return None
+    cert_path, key_path = files
     key = _read_key(key_path, "ca_key_file", settings.master_key_file_group_readable)
     return from_parts(_read_certs(cert_path, "ca_cert_file"), key, str(cert_path))
 
 
+def _spki(c: x509.Certificate | _PrivateKey) -> bytes:
+    return _spki_of_public(c.public_key())
+
+
+def _spki_of_public(public: object) -> bytes:
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def self_signed(c: x509.Certificate) -> bool:
+    return c.issuer == c.subject and _aki(c) in (None, _ski_of(c))
+
+
+def _ski_of(c: x509.Certificate) -> bytes | None:
+    try:
+        return c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _aki(c: x509.Certificate) -> bytes | None:
+    try:
+        return c.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+
+
 def from_parts(certs: list[x509.Certificate], key: _PrivateKey, source: str) -> CertificateAuthority:
-    """The CA whose certificate matches ``key``, trusting every other unexpired one of ``certs``."""
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-    def spki(c: x509.Certificate) -> bytes:
-        return c.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    signing = [c for c in certs if spki(c) == public]
-    if not signing:
-        raise ConfigError("ca_key_file", f"the CA key matches no certificate in {source}")
+    """The CA whose self-signed certificate matches ``key``, trusting every other unexpired
+    self-signed one of ``certs``; certificates for ``key`` issued by another CA are its cross
+    certificates (a rotation's overlap, see ``proxy.security.ca_rotation``)."""
+    public = _spki(key)
     now = _now()
+    mine = [c for c in certs if _spki(c) == public]
+    signing = [c for c in mine if self_signed(c)]
+    if not signing:
+        raise ConfigError(
+            "ca_key_file", f"the CA key matches no certificate in {source} (none self-signed for it)"
+        )
     # The newest certificate of the key signs (a renewed CA certificate for the same key).
     signer = max(signing, key=lambda c: c.not_valid_after_utc)
     try:
@@ -375,5 +469,7 @@ def from_parts(certs: list[x509.Certificate], key: _PrivateKey, source: str) -> 
         )
     if signer.not_valid_after_utc <= now:
         raise ConfigError("ca_cert_file", f"the CA certificate in {source} has expired; rotate it")
-    others = tuple(c for c in certs if c is not signer and c.not_valid_after_utc > now)
-    return CertificateAuthority(signer, key, (signer, *others), source)
+    live = [c for c in certs if c.not_valid_after_utc > now]
+    others = tuple(c for c in live if c is not signer and self_signed(c) and _spki(c) != public)
+    cross = tuple(c for c in live if _spki(c) == public and not self_signed(c))
+    return CertificateAuthority(signer, key, (signer, *others), source, cross)

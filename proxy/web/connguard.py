@@ -33,7 +33,8 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,6 +46,7 @@ from proxy.observe.metrics import CLIENT_CONNECTIONS_CLOSED
 from proxy.settings import Settings
 from proxy.web import ops
 from proxy.web.errors import error_response
+from proxy.web.tunnel import LISTENER_TLS
 
 log = logging.getLogger("proxy.connguard")
 
@@ -124,6 +126,90 @@ class _Guarded(asyncio.Protocol):
             self._transport.abort()
 
 
+class _GuardedTLS(_Guarded):
+    """A connection to an https listener: its TLS handshake runs inside the connection's slot
+    and deadline (``loop.start_tls`` on the accepted socket), then it is a ``_Guarded`` one.
+
+    Why not ``create_server(ssl=...)``: asyncio never tells the protocol about a connection whose
+    handshake failed (``SSLProtocol.connection_lost`` skips the application protocol until the
+    handshake is done), so every failed handshake, a scanner's or a plain-HTTP client's, would
+    keep its slot forever and soon fill ``max_connections``. Here the handshake task frees it.
+    The head deadline counts from the TCP connect, so it bounds the handshake too. Bytes the TLS
+    layer decrypts before the handshake task has resumed are held and replayed."""
+
+    __slots__ = ("_context", "_eof", "_pending", "_released")
+
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        inner: RequestHandler,
+        lane: str,
+        timeout: float,
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(guard, inner, lane, timeout)
+        self._context = context
+        self._pending: list[bytes] | None = []
+        self._eof = False
+        self._released = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._arm()
+        self._guard._handshake(self, self._tls(self._transport))
+
+    async def _tls(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                raw, self, self._context, server_side=True, ssl_handshake_timeout=self._timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError):  # no trust, not TLS, too slow, gone
+            tls = None
+        except asyncio.CancelledError:
+            raw.abort()
+            self._give_up()
+            raise
+        if tls is None or self._released:
+            raw.abort()
+            self._give_up()
+            return
+        self._transport = tls
+        self._inner.connection_made(tls)
+        pending, self._pending = self._pending, None
+        for data in pending or ():
+            super().data_received(data)
+        if self._eof:
+            super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._pending.append(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._pending is not None:
+            self._eof = True
+            return None
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pending is not None:  # lost before aiohttp's handler saw the connection
+            self._give_up()
+        elif not self._released:
+            self._released = True
+            super().connection_lost(exc)
+
+    def _give_up(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._released:
+            self._released = True
+            self._guard._release(self, self._lane)
+
+
 class _Refused(asyncio.Protocol):
     """Over every limit: closed before reading a byte, so the descriptor is free at once."""
 
@@ -135,7 +221,14 @@ class _Refused(asyncio.Protocol):
 class ConnectionGuard:
     """The protocol factory the listening socket uses instead of aiohttp's ``web.Server``."""
 
-    def __init__(self, server: web.Server, max_connections: int, reserve: int, head_timeout_s: float) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        max_connections: int,
+        reserve: int,
+        head_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         if not handler_internals_present():
             raise RuntimeError(
                 "aiohttp's RequestHandler no longer has "
@@ -148,16 +241,28 @@ class ConnectionGuard:
         self._ops = web.Server(self._ops_lane, access_log=None)
         self.open = 0  # main-lane connections
         self._ops_conns: set[_Guarded] = set()
+        self._tls = tls  # the https listener's context (proxy.security.listener_tls)
+        self._handshakes: dict[_Guarded, asyncio.Task[None]] = {}
+
+    def _conn(self, inner: RequestHandler, lane: str, timeout: float) -> _Guarded:
+        if self._tls is None:
+            return _Guarded(self, inner, lane, timeout)
+        return _GuardedTLS(self, inner, lane, timeout, self._tls)
 
     def __call__(self) -> asyncio.Protocol:
         if self.open < self.max_connections:
             self.open += 1
-            return _Guarded(self, self._server(), "main", self.head_timeout_s)
+            return self._conn(self._server(), "main", self.head_timeout_s)
         if len(self._ops_conns) < self.reserve:
-            conn = _Guarded(self, self._ops(), "ops", min(self.head_timeout_s, OPS_HEAD_TIMEOUT_S))
+            conn = self._conn(self._ops(), "ops", min(self.head_timeout_s, OPS_HEAD_TIMEOUT_S))
             self._ops_conns.add(conn)
             return conn
         return _Refused()
+
+    def _handshake(self, conn: _Guarded, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._handshakes[conn] = task  # a reference until done; close() cancels the rest
+        task.add_done_callback(lambda _: self._handshakes.pop(conn, None))
 
     def _release(self, conn: _Guarded, lane: str) -> None:
         if lane == "main":
@@ -181,9 +286,12 @@ class ConnectionGuard:
         return resp
 
     def close(self) -> None:
-        """Drop the ops lane's connections (the runner's shutdown drains the main lane)."""
+        """Drop the ops lane's connections and unfinished TLS handshakes (the runner's shutdown
+        drains the main lane)."""
         for conn in list(self._ops_conns):
             conn.abort()
+        for task in list(self._handshakes.values()):
+            task.cancel()
 
 
 # --- descriptors -------------------------------------------------------------------------------
@@ -254,11 +362,15 @@ async def start_guarded(
     """Listen for ``runner`` (already set up) through a ``ConnectionGuard``; on ``sock`` or on
     the settings' address. Close the returned server and the guard before ``runner.cleanup()``."""
     assert runner.server is not None, "runner.setup() first"
+    # https:// proxy URLs: the listener's TLS (proxy.web.tunnel, proxy.security.listener_tls),
+    # run by the guard so a failed handshake frees its slot (see _GuardedTLS).
+    tls = runner.app.get(LISTENER_TLS) if isinstance(runner, web.AppRunner) else None
     guard = ConnectionGuard(
         runner.server,
         max_connections or settings.max_connections,
         settings.connection_reserve,
         settings.head_timeout_s,
+        tls.context if tls is not None else None,
     )
     loop = asyncio.get_running_loop()
     if sock is not None:
@@ -295,7 +407,8 @@ async def serve(
             runner, settings, max_connections=plan.max_connections, reuse_port=reuse_port
         )
         host = settings.listen_host if ":" not in settings.listen_host else f"[{settings.listen_host}]"
-        announce(f"Running on http://{host}:{settings.listen_port}\n(Press CTRL+C to quit)")
+        scheme = "https" if settings.listen_tls else "http"
+        announce(f"Running on {scheme}://{host}:{settings.listen_port}\n(Press CTRL+C to quit)")
         await stop.wait()
     finally:
         if server is not None:

@@ -42,6 +42,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import (
     BadRequest,
+    ConfigError,
     HostNotAllowed,
     NotSupported,
     ProxyAuthenticationRequired,
@@ -49,11 +50,12 @@ from proxy.errors import (
     Unauthenticated,
 )
 from proxy.observe import logformat, trace
-from proxy.observe.metrics import REQUESTS_TALLY
+from proxy.observe.metrics import REQUESTS_TALLY, TUNNELS_OPEN
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.plan import check_destination
 from proxy.security import egress as egress_mod
 from proxy.security.ca import CertificateAuthority, load_ca
+from proxy.security.listener_tls import ListenerTLS, listener_tls
 from proxy.web.authn import SERVICES
 from proxy.web.errors import error_response, request_id_of
 from proxy.web.proxy_routes import (
@@ -67,9 +69,11 @@ from proxy.web.proxy_routes import (
 
 log = logging.getLogger("proxy.tunnel")
 
-__all__ = ["TUNNELS", "TUNNEL_CA", "Tunnels", "connect", "setup"]
+__all__ = ["LISTENER_TLS", "TUNNELS", "TUNNEL_CA", "Tunnels", "connect", "reload_tls", "setup"]
 
 TUNNEL_CA = web.AppKey("tunnel_ca", CertificateAuthority)
+# Set when the listener itself speaks TLS (https:// proxy URLs); read by the connection guard.
+LISTENER_TLS = web.AppKey("listener_tls", ListenerTLS)
 # Idle kept-alive tunnel connections are closed after this (aiohttp's server default is 75 s).
 TUNNEL_KEEPALIVE_S = 75.0
 
@@ -140,6 +144,7 @@ class Tunnels:
         self._server: web.Server | None = None  # built on first use: it needs the running loop
         self._by_handler: dict[RequestHandler, _Tunnel] = {}
         self.opened = 0  # tunnels established since start-up
+        self.open = 0  # tunnels open now (also the proxy_tunnels_open gauge, over all apps)
 
     @property
     def server(self) -> web.Server:
@@ -260,10 +265,39 @@ async def _bound(app: web.Application, identity: Identity, host: str) -> None:
     check_destination(pipeline.egress, plan, "https", host)
 
 
+CONNECT_ACTION = "proxy.connect"
+
+
+def _audit_refusal(request: web.Request, identity: Identity | None, exc: ProxyError, rid: str) -> None:
+    """A refused CONNECT into the audit trail of the tenant it concerns, outcome = its code.
+
+    Who chose the tenant decides whether it is recorded: an authenticated caller's refusals (a
+    host the connection is not bound to, egress, an unknown connection) go to its tenant; a 407
+    only when it presented an existing API key id (wrong secret, revoked key), to that key's
+    tenant, as ``api_key:<id>``. Any other unauthenticated CONNECT names no tenant it could be
+    held to (the tenant in a proxy user is its own choice, and letting it write into any
+    trail would let it flood that trail's buffer), so it is counted in the request metrics only.
+    Uses fold per (actor, tenant, connection, outcome) like every use; no header value is kept.
+    A tunnel granted but whose TLS handshake the client refused is recorded the same way
+    (``tls_handshake_failed``, in ``connect``)."""
+    svc = request.app[SERVICES]
+    if identity is not None:
+        actor, tenant, connection = identity.caller.actor, identity.tenant_id, identity.connection_id
+    elif isinstance(exc, ProxyAuthenticationRequired):
+        owner = svc.auth.refused_key_owner(request.headers)
+        if owner is None:
+            return
+        actor, tenant, connection = f"api_key:{owner[0]}", owner[1], None
+    else:
+        return
+    svc.audit.record_use(actor, tenant, connection, CONNECT_ACTION, of_error(exc), rid)
+
+
 async def connect(request: web.Request) -> web.StreamResponse:
     """The ``CONNECT`` handler: check, answer 200, terminate TLS, serve the tunnel to its end."""
     app = request.app
     rid = request_id_of(request)
+    identity: Identity | None = None
     try:
         identity = await forward_identity(request, app)
         host, port = _authority(request.raw_path)
@@ -271,6 +305,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         context = app[TUNNEL_CA].server_context(host)
     except ProxyError as exc:
         REQUESTS_TALLY.inc(("connect", of_error(exc)))
+        _audit_refusal(request, identity, exc, rid)
         resp = error_response(exc, rid)
         resp.force_close()  # the client may already be sending tunnel bytes: never read them
         return resp
@@ -309,7 +344,13 @@ async def connect(request: web.Request) -> web.StreamResponse:
             raise ConnectionResetError
         proto.connection_made(tls)
         tunnels.opened += 1
-        await done
+        tunnels.open += 1
+        TUNNELS_OPEN.inc()
+        try:
+            await done
+        finally:
+            tunnels.open -= 1
+            TUNNELS_OPEN.dec()
     except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
         outcome = Outcome.TLS_HANDSHAKE_FAILED
         # Most often the client does not trust the CA; the reason names no secret.
@@ -318,6 +359,11 @@ async def connect(request: web.Request) -> web.StreamResponse:
             "(connection-proxy ca export, GET /ca.pem)?",
             host,
             type(exc).__name__,
+        )
+        # On the caller's record too: after a CA rotation is finished, which callers' clients
+        # still trust only the old CA.
+        app[SERVICES].audit.record_use(
+            identity.caller.actor, identity.tenant_id, identity.connection_id, CONNECT_ACTION, outcome, rid
         )
         transport.abort()
     except asyncio.CancelledError:
@@ -350,10 +396,16 @@ async def _shutdown(app: web.Application) -> None:
 
 
 def setup(app: web.Application) -> None:
-    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``.
+    """Load the CA (dev mode: generate it), serve ``/ca.pem`` and take over ``CONNECT``; prepare
+    the listener's own TLS when configured (``proxy.security.listener_tls``).
 
     With dev mode off and no ``ca_cert_file``/``ca_key_file``, CONNECT stays refused (405)."""
-    ca = load_ca(app[SERVICES].settings)
+    settings = app[SERVICES].settings
+    ca = load_ca(settings)
+    tls = listener_tls(settings, ca)
+    if tls is not None:
+        log.info("listener TLS on (%s certificate)", tls.mode)
+        app[LISTENER_TLS] = tls
     if ca is None:
         return
     log.info("CONNECT interception on: CA %s (sha256 %s)", ca.source, ca.fingerprint)
@@ -362,3 +414,38 @@ def setup(app: web.Application) -> None:
     app[CONNECT_HANDLER] = connect
     app.router.add_get("/ca.pem", ca_pem)
     app.on_shutdown.append(_shutdown)
+
+
+def reload_tls(app: web.Application) -> list[str]:
+    """SIGHUP: re-read the CA files and the listener's certificate, keep serving. The CA object
+    is updated in place (its leaf cache dropped), so new tunnels and handshakes use the new one
+    at once; tunnels already open keep theirs. Each part is reloaded on its own: a bad file keeps
+    that part as it was, and the first such ``ConfigError`` is raised after both were tried.
+    Returns what changed, for the log (fingerprints, never keys)."""
+    done: list[str] = []
+    failed: ConfigError | None = None
+    ca = app.get(TUNNEL_CA)
+    if ca is not None:
+        try:
+            fresh = load_ca(app[SERVICES].settings)
+        except ConfigError as exc:
+            failed = exc
+        else:
+            if fresh is not None and ca.adopt(fresh):
+                done.append(
+                    f"CA reloaded from {ca.source}: signing sha256 {ca.fingerprint}, {len(ca.trusted)} trusted"
+                )
+            else:
+                done.append("CA unchanged")
+    tls = app.get(LISTENER_TLS)
+    if tls is not None:
+        try:
+            if tls.reload():
+                done.append("listener certificate reloaded")
+        except ConfigError as exc:
+            failed = failed or exc
+    if failed is not None:
+        for line in done:
+            log.info("SIGHUP: %s", line)
+        raise failed
+    return done

@@ -28,7 +28,11 @@ EXPECTED = {
         "service peak RSS MiB (helpers included) during them",
         "healthz answered on the kept-alive connection during the slowloris (share)",
     ],
-    "tunnel.py": ["tunnel/path CPU per call", "uncached/cached new tunnel CPU"],
+    "tunnel.py": [
+        "tunnel/path CPU per call",
+        "uncached/cached new tunnel CPU",
+        "https-listener/plain-listener tunnel CPU per call",
+    ],
     "ratelimit.py": [
         "redis commands per admitted proxied call",
         "redis commands per locally denied call",

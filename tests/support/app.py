@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -73,6 +74,8 @@ def harness_settings(data_dir: Path, port: int, redis_url: str | None = None, **
     }
     if redis_url:
         values["redis_url"] = redis_url
+    if overrides.get("listen_tls_hostnames") or overrides.get("listen_tls_cert_file"):
+        values["public_url"] = f"https://127.0.0.1:{port}"
     values.update(overrides)
     return load_settings(env={}, overrides=values)
 
@@ -123,10 +126,24 @@ class RunningService:
         await self.services.audit.flush()
 
 
+def _client_ssl(app: web.Application, listener_ca: Path | None) -> ssl.SSLContext:
+    """What the harness's own session trusts for an https listener: the service's CA bundle
+    (a minted listener certificate) and ``listener_ca`` (a certificate from files)."""
+    from proxy.web.tunnel import TUNNEL_CA
+
+    ctx = ssl.create_default_context()
+    if TUNNEL_CA in app:
+        ctx.load_verify_locations(cadata=app[TUNNEL_CA].bundle_pem)
+    if listener_ca is not None:
+        ctx.load_verify_locations(cafile=str(listener_ca))
+    return ctx
+
+
 @contextlib.asynccontextmanager
 async def running_service(
-    tmp_path: Path, redis_url: str | None = None, **setting_overrides: Any
+    tmp_path: Path, redis_url: str | None = None, listener_ca: Path | None = None, **setting_overrides: Any
 ) -> AsyncIterator[RunningService]:
+    """``listener_ca``: with ``listen_tls_cert_file``, the CA the harness's session trusts."""
     sock = _bound_socket()
     port = int(sock.getsockname()[1])
     settings = harness_settings(tmp_path, port, redis_url, **setting_overrides)
@@ -138,8 +155,10 @@ async def running_service(
     try:
         # Served like `serve` does: through the connection guard (cap, request-head deadline).
         guard, server = await start_guarded(runner, settings, sock=sock)
-        async with aiohttp.ClientSession() as session:
-            yield RunningService(url=f"http://127.0.0.1:{port}", app=app, session=session, guard=guard)
+        scheme = "https" if settings.listen_tls else "http"
+        connector = aiohttp.TCPConnector(ssl=_client_ssl(app, listener_ca)) if settings.listen_tls else None
+        async with aiohttp.ClientSession(connector=connector) as session:
+            yield RunningService(url=f"{scheme}://127.0.0.1:{port}", app=app, session=session, guard=guard)
     finally:
         if server is not None:
             server.close()

@@ -37,8 +37,12 @@ class TlsSetup:
     def proxy_port(self) -> int:
         return int(self.svc.url.rsplit(":", 1)[1])
 
+    @property
+    def proxy_scheme(self) -> str:
+        return self.svc.url.split(":", 1)[0]  # https when the listener speaks TLS
+
     def proxy_url(self, user: str = "c1", key: str | None = None) -> str:
-        return f"http://{user}:{key or self.key}@127.0.0.1:{self.proxy_port}"
+        return f"{self.proxy_scheme}://{user}:{key or self.key}@127.0.0.1:{self.proxy_port}"
 
     def client_env(self, user: str = "c1", key: str | None = None) -> dict[str, str]:
         """Only what an operator sets: the proxy URL and the CA bundle variables."""
@@ -60,8 +64,14 @@ class TlsSetup:
 
 @contextlib.asynccontextmanager
 async def tls_setup(
-    tmp_path: Path, connections: Mapping[str, Mapping[str, Any]] | None = None, **settings: Any
+    tmp_path: Path,
+    connections: Mapping[str, Mapping[str, Any]] | None = None,
+    listener_ca: Path | None = None,
+    **settings: Any,
 ) -> AsyncIterator[TlsSetup]:
+    """``settings`` go to the service (``listen_tls_hostnames=["127.0.0.1"]`` for an https
+    listener minted from the service's CA); ``listener_ca`` is added to the clients' bundle
+    (an https listener whose certificate comes from files)."""
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(UPSTREAM_HOST).configure_cert(server_ctx)
@@ -70,7 +80,11 @@ async def tls_setup(
     async with (
         running_upstream(UPSTREAM_HOST, server_ctx) as up,
         running_service(
-            tmp_path, egress_allow=["127.0.0.0/8"], upstream_ca_file=str(up_ca), **settings
+            tmp_path,
+            egress_allow=["127.0.0.0/8"],
+            upstream_ca_file=str(up_ca),
+            listener_ca=listener_ca,
+            **settings,
         ) as svc,
     ):
         base = {"integration_id": "http_bearer", "parameters": {"token": "tok", "base_url": up.url + "/"}}
@@ -81,5 +95,5 @@ async def tls_setup(
             assert r.status == 200
             pem = await r.text()
         client_ca = tmp_path / "client-ca.pem"
-        client_ca.write_text(pem)
+        client_ca.write_text(pem + (listener_ca.read_text() if listener_ca is not None else ""))
         yield TlsSetup(svc, up, key, client_ca, tmp_path)

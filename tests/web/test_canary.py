@@ -9,6 +9,8 @@ proxy-only.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import logging
 import secrets
@@ -27,9 +29,28 @@ def canary() -> str:
     return "CANARY" + secrets.token_hex(12)
 
 
+async def refused_connect(url: str, credential: str) -> str:
+    """A CONNECT the service refuses (to a host no connection is bound to, or with a bad
+    credential), with ``credential`` as the proxy password: the answer's text."""
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    auth = base64.b64encode(f"c1:{credential}".encode()).decode()
+    writer.write(
+        f"CONNECT unbound.example:443 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode()
+    )
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert data.startswith((b"HTTP/1.1 403", b"HTTP/1.1 407")), data[:200]
+    return data.decode("latin-1")
+
+
 async def exercise(session: aiohttp.ClientSession, url: str, admin: dict[str, str], secret: str) -> list[str]:
     """Drives every surface; returns the text of every answer that must NOT hold the canary.
-    Asserts on the way that the Connection Service does hand it out where it should."""
+    Asserts on the way that the Connection Service does hand it out where it should.
+
+    The refused CONNECTs are audited (proxy.connect): one with a valid key (403, the key is the
+    proxy credential, so ``PROXY_KEY_MARK`` marks it for the searches) and one presenting that
+    key's id with the canary as its secret (407)."""
     seen: list[str] = []
 
     async def call(
@@ -89,6 +110,10 @@ async def exercise(session: aiohttp.ClientSession, url: str, admin: dict[str, st
     released = json.loads(await call("GET", "/connections/t1/c1", 200, headers=bearer(key)))
     assert released["parameters"]["api_key"] == secret
     seen.append(await call("GET", "/connections/t1/c1", 401, headers=bearer(secret)))
+    PROXY_KEYS.append(key)
+    seen.append(await refused_connect(url, key))
+    prefix, key_id, _ = key.split("_", 2)
+    seen.append(await refused_connect(url, f"{prefix}_{key_id}_{secret.ljust(43, 'x')}"))  # key-shaped
     seen.append(await call("GET", "/admin/tenants/t1", 401, headers=bearer(secret)))
     seen.append(await call("GET", "/admin/tenants/t1/api-keys", 200))
     seen.append(await call("DELETE", "/admin/tenants/t1/connections/po", 204))
@@ -103,11 +128,20 @@ async def read_audit(session: aiohttp.ClientSession, url: str, admin: dict[str, 
         async with session.get(url + "/admin/tenants/t1/audit?limit=1000", headers=admin) as r:
             assert r.status == 200
             text = await r.text()
-        return text if "credential.read" in text else None
+        # The refused CONNECTs are buffered after the reads: wait for both of them too.
+        wanted = ("credential.read", '"HOST_NOT_ALLOWED"', '"UNAUTHENTICATED"')
+        return text if all(w in text for w in wanted) else None
 
     text = await wait_until(trail, timeout=10, interval=0.05, message="no credential.read in the audit trail")
     assert "credential.read" in text and "connection.create" in text
+    # The refused CONNECTs are on record, with their outcome codes.
+    connects = [e for e in json.loads(text)["items"] if e["action"] == "proxy.connect"]
+    assert {e["outcome"] for e in connects} == {"HOST_NOT_ALLOWED", "UNAUTHENTICATED"}, connects
     return text
+
+
+# The proxy credentials exercise() used, which must be absent wherever the canary must.
+PROXY_KEYS: list[str] = []
 
 
 def assert_absent(secret: str, texts: list[str]) -> None:
@@ -130,6 +164,8 @@ async def test_canary_never_leaves_in_process(tmp_path: Path, caplog: pytest.Log
     logged = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
     assert logged, "expected some log output to search"
     assert_absent(secret, logged)
+    for key in PROXY_KEYS:
+        assert_absent(key, [texts[-1], *logged])  # the audit trail and the logs
     assert secret.encode() not in data_at_rest(tmp_path)
 
 
@@ -149,3 +185,5 @@ async def test_canary_never_reaches_a_real_process_output(tmp_path: Path, log_fo
         assert all(json.loads(line) for line in sp.output().splitlines() if line.strip())
     assert secret not in sp.output()
     assert secret.encode() not in data_at_rest(data)
+    for key in PROXY_KEYS:
+        assert key not in sp.output() and key not in texts[-1]

@@ -77,6 +77,63 @@ async def test_a_silent_new_connection_is_closed_too(quick_heads: RunningService
     writer.close()
 
 
+async def test_an_https_listener_bounds_the_handshake_and_then_the_head(tmp_path: Path) -> None:
+    """With the listener over TLS, a client silent before or during its handshake is closed
+    after head_timeout_s, and so is one that completes the handshake but sends no head."""
+    import ssl
+
+    from proxy.web.tunnel import TUNNEL_CA
+
+    async with running_service(tmp_path, head_timeout_s=0.4, listen_tls_hostnames=["127.0.0.1"]) as svc:
+        port = int(svc.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        assert await closed_by_server(reader, 5)  # no ClientHello at all
+        assert time.monotonic() - started >= 0.35
+        writer.close()
+        ctx = ssl.create_default_context(cadata=svc.app[TUNNEL_CA].bundle_pem)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        assert await closed_by_server(reader, 5)  # handshake done, then nothing
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        writer.write(HEALTHZ)
+        assert (await response(reader))[0] == 200  # a prompt TLS client is served
+        writer.close()
+
+
+async def test_failed_tls_handshakes_free_their_connection_slots(tmp_path: Path) -> None:
+    """asyncio never tells a protocol about a connection whose handshake failed; the guard runs
+    the handshake itself, so plain-HTTP clients, scanners and clients that do not trust the
+    certificate cannot fill max_connections."""
+    import ssl
+
+    from proxy.web.tunnel import TUNNEL_CA
+
+    async with running_service(
+        tmp_path, max_connections=2, connection_reserve=0, listen_tls_hostnames=["127.0.0.1"]
+    ) as svc:
+        assert svc.guard is not None
+        port = int(svc.url.rsplit(":", 1)[1])
+        untrusting = ssl.create_default_context()  # system roots only: refuses the certificate
+        for n in range(6):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if n % 2:
+                writer.write(HEALTHZ)  # plain HTTP to the TLS port
+                assert await closed_by_server(reader, 5)
+                writer.close()
+            else:
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    await asyncio.open_connection("127.0.0.1", port, ssl=untrusting)
+                writer.close()
+        await wait_until(lambda: svc.guard is not None and svc.guard.open == 0, 5, 0.02)
+        ctx = ssl.create_default_context(cadata=svc.app[TUNNEL_CA].bundle_pem)
+        for _ in range(2):  # both slots are free: served on the main lane, not refused
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            writer.write(HEALTHZ)
+            assert (await response(reader))[0] == 200
+            writer.close()
+
+
 async def test_kept_alive_connections_idle_freely_but_a_dribbled_next_head_is_closed(
     quick_heads: RunningService,
 ) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.web.tunnel import TUNNELS
+from proxy.web.tunnel import TUNNEL_CA, TUNNELS
 from tests.support.app import ADMIN_TOKEN, REPO_ROOT
 from tests.support.tlsupstream import TlsSetup, tls_setup
 
@@ -217,3 +217,144 @@ async def test_each_call_in_a_tunnel_gets_its_own_access_line(
     assert len(tunnel_lines) == 2, lines
     assert len({m.rsplit("request ", 1)[1] for m in tunnel_lines}) == 2  # distinct request ids
     assert tls.key not in " ".join(lines)
+
+
+@pytest.mark.system
+async def test_connection_proxy_run_with_an_https_proxy_url(tmp_path: Path) -> None:
+    """``run --proxy https://...``: the listener's CA (here: minted from the service's CA, given
+    as --proxy-cacert from `ca export`) verifies the /ca.pem fetch and is in the bundle, so
+    requests and (with its one option) curl speak TLS to the proxy and through the tunnel."""
+    async with tls_setup(tmp_path, listen_tls_hostnames=["127.0.0.1"]) as tls:
+        assert tls.svc.url.startswith("https://")
+        exported = tmp_path / "exported-ca.pem"
+        exported.write_text(tls.svc.app[TUNNEL_CA].bundle_pem)
+        url = tls.up.url + "/echo/run-https"
+        script = (
+            "import json, os, requests, subprocess\n"
+            f"r = requests.get({url!r}, timeout=20)\n"
+            "c = subprocess.run(['curl', '-sS', '-m', '20', '-o', '/dev/null', '-w', '%{http_code}',"
+            f" '--proxy-cacert', os.environ['CURL_CA_BUNDLE'], {url!r}], capture_output=True, text=True)\n"
+            "print(json.dumps({'requests': r.status_code, 'curl': c.stdout, 'curl_err': c.stderr,"
+            " 'proxy': os.environ['HTTPS_PROXY'].split(':', 1)[0]}))\n"
+        )
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env["PROXY_CALLER_KEY"] = tls.key
+        argv = [sys.executable, "-m", "proxy", "run", "--connection", "c1", "--proxy", tls.svc.url]
+        p = await asyncio.create_subprocess_exec(
+            *argv, "--proxy-cacert", str(exported), "--", sys.executable, "-c", script,
+            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        assert p.returncode == 0, err.decode()
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        assert result == {"requests": 200, "curl": "200", "curl_err": "", "proxy": "https"}, result
+        runs = [s for s in tls.up.seen if s.path == "/echo/run-https"]
+        assert len(runs) == 2 and all(s.header("Authorization") == ["Bearer tok"] for s in runs)
+
+
+async def _connect_audit(tls: TlsSetup) -> list[dict[str, object]]:
+    await tls.svc.flush_audit()
+    status, data = await tls.svc.admin("GET", "/admin/tenants/t1/audit?action=proxy.connect")
+    assert status == 200, data
+    return list(data["items"])
+
+
+async def test_refused_connects_are_audited_without_secrets(tls: TlsSetup) -> None:
+    from proxy.security import crypto
+
+    key_id = crypto.split_api_key(tls.key)[0]  # type: ignore[index]
+    # Authenticated, but a host the connection is not bound to: 403, in the caller's tenant.
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    writer.write(
+        f"CONNECT 127.0.0.3:443 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {basic('c1', tls.key)}\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 403")
+    writer.close()
+    # No credential, or one naming no existing key: 407, on no tenant's record (it could pick any).
+    for auth in (None, basic("t1%2Fc1", "cpk_nope_nope"), basic("t1/c1", "not-a-key")):
+        assert (await connect_head(tls, auth))[0] == 407
+    (refused,) = await _connect_audit(tls)
+    assert refused["outcome"] == "HOST_NOT_ALLOWED" and refused["actor"] == f"api_key:{key_id}"
+    assert refused["connection_id"] == "c1" and refused["request_id"]
+    # A revoked key's id still names its tenant: that 407 is on t1's record.
+    status, _ = await tls.svc.admin("DELETE", f"/admin/tenants/t1/api-keys/{key_id}")
+    assert status in (200, 204)
+    for _ in range(2):  # folded per flush interval into events with a count
+        assert (await connect_head(tls, basic("c1", tls.key)))[0] == 407
+    events = await _connect_audit(tls)
+    unauth = [e for e in events if e["outcome"] == "UNAUTHENTICATED"]
+    assert {(e["actor"], e["connection_id"]) for e in unauth} == {(f"api_key:{key_id}", None)}
+    assert sum(e["detail"]["count"] for e in unauth) == 2  # type: ignore[index, misc]
+    assert tls.key not in json.dumps(events) and key_id in json.dumps(events)
+
+
+async def test_open_tunnel_gauge_on_live_metrics(tls: TlsSetup) -> None:
+    import ssl
+
+    def gauge(text: str) -> float:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("proxy_tunnels_open ")]
+        return float(line.split()[1])
+
+    async def scrape() -> float:
+        async with tls.svc.session.get(tls.svc.url + "/metrics") as r:
+            assert r.status == 200
+            return gauge(await r.text())
+
+    base = await scrape()  # other tests' tunnels in this process are closed by now
+    ctx = ssl.create_default_context(cafile=str(tls.client_ca))
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    target = f"127.0.0.2:{tls.up.port}"
+    writer.write(
+        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {basic('c1', tls.key)}\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await writer.start_tls(ctx, server_hostname="127.0.0.2")
+    writer.write(f"GET /echo/g HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert await scrape() == base + 1  # open while the client keeps it
+    writer.close()
+    for _ in range(100):
+        if await scrape() == base:
+            break
+        await asyncio.sleep(0.02)
+    assert await scrape() == base
+    assert tls.svc.app[TUNNELS].open == 0
+
+
+async def test_reload_tls_reloads_each_part_on_its_own(tmp_path: Path) -> None:
+    """SIGHUP's reload: a broken CA file keeps the current CA, and the listener's certificate
+    files are still re-read; the error is raised after both were tried."""
+    import trustme
+
+    from proxy.errors import ConfigError
+    from proxy.security.ca import CA_CERT_NAME
+    from proxy.web.tunnel import LISTENER_TLS, reload_tls
+
+    test_ca = trustme.CA()
+    cert_file, key_file, listener_ca = tmp_path / "l.pem", tmp_path / "l.key", tmp_path / "l-ca.pem"
+    test_ca.cert_pem.write_to_path(str(listener_ca))
+
+    def issue() -> None:
+        leaf = test_ca.issue_cert("127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+        leaf.private_key_pem.write_to_path(str(key_file))
+
+    issue()
+    async with tls_setup(
+        tmp_path,
+        listener_ca=listener_ca,
+        listen_tls_cert_file=str(cert_file),
+        listen_tls_key_file=str(key_file),
+    ) as tls:
+        app = tls.svc.app
+        assert reload_tls(app) == ["CA unchanged", "listener certificate reloaded"]
+        before = app[LISTENER_TLS]._current
+        fingerprint = app[TUNNEL_CA].fingerprint
+        issue()
+        (tmp_path / CA_CERT_NAME).write_text("broken")
+        with pytest.raises(ConfigError, match="no PEM certificates"):
+            reload_tls(app)
+        assert app[TUNNEL_CA].fingerprint == fingerprint
+        assert app[LISTENER_TLS]._current is not before  # re-read although the CA failed
+        async with tls.svc.session.get(tls.svc.url + "/healthz") as r:
+            assert r.status == 200

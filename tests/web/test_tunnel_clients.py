@@ -56,6 +56,10 @@ async def _proc(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 async def _curl(urls: list[str], env: dict[str, str]) -> list[dict[str, Any]]:
     argv = ["curl", "-sS", "-m", "20"]
+    if env.get("HTTPS_PROXY", "").startswith("https://"):
+        # curl reads no environment variable for the proxy's own CA (CURL_CA_BUNDLE is for the
+        # origin): the one option an https:// proxy URL needs (README, "https:// proxy URLs").
+        argv += ["--proxy-cacert", env["CURL_CA_BUNDLE"]]
     for url in urls:
         argv += [
             "-H",
@@ -177,3 +181,77 @@ async def test_client_through_https_proxy(kind: str, tls: TlsSetup) -> None:
         if e["action"] == "proxy.use":
             uses[e["connection_id"]] = uses.get(e["connection_id"], 0) + e["detail"].get("count", 1)
     assert uses.get("c1") == 3 and uses.get("lim") == 1, data["items"]
+
+
+# --- the listener itself over TLS: https:// proxy URLs ------------------------------------------
+
+# Clients that speak TLS to their proxy when HTTPS_PROXY is an https:// URL. urllib (no TLS to
+# proxies) and aiohttp's trust_env (ignores https:// proxies) do not; see the README.
+HTTPS_PROXY_CLIENTS = ["requests", "httpx", "curl", "node"]
+
+
+@pytest.fixture
+async def tls_listener(tmp_path: Path) -> AsyncIterator[TlsSetup]:
+    # The listener's certificate minted from the service's CA: one bundle trusts both.
+    async with tls_setup(tmp_path, {"c1": {}}, listen_tls_hostnames=["127.0.0.1"]) as setup:
+        yield setup
+
+
+@pytest.mark.parametrize("kind", HTTPS_PROXY_CLIENTS)
+async def test_client_through_https_proxy_url(kind: str, tls_listener: TlsSetup) -> None:
+    """TLS inside TLS: the client's TLS to the proxy, the intercepted TLS inside it."""
+    if kind == "node":
+        _node_ready()
+    tls = tls_listener
+    env = tls.client_env("c1")
+    assert env["HTTPS_PROXY"].startswith("https://c1:"), "the proxy URL must be https://"
+    up = tls.up
+    results = await run_client(kind, [f"{up.url}/echo/one", f"{up.url}/echo/two"], env)
+    assert [r.get("status") for r in results] == [200, 200], results
+    echoed = [s for s in up.seen if s.path.startswith("/echo/")]
+    assert [s.path for s in echoed] == ["/echo/one", "/echo/two"]
+    for seen in echoed:
+        assert seen.header("Authorization") == ["Bearer tok"]
+        values = " ".join(v for _, v in seen.headers)
+        assert "caller-own" not in values and tls.key not in values
+    tunnels = tls.svc.app[TUNNELS]
+    assert 1 <= tunnels.opened <= 2, tunnels.opened  # kept alive (undici: not always)
+    (refused,) = await run_client(kind, [f"https://{UNBOUND_HOST}:{up.port}/x"], env)
+    assert "error" in refused, refused
+    if kind != "node":
+        assert "403" in refused["error"], refused
+
+
+async def test_https_listener_with_certificate_files_and_plain_http_refused(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, listener_ca = tmp_path / "l.pem", tmp_path / "l.key", tmp_path / "l-ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(listener_ca))
+    async with tls_setup(
+        tmp_path,
+        listener_ca=listener_ca,
+        listen_tls_cert_file=str(cert_file),
+        listen_tls_key_file=str(key_file),
+    ) as tls:
+        env = tls.client_env("c1")
+        env.update(HTTP_PROXY=env["HTTPS_PROXY"], http_proxy=env["HTTPS_PROXY"])
+        plain = tls.up.url.replace("https://", "http://")
+        for kind in ("requests", "curl"):
+            # An https:// URL goes through CONNECT; an http:// one as an absolute-form request
+            # over the TLS connection to the proxy (forward mode, upgraded to the https upstream).
+            results = await run_client(kind, [f"{tls.up.url}/echo/{kind}", f"{plain}/echo/{kind}-fwd"], env)
+            assert [r.get("status") for r in results] == [200, 200], (kind, results)
+        # A client speaking plain HTTP to the TLS port (urllib with an https:// proxy URL) gets
+        # no HTTP answer at all: the handshake fails and nothing reaches the pipeline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+        writer.write(f"CONNECT 127.0.0.2:{tls.up.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert not data.startswith(b"HTTP/"), data
+        paths = ["/echo/requests", "/echo/requests-fwd", "/echo/curl", "/echo/curl-fwd"]
+        assert [s.path for s in tls.up.seen] == paths
+        assert all(s.header("Authorization") == ["Bearer tok"] for s in tls.up.seen)
