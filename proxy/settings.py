@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import ConfigError
+from proxy.redisurl import parse_redis_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -274,8 +275,8 @@ def default_public_url(host: str, port: int) -> str:
 
 def _redis_url(key: str, v: Any) -> str | None:
     text = _opt_str(key, v)
-    if text is not None and not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(key, "must start with redis://, rediss:// or unix://")
+    if text is not None:
+        parse_redis_url(text)  # one server, redis+cluster:// or redis+sentinel:// (proxy.redisurl)
     return text
 
 

@@ -12,6 +12,7 @@ from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterSet
 from tests.support.upstream import Upstream, running_upstream
 
 
@@ -29,6 +30,23 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    """A real 3-master Redis Cluster, started once, only by the tests that ask for it."""
+    cluster = RedisClusterSet()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterSet) -> str:
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 @pytest.fixture(params=["sqlite", "redis"])

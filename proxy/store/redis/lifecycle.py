@@ -18,7 +18,6 @@ import contextlib
 import logging
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -36,7 +35,7 @@ from proxy.store.common import (
 )
 from proxy.store.redis.core import RedisCore
 from proxy.store.redis.keys import META, TENANTS
-from proxy.store.redisconn import client_options, retry_safe
+from proxy.store.redisconn import aclose_client, connect, retry_safe, warm
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -131,14 +130,12 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
         if self._client is not None:
             return
         self._closing = False
-        self._client = aioredis.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            redis_connect_func=self._on_connect,
-            **client_options(self.timeout_s),
+        self._client = connect(
+            self._target, timeout_s=self.timeout_s, decode_responses=True, connect_func=self._on_connect
         )
         try:
             with self._guard("open", safe=True) as r:
+                await warm(r)
                 await r.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
                 # A store opened without a marker is taken as new (a first start, or one from
                 # before markers existed): nothing here can tell it from a Redis that lost its
@@ -182,7 +179,7 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await client.aclose()  # type: ignore[attr-defined, unused-ignore]
+                await aclose_client(client)
 
     async def ping(self) -> None:
         with self._guard("ping", safe=True) as r:
@@ -197,4 +194,4 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
     async def set_meta(self, key: str, value: str) -> None:
         reserved_meta(key)
         with self._guard("set_meta", safe=True) as r:
-            await r.hset(META, key, value)
+            await self._confirm("set_meta", r.pipeline(transaction=False).hset(META, key, value))
