@@ -60,7 +60,7 @@ from proxy.ratelimit.limiter import (
 )
 from proxy.ratelimit.signals.core import Observation
 from proxy.redisurl import parse_redis_url
-from proxy.store.redisconn import aclose_client, connect, retry_safe, warm
+from proxy.store.redisconn import aclose_client, connect, follow_master, retry_safe, warm
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
@@ -197,6 +197,7 @@ class RedisLimiter(Limiter):
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(acked, Exception) or int(acked) < n:
+                await follow_master(self._client)  # a Sentinel failover? then use the new master
                 raise TimeoutError("the replicas did not confirm the admission (wait_replicas)")
             return list(reply)
         raise NoScriptError("the limiter script could not be loaded")

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -152,6 +152,22 @@ async def warm(client: Any) -> None:
     (seen with redis-py 8.1). Cheap once done; a no-op for the other clients."""
     if isinstance(client, RedisCluster):
         await client.initialize()
+
+
+async def follow_master(client: Any) -> bool:
+    """For a Sentinel client: asks the sentinels where the master is; when it moved, drops every
+    connection, in use or idle, so none keeps writing to the demoted one (Sentinel turns the old
+    master into a replica only seconds after the failover, and until then it accepts writes that
+    are lost). True when the master moved. Other clients: a no-op."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return False
+    before = pool.master_address
+    after = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    if before is None or after == before:
+        return False
+    await pool.disconnect(inuse_connections=True)
+    return True
 
 
 async def aclose_client(client: Any) -> None:

@@ -111,9 +111,12 @@ class SentinelSet:
     """One master, ``replicas`` replicas, three sentinels (quorum 2), all on loopback."""
 
     def __init__(self, replicas: int = 1) -> None:
-        self.master = RedisServer()
+        # No 5-s wait before a full sync (any of them may become the master a replica syncs from).
+        fast = ["--repl-diskless-sync-delay", "0"]
+        self.master = RedisServer(args=fast)
         self.replicas = [
-            RedisServer(args=["--replicaof", "127.0.0.1", str(self.master.port)]) for _ in range(replicas)
+            RedisServer(args=[*fast, "--replicaof", "127.0.0.1", str(self.master.port)])
+            for _ in range(replicas)
         ]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.dir = Path(tempfile.mkdtemp(prefix="cp-sentinel-"))
@@ -132,7 +135,7 @@ class SentinelSet:
             s.start()
         _wait(
             "replicas in sync",
-            lambda: _admin(self.master.port).info("replication")["connected_slaves"] == len(self.replicas),
+            lambda: self._online(self.master.port) == len(self.replicas),
         )
         binary = shutil.which("redis-sentinel")
         if binary is None:
@@ -162,8 +165,17 @@ class SentinelSet:
                 timeout=30,
             )
 
+    @staticmethod
+    def _online(port: int) -> int:
+        info = _admin(port).info("replication")
+        return sum(
+            1
+            for k, v in info.items()
+            if k.startswith("slave") and isinstance(v, dict) and v["state"] == "online"
+        )
+
     def master_port(self) -> int:
-        host, port = _admin(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
+        _host, port = _admin(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
         return int(port)
 
     def failover(self) -> tuple[int, int]:
@@ -175,6 +187,7 @@ class SentinelSet:
         new = self.master_port()
         _wait("the new master takes writes", lambda: _admin(new).info("replication")["role"] == "master")
         _wait("the old master follows", lambda: _admin(old).info("replication")["role"] == "slave")
+        _wait("the new master's replicas in sync", lambda: self._online(new) == len(self.replicas))
         return old, new
 
     def stop(self) -> None:

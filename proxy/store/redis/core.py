@@ -27,7 +27,7 @@ from proxy.errors import Conflict, StoreLost, StoreUnavailable
 from proxy.redisurl import RedisTarget, parse_redis_url
 from proxy.store.base import ANY_VERSION, ExpectedVersion, InvalidationCallback
 from proxy.store.common import next_version
-from proxy.store.redisconn import retry_safe
+from proxy.store.redisconn import follow_master, retry_safe
 
 # The client runs with decode_responses=True, so every reply is str; redis-py's hints type replies
 # as ``bytes | str`` and cannot express that. The client is therefore untyped at this one boundary,
@@ -119,6 +119,8 @@ class RedisCore:
         if n:
             acked = int(results.pop())
             if acked < n:
+                with contextlib.suppress(RedisError, OSError):
+                    await follow_master(self._client)  # a failover? then reconnect to the new master
                 raise StoreUnavailable(
                     f"redis store write {op} reached {acked} of the {n} replicas wait_replicas asks "
                     f"for within {self._target.wait_timeout_ms} ms, so it may be lost in a failover "

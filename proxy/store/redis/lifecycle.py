@@ -35,7 +35,7 @@ from proxy.store.common import (
 )
 from proxy.store.redis.core import RedisCore
 from proxy.store.redis.keys import META, TENANTS
-from proxy.store.redisconn import aclose_client, connect, retry_safe, warm
+from proxy.store.redisconn import aclose_client, connect, follow_master, retry_safe, warm
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -98,6 +98,10 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
                 return
             try:
                 async with asyncio.timeout(max(self.timeout_s * 4, 1.0)):
+                    # Sentinel: notice a failover within a second, not when the old master is
+                    # demoted seconds later (it accepts writes until then, and loses them).
+                    if await follow_master(client):
+                        log.warning("redis master moved (Sentinel failover); reconnected to the new master")
                     with retry_safe():
                         found, replaces = await client.hmget(META, [STORE_ID_KEY, STORE_REPLACES_KEY])
             except (RedisError, OSError, TimeoutError):
