@@ -18,6 +18,7 @@ What callers saw is printed (``-s``): the failover time, errors by operation, ad
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections import Counter
@@ -171,7 +172,7 @@ async def test_failover_under_load_loses_nothing_acknowledged(
     # The lock: no two holds overlap.
     holds = sorted(seen.holds)
     assert len(holds) > 10
-    assert all(prev[1] <= nxt[0] for prev, nxt in zip(holds, holds[1:], strict=False))
+    assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(holds))
 
     # Invalidation after the failover: heard by the other replica within a second.
     heard: asyncio.Queue[tuple[float, str, str | None]] = asyncio.Queue()
