@@ -40,9 +40,26 @@ LIMIT = 400
 LOCK_TTL_S = 2.0
 
 
-@pytest.fixture(params=[1, 2], ids=["1-replica", "2-replicas"])
-def sentinel_set(request: pytest.FixtureRequest) -> Iterator[SentinelSet]:
-    s = SentinelSet(replicas=request.param)
+@dataclass(frozen=True)
+class Case:
+    replicas: int
+    wait_replicas: int
+    crash: bool
+
+
+# A manual failover keeps the old master taking writes until Sentinel demotes it (~10 s), so only
+# waiting for every replica is safe; a crash leaves no old master writing, so one of two is.
+CASES = [Case(1, 1, crash=False), Case(2, 1, crash=True)]
+
+
+@pytest.fixture(params=CASES, ids=["manual-1-replica-wait-1", "crash-2-replicas-wait-1"])
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def sentinel_set(case: Case) -> Iterator[SentinelSet]:
+    s = SentinelSet(replicas=case.replicas)
     try:
         s.start()
         yield s
@@ -57,11 +74,10 @@ class Replica:
 
 
 @pytest.fixture
-async def replicas(sentinel_set: SentinelSet) -> AsyncIterator[list[Replica]]:
-    # Every replica must confirm: the promoted one then holds every acknowledged write. (With two
-    # replicas and wait_replicas=1, acknowledged writes were lost: the old master's other replica
-    # confirmed them, then resynced from the new master. See the README.)
-    url = sentinel_set.url(f"wait_replicas={len(sentinel_set.replicas)}&wait_timeout_ms=500")
+async def replicas(sentinel_set: SentinelSet, case: Case) -> AsyncIterator[list[Replica]]:
+    # (A manual failover with two replicas and wait_replicas=1 lost acknowledged writes: the old
+    # master's other replica confirmed them, then resynced from the new master. See the README.)
+    url = sentinel_set.url(f"wait_replicas={case.wait_replicas}&wait_timeout_ms=500")
     made = []
     for _ in range(2):
         store = RedisStore(url, timeout_s=1.0)
@@ -84,7 +100,7 @@ class Seen:
 
 
 async def test_failover_under_load_loses_nothing_acknowledged(
-    sentinel_set: SentinelSet, replicas: list[Replica]
+    sentinel_set: SentinelSet, replicas: list[Replica], case: Case
 ) -> None:
     a, b = replicas
     seen = Seen()
@@ -149,7 +165,7 @@ async def test_failover_under_load_loses_nothing_acknowledged(
     await asyncio.sleep(0.5)
     assert seen.acked and seen.admitted, "load did not start"
     began = time.monotonic()
-    old, new = await asyncio.to_thread(sentinel_set.failover)
+    old, new = await asyncio.to_thread(sentinel_set.failover, crash=case.crash)
     failover_s = time.monotonic() - began
     await asyncio.sleep(1.0)
     stop.set()
@@ -194,7 +210,8 @@ async def test_failover_under_load_loses_nothing_acknowledged(
 
     gaps = [y - x for x, y in zip(seen.write_ok_at, seen.write_ok_at[1:], strict=False)]
     print(
-        f"\nsentinel manual failover, {len(sentinel_set.replicas)} replica(s), wait_replicas={len(sentinel_set.replicas)}: {failover_s:.2f} s until the old master followed the new one; "
+        f"\nsentinel {'crash' if case.crash else 'manual'} failover, {case.replicas} replica(s), "
+        f"wait_replicas={case.wait_replicas}: {failover_s:.2f} s until the new master and its replicas were in place; "
         f"longest gap between acknowledged writes {max(gaps):.2f} s; acknowledged writes {len(seen.acked)}, "
         f"lost 0; errors seen by callers {dict(seen.errors)}; admitted {seen.admitted} of limit {LIMIT} "
         f"({seen.unconfirmed} refused unconfirmed); lock holds {len(holds)}, overlaps 0; "

@@ -178,16 +178,22 @@ class SentinelSet:
         _host, port = _admin(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
         return int(port)
 
-    def failover(self) -> tuple[int, int]:
-        """``SENTINEL FAILOVER``; returns (old, new) master ports once the new one takes writes
-        and the old one replicates from it."""
+    def failover(self, *, crash: bool = False) -> tuple[int, int]:
+        """``SENTINEL FAILOVER`` (or, ``crash``, killing the master: the sentinels notice it down
+        after 1 s and elect a new one); returns (old, new) master ports once the new master takes
+        writes and every surviving server replicates from it."""
         old = self.master_port()
-        _admin(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", SERVICE)
+        if crash:
+            next(s for s in self.servers if s.port == old).stop()
+        else:
+            _admin(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", SERVICE)
         _wait("a new master", lambda: self.master_port() != old)
         new = self.master_port()
         _wait("the new master takes writes", lambda: _admin(new).info("replication")["role"] == "master")
-        _wait("the old master follows", lambda: _admin(old).info("replication")["role"] == "slave")
-        _wait("the new master's replicas in sync", lambda: self._online(new) == len(self.replicas))
+        if not crash:
+            _wait("the old master follows", lambda: _admin(old).info("replication")["role"] == "slave")
+        survivors = len(self.replicas) - (1 if crash else 0)
+        _wait("the new master's replicas in sync", lambda: self._online(new) == survivors)
         return old, new
 
     def stop(self) -> None:
