@@ -38,7 +38,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from proxy.cache import TtlCache
 from proxy.errors import ServiceUnavailable
@@ -60,7 +60,7 @@ from proxy.ratelimit.limiter import (
 )
 from proxy.ratelimit.signals.core import Observation
 from proxy.redisurl import parse_redis_url
-from proxy.store.redisconn import aclose_client, connect, follow_master, retry_safe, warm
+from proxy.store.redisconn import REDIS_FAILURES, aclose_client, connect, follow_master, retry_safe, warm
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     Client: TypeAlias = Redis[bytes]  # type: ignore[type-arg, unused-ignore]
 
 SCRIPT = files("proxy.ratelimit").joinpath("limiter.lua").read_text(encoding="utf-8")
-_FAILURES = (RedisError, OSError, TimeoutError)
+_FAILURES = (*REDIS_FAILURES, TimeoutError)
 _CACHE_MAX = 50_000
 # How long "Redis holds nothing learned for this scope" is trusted without asking again, should
 # the announcement that ends it be lost (pub/sub delivers at most once).

@@ -35,12 +35,17 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.redisurl import RedisTarget, parse_redis_url
 
 T = TypeVar("T")
 
 HEALTH_CHECK_S: Final = 5.0
+# Everything a Redis client raises when Redis is unreachable or refuses: redis-py's Cluster
+# errors (no reachable node, slot not covered) are not RedisErrors, so they are named here, once,
+# and every caller maps the lot to StoreUnavailable / the limiter's fail mode.
+REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError)
 _RETRY_SAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("redis_retry_safe", default=False)
 # redis-py runs its pre-use PING through the connection's Retry with this failure callback; the
 # name is pinned by tests/store/test_redis_reconnect.py (a stale idle connection must not fail a

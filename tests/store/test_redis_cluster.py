@@ -19,13 +19,14 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from proxy.errors import StoreLost
+from proxy.errors import StoreLost, StoreUnavailable
 from proxy.model import ApiKeyRecord, AuditEvent, ConnectionRecord, RateWindow, TenantRecord
 from proxy.ratelimit.limiter import LimitTarget
 from proxy.ratelimit.redis import RedisLimiter
 from proxy.store.base import AuditQuery
 from proxy.store.redis import RedisStore
 from proxy.store.redis.keys import META
+from tests.support.redis_server import free_port
 from tests.support.redis_topologies import RedisClusterSet
 
 pytestmark = pytest.mark.system
@@ -180,3 +181,17 @@ async def test_a_flushed_node_holding_the_marker_is_noticed(
             return
         await asyncio.sleep(0.1)
     pytest.fail("the store kept serving after the node holding its identity marker was flushed")
+
+
+async def test_an_unreachable_cluster_is_store_unavailable_not_a_raw_client_error() -> None:
+    """redis-py's cluster errors are not RedisErrors; they must map like every other failure."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with pytest.raises(StoreUnavailable) as err:
+        await RedisStore(url, timeout_s=0.5).open()
+    assert "PROXY_REDIS_URL" in err.value.message and "127.0.0.1" not in err.value.message
+    lim = RedisLimiter.create(url, fail_mode="open", timeout_s=0.5)
+    try:
+        decision = await lim.acquire(LimitTarget("t/c", (RateWindow(5, 60.0),)))
+        assert decision.allowed and decision.source == "fallback"
+    finally:
+        await lim.close()

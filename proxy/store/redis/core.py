@@ -21,13 +21,11 @@ from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any, Final, NoReturn, TypeAlias
 
-from redis.exceptions import RedisError
-
 from proxy.errors import Conflict, StoreLost, StoreUnavailable
 from proxy.redisurl import RedisTarget, parse_redis_url
 from proxy.store.base import ANY_VERSION, ExpectedVersion, InvalidationCallback
 from proxy.store.common import next_version
-from proxy.store.redisconn import follow_master, retry_safe
+from proxy.store.redisconn import REDIS_FAILURES, follow_master, retry_safe
 
 # The client runs with decode_responses=True, so every reply is str; redis-py's hints type replies
 # as ``bytes | str`` and cannot express that. The client is therefore untyped at this one boundary,
@@ -75,7 +73,7 @@ class RedisCore:
                     yield self._client
             else:
                 yield self._client
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self._lost is not None:  # the connection was refused by the identity check
                 raise self._lost from None
             # Only the class name: the URL (and so a password) never reaches the message.
@@ -119,7 +117,7 @@ class RedisCore:
         if n:
             acked = int(results.pop())
             if acked < n:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await follow_master(self._client)  # a failover? then reconnect to the new master
                 raise StoreUnavailable(
                     f"redis store write {op} reached {acked} of the {n} replicas wait_replicas asks "

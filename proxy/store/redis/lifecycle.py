@@ -19,7 +19,6 @@ import logging
 from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from proxy.errors import ConfigError, StoreUnavailable
 from proxy.store.base import FLUSH_ALL, IdentityStore, MetaStore, StoreLifecycle
@@ -35,7 +34,7 @@ from proxy.store.common import (
 )
 from proxy.store.redis.core import RedisCore
 from proxy.store.redis.keys import META, TENANTS
-from proxy.store.redisconn import aclose_client, connect, follow_master, retry_safe, warm
+from proxy.store.redisconn import REDIS_FAILURES, aclose_client, connect, follow_master, retry_safe, warm
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -104,7 +103,7 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
                         log.warning("redis master moved (Sentinel failover); reconnected to the new master")
                     with retry_safe():
                         found, replaces = await client.hmget(META, [STORE_ID_KEY, STORE_REPLACES_KEY])
-            except (RedisError, OSError, TimeoutError):
+            except (*REDIS_FAILURES, TimeoutError):
                 continue  # unreachable is reported by every operation; a new connection re-checks
             self._judge(found, replaces)
 
@@ -118,7 +117,7 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
             pipe.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
             pipe.hset(META, mapping={STORE_ID_KEY: new, STORE_REPLACES_KEY: self.identity or ""})
             await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StoreUnavailable(
                 f"redis store unavailable during accept_loss ({type(exc).__name__}); check that "
                 "Redis is running and reachable at the configured PROXY_REDIS_URL"
@@ -182,7 +181,7 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
         self._callbacks.clear()
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await aclose_client(client)
 
     async def ping(self) -> None:

@@ -14,12 +14,11 @@ import logging
 import time
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
 from proxy.store.base import FLUSH_ALL, InvalidationCallback, InvalidationStore
 from proxy.store.common import deliver, dumps
 from proxy.store.redis.core import Client, RedisCore
 from proxy.store.redis.keys import CHANNEL
+from proxy.store.redisconn import REDIS_FAILURES
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -44,7 +43,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
         try:
             # Subscribed before returning, so no write after this call can be missed.
             await pubsub.subscribe(CHANNEL)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("invalidation subscribe failed (%s); retrying in the background", type(exc).__name__)
             await _quiet_close(pubsub)
             self._listener = asyncio.create_task(self._listen(client, None), name="redis-invalidations")
@@ -62,7 +61,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 try:
                     await pubsub.subscribe(CHANNEL)
-                except (RedisError, OSError):
+                except REDIS_FAILURES:
                     await _quiet_close(pubsub)
                     pubsub = None
                     continue
@@ -71,7 +70,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
             since = time.monotonic()
             try:
                 await self._read(client, pubsub)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("invalidation subscription lost (%s); reconnecting", type(exc).__name__)
             except Exception:
                 log.exception("invalidation listener failed; reconnecting")
