@@ -3,6 +3,16 @@
 Invalidation: every connection/tenant write PUBLISHes from inside its script (atomic with the
 write). Own writes are delivered too. The subscriber reconnects with backoff; after any
 reconnect it cannot know what it missed and delivers ``(FLUSH_ALL, None)``.
+
+Cluster: classic pub/sub, on purpose. The PUBLISH runs inside the write's script on the
+tenant's master, and a cluster forwards classic messages over its bus to every node, so one
+subscription on any node hears every tenant (measured: 0.7 ms median across nodes on loopback,
+``tests/store/test_redis_cluster.py``). Sharded pub/sub (``SPUBLISH``) delivers only inside the
+shard owning the channel's slot: one shared channel would miss every other tenant's master, and a
+channel per tenant slot would need a subscription per slot. The cost, every message crossing the
+bus to every node, is paid per admin write and learned-limit announcement, not per call.
+Sentinel: the subscription follows the master like every connection (``follow_master``); a
+failover drops it, and the reconnect delivers ``FLUSH_ALL``.
 """
 
 from __future__ import annotations
