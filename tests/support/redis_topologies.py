@@ -174,6 +174,12 @@ class SentinelSet:
             if k.startswith("slave") and isinstance(v, dict) and v["state"] == "online"
         )
 
+    def flushall(self) -> None:
+        """Empties the master and waits until its replicas are empty too."""
+        master = _admin(self.master_port())
+        master.flushall()
+        master.wait(len(self.replicas), 5000)
+
     def master_port(self) -> int:
         _host, port = _admin(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)
         return int(port)
