@@ -60,7 +60,15 @@ from proxy.ratelimit.limiter import (
 )
 from proxy.ratelimit.signals.core import Observation
 from proxy.redisurl import parse_redis_url
-from proxy.store.redisconn import REDIS_FAILURES, aclose_client, connect, follow_master, retry_safe, warm
+from proxy.store.redisconn import (
+    REDIS_FAILURES,
+    aclose_client,
+    connect,
+    follow_master,
+    is_sentinel,
+    retry_safe,
+    warm,
+)
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
@@ -74,6 +82,7 @@ _CACHE_MAX = 50_000
 # How long "Redis holds nothing learned for this scope" is trusted without asking again, should
 # the announcement that ends it be lost (pub/sub delivers at most once).
 CLEAR_TTL_S = 1.0
+FOLLOW_S = 1.0
 
 
 def keys_for(scope: str, quota_key: str | None, grouped: bool) -> list[str]:
@@ -121,6 +130,9 @@ class RedisLimiter(Limiter):
         self._breaker_s = breaker_s
         self._owns_client = owns_client
         self._wait = (wait_replicas, wait_timeout_ms)
+        self._follow_at = 0.0  # monotonic; Sentinel: when to ask again where the master is
+        self._follower: asyncio.Task[bool] | None = None
+        self._sentinel = is_sentinel(client)
         self._down_until = 0.0  # monotonic; Redis is skipped before this
         self._failing = False
         self.fallback = LocalLimiter()
@@ -156,8 +168,27 @@ class RedisLimiter(Limiter):
             self._quota_keys[target.scope] = target.quota_key
         return keys_for(target.scope, target.quota_key, bool(spec.quota))
 
+    def _follow(self) -> None:
+        """Sentinel: once a second, in the background, ask where the master is, so admissions
+        stop going to a demoted master within about a second of a failover (not ~10 s later,
+        when Sentinel reconfigures it). Off the call path: no call waits for the sentinels."""
+        now = time.monotonic()
+        if now < self._follow_at or (self._follower is not None and not self._follower.done()):
+            return
+        self._follow_at = now + FOLLOW_S
+        self._follower = asyncio.get_running_loop().create_task(self._follow_quietly())
+
+    async def _follow_quietly(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s * 4):
+                return await follow_master(self._client)
+        except _FAILURES:
+            return False
+
     async def _run(self, keys: list[str], args: list[Any]) -> list[Any] | None:
         """The script's reply, or None when Redis is unavailable (then the breaker is open)."""
+        if self._sentinel:
+            self._follow()
         if time.monotonic() < self._down_until:
             return None
         try:
@@ -382,5 +413,8 @@ class RedisLimiter(Limiter):
             ) from None
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait({self._follower}, timeout=2.0)
         if self._owns_client:
             await aclose_client(self._client)

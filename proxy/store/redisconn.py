@@ -159,6 +159,11 @@ async def warm(client: Any) -> None:
         await client.initialize()
 
 
+def is_sentinel(client: Any) -> bool:
+    """Whether ``client`` reaches its master through Sentinel (``follow_master`` does something)."""
+    return isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
+
+
 async def follow_master(client: Any) -> bool:
     """For a Sentinel client: asks the sentinels where the master is; when it moved, drops every
     connection, in use or idle, so none keeps writing to the demoted one (Sentinel turns the old
