@@ -42,7 +42,10 @@ class Settings:
     admin token and CA."""
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
     """When set, shared state (connections, rate-limit state, locks, audit) lives in this Redis
-    instead of the embedded store; every replica must point at the same one."""
+    instead of the embedded store; every replica must point at the same one. One server
+    (``redis://``, ``rediss://``, ``unix://``), a Cluster (``redis+cluster://H:P[,H:P...]``) or
+    Sentinel (``redis+sentinel://H:P[,H:P...]/SERVICE``); ``?wait_replicas=N`` for writes
+    that survive a failover (README, "Redis: one server, Cluster or Sentinel")."""
     redis_timeout_s: float = 0.25
     """Timeout of one Redis command (store and rate limiter)."""
     dev_mode: bool = True
