@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := redis-server chromium prometheus
+APT_PACKAGES := redis-server redis-sentinel chromium prometheus
 
 .PHONY: run test test-fast lint typecheck check-system bench clean docs
 
@@ -53,6 +53,7 @@ lint: $(VENV)/.installed-test
 check-system:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-sentinel >/dev/null 2>&1 || missing="$$missing redis-sentinel"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \

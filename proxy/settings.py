@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import ConfigError
+from proxy.redisurl import parse_redis_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -41,7 +42,10 @@ class Settings:
     admin token and CA."""
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
     """When set, shared state (connections, rate-limit state, locks, audit) lives in this Redis
-    instead of the embedded store; every replica must point at the same one."""
+    instead of the embedded store; every replica must point at the same one. One server
+    (``redis://``, ``rediss://``, ``unix://``), a Cluster (``redis+cluster://H:P[,H:P...]``) or
+    Sentinel (``redis+sentinel://H:P[,H:P...]/SERVICE``); ``?wait_replicas=N`` for writes
+    that survive a failover (README, "Redis: one server, Cluster or Sentinel")."""
     redis_timeout_s: float = 0.25
     """Timeout of one Redis command (store and rate limiter)."""
     dev_mode: bool = True
@@ -287,8 +291,8 @@ def default_public_url(host: str, port: int, scheme: str = "http") -> str:
 
 def _redis_url(key: str, v: Any) -> str | None:
     text = _opt_str(key, v)
-    if text is not None and not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(key, "must start with redis://, rediss:// or unix://")
+    if text is not None:
+        parse_redis_url(text)  # one server, redis+cluster:// or redis+sentinel:// (proxy.redisurl)
     return text
 
 

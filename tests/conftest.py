@@ -12,6 +12,7 @@ from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterSet, SentinelSet
 from tests.support.upstream import Upstream, running_upstream
 
 
@@ -29,6 +30,42 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    """A real 3-master Redis Cluster, started once, only by the tests that ask for it."""
+    cluster = RedisClusterSet()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterSet) -> str:
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelSet]:
+    """A real master, one replica and three sentinels, started once (no failover: the failover
+    tests make their own)."""
+    sentinels = SentinelSet(replicas=1)
+    try:
+        sentinels.start()
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: SentinelSet) -> str:
+    """Through Sentinel, every write confirmed by the replica (wait_replicas=1)."""
+    redis_sentinel.flushall()
+    return redis_sentinel.url("wait_replicas=1&wait_timeout_ms=2000")
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -29,6 +29,7 @@ PURE = (
     "proxy.pipeline.inject",
     "proxy.pipeline.urls",
     "proxy.ratelimit.gcra",
+    "proxy.redisurl",
     "proxy.ratelimit.signals.core",
     "proxy.ratelimit.signals.reader",
     "proxy.ratelimit.signals.vendors",

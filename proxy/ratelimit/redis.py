@@ -21,6 +21,11 @@ limiting resumes on Redis by itself, no restart. Connections that died while Red
 are health-checked and replaced before use, and a peek, an observation (a monotonic merge) or a
 describe meeting one is repeated once on a fresh connection; an acquire never is, since it may
 have consumed quota before its reply was lost (``proxy.store.redisconn``).
+
+With ``wait_replicas`` in ``PROXY_REDIS_URL`` an acquire is followed by ``WAIT`` on the same
+connection, in the same round trip; an admission the replicas did not confirm is not trusted
+(the call follows the fail mode), so a Sentinel failover cannot lose an admission and admit it
+again.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError
 
 from proxy.cache import TtlCache
 from proxy.errors import ServiceUnavailable
@@ -54,7 +59,16 @@ from proxy.ratelimit.limiter import (
     state_of,
 )
 from proxy.ratelimit.signals.core import Observation
-from proxy.store.redisconn import client_options, retry_safe
+from proxy.redisurl import parse_redis_url
+from proxy.store.redisconn import (
+    REDIS_FAILURES,
+    aclose_client,
+    connect,
+    follow_master,
+    is_sentinel,
+    retry_safe,
+    warm,
+)
 
 log = logging.getLogger(__name__)
 # The venv's types-redis 4.6 stubs (generic Redis, no aclose) shadow redis 8's own hints; the
@@ -63,11 +77,12 @@ if TYPE_CHECKING:
     Client: TypeAlias = Redis[bytes]  # type: ignore[type-arg, unused-ignore]
 
 SCRIPT = files("proxy.ratelimit").joinpath("limiter.lua").read_text(encoding="utf-8")
-_FAILURES = (RedisError, OSError, TimeoutError)
+_FAILURES = (*REDIS_FAILURES, TimeoutError)
 _CACHE_MAX = 50_000
 # How long "Redis holds nothing learned for this scope" is trusted without asking again, should
 # the announcement that ends it be lost (pub/sub delivers at most once).
 CLEAR_TTL_S = 1.0
+FOLLOW_S = 1.0
 
 
 def keys_for(scope: str, quota_key: str | None, grouped: bool) -> list[str]:
@@ -103,6 +118,8 @@ class RedisLimiter(Limiter):
         timeout_s: float = 0.25,
         breaker_s: float = 1.0,
         owns_client: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError("fail_mode must be 'open' or 'closed'")
@@ -112,6 +129,10 @@ class RedisLimiter(Limiter):
         self._timeout_s = timeout_s
         self._breaker_s = breaker_s
         self._owns_client = owns_client
+        self._wait = (wait_replicas, wait_timeout_ms)
+        self._follow_at = 0.0  # monotonic; Sentinel: when to ask again where the master is
+        self._follower: asyncio.Task[bool] | None = None
+        self._sentinel = is_sentinel(client)
         self._down_until = 0.0  # monotonic; Redis is skipped before this
         self._failing = False
         self.fallback = LocalLimiter()
@@ -128,8 +149,16 @@ class RedisLimiter(Limiter):
     @classmethod
     def create(cls, source: Client | str, *, fail_mode: str, timeout_s: float) -> RedisLimiter:
         if isinstance(source, str):
-            client = Redis.from_url(source, **client_options(timeout_s))
-            return cls(client, fail_mode=fail_mode, timeout_s=timeout_s, owns_client=True)
+            target = parse_redis_url(source)
+            client = connect(target, timeout_s=timeout_s)
+            return cls(
+                client,
+                fail_mode=fail_mode,
+                timeout_s=timeout_s,
+                owns_client=True,
+                wait_replicas=target.wait_replicas,
+                wait_timeout_ms=target.wait_timeout_ms,
+            )
         return cls(source, fail_mode=fail_mode, timeout_s=timeout_s)
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -139,14 +168,36 @@ class RedisLimiter(Limiter):
             self._quota_keys[target.scope] = target.quota_key
         return keys_for(target.scope, target.quota_key, bool(spec.quota))
 
+    def _follow(self) -> None:
+        """Sentinel: once a second, in the background, ask where the master is, so admissions
+        stop going to a demoted master within about a second of a failover (not ~10 s later,
+        when Sentinel reconfigures it). Off the call path: no call waits for the sentinels."""
+        now = time.monotonic()
+        if now < self._follow_at or (self._follower is not None and not self._follower.done()):
+            return
+        self._follow_at = now + FOLLOW_S
+        self._follower = asyncio.get_running_loop().create_task(self._follow_quietly())
+
+    async def _follow_quietly(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s * 4):
+                return await follow_master(self._client)
+        except _FAILURES:
+            return False
+
     async def _run(self, keys: list[str], args: list[Any]) -> list[Any] | None:
         """The script's reply, or None when Redis is unavailable (then the breaker is open)."""
+        if self._sentinel:
+            self._follow()
         if time.monotonic() < self._down_until:
             return None
         try:
             async with asyncio.timeout(self._timeout_s):
-                if args[0] == "a":  # consumes quota: never repeated
-                    reply: list[Any] = await self._script(keys=keys, args=args)
+                await warm(self._client)
+                if args[0] == "a" and self._wait[0]:
+                    reply: list[Any] = await self._confirmed(keys, args)
+                elif args[0] == "a":  # consumes quota: never repeated
+                    reply = await self._script(keys=keys, args=args)
                 else:
                     with retry_safe():
                         reply = await self._script(keys=keys, args=args)
@@ -162,6 +213,25 @@ class RedisLimiter(Limiter):
             log.warning("rate-limit store (Redis) answers again; limiting is shared again")
             self._failing = False
         return reply
+
+    async def _confirmed(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """An acquire and its WAIT in one round trip; the reply only if the replicas hold it."""
+        n, timeout_ms = self._wait
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", n, timeout_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):  # nothing ran: load it, then once more
+                await self._client.script_load(SCRIPT)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception) or int(acked) < n:
+                await follow_master(self._client)  # a Sentinel failover? then use the new master
+                raise TimeoutError("the replicas did not confirm the admission (wait_replicas)")
+            return list(reply)
+        raise NoScriptError("the limiter script could not be loaded")
 
     def _unavailable(self) -> None:
         """Count the failure; in closed mode refuse the call."""
@@ -343,5 +413,8 @@ class RedisLimiter(Limiter):
             ) from None
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait({self._follower}, timeout=2.0)
         if self._owns_client:
-            await self._client.aclose()  # type: ignore[attr-defined, unused-ignore]
+            await aclose_client(self._client)

@@ -1,4 +1,5 @@
-"""One behaviour, two back ends: every case here runs against SqliteStore and RedisStore.
+"""One behaviour, two back ends: every case here runs against SqliteStore and RedisStore (on one
+server, on a 3-master Redis Cluster, and through Sentinel with every write WAITed for).
 
 Where a case needs a second replica (concurrent pops, CAS races, invalidation) it opens a second
 store instance on the same backing data: the same SQLite file, or the same Redis.
@@ -22,7 +23,14 @@ from proxy.store.sqlite import SqliteStore
 Factory = Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        "redis",
+        pytest.param("cluster", marks=pytest.mark.system),
+        pytest.param("sentinel", marks=pytest.mark.system),
+    ]
+)
 async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     opened: list[Store] = []
     if request.param == "sqlite":
@@ -31,7 +39,10 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         def make() -> Store:
             return SqliteStore(path)
     else:
-        url = request.getfixturevalue("redis_url")
+        # "cluster": the same cases against a real 3-master Redis Cluster (redis+cluster://);
+        # "sentinel": through Sentinel, every write WAITed for by the replica (redis+sentinel://).
+        fixture = {"redis": "redis_url", "cluster": "redis_cluster_url", "sentinel": "redis_sentinel_url"}
+        url = request.getfixturevalue(fixture[request.param])
 
         def make() -> Store:
             return RedisStore(url, timeout_s=2.0)

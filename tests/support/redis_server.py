@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -23,7 +24,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
+    def __init__(self, port: int | None = None, args: Sequence[str] = (), *, persist: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -34,6 +35,7 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="cp-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.persist = persist
+        self.args = list(args)  # extra server options (cluster mode, replicaof, ...)
 
     @property
     def url(self) -> str:
@@ -57,6 +59,7 @@ class RedisServer:
                 str(self.dir),
                 "--protected-mode",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

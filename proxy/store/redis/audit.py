@@ -12,7 +12,7 @@ from typing import Any, Final
 from proxy.model import ID_RE, AuditEvent, check_id
 from proxy.store.base import AuditQuery, AuditStore, Page
 from proxy.store.common import audit_json, audit_matches, bad_cursor, page_limit
-from proxy.store.redis.core import MAX_BATCH, RedisCore, loads, lua
+from proxy.store.redis.core import MAX_BATCH, RedisCore, loads, lua, queue_script
 from proxy.store.redis.keys import AUDIT_TENANTS, prefix
 
 AUDIT_MAXLEN: Final = 1_000_000
@@ -44,15 +44,14 @@ class RedisAudit(RedisCore, AuditStore):
         if not by_tenant:
             return
         with self._guard("append_audit") as r:
-            script = self._registered(r, APPEND_AUDIT)
             pipe = r.pipeline(transaction=False)
             for t, blobs in by_tenant.items():
                 p = prefix(t)
                 for i in range(0, len(blobs), 2 * AUDIT_CHUNK):
                     chunk = blobs[i : i + 2 * AUDIT_CHUNK]
-                    await script(keys=[p + "audit", p + "auditseq"], args=[AUDIT_MAXLEN, *chunk], client=pipe)
+                    queue_script(pipe, APPEND_AUDIT, [p + "audit", p + "auditseq"], [AUDIT_MAXLEN, *chunk])
             pipe.sadd(AUDIT_TENANTS, *by_tenant)
-            await pipe.execute()
+            await self._confirm("append_audit", pipe)
 
     async def prune_audit(self, before_ts: float) -> int:
         # Entry ids are >= their event's ts in ms (see append_audit.lua): trimming below the cutoff
@@ -61,7 +60,10 @@ class RedisAudit(RedisCore, AuditStore):
         with self._guard("prune_audit", safe=True) as r:
             total = 0
             for t in sorted(await r.smembers(AUDIT_TENANTS)):
-                total += int(await r.xtrim(prefix(t) + "audit", minid=cutoff, approximate=False))
+                pipe = r.pipeline(transaction=False).xtrim(
+                    prefix(t) + "audit", minid=cutoff, approximate=False
+                )
+                total += int((await self._confirm("prune_audit", pipe))[0])
             return total
 
     async def query_audit(self, query: AuditQuery) -> Page:

@@ -142,6 +142,7 @@ class RedisConnections(RedisCore, ConnectionStore):
             [f"{p}ruc/{default_connection_id}/{runtime_user_id}"],
             [p],
             safe=True,
+            write=False,
         )
         return _connection(row[0], row[1]) if row else None
 

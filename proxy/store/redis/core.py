@@ -4,6 +4,12 @@ Failures (refused, timed out, error replies) raise ``StoreUnavailable`` naming t
 never the URL (it may carry a password). A dead Redis fails fast: timeouts are never retried;
 a command that meets a dead pooled connection is repeated once on a fresh one only when it is
 safe to repeat (``proxy.store.redisconn``).
+
+Writes go out as one pipeline (``_confirm``), so that with ``wait_replicas`` (``proxy.redisurl``)
+a ``WAIT`` rides on the same connection in the same round trip: a write counts as done only once
+that many replicas hold it, which is what makes it survive a Sentinel failover. Scripts inside
+pipelines are sent as EVAL (source), never EVALSHA: a Cluster node or a freshly promoted master
+may not have them cached, and a NOSCRIPT inside a pipeline cannot be repaired by a blind repeat.
 """
 
 from __future__ import annotations
@@ -15,12 +21,11 @@ from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any, Final, NoReturn, TypeAlias
 
-from redis.exceptions import RedisError
-
 from proxy.errors import Conflict, StoreLost, StoreUnavailable
+from proxy.redisurl import RedisTarget, parse_redis_url
 from proxy.store.base import ANY_VERSION, ExpectedVersion, InvalidationCallback
 from proxy.store.common import next_version
-from proxy.store.redisconn import retry_safe
+from proxy.store.redisconn import REDIS_FAILURES, follow_master, retry_safe
 
 # The client runs with decode_responses=True, so every reply is str; redis-py's hints type replies
 # as ``bytes | str`` and cannot express that. The client is therefore untyped at this one boundary,
@@ -42,6 +47,7 @@ class RedisCore:
 
     def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
         self._url = url
+        self._target: RedisTarget = parse_redis_url(url)
         self.timeout_s = timeout_s
         self._client: Client | None = None
         self._callbacks: list[InvalidationCallback] = []
@@ -67,7 +73,7 @@ class RedisCore:
                     yield self._client
             else:
                 yield self._client
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self._lost is not None:  # the connection was refused by the identity check
                 raise self._lost from None
             # Only the class name: the URL (and so a password) never reaches the message.
@@ -84,10 +90,46 @@ class RedisCore:
         return script
 
     async def _script(
-        self, op: str, source: str, keys: list[str], args: list[Any], *, safe: bool = False
+        self,
+        op: str,
+        source: str,
+        keys: list[str],
+        args: list[Any],
+        *,
+        safe: bool = False,
+        write: bool = True,
     ) -> Any:
         with self._guard(op, safe=safe) as r:
-            return await self._registered(r, source)(keys=keys, args=args)
+            if not (write and self._target.wait_replicas):
+                return await self._registered(r, source)(keys=keys, args=args)
+            pipe = r.pipeline(transaction=False)
+            queue_script(pipe, source, keys, args)
+            (result,) = await self._confirm(op, pipe)
+            return result
+
+    async def _confirm(self, op: str, pipe: Any) -> list[Any]:
+        """Runs a pipeline of writes; with ``wait_replicas`` it only returns once that many
+        replicas confirmed them (same connection, same round trip). Call inside ``_guard``."""
+        n = self._target.wait_replicas
+        if n:
+            pipe.execute_command("WAIT", n, self._target.wait_timeout_ms)
+        results: list[Any] = await pipe.execute()
+        if n:
+            acked = int(results.pop())
+            if acked < n:
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await follow_master(self._client)  # a failover? then reconnect to the new master
+                raise StoreUnavailable(
+                    f"redis store write {op} reached {acked} of the {n} replicas wait_replicas asks "
+                    f"for within {self._target.wait_timeout_ms} ms, so it may be lost in a failover "
+                    "(it may also have been applied); check the replicas and retry"
+                )
+        return results
+
+
+def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+    """A script call inside a pipeline, by source (see the module docstring)."""
+    pipe.eval(source, len(keys), *keys, *args)
 
 
 def loads(text: str) -> dict[str, Any]:

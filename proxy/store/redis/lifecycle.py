@@ -18,9 +18,7 @@ import contextlib
 import logging
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from proxy.errors import ConfigError, StoreUnavailable
 from proxy.store.base import FLUSH_ALL, IdentityStore, MetaStore, StoreLifecycle
@@ -36,7 +34,7 @@ from proxy.store.common import (
 )
 from proxy.store.redis.core import RedisCore
 from proxy.store.redis.keys import META, TENANTS
-from proxy.store.redisconn import client_options, retry_safe
+from proxy.store.redisconn import REDIS_FAILURES, aclose_client, connect, follow_master, retry_safe, warm
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -99,9 +97,13 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
                 return
             try:
                 async with asyncio.timeout(max(self.timeout_s * 4, 1.0)):
+                    # Sentinel: notice a failover within a second, not when the old master is
+                    # demoted seconds later (it accepts writes until then, and loses them).
+                    if await follow_master(client):
+                        log.warning("redis master moved (Sentinel failover); reconnected to the new master")
                     with retry_safe():
                         found, replaces = await client.hmget(META, [STORE_ID_KEY, STORE_REPLACES_KEY])
-            except (RedisError, OSError, TimeoutError):
+            except (*REDIS_FAILURES, TimeoutError):
                 continue  # unreachable is reported by every operation; a new connection re-checks
             self._judge(found, replaces)
 
@@ -115,7 +117,7 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
             pipe.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
             pipe.hset(META, mapping={STORE_ID_KEY: new, STORE_REPLACES_KEY: self.identity or ""})
             await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StoreUnavailable(
                 f"redis store unavailable during accept_loss ({type(exc).__name__}); check that "
                 "Redis is running and reachable at the configured PROXY_REDIS_URL"
@@ -131,14 +133,12 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
         if self._client is not None:
             return
         self._closing = False
-        self._client = aioredis.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            redis_connect_func=self._on_connect,
-            **client_options(self.timeout_s),
+        self._client = connect(
+            self._target, timeout_s=self.timeout_s, decode_responses=True, connect_func=self._on_connect
         )
         try:
             with self._guard("open", safe=True) as r:
+                await warm(r)
                 await r.hsetnx(META, SCHEMA_VERSION_KEY, str(SCHEMA_VERSION))
                 # A store opened without a marker is taken as new (a first start, or one from
                 # before markers existed): nothing here can tell it from a Redis that lost its
@@ -181,8 +181,8 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
         self._callbacks.clear()
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()  # type: ignore[attr-defined, unused-ignore]
+            with contextlib.suppress(*REDIS_FAILURES):
+                await aclose_client(client)
 
     async def ping(self) -> None:
         with self._guard("ping", safe=True) as r:
@@ -197,4 +197,4 @@ class RedisLifecycle(RedisCore, StoreLifecycle, IdentityStore, MetaStore):
     async def set_meta(self, key: str, value: str) -> None:
         reserved_meta(key)
         with self._guard("set_meta", safe=True) as r:
-            await r.hset(META, key, value)
+            await self._confirm("set_meta", r.pipeline(transaction=False).hset(META, key, value))

@@ -3,6 +3,16 @@
 Invalidation: every connection/tenant write PUBLISHes from inside its script (atomic with the
 write). Own writes are delivered too. The subscriber reconnects with backoff; after any
 reconnect it cannot know what it missed and delivers ``(FLUSH_ALL, None)``.
+
+Cluster: classic pub/sub, on purpose. The PUBLISH runs inside the write's script on the
+tenant's master, and a cluster forwards classic messages over its bus to every node, so one
+subscription on any node hears every tenant (measured: 0.7 ms median across nodes on loopback,
+``tests/store/test_redis_cluster.py``). Sharded pub/sub (``SPUBLISH``) delivers only inside the
+shard owning the channel's slot: one shared channel would miss every other tenant's master, and a
+channel per tenant slot would need a subscription per slot. The cost, every message crossing the
+bus to every node, is paid per admin write and learned-limit announcement, not per call.
+Sentinel: the subscription follows the master like every connection (``follow_master``); a
+failover drops it, and the reconnect delivers ``FLUSH_ALL``.
 """
 
 from __future__ import annotations
@@ -14,12 +24,11 @@ import logging
 import time
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
 from proxy.store.base import FLUSH_ALL, InvalidationCallback, InvalidationStore
 from proxy.store.common import deliver, dumps
 from proxy.store.redis.core import Client, RedisCore
 from proxy.store.redis.keys import CHANNEL
+from proxy.store.redisconn import REDIS_FAILURES
 
 log = logging.getLogger("proxy.store.redis")
 
@@ -44,7 +53,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
         try:
             # Subscribed before returning, so no write after this call can be missed.
             await pubsub.subscribe(CHANNEL)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("invalidation subscribe failed (%s); retrying in the background", type(exc).__name__)
             await _quiet_close(pubsub)
             self._listener = asyncio.create_task(self._listen(client, None), name="redis-invalidations")
@@ -62,7 +71,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 try:
                     await pubsub.subscribe(CHANNEL)
-                except (RedisError, OSError):
+                except REDIS_FAILURES:
                     await _quiet_close(pubsub)
                     pubsub = None
                     continue
@@ -71,7 +80,7 @@ class RedisPubSub(RedisCore, InvalidationStore):
             since = time.monotonic()
             try:
                 await self._read(client, pubsub)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("invalidation subscription lost (%s); reconnecting", type(exc).__name__)
             except Exception:
                 log.exception("invalidation listener failed; reconnecting")

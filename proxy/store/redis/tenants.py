@@ -9,7 +9,7 @@ from typing import Final
 from proxy.model import ID_RE, ApiKeyRecord, TenantRecord, check_id
 from proxy.store.base import ApiKeyStore, ExpectedVersion, TenantStore
 from proxy.store.common import dumps
-from proxy.store.redis.core import RedisCore, cas_args, conflict, loads, lua
+from proxy.store.redis.core import RedisCore, cas_args, conflict, loads, lua, queue_script
 from proxy.store.redis.keys import CHANNEL, TENANTS, prefix
 
 PUT_TENANT: Final = lua("put_tenant.lua")
@@ -31,7 +31,9 @@ class RedisTenants(RedisCore, TenantStore, ApiKeyStore):
         t = check_id("tenant_id", record.tenant_id)
         mode, expected = cas_args(expected_version)
         with self._guard("put_tenant", safe=True) as r:  # SADD: a repeat changes nothing
-            await r.sadd(TENANTS, t)  # registry first: see proxy.store.redis.keys
+            await self._confirm(
+                "put_tenant", r.pipeline(transaction=False).sadd(TENANTS, t)
+            )  # registry first
         status, value = await self._script(
             "put_tenant",
             PUT_TENANT,
@@ -58,8 +60,10 @@ class RedisTenants(RedisCore, TenantStore, ApiKeyStore):
     # --- API keys ---------------------------------------------------------------------------
     async def put_api_key(self, record: ApiKeyRecord) -> None:
         t = check_id("tenant_id", record.tenant_id)
-        with self._guard("put_api_key", safe=True) as r:
-            await r.sadd(prefix(t) + "keys", record.key_id)  # index first: see proxy.store.redis.keys
+        with self._guard("put_api_key", safe=True) as r:  # index first: see proxy.store.redis.keys
+            await self._confirm(
+                "put_api_key", r.pipeline(transaction=False).sadd(prefix(t) + "keys", record.key_id)
+            )
         last = "" if record.last_used_at is None else repr(float(record.last_used_at))
         await self._script(
             "put_api_key",
@@ -90,11 +94,10 @@ class RedisTenants(RedisCore, TenantStore, ApiKeyStore):
         if not last_used:
             return
         with self._guard("touch_api_keys", safe=True) as r:
-            script = self._registered(r, TOUCH_API_KEY)
             pipe = r.pipeline(transaction=False)
             for key_id, ts in last_used.items():
-                await script(keys=[f"cp:apikey:{key_id}"], args=[repr(float(ts))], client=pipe)
-            await pipe.execute()
+                queue_script(pipe, TOUCH_API_KEY, [f"cp:apikey:{key_id}"], [repr(float(ts))])
+            await self._confirm("touch_api_keys", pipe)
 
 
 def _api_key(d: str | None, u: str | None) -> ApiKeyRecord | None:
