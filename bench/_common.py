@@ -12,6 +12,7 @@ share a core with, and measure that starvation instead of the service.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -31,12 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _results  # bench/ is on sys.path for every benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PY = sys.executable
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = len(os.sched_getaffinity(0))
+_results.capture_stdout()  # the header lines of a run go into its results file
 
 # --- placement ---------------------------------------------------------------------------------
 
@@ -664,7 +668,9 @@ def machine_note() -> str:
     return f"load average {load1:.2f} on {NCPU} CPU(s){warn}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
+    """Print an aligned table (and keep it for ``--results``; ``title`` names it there)."""
+    _results.table(title, headers, rows)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
@@ -681,6 +687,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def ratio_line(name: str, value: float | None, target: str, ok: bool | None, why: str = "") -> None:
+    _results.ratio(name, value, target, ok, why)
     if value is None:
         print(f"ratio {name}: n/a (target {target}) -- not available: {why}", flush=True)
         return
@@ -688,10 +695,25 @@ def ratio_line(name: str, value: float | None, target: str, ok: bool | None, why
     print(f"ratio {name}: {value:.2f} (target {target}) {verdict}", flush=True)
 
 
-def common_args(description: str) -> Any:
-    import argparse
+class _Parser(argparse.ArgumentParser):
+    """Parses the common options; ``--results DIR`` arms writing DIR/<script>.json at exit."""
 
-    parser = argparse.ArgumentParser(description=description)
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        ns = super().parse_args(*args, **kwargs)
+        if getattr(ns, "results", None) is not None:
+            _results.save_at_exit(ns.results)
+        return ns
+
+
+def common_args(description: str) -> Any:
+    parser = _Parser(description=description)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write the tables, ratios and machine context to DIR/<script>.json (bench/report.py reads them)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests (numbers meaningless)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per measured load run")
     parser.add_argument(

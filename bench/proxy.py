@@ -3,8 +3,9 @@
 In one run, against one local upstream (a raw asyncio server answering a small JSON body):
 direct to the upstream; a bare aiohttp pass-through (the reference: the same hop, no features);
 connection-proxy in path mode (tenant API key, http_bearer credential injected, credential
-cache and audit on); connection-proxy with Redis at ``--workers 1`` and ``--workers 2``; and
-nginx with ``proxy_set_header Authorization`` when nginx is installed. For each: requests/s,
+cache and audit on); connection-proxy with Redis at ``--workers 1`` and ``--workers 2``;
+nginx with ``proxy_set_header Authorization`` when nginx is installed; and Node's ``http-proxy``
+(npm, the peer a user would otherwise pick) setting the same header to the same upstream. For each: requests/s,
 p50/p99 latency at 1 and 64 connections, and the CPU microseconds per request of the proxy
 process(es) (utime+stime of the process and its children from /proc, over completed requests).
 Targets (issue 3): connection-proxy CPU/request <= 1.3x the bare pass-through's; --workers 2 >= 1.6x
@@ -13,6 +14,7 @@ the throughput of one worker.
 A/B mode, ``--ab TREE``: only the bare pass-through, this checkout's connection-proxy and the one
 of the source tree TREE (e.g. an older commit unpacked with ``git archive``), interleaved, with
 the order of the two swapped every repeat; it prints every run's CPU per request and the medians.
+Both run without access lines unless ``--ab-access`` (then both write the default JSON line).
 
 Run: ``python bench/proxy.py [--quick] [--duration S] [--repeat N] [--ab TREE]``.
 """
@@ -29,6 +31,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE), str(_HERE)]
 
 import _common as c  # noqa: E402
+import _refservers  # noqa: E402
 
 TENANT = "bench-tenant"
 CONN = "bench-conn"
@@ -44,6 +47,7 @@ CP_ACCESS = "connection-proxy + JSON access log"
 QUIET = {"PROXY_LOG_LEVEL": "warning"}
 W1 = "connection-proxy redis --workers 1"
 W2 = "connection-proxy redis --workers 2"
+NODE = "node http-proxy (npm)"
 
 
 @dataclass
@@ -107,6 +111,11 @@ def main() -> int:
         metavar="TREE",
         help="A/B mode: this checkout's connection-proxy against the one in source tree TREE (default 5 repeats)",
     )
+    parser.add_argument(
+        "--ab-access",
+        action="store_true",
+        help="with --ab: both trees write the default JSON access line (measures its cost)",
+    )
     args = parser.parse_args()
     ab_tree: Path | None = args.ab.resolve() if args.ab else None
     if ab_tree is not None and not (ab_tree / "proxy" / "__main__.py").is_file():
@@ -120,6 +129,11 @@ def main() -> int:
     server_cpus, load_cpus = place.server, place.load
     pin_note = f"CPU {c.fmt_cpus(server_cpus)}" if server_cpus else "not pinned"
     print("# Proxy: GET /proxy/bench/items through each proxy to one local upstream")
+    if ab_tree is not None:
+        logs_note = (
+            "the default JSON access line" if args.ab_access else "no access lines (log_level=warning)"
+        )
+        print(f"# A/B: this checkout against {ab_tree}, both with {logs_note}")
     print(
         f"# load: {c.load_tool()}, {duration:g}s per run, warm-up {warmup:g}s, best of {repeats} interleaved "
         f"run(s) per point; {place.describe()}"
@@ -188,9 +202,10 @@ def main() -> int:
                 t.missing = str(exc)
             targets.append(t)
 
-        add_service(CP, pin_note, cpus=server_cpus, env=QUIET)
+        ab_env = None if args.ab_access else QUIET
+        add_service(CP, pin_note, cpus=server_cpus, env=QUIET if ab_tree is None else ab_env)
         if ab_tree is not None:
-            add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree, env=QUIET)
+            add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree, env=ab_env)
         else:  # A/B mode measures the two trees and the reference only
             add_service(CP_ACCESS, pin_note, cpus=server_cpus)
             try:
@@ -224,6 +239,29 @@ def main() -> int:
                 except c.StartError as exc:
                     ng.missing = f"nginx did not start: {c.first_line(exc)}"
             targets.append(ng)
+
+            node = Target(NODE, pinned=pin_note)
+            try:
+                node_url, node_proc = _refservers.start_node_http_proxy(
+                    stack,
+                    tmp,
+                    upstream,
+                    ("Authorization", f"Bearer {UPSTREAM_TOKEN}"),
+                    cpus=server_cpus,
+                    strip_prefix="/proxy",
+                    drop_headers=("X-Connection-Id",),
+                )
+                node.url, node.headers, node.procs = (
+                    node_url + "/proxy" + PATH,
+                    dict(common_headers),
+                    [node_proc],
+                )
+                c.warm(node.url, node.headers)
+            except c.StartError as exc:
+                node.missing = f"node http-proxy did not start: {c.first_line(exc)}"
+            except c.Unavailable as exc:
+                node.missing = str(exc)
+            targets.append(node)
 
         # Repeats are interleaved across rows so a burst of outside load cannot hit one row only.
         for rep in range(repeats):
@@ -259,7 +297,11 @@ def main() -> int:
         for m in [results[(t.label, conns)]]
     ]
     print()
-    c.print_table(["path", "conns", "proxy CPUs", *c.LOAD_HEADERS], rows)
+    c.print_table(
+        ["path", "conns", "proxy CPUs", *c.LOAD_HEADERS],
+        rows,
+        title="A/B: proxied GET" if ab_tree else "proxied GET to one local upstream",
+    )
     c.print_load_notes(results)
 
     def ok(m: c.Measured | str | None) -> c.Measured | None:
