@@ -48,6 +48,7 @@ QUIET = {"PROXY_LOG_LEVEL": "warning"}
 W1 = "connection-proxy redis --workers 1"
 W2 = "connection-proxy redis --workers 2"
 NODE = "node http-proxy (npm)"
+QUIET_SUFFIX = " (no access lines)"
 
 
 @dataclass
@@ -206,6 +207,9 @@ def main() -> int:
         add_service(CP, pin_note, cpus=server_cpus, env=QUIET if ab_tree is None else ab_env)
         if ab_tree is not None:
             add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree, env=ab_env)
+            if args.ab_access:  # each tree also without access lines: the line's own cost, per tree
+                add_service(CP + QUIET_SUFFIX, pin_note, cpus=server_cpus, env=QUIET)
+                add_service(ab_label + QUIET_SUFFIX, pin_note, cpus=server_cpus, tree=ab_tree, env=QUIET)
         else:  # A/B mode measures the two trees and the reference only
             add_service(CP_ACCESS, pin_note, cpus=server_cpus)
             try:
@@ -267,7 +271,10 @@ def main() -> int:
         for rep in range(repeats):
             for conns in levels:
                 # A/B: the two trees swap places every repeat, so neither always runs first.
-                order = targets if ab_tree is None or rep % 2 == 0 else [targets[0], targets[2], targets[1]]
+                # (with --ab-access the four services rotate: each takes every place in turn).
+                rest = targets[1:]
+                turn = rep % len(rest) if ab_tree is not None and rest else 0
+                order = targets if ab_tree is None else [targets[0], *rest[turn:], *rest[:turn]]
                 for t in order:
                     key = (t.label, conns)
                     if t.missing:
@@ -324,6 +331,8 @@ def main() -> int:
             c.ratio_line(name, None, "<= 1.3", None, why(cp_m, bare_m))
     if ab_tree is not None:
         print_ab(runs, levels, [BARE, CP, ab_label])
+        if args.ab_access:
+            print_access_cost(runs, levels, [CP, ab_label])
         return 0
     for conns in levels:
         if conns == 1:
@@ -377,6 +386,30 @@ def print_ab(
                     f"ab @{conns} conns this checkout / {labels[2]}: {statistics.median(paired):.3f} "
                     f"(median of per-repeat ratios {' '.join(f'{r:.2f}' for r in paired)})"
                 )
+
+
+def print_access_cost(
+    runs: dict[tuple[str, int], list[c.Measured]], levels: tuple[int, ...], labels: list[str]
+) -> None:
+    """--ab-access: per tree, CPU per call with the JSON access line minus without it."""
+    for conns in levels:
+        for label in labels:
+            on = [m.cpu_us_per_req for m in runs.get((label, conns), []) if m.cpu_us_per_req is not None]
+            off = [
+                m.cpu_us_per_req
+                for m in runs.get((label + QUIET_SUFFIX, conns), [])
+                if m.cpu_us_per_req is not None
+            ]
+            if not on or not off:
+                print(f"access line @{conns} conns {label}: no clean runs")
+                continue
+            diff = statistics.median(on) - statistics.median(off)
+            paired = [a - b for a, b in zip(on, off, strict=False)]
+            print(
+                f"access line @{conns} conns {label}: {diff:+.0f} us CPU per call (difference of medians; "
+                f"per-repeat differences {' '.join(f'{d:+.0f}' for d in paired)}, median "
+                f"{statistics.median(paired):+.0f})"
+            )
 
 
 if __name__ == "__main__":

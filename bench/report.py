@@ -150,7 +150,7 @@ def _bar_text(ax: Any, bars: Any, texts: Sequence[str]) -> None:
                 va="center",
                 fontsize=9,
             )
-    ax.set_xlim(0, top * 1.38)
+    ax.set_xlim(0, top * 1.5)
 
 
 def _legend(fig: Any, extra_reference: bool = True) -> None:
@@ -159,7 +159,19 @@ def _legend(fig: Any, extra_reference: bool = True) -> None:
     handles = [Patch(color=OURS, label="connection-proxy (us)")]
     if extra_reference:
         handles.append(Patch(color=REF, label="reference"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=10)
+    # 0.3 in above the bottom edge, leaving the last line for a footnote.
+    y = 0.3 / fig.get_figheight()
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, y),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=10,
+    )
+
+
+BOTTOM_IN = 0.75  # inches below the axes: tick labels' room is tight_layout's; legend and footnote
 
 
 # Rows left out of the charts (named in a footnote instead): direct-to-upstream is the ceiling of
@@ -223,9 +235,14 @@ def chart_load(doc: dict[str, Any], table: dict[str, Any], path: Path) -> Path:
     _legend(fig)
     if note:
         fig.text(
-            0.99, 0.01, f"not drawn (the load side's ceiling): {note}", ha="right", fontsize=8, color="#444"
+            0.5,
+            0.08 / fig.get_figheight(),
+            f"not drawn (the load side's ceiling): {note}",
+            ha="center",
+            fontsize=8,
+            color="#444",
         )
-    fig.tight_layout(rect=(0, 0.05, 1, top))
+    fig.tight_layout(rect=(0, BOTTOM_IN / fig.get_figheight(), 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -238,7 +255,9 @@ def chart_bars(doc: dict[str, Any], table: dict[str, Any], spec: BarChart, path:
     rows = [r for r in table["rows"] if any(num(r[ci]) is not None for ci, _ in cols)]
     if not rows or not cols:
         return None
-    fig, axes = plt.subplots(1, len(cols), figsize=(7 * len(cols), 2.2 + 0.45 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(cols), figsize=(max(11.0, 7.0 * len(cols)), 2.4 + 0.45 * len(rows)), squeeze=False
+    )
     colours = [REF if spec.is_reference(r[li]) else OURS for r in rows]
     for j, (ci, axis) in enumerate(cols):
         ax = axes[0][j]
@@ -252,7 +271,7 @@ def chart_bars(doc: dict[str, Any], table: dict[str, Any], spec: BarChart, path:
         ax.set_axisbelow(True)
     top = _header(fig, f"{doc['script']}: {table['title']}", context_line(doc))
     _legend(fig, extra_reference=any(c == REF for c in colours))
-    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, top))
+    fig.tight_layout(rect=(0, BOTTOM_IN / fig.get_figheight(), 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -263,8 +282,11 @@ def charts(docs: list[dict[str, Any]], out: Path) -> dict[tuple[str, int], Path]
     for doc in docs:
         stem = Path(doc["script"]).stem
         loads = [i for i, t in enumerate(doc["tables"]) if is_load_table(t)]
+        drawn = [
+            i for i, t in enumerate(doc["tables"]) if i in loads or (doc["script"], t["title"]) in BAR_CHARTS
+        ]
         for i, table in enumerate(doc["tables"]):
-            name = stem if loads == [i] else f"{stem}-{i + 1}"
+            name = stem if drawn == [i] else f"{stem}-{i + 1}"
             if i in loads:
                 made[(doc["script"], i)] = chart_load(doc, table, out / f"{name}.png")
             elif (spec := BAR_CHARTS.get((doc["script"], table["title"]))) is not None:
