@@ -117,7 +117,9 @@ class AccessFields:
         clean = logs.redact_cached
         self.fields: dict[str, Any] = {
             "event": "proxy.call",
-            "request_id": clean(ctx.request_id),
+            # Unique per call: remembering it would only push the recurring values out of the
+            # cache. A minted id is short and alphanumeric, which redact() settles at once.
+            "request_id": logs.redact(ctx.request_id),
             "trace_id": ctx.trace_id,
             "span_id": ctx.span_id,
             "parent_span_id": ctx.parent_id,
