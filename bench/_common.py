@@ -297,6 +297,7 @@ class Service:
     url: str
     port: int
     proc: Proc
+    workers: int = 1
 
 
 def start_service(
@@ -310,10 +311,12 @@ def start_service(
     extra_env: Mapping[str, str] | None = None,
     wrapper: Sequence[str] = (),
     tree: Path = REPO,
+    wait: bool = True,
 ) -> Service:
     """``python -m proxy serve`` of the source ``tree`` (default this checkout; another one, e.g.
     an unpacked older commit, for an A/B run: ``-m`` imports the package of the working
-    directory ahead of the editable install)."""
+    directory ahead of the editable install). ``wait=False`` returns once the process is
+    spawned (several then start side by side); ``wait_service`` waits for it to serve."""
     port = free_port()
     data = tmp / f"data-{name}"
     data.mkdir()
@@ -334,11 +337,17 @@ def start_service(
     if workers > 1:
         argv += ["--workers", str(workers)]
     proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus, cwd=tree)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthz", proc)
-    if workers > 1:
-        wait_listeners(port, workers, proc)
-    return Service(name, url, port, proc)
+    svc = Service(name, f"http://127.0.0.1:{port}", port, proc, workers)
+    if wait:
+        wait_service(svc)
+    return svc
+
+
+def wait_service(svc: Service) -> None:
+    """Until ``svc`` answers ``/healthz`` and every worker listens (StartError if it died)."""
+    wait_http(f"{svc.url}/healthz", svc.proc)
+    if svc.workers > 1:
+        wait_listeners(svc.port, svc.workers, svc.proc)
 
 
 def nginx_binary() -> str | None:

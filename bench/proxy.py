@@ -171,6 +171,10 @@ def main() -> int:
         )
         targets.append(Target(BARE, bare + "/proxy" + PATH, dict(common_headers), [bare_proc], pin_note))
 
+        # Services are spawned first and waited for together (finish_services): their start-ups
+        # overlap instead of adding up.
+        starting: list[tuple[Target, c.Service]] = []
+
         def add_service(
             label: str,
             pinned: str,
@@ -181,27 +185,33 @@ def main() -> int:
             env: dict[str, str] | None = None,
         ) -> None:
             t = Target(label, pinned=pinned)
-            name = "svc-" + "".join(ch for ch in label if ch.isalnum())[:40]
-            try:
-                svc = c.start_service(
-                    stack,
-                    tmp,
-                    name,
-                    cpus=cpus,
-                    workers=workers,
-                    redis_url=redis_url,
-                    tree=tree,
-                    extra_env=env,
-                )
-                t.headers = setup_connection_proxy(svc, upstream)
-                t.url = svc.url + "/proxy" + PATH
-                t.procs = [svc.proc]
-                c.warm(t.url, t.headers)
-            except c.StartError as exc:
-                t.missing = f"the service did not start: {c.first_line(exc)}"
-            except c.Unavailable as exc:
-                t.missing = str(exc)
             targets.append(t)
+            name = "svc-" + "".join(ch for ch in label if ch.isalnum())[:40]
+            svc = c.start_service(
+                stack,
+                tmp,
+                name,
+                cpus=cpus,
+                workers=workers,
+                redis_url=redis_url,
+                tree=tree,
+                extra_env=env,
+                wait=False,
+            )
+            starting.append((t, svc))
+
+        def finish_services() -> None:
+            for t, svc in starting:
+                try:
+                    c.wait_service(svc)
+                    t.headers = setup_connection_proxy(svc, upstream)
+                    t.url = svc.url + "/proxy" + PATH
+                    t.procs = [svc.proc]
+                    c.warm(t.url, t.headers)
+                except c.StartError as exc:
+                    t.missing = f"the service did not start: {c.first_line(exc)}"
+                except c.Unavailable as exc:
+                    t.missing = str(exc)
 
         ab_env = None if args.ab_access else QUIET
         add_service(CP, pin_note, cpus=server_cpus, env=QUIET if ab_tree is None else ab_env)
@@ -266,6 +276,8 @@ def main() -> int:
             except c.Unavailable as exc:
                 node.missing = str(exc)
             targets.append(node)
+
+        finish_services()
 
         # Repeats are interleaved across rows so a burst of outside load cannot hit one row only.
         for rep in range(repeats):
