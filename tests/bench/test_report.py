@@ -40,7 +40,7 @@ def test_report_renders_charts_and_a_summary_of_every_row(rendered: tuple[Path, 
     # One chart per load table, one for the limiter table that has a chart spec; none for the
     # accuracy table (no numbers to draw).
     pngs = sorted(p.name for p in results.glob("*.png"))
-    assert pngs == ["proxy.png", "ratelimit-1.png"], pngs
+    assert pngs == ["proxy.png", "ratelimit.png"], pngs  # one chart: no table number
     for name in pngs:
         data = (results / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
