@@ -70,12 +70,19 @@ check-system:
 	  fi; \
 	fi
 
-## make bench: connection-proxy against a bare aiohttp pass-through (and nginx when installed)
-bench: $(VENV)/.installed-test check-system
-	$(BIN)/python bench/connection_service.py
-	$(BIN)/python bench/proxy.py
-	$(BIN)/python bench/ratelimit.py
-	$(BIN)/python bench/resources.py
+## make bench: each benchmark side by side with its references, then charts and SUMMARY.md in bench/results/
+BENCH_RESULTS := bench/results
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench check-system
+	$(BIN)/python bench/connection_service.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/proxy.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/tunnel.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/ratelimit.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/resources.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/report.py --results $(BENCH_RESULTS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -12,6 +12,7 @@ share a core with, and measure that starvation instead of the service.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -31,12 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _results  # bench/ is on sys.path for every benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PY = sys.executable
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = len(os.sched_getaffinity(0))
+_results.capture_stdout()  # the header lines of a run go into its results file
 
 # --- placement ---------------------------------------------------------------------------------
 
@@ -293,6 +297,7 @@ class Service:
     url: str
     port: int
     proc: Proc
+    workers: int = 1
 
 
 def start_service(
@@ -306,10 +311,12 @@ def start_service(
     extra_env: Mapping[str, str] | None = None,
     wrapper: Sequence[str] = (),
     tree: Path = REPO,
+    wait: bool = True,
 ) -> Service:
     """``python -m proxy serve`` of the source ``tree`` (default this checkout; another one, e.g.
     an unpacked older commit, for an A/B run: ``-m`` imports the package of the working
-    directory ahead of the editable install)."""
+    directory ahead of the editable install). ``wait=False`` returns once the process is
+    spawned (several then start side by side); ``wait_service`` waits for it to serve."""
     port = free_port()
     data = tmp / f"data-{name}"
     data.mkdir()
@@ -330,11 +337,17 @@ def start_service(
     if workers > 1:
         argv += ["--workers", str(workers)]
     proc = spawn(stack, name, argv, tmp, env=env, cpus=cpus, cwd=tree)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthz", proc)
-    if workers > 1:
-        wait_listeners(port, workers, proc)
-    return Service(name, url, port, proc)
+    svc = Service(name, f"http://127.0.0.1:{port}", port, proc, workers)
+    if wait:
+        wait_service(svc)
+    return svc
+
+
+def wait_service(svc: Service) -> None:
+    """Until ``svc`` answers ``/healthz`` and every worker listens (StartError if it died)."""
+    wait_http(f"{svc.url}/healthz", svc.proc)
+    if svc.workers > 1:
+        wait_listeners(svc.port, svc.workers, svc.proc)
 
 
 def nginx_binary() -> str | None:
@@ -664,7 +677,9 @@ def machine_note() -> str:
     return f"load average {load1:.2f} on {NCPU} CPU(s){warn}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
+    """Print an aligned table (and keep it for ``--results``; ``title`` names it there)."""
+    _results.table(title, headers, rows)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
@@ -681,6 +696,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def ratio_line(name: str, value: float | None, target: str, ok: bool | None, why: str = "") -> None:
+    _results.ratio(name, value, target, ok, why)
     if value is None:
         print(f"ratio {name}: n/a (target {target}) -- not available: {why}", flush=True)
         return
@@ -688,10 +704,25 @@ def ratio_line(name: str, value: float | None, target: str, ok: bool | None, why
     print(f"ratio {name}: {value:.2f} (target {target}) {verdict}", flush=True)
 
 
-def common_args(description: str) -> Any:
-    import argparse
+class _Parser(argparse.ArgumentParser):
+    """Parses the common options; ``--results DIR`` arms writing DIR/<script>.json at exit."""
 
-    parser = argparse.ArgumentParser(description=description)
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        ns = super().parse_args(*args, **kwargs)
+        if getattr(ns, "results", None) is not None:
+            _results.save_at_exit(ns.results)
+        return ns
+
+
+def common_args(description: str) -> Any:
+    parser = _Parser(description=description)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write the tables, ratios and machine context to DIR/<script>.json (bench/report.py reads them)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests (numbers meaningless)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per measured load run")
     parser.add_argument(

@@ -10,6 +10,11 @@
   features): reads the request, forwards it with one ClientSession, streams the answer back,
   with one fixed ``Authorization`` header added as the only "injection".
 
+Node's ``http-proxy`` (npm), the peer a user would otherwise pick for "a proxy that adds a
+credential header", is not a mode of this script but ``bench/node/inject_proxy.js``, started by
+``start_node_http_proxy`` below (importable by any benchmark: ``bench/proxy.py``,
+``bench/offload.py``); its pinned packages install once into ``bench/node/node_modules``.
+
 Usage: ``python bench/_refservers.py MODE --port P [--body-file F] [--content-type T] [--upstream URL] [--token T]``.
 """
 
@@ -17,9 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import json
+import shutil
 import signal
+import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # _common imports this module; the start helper below imports it lazily
+    from _common import Proc
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_PROXY_JS = NODE_DIR / "inject_proxy.js"
+# node_modules/.installed-from holds the lock's digest: a changed lock reinstalls.
+_NODE_STAMP = NODE_DIR / "node_modules" / ".installed-from"
 
 UPSTREAM_BODY = b'{"ok":true,"items":[1,2,3],"note":"connection-proxy bench upstream"}'
 UPSTREAM_RESPONSE = (
@@ -178,6 +196,71 @@ async def serve_passthrough(port: int, upstream: str, token: str) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/proxy/{tail:.*}", handler)
     await _run(app, port)
+
+
+def ensure_node_packages() -> str:
+    """``npm ci`` in bench/node unless node_modules already matches the lock; returns node's path.
+
+    Raises ``_common.Unavailable`` naming the package to install when node or npm is missing.
+    """
+    from _common import Unavailable
+
+    node = shutil.which("node")
+    if node is None:
+        raise Unavailable("node is not installed (apt-get install nodejs npm)")
+    digest = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
+    with contextlib.suppress(OSError):
+        if _NODE_STAMP.read_text().strip() == digest:
+            return node
+    npm = shutil.which("npm")
+    if npm is None:
+        raise Unavailable("npm is not installed (apt-get install npm), needed once for http-proxy")
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--silent"],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise Unavailable(f"npm ci in {NODE_DIR} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    _NODE_STAMP.write_text(digest + "\n")
+    return node
+
+
+def start_node_http_proxy(
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    upstream: str,
+    header: tuple[str, str],
+    *,
+    cpus: frozenset[int] | None,
+    strip_prefix: str = "",
+    drop_headers: tuple[str, ...] = (),
+    name: str = "node-http-proxy",
+) -> tuple[str, Proc]:
+    """Start Node's http-proxy forwarding to ``upstream`` with ``header`` (name, value) set on
+    every call (the caller's own value of it replaced); returns (base URL, process).
+
+    ``strip_prefix`` (e.g. ``/proxy``) is removed from the path before forwarding and anything
+    else answers 404; ``drop_headers`` are removed (e.g. ``X-Connection-Id``, as nginx's row
+    does). ``GET /healthz`` is answered by the proxy itself. The process belongs to the
+    workspace of ``stack`` (stopped with it); ``cpus`` pins it, as a measured server.
+    """
+    import _common as c
+
+    node = ensure_node_packages()
+    port = c.free_port()
+    argv = [node, str(NODE_PROXY_JS), "--port", str(port), "--upstream", upstream.rstrip("/")]
+    argv += ["--header", f"{header[0]}: {header[1]}"]
+    if strip_prefix:
+        argv += ["--strip-prefix", strip_prefix]
+    for h in drop_headers:
+        argv += ["--drop-header", h]
+    proc = c.spawn(stack, name, argv, tmp, cpus=cpus, cwd=NODE_DIR)
+    url = f"http://127.0.0.1:{port}"
+    c.wait_http(f"{url}/healthz", proc)
+    return url, proc
 
 
 async def _run(app: object, port: int) -> None:

@@ -130,7 +130,7 @@ def main() -> int:
 
     rows = [[label, str(conns), *c.load_cells(m)] for (label, conns), m in results.items()]
     print()
-    c.print_table(["server", "conns", *c.LOAD_HEADERS], rows)
+    c.print_table(["server", "conns", *c.LOAD_HEADERS], rows, title="GET /connections/{tenant}/{connection}")
     c.print_load_notes(results)
     by = results
     for conns in levels:

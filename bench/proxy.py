@@ -3,8 +3,9 @@
 In one run, against one local upstream (a raw asyncio server answering a small JSON body):
 direct to the upstream; a bare aiohttp pass-through (the reference: the same hop, no features);
 connection-proxy in path mode (tenant API key, http_bearer credential injected, credential
-cache and audit on); connection-proxy with Redis at ``--workers 1`` and ``--workers 2``; and
-nginx with ``proxy_set_header Authorization`` when nginx is installed. For each: requests/s,
+cache and audit on); connection-proxy with Redis at ``--workers 1`` and ``--workers 2``;
+nginx with ``proxy_set_header Authorization`` when nginx is installed; and Node's ``http-proxy``
+(npm, the peer a user would otherwise pick) setting the same header to the same upstream. For each: requests/s,
 p50/p99 latency at 1 and 64 connections, and the CPU microseconds per request of the proxy
 process(es) (utime+stime of the process and its children from /proc, over completed requests).
 Targets (issue 3): connection-proxy CPU/request <= 1.3x the bare pass-through's; --workers 2 >= 1.6x
@@ -13,6 +14,7 @@ the throughput of one worker.
 A/B mode, ``--ab TREE``: only the bare pass-through, this checkout's connection-proxy and the one
 of the source tree TREE (e.g. an older commit unpacked with ``git archive``), interleaved, with
 the order of the two swapped every repeat; it prints every run's CPU per request and the medians.
+Both run without access lines unless ``--ab-access`` (then both write the default JSON line).
 
 Run: ``python bench/proxy.py [--quick] [--duration S] [--repeat N] [--ab TREE]``.
 """
@@ -29,6 +31,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE), str(_HERE)]
 
 import _common as c  # noqa: E402
+import _refservers  # noqa: E402
 
 TENANT = "bench-tenant"
 CONN = "bench-conn"
@@ -44,6 +47,8 @@ CP_ACCESS = "connection-proxy + JSON access log"
 QUIET = {"PROXY_LOG_LEVEL": "warning"}
 W1 = "connection-proxy redis --workers 1"
 W2 = "connection-proxy redis --workers 2"
+NODE = "node http-proxy (npm)"
+QUIET_SUFFIX = " (no access lines)"
 
 
 @dataclass
@@ -107,6 +112,11 @@ def main() -> int:
         metavar="TREE",
         help="A/B mode: this checkout's connection-proxy against the one in source tree TREE (default 5 repeats)",
     )
+    parser.add_argument(
+        "--ab-access",
+        action="store_true",
+        help="with --ab: both trees write the default JSON access line (measures its cost)",
+    )
     args = parser.parse_args()
     ab_tree: Path | None = args.ab.resolve() if args.ab else None
     if ab_tree is not None and not (ab_tree / "proxy" / "__main__.py").is_file():
@@ -120,6 +130,11 @@ def main() -> int:
     server_cpus, load_cpus = place.server, place.load
     pin_note = f"CPU {c.fmt_cpus(server_cpus)}" if server_cpus else "not pinned"
     print("# Proxy: GET /proxy/bench/items through each proxy to one local upstream")
+    if ab_tree is not None:
+        logs_note = (
+            "the default JSON access line" if args.ab_access else "no access lines (log_level=warning)"
+        )
+        print(f"# A/B: this checkout against {ab_tree}, both with {logs_note}")
     print(
         f"# load: {c.load_tool()}, {duration:g}s per run, warm-up {warmup:g}s, best of {repeats} interleaved "
         f"run(s) per point; {place.describe()}"
@@ -156,6 +171,10 @@ def main() -> int:
         )
         targets.append(Target(BARE, bare + "/proxy" + PATH, dict(common_headers), [bare_proc], pin_note))
 
+        # Services are spawned first and waited for together (finish_services): their start-ups
+        # overlap instead of adding up.
+        starting: list[tuple[Target, c.Service]] = []
+
         def add_service(
             label: str,
             pinned: str,
@@ -166,31 +185,41 @@ def main() -> int:
             env: dict[str, str] | None = None,
         ) -> None:
             t = Target(label, pinned=pinned)
-            name = "svc-" + "".join(ch for ch in label if ch.isalnum())[:40]
-            try:
-                svc = c.start_service(
-                    stack,
-                    tmp,
-                    name,
-                    cpus=cpus,
-                    workers=workers,
-                    redis_url=redis_url,
-                    tree=tree,
-                    extra_env=env,
-                )
-                t.headers = setup_connection_proxy(svc, upstream)
-                t.url = svc.url + "/proxy" + PATH
-                t.procs = [svc.proc]
-                c.warm(t.url, t.headers)
-            except c.StartError as exc:
-                t.missing = f"the service did not start: {c.first_line(exc)}"
-            except c.Unavailable as exc:
-                t.missing = str(exc)
             targets.append(t)
+            name = "svc-" + "".join(ch for ch in label if ch.isalnum())[:40]
+            svc = c.start_service(
+                stack,
+                tmp,
+                name,
+                cpus=cpus,
+                workers=workers,
+                redis_url=redis_url,
+                tree=tree,
+                extra_env=env,
+                wait=False,
+            )
+            starting.append((t, svc))
 
-        add_service(CP, pin_note, cpus=server_cpus, env=QUIET)
+        def finish_services() -> None:
+            for t, svc in starting:
+                try:
+                    c.wait_service(svc)
+                    t.headers = setup_connection_proxy(svc, upstream)
+                    t.url = svc.url + "/proxy" + PATH
+                    t.procs = [svc.proc]
+                    c.warm(t.url, t.headers)
+                except c.StartError as exc:
+                    t.missing = f"the service did not start: {c.first_line(exc)}"
+                except c.Unavailable as exc:
+                    t.missing = str(exc)
+
+        ab_env = None if args.ab_access else QUIET
+        add_service(CP, pin_note, cpus=server_cpus, env=QUIET if ab_tree is None else ab_env)
         if ab_tree is not None:
-            add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree, env=QUIET)
+            add_service(ab_label, pin_note, cpus=server_cpus, tree=ab_tree, env=ab_env)
+            if args.ab_access:  # each tree also without access lines: the line's own cost, per tree
+                add_service(CP + QUIET_SUFFIX, pin_note, cpus=server_cpus, env=QUIET)
+                add_service(ab_label + QUIET_SUFFIX, pin_note, cpus=server_cpus, tree=ab_tree, env=QUIET)
         else:  # A/B mode measures the two trees and the reference only
             add_service(CP_ACCESS, pin_note, cpus=server_cpus)
             try:
@@ -225,11 +254,39 @@ def main() -> int:
                     ng.missing = f"nginx did not start: {c.first_line(exc)}"
             targets.append(ng)
 
+            node = Target(NODE, pinned=pin_note)
+            try:
+                node_url, node_proc = _refservers.start_node_http_proxy(
+                    stack,
+                    tmp,
+                    upstream,
+                    ("Authorization", f"Bearer {UPSTREAM_TOKEN}"),
+                    cpus=server_cpus,
+                    strip_prefix="/proxy",
+                    drop_headers=("X-Connection-Id",),
+                )
+                node.url, node.headers, node.procs = (
+                    node_url + "/proxy" + PATH,
+                    dict(common_headers),
+                    [node_proc],
+                )
+                c.warm(node.url, node.headers)
+            except c.StartError as exc:
+                node.missing = f"node http-proxy did not start: {c.first_line(exc)}"
+            except c.Unavailable as exc:
+                node.missing = str(exc)
+            targets.append(node)
+
+        finish_services()
+
         # Repeats are interleaved across rows so a burst of outside load cannot hit one row only.
         for rep in range(repeats):
             for conns in levels:
                 # A/B: the two trees swap places every repeat, so neither always runs first.
-                order = targets if ab_tree is None or rep % 2 == 0 else [targets[0], targets[2], targets[1]]
+                # (with --ab-access the four services rotate: each takes every place in turn).
+                rest = targets[1:]
+                turn = rep % len(rest) if ab_tree is not None and rest else 0
+                order = targets if ab_tree is None else [targets[0], *rest[turn:], *rest[:turn]]
                 for t in order:
                     key = (t.label, conns)
                     if t.missing:
@@ -259,7 +316,11 @@ def main() -> int:
         for m in [results[(t.label, conns)]]
     ]
     print()
-    c.print_table(["path", "conns", "proxy CPUs", *c.LOAD_HEADERS], rows)
+    c.print_table(
+        ["path", "conns", "proxy CPUs", *c.LOAD_HEADERS],
+        rows,
+        title="A/B: proxied GET" if ab_tree else "proxied GET to one local upstream",
+    )
     c.print_load_notes(results)
 
     def ok(m: c.Measured | str | None) -> c.Measured | None:
@@ -282,6 +343,8 @@ def main() -> int:
             c.ratio_line(name, None, "<= 1.3", None, why(cp_m, bare_m))
     if ab_tree is not None:
         print_ab(runs, levels, [BARE, CP, ab_label])
+        if args.ab_access:
+            print_access_cost(runs, levels, [CP, ab_label])
         return 0
     for conns in levels:
         if conns == 1:
@@ -335,6 +398,30 @@ def print_ab(
                     f"ab @{conns} conns this checkout / {labels[2]}: {statistics.median(paired):.3f} "
                     f"(median of per-repeat ratios {' '.join(f'{r:.2f}' for r in paired)})"
                 )
+
+
+def print_access_cost(
+    runs: dict[tuple[str, int], list[c.Measured]], levels: tuple[int, ...], labels: list[str]
+) -> None:
+    """--ab-access: per tree, CPU per call with the JSON access line minus without it."""
+    for conns in levels:
+        for label in labels:
+            on = [m.cpu_us_per_req for m in runs.get((label, conns), []) if m.cpu_us_per_req is not None]
+            off = [
+                m.cpu_us_per_req
+                for m in runs.get((label + QUIET_SUFFIX, conns), [])
+                if m.cpu_us_per_req is not None
+            ]
+            if not on or not off:
+                print(f"access line @{conns} conns {label}: no clean runs")
+                continue
+            diff = statistics.median(on) - statistics.median(off)
+            paired = [a - b for a, b in zip(on, off, strict=False)]
+            print(
+                f"access line @{conns} conns {label}: {diff:+.0f} us CPU per call (difference of medians; "
+                f"per-repeat differences {' '.join(f'{d:+.0f}' for d in paired)}, median "
+                f"{statistics.median(paired):+.0f})"
+            )
 
 
 if __name__ == "__main__":

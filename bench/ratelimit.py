@@ -363,7 +363,11 @@ def main() -> int:
                 continue
             extra = f"{us[0] - base[0]:.2f}" if base is not None else "-"
             rows.append([label, f"{us[0]:.2f}", extra, f"{us[1]:.2f}", note])
-        c.print_table(["call", "us/call", "us over no-op", "CPU us/call", "decision source"], rows)
+        c.print_table(
+            ["call", "us/call", "us over no-op", "CPU us/call", "decision source"],
+            rows,
+            title="limiter acquire cost",
+        )
         print(
             "(sequential awaits; for Redis the wall time includes the round trip, CPU us is this process only)"
         )
@@ -398,6 +402,7 @@ def main() -> int:
             c.print_table(
                 ["calls", "n", "answers", "per call", "all", "commands sent, per call", "inside scripts"],
                 rows,
+                title="Redis commands per proxied call",
             )
             print("(commands clients sent, seen with MONITOR. 'per call' leaves out timer-driven background")
             print(
@@ -422,7 +427,7 @@ def main() -> int:
                 for i, r in enumerate(reports)
             ]
             rows.append(["total", str(total), f"limit {limit}"])
-            c.print_table(["worker", "admitted", "decisions by source"], rows)
+            c.print_table(["worker", "admitted", "decisions by source"], rows, title="admission accuracy")
 
     print()
     a = ratios.get("admitted proxied call")

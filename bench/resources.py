@@ -327,6 +327,7 @@ def main() -> int:
                     f"{pct(prober.latencies, 50):.1f} / {p99:.1f} / {pct(prober.latencies, 100):.1f}",
                 ],
             ],
+            title="8 concurrent ~10 MiB envelope answers",
         )
         c.ratio_line("healthz p99 ms during 8 concurrent max-size envelope calls", p99, "< 50", p99 < 50)
         c.ratio_line(
@@ -348,6 +349,7 @@ def main() -> int:
                 ["slowloris", "/healthz, new conns: ok / tried", f"{s['new_ok']:.0f} / {s['new_tries']:.0f}"],
                 ["slowloris", "/healthz, new conns p99 (ms)", f"{s['new_p99']:.1f}"],
             ],
+            title="slowloris: half-sent connections",
         )
         alive = svc.proc.alive()
         c.ratio_line(

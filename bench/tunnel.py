@@ -280,6 +280,7 @@ def main() -> int:
     c.print_table(
         ["what", "per", "service CPU us", "client wall us"],
         [[what, per, f"{cpu:.0f}", f"{wall:.0f}"] for what, per, cpu, wall in rows],
+        title="tunnel (CONNECT) against path mode",
     )
     path_cpu, tunnel_cpu = rows[0][2], rows[1][2]
     inside = tunnel_cpu / path_cpu if path_cpu else None
