@@ -1,0 +1,340 @@
+"""nginx in front, end to end: real nginx (generated config) -> ``/_decide`` -> a real upstream.
+
+Each test runs the same call through path mode and through nginx (``front``), with the same
+expectations: what the upstream saw, what the caller got back (status, JSON body, Retry-After).
+The decision endpoint's own trust boundary (it answers credentials) is tested directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from proxy.web.decide import DECIDER
+from tests.support.app import RunningService, bearer, free_port, running_service
+from tests.support.nginx import DECISION_TOKEN, nginx_front
+from tests.support.upstream import Upstream
+
+CANARY = "canary-secret-5d1e"
+
+
+@pytest.fixture(scope="module")
+def report_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
+    port = free_port()
+    async with running_service(
+        tmp_path / "data",
+        decision_token=DECISION_TOKEN,
+        nginx_report_listen=f"127.0.0.1:{port}",
+        nginx_decision_cache_s=1,
+    ) as s:
+        yield s
+
+
+@pytest.fixture(params=["path", "nginx"])
+async def front(request: pytest.FixtureRequest, svc: RunningService, tmp_path: Path) -> AsyncIterator[str]:
+    """The base URL callers use: the service itself (path mode), or nginx in front of it."""
+    if request.param == "path":
+        yield svc.url
+        return
+    async with nginx_front(svc, tmp_path) as f:
+        yield f.url
+
+
+async def connect(
+    svc: RunningService, up: Upstream, cid: str, integration: str, params: dict[str, Any], **kw: Any
+) -> None:
+    params = {"base_url": up.url + "/echo/base/", **params}
+    await svc.put_connection("t1", cid, {"integration_id": integration, "parameters": params, **kw})
+
+
+async def call(
+    svc: RunningService,
+    base: str,
+    path: str,
+    cid: str,
+    *,
+    key: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    h = {"X-Connection-Id": cid, **bearer(key), **(headers or {})}
+    url = URL(base + path, encoded=True)
+    async with svc.session.request(method, url, headers=h, data=data, allow_redirects=False) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    assert isinstance(data, dict)
+    data.pop("request_id", None)
+    return data
+
+
+# --- injection and hygiene, as the upstream saw it ------------------------------------------------
+
+
+async def test_bearer_and_caller_headers(svc: RunningService, upstream: Upstream, front: str) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": CANARY})
+    key = await svc.mint_key("t1")
+    status, _, body = await call(
+        svc,
+        front,
+        "/proxy/v1/items?x=1&y=%2F",
+        "c1",
+        key=key,
+        headers={
+            "X-Tenant-Id": "t1",
+            "Proxy-Authorization": f"Bearer {key}",
+            "X-Proxy-Retries": "0",
+            "X-Custom": "kept",
+        },
+    )
+    assert status == 200, body
+    seen = upstream.seen[-1]
+    assert (seen.path, seen.query) == ("/echo/base/v1/items", "x=1&y=%2F")
+    assert seen.header("Authorization") == [f"Bearer {CANARY}"]
+    assert seen.header("X-Custom") == ["kept"]
+    names = seen.header_names
+    for gone in ("proxy-authorization", "x-connection-id", "x-tenant-id", "x-proxy-retries"):
+        assert gone not in names
+    assert key not in json.dumps(seen.headers)
+    assert seen.header("Host") == [f"127.0.0.1:{upstream.port}"]
+
+
+@pytest.mark.parametrize(
+    ("params", "where"),
+    [
+        ({"api_key": "k-1"}, ("header", "X-API-Key")),
+        ({"api_key": "k-1", "header_name": "X-Token"}, ("header", "X-Token")),  # service route
+        ({"api_key": "k-1", "location": "query", "query_param": "apikey"}, ("query", "apikey")),
+        ({"api_key": "k-1", "location": "cookie", "cookie_name": "sid"}, ("cookie", "sid")),
+    ],
+)
+async def test_api_key_locations(
+    svc: RunningService, upstream: Upstream, front: str, params: dict[str, str], where: tuple[str, str]
+) -> None:
+    await connect(svc, upstream, "c1", "http_api_key", params)
+    key = await svc.mint_key("t1")
+    status, _, body = await call(
+        svc,
+        front,
+        "/proxy/x?apikey=forged&keep=1",
+        "c1",
+        key=key,
+        headers={"X-API-Key": "forged", "X-Token": "forged", "Cookie": "sid=forged; other=1"},
+    )
+    assert status == 200, body
+    seen = upstream.seen[-1]
+    kind, name = where
+    if kind == "header":
+        assert seen.header(name) == ["k-1"]
+    elif kind == "query":
+        assert seen.query == "keep=1&apikey=k-1"
+    else:
+        assert seen.header("Cookie") == ["other=1; sid=k-1"]
+    assert (json.dumps(seen.headers) + seen.query).count("k-1") == 1
+
+
+async def test_unknown_control_header_goes_through_path_mode(
+    svc: RunningService, upstream: Upstream, front: str
+) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": CANARY})
+    key = await svc.mint_key("t1")
+    status, _, _ = await call(svc, front, "/proxy/a", "c1", key=key, headers={"X-Proxy-Whatever": "1"})
+    assert status == 200
+    seen = upstream.seen[-1]
+    assert "x-proxy-whatever" not in seen.header_names
+    assert seen.header("Authorization") == [f"Bearer {CANARY}"]
+
+
+async def test_streaming_body_both_ways(svc: RunningService, upstream: Upstream, front: str) -> None:
+    await svc.put_connection(
+        "t1", "c1", {"integration_id": "http_bearer", "parameters": {"token": "t", "base_url": upstream.url}}
+    )
+    key = await svc.mint_key("t1")
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    status, _, body = await call(svc, front, "/proxy/upload", "c1", key=key, method="POST", data=payload)
+    assert status == 200
+    assert json.loads(body)["len"] == len(payload)
+    status, _, body = await call(svc, front, "/proxy/download?n=3000000&chunked=1", "c1", key=key)
+    assert (status, len(body)) == (200, 3000000)
+
+
+# --- refusals: the exact status, body and headers the service gives -------------------------------
+
+
+async def test_refusals_are_the_services_own(svc: RunningService, upstream: Upstream, front: str) -> None:
+    await connect(
+        svc, upstream, "c1", "http_bearer", {"token": CANARY}, rate_limits=[{"limit": 1, "window": "1h"}]
+    )
+    await svc.put_connection("t1", "pending", {"integration_id": "http_bearer"})
+    await svc.put_connection(
+        "t1",
+        "private",
+        {"integration_id": "http_bearer", "parameters": {"token": "x", "base_url": "https://10.1.2.3/"}},
+    )
+    key = await svc.mint_key("t1")
+
+    status, headers, body = await call(svc, front, "/proxy/a", "nope", key=key)
+    assert status == 404 and headers["X-Proxy-Error"] == "CONNECTION_NOT_FOUND"
+    assert _body(body)["error"] == "CONNECTION_NOT_FOUND"
+
+    status, headers, body = await call(svc, front, "/proxy/a", "c1", key="cpk_bad_key")
+    assert status == 401 and _body(body)["error"] == "UNAUTHENTICATED"
+
+    status, _, body = await call(svc, front, "/proxy/a", "pending", key=key)
+    assert status == 424 and _body(body)["error"] == "CONNECTION_NOT_AUTHORIZED"
+
+    status, _, body = await call(svc, front, "/proxy/a", "private", key=key)
+    assert status == 403 and _body(body)["error"] == "HOST_NOT_ALLOWED"
+
+    status, _, body = await call(svc, front, "/proxy/%2e%2e/etc", "c1", key=key)
+    assert status == 403 and _body(body)["error"] == "FORBIDDEN"
+
+    assert (await call(svc, front, "/proxy/a", "c1", key=key))[0] == 200
+    status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key)
+    assert status == 429, body
+    data = _body(body)
+    assert data["error"] == "RATE_LIMITED" and headers["X-Proxy-Error"] == "RATE_LIMITED"
+    assert int(headers["Retry-After"]) == -(-data["retry_after_ms"] // 1000)
+    assert int(headers["Retry-After-Ms"]) == data["retry_after_ms"]
+    assert headers["Content-Type"].startswith("application/json")
+    assert CANARY not in json.dumps(headers) + body.decode()
+
+    status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key, method="TRACE")
+    assert status == 405 and _body(body)["error"] == "METHOD_NOT_ALLOWED"
+
+
+async def test_upstream_down(svc: RunningService, front: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    await svc.put_connection(
+        "t1",
+        "c1",
+        {
+            "integration_id": "http_bearer",
+            "parameters": {"token": "t", "base_url": f"http://127.0.0.1:{dead}/"},
+        },
+    )
+    key = await svc.mint_key("t1")
+    status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key)
+    assert status == 502 and headers["X-Proxy-Error"] == "UPSTREAM_UNREACHABLE"
+    assert json.loads(body)["error"] == "UPSTREAM_UNREACHABLE"
+
+
+async def test_learned_retry_after_stops_next_calls(
+    svc: RunningService, upstream: Upstream, front: str
+) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
+    key = await svc.mint_key("t1")
+    await svc.put_connection(
+        "t1", "c2", {"integration_id": "http_bearer", "parameters": {"token": "t", "base_url": upstream.url}}
+    )
+    status, headers, _ = await call(svc, front, "/proxy/status/429?retry_after=30", "c2", key=key)
+    assert status == 429 and "X-Proxy-Error" not in headers  # the upstream's own answer
+    before = len(upstream.seen)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    while True:
+        status, headers, body = await call(svc, front, "/proxy/echo/x", "c2", key=key)
+        if status == 429 and headers.get("X-Proxy-Error") == "RATE_LIMITED":
+            break
+        assert loop.time() < deadline, "a learned Retry-After did not stop calls within a second"
+        await asyncio.sleep(0.05)
+    assert int(headers["Retry-After"]) >= 28
+    assert _body(body)["limit_source"] == "learned"
+    assert len(upstream.seen) <= before + 2
+
+
+# --- the decision endpoint's own boundary -----------------------------------------------------------
+
+
+async def test_decide_is_not_a_public_oracle(svc: RunningService, upstream: Upstream) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": CANARY})
+    key = await svc.mint_key("t1")
+    ask = {"X-Original-Method": "GET", "X-Original-URI": "/proxy/a", "X-Connection-Id": "c1", **bearer(key)}
+    for extra in ({}, {"X-CP-Decision-Token": "wrong" * 8}, {"X-CP-Decision-Token": DECISION_TOKEN[:-1]}):
+        async with svc.session.get(svc.url + "/_decide", headers={**ask, **extra}) as r:
+            text = await r.text()
+            assert r.status == 401, text
+            assert CANARY not in text + json.dumps(dict(r.headers))
+    async with svc.session.get(
+        svc.url + "/_decide", headers={**ask, "X-CP-Decision-Token": DECISION_TOKEN}
+    ) as r:
+        assert r.status == 200
+        assert r.headers["X-CP-H-authorization"] == f"Bearer {CANARY}"
+        assert r.headers["X-CP-Addr"] == f"127.0.0.1:{upstream.port}"
+        assert r.headers["X-CP-URI"] == "/echo/base/a"
+    # Direct callers (Envoy's ext_authz) get the real status.
+    async with svc.session.get(
+        svc.url + "/_decide",
+        headers={**ask, "X-Connection-Id": "nope", "X-CP-Decision-Token": DECISION_TOKEN},
+    ) as r:
+        assert r.status == 404 and (await r.json())["error"] == "CONNECTION_NOT_FOUND"
+
+
+async def test_decide_off_without_token(tmp_path: Path) -> None:
+    async with (
+        running_service(tmp_path) as s,
+        s.session.get(s.url + "/_decide", headers={"X-CP-Decision-Token": "x" * 40}) as r,
+    ):
+        assert r.status == 404
+
+
+# --- caching ---------------------------------------------------------------------------------------
+
+
+async def _counting(svc: RunningService) -> list[int]:
+    decider = svc.app[DECIDER]
+    calls = [0]
+    real = decider.decide
+
+    async def counted(**kw: Any) -> Any:
+        calls[0] += 1
+        return await real(**kw)
+
+    decider.decide = counted  # type: ignore[method-assign]
+    return calls
+
+
+async def test_safe_decisions_are_cached_briefly(
+    svc: RunningService, upstream: Upstream, tmp_path: Path
+) -> None:
+    await connect(svc, upstream, "free", "http_bearer", {"token": "t-free"})
+    await connect(
+        svc,
+        upstream,
+        "windowed",
+        "http_bearer",
+        {"token": "t-w"},
+        rate_limits=[{"limit": 100, "window": "1m"}],
+    )
+    key = await svc.mint_key("t1")
+    calls = await _counting(svc)
+    async with nginx_front(svc, tmp_path) as f:
+        for _ in range(3):
+            assert (await call(svc, f.url, "/proxy/a", "free", key=key))[0] == 200
+        assert calls[0] == 1  # answered once, then from nginx's cache
+        # Another caller key, URI or method is another entry.
+        other = await svc.mint_key("t1")
+        assert (await call(svc, f.url, "/proxy/a", "free", key=other))[0] == 200
+        assert (await call(svc, f.url, "/proxy/b", "free", key=key))[0] == 200
+        assert calls[0] == 3
+        for _ in range(3):
+            assert (await call(svc, f.url, "/proxy/a", "windowed", key=key))[0] == 200
+        assert calls[0] == 6  # a configured window: every call is decided
+    assert all(s.header("Authorization") in (["Bearer t-free"], ["Bearer t-w"]) for s in upstream.seen)
