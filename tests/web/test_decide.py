@@ -8,19 +8,22 @@ The decision endpoint's own trust boundary (it answers credentials) is tested di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from yarl import URL
 
 from proxy.web.decide import DECIDER
 from tests.support.app import RunningService, bearer, free_port, running_service
 from tests.support.nginx import DECISION_TOKEN, nginx_front
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, running_upstream
 
 CANARY = "canary-secret-5d1e"
 
@@ -42,7 +45,10 @@ async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
         yield s
 
 
-@pytest.fixture(params=["path", "nginx"])
+NGINX = pytest.param("nginx", marks=pytest.mark.system)
+
+
+@pytest.fixture(params=["path", NGINX])
 async def front(request: pytest.FixtureRequest, svc: RunningService, tmp_path: Path) -> AsyncIterator[str]:
     """The base URL callers use: the service itself (path mode), or nginx in front of it."""
     if request.param == "path":
@@ -311,6 +317,7 @@ async def _counting(svc: RunningService) -> list[int]:
     return calls
 
 
+@pytest.mark.system
 async def test_safe_decisions_are_cached_briefly(
     svc: RunningService, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -338,3 +345,93 @@ async def test_safe_decisions_are_cached_briefly(
             assert (await call(svc, f.url, "/proxy/a", "windowed", key=key))[0] == 200
         assert calls[0] == 6  # a configured window: every call is decided
     assert all(s.header("Authorization") in (["Bearer t-free"], ["Bearer t-w"]) for s in upstream.seen)
+
+
+# --- TLS: connect to the checked address, verify the name -------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["path", NGINX])
+async def test_tls_upstream_verified_by_name(tmp_path: Path, mode: str) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with (
+        running_upstream("127.0.0.1", server_ctx) as up,
+        running_service(tmp_path / "data", decision_token=DECISION_TOKEN, upstream_ca_file=str(ca_file)) as svc,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        base = svc.url
+        if mode == "nginx":
+            base = (await stack.enter_async_context(nginx_front(svc, tmp_path, trusted_ca=ca_file))).url
+        for cid, host in (("named", "localhost"), ("literal", "127.0.0.1")):
+            params = {"token": CANARY, "base_url": f"https://{host}:{up.port}/"}
+            await svc.put_connection("t1", cid, {"integration_id": "http_bearer", "parameters": params})
+        key = await svc.mint_key("t1")
+        status, _, body = await call(svc, base, "/proxy/echo/x", "named", key=key)
+        assert status == 200, body
+        assert up.seen[-1].header("Host") == [f"localhost:{up.port}"]
+        assert up.seen[-1].header("Authorization") == [f"Bearer {CANARY}"]
+        seen = len(up.seen)
+        # The certificate names localhost, not 127.0.0.1: verification fails, nothing is sent.
+        status, headers, _ = await call(svc, base, "/proxy/echo/x", "literal", key=key)
+        assert status == 502 and headers["X-Proxy-Error"] == "UPSTREAM_UNREACHABLE"
+        assert len(up.seen) == seen
+
+
+# --- reports: only the service's own tokens teach the limiter ---------------------------------------
+
+
+async def test_forged_reports_teach_nothing(svc: RunningService, upstream: Upstream) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
+    key = await svc.mint_key("t1")
+    where = svc.settings.nginx_report_listen
+    assert where is not None
+    decider = svc.app[DECIDER]
+    genuine = decider.sign("api_key:x", "t1", "c1")
+    body, _, mac = genuine.partition(".")
+    other = decider.sign("api_key:x", "t1", "c2").partition(".")[0]
+    forged = [
+        "",
+        "garbage",
+        f"{other}.{mac}",  # another connection under this token's MAC
+        f"{body}.{'A' * len(mac)}",
+    ]
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=where)
+    try:
+        for token in forged:
+            line = {"o": token, "s": "429", "r": "x", "h": {"retry-after": "60"}}
+            transport.sendto(b"<190>cp: " + json.dumps(line).encode())
+        await asyncio.sleep(0.3)
+        status, _, _ = await call(svc, svc.url, "/proxy/a", "c1", key=key)
+        assert status == 200  # nothing was learned
+        line = {"o": genuine, "s": "429", "r": "x", "h": {"retry-after": "60"}}
+        transport.sendto(b"<190>cp: " + json.dumps(line).encode())
+        for _ in range(40):
+            status, headers, _ = await call(svc, svc.url, "/proxy/a", "c1", key=key)
+            if status == 429:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 429 and headers["X-Proxy-Error"] == "RATE_LIMITED"
+    finally:
+        transport.close()
+
+
+@pytest.mark.system
+async def test_decisions_and_outcomes_are_audited(svc: RunningService, upstream: Upstream, tmp_path: Path) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
+    key = await svc.mint_key("t1")
+    async with nginx_front(svc, tmp_path) as f:
+        assert (await call(svc, f.url, "/proxy/a", "c1", key=key))[0] == 200
+        assert (await call(svc, f.url, "/proxy/a", "nope", key=key))[0] == 404
+        for _ in range(40):
+            await svc.flush_audit()
+            status, data = await svc.admin("GET", "/admin/tenants/t1/audit")
+            events = {(e.get("action"), e.get("outcome")) for e in (data or {}).get("items", [])}
+            if ("proxy.use", "ok") in events:
+                break
+            await asyncio.sleep(0.05)
+    assert status == 200, data
+    assert {("proxy.decide", "allowed"), ("proxy.decide", "CONNECTION_NOT_FOUND"), ("proxy.use", "ok")} <= events
