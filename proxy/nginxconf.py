@@ -188,7 +188,7 @@ def render(
     ]
     for v in own:
         w(f"            auth_request_set $cp_{v} $upstream_http_x_cp_{v};")
-    for name in (*CONTROL_SET, *NGINX_STRIPS, *names):
+    for name in ("connection", *CONTROL_SET, *NGINX_STRIPS, *names):
         v = _var(name)
         w(f"            auth_request_set $cp_h_{v} $upstream_http_x_cp_h_{v};")
         if name in names:
@@ -200,7 +200,8 @@ def render(
     w("            proxy_pass $cp_proto://$cp_target$cp_uri_out;")
     w("            proxy_http_version 1.1;")
     w("            proxy_set_header Host $cp_host_out;")
-    w('            proxy_set_header Connection "";')
+    # Empty, except for the service route: there path mode reads the caller's own Connection.
+    w("            proxy_set_header Connection $cp_h_connection;")
     for name in (*CONTROL_SET, *NGINX_STRIPS):
         w(f"            proxy_set_header {_canon(name)} $cp_h_{_var(name)};")
     for name in names:

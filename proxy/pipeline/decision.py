@@ -157,7 +157,7 @@ class Decider:
         """The verdict for one call; raises the pipeline's ``ProxyError`` on refusal."""
         h = {k.lower(): v for k, v in caller_headers}
         if self._needs_service(h, nominated):
-            return self._service(caller_headers), None
+            return self._service(caller_headers, nominated), None
 
         async def admit(plan: Plan, tenant: str, _headers: list[Pair]) -> None:
             injected = plan.injection.drop_headers if plan.injection is not None else {"authorization"}
@@ -182,7 +182,7 @@ class Decider:
                 admit=admit,
             )
         except ServeByService:
-            return self._service(caller_headers), None
+            return self._service(caller_headers, nominated), None
         url = ex.url
         scheme, host, port = url.scheme, url.raw_host or "", url.explicit_port or url.port or 0
         addr = await self._address(host, port)
@@ -213,14 +213,17 @@ class Decider:
                 return True
         return False
 
-    def _service(self, caller_headers: Sequence[Pair]) -> Verdict:
-        """Path mode of this service carries the call: the caller's own control headers go there."""
+    def _service(self, caller_headers: Sequence[Pair], nominated: str) -> Verdict:
+        """Path mode of this service carries the call: the caller's own control headers go there,
+        and its ``Connection`` (so path mode drops the headers it names, as for a direct call)."""
         mine: dict[str, list[str]] = {}
         for name, value in caller_headers:
             lname = name.lower()
             if lname in self._strips or lname in self._names:
                 mine.setdefault(lname, []).append(value)
         values = {n: ("; " if n == "cookie" else ", ").join(v) for n, v in mine.items()}
+        if nominated:
+            values["connection"] = nominated
         return Verdict(route="service", set_headers=values)
 
     def _headers(self, ex: Exchange) -> dict[str, str]:

@@ -83,7 +83,7 @@ def verdict_headers(verdict: Verdict, names: tuple[str, ...]) -> dict[str, str]:
         "X-CP-Obs": verdict.observation,
         "X-Accel-Expires": str(verdict.lifetime_s),
     }
-    for name in (*CONTROL_SET, *NGINX_STRIPS, *names):
+    for name in ("connection", *CONTROL_SET, *NGINX_STRIPS, *names):
         value = verdict.set_headers.get(name)
         if value is not None:
             out[f"X-CP-H-{name}"] = value

@@ -20,6 +20,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from proxy.nginxconf import render
 from proxy.pipeline.decision import injectable_headers
@@ -27,6 +30,27 @@ from tests.support.app import RunningService, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DECISION_TOKEN = "test-decision-token-0123456789abcdefghij"
+# Parametrize a proxy test over both fronts: path mode, and real nginx in front (a process).
+FRONTS = ["path", pytest.param("nginx", marks=pytest.mark.system)]
+
+
+def front_settings() -> dict[str, Any]:
+    """The settings a service needs to be put behind nginx (reports on a free UDP port)."""
+    return {"decision_token": DECISION_TOKEN, "nginx_report_listen": f"127.0.0.1:{free_port()}"}
+
+
+@contextlib.asynccontextmanager
+async def proxied_through(svc: RunningService, tmp_path: Path, mode: str) -> AsyncIterator[RunningService]:
+    """``svc`` with ``proxy_url`` pointing at the front ``mode`` names (see ``FRONTS``)."""
+    if mode == "path":
+        yield svc
+        return
+    async with nginx_front(svc, tmp_path) as front:
+        svc.proxy_base = front.url
+        try:
+            yield svc
+        finally:
+            svc.proxy_base = ""
 
 
 @dataclass

@@ -359,7 +359,9 @@ async def test_tls_upstream_verified_by_name(tmp_path: Path, mode: str) -> None:
     ca.cert_pem.write_to_path(str(ca_file))
     async with (
         running_upstream("127.0.0.1", server_ctx) as up,
-        running_service(tmp_path / "data", decision_token=DECISION_TOKEN, upstream_ca_file=str(ca_file)) as svc,
+        running_service(
+            tmp_path / "data", decision_token=DECISION_TOKEN, upstream_ca_file=str(ca_file)
+        ) as svc,
         contextlib.AsyncExitStack() as stack,
     ):
         base = svc.url
@@ -420,7 +422,9 @@ async def test_forged_reports_teach_nothing(svc: RunningService, upstream: Upstr
 
 
 @pytest.mark.system
-async def test_decisions_and_outcomes_are_audited(svc: RunningService, upstream: Upstream, tmp_path: Path) -> None:
+async def test_decisions_and_outcomes_are_audited(
+    svc: RunningService, upstream: Upstream, tmp_path: Path
+) -> None:
     await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
     key = await svc.mint_key("t1")
     async with nginx_front(svc, tmp_path) as f:
@@ -434,4 +438,8 @@ async def test_decisions_and_outcomes_are_audited(svc: RunningService, upstream:
                 break
             await asyncio.sleep(0.05)
     assert status == 200, data
-    assert {("proxy.decide", "allowed"), ("proxy.decide", "CONNECTION_NOT_FOUND"), ("proxy.use", "ok")} <= events
+    assert {
+        ("proxy.decide", "allowed"),
+        ("proxy.decide", "CONNECTION_NOT_FOUND"),
+        ("proxy.use", "ok"),
+    } <= events
