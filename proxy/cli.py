@@ -477,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", dest="nginx_workers", default="auto", help="nginx worker_processes (default auto)"
     )
     nginx.add_argument("--trusted-ca", help="CA bundle nginx verifies upstreams with (default: system)")
+    nginx.add_argument(
+        "--keepalive",
+        action="append",
+        default=[],
+        metavar="NAME=IP:PORT",
+        help="keep connections to this checked address of this host name alive (repeatable)",
+    )
     nginx.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
 
     from proxy import admin_client
@@ -504,6 +511,7 @@ def cmd_nginx_config(args: argparse.Namespace) -> int:
             prefix=Path(args.prefix),
             workers=args.nginx_workers,
             trusted_ca=Path(args.trusted_ca) if args.trusted_ca else None,
+            keepalive=args.keepalive,
         ),
         end="",
     )

@@ -19,6 +19,7 @@ Invariants the generated config keeps (tests/web/test_decide.py runs it through 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -106,6 +107,22 @@ def _service(url: str) -> tuple[str, str]:
     return parts.scheme, f"{host}:{port}"
 
 
+def _pool(entry: str) -> tuple[str, str]:
+    name, sep, addr = entry.partition("=")
+    host, _, port = addr.rpartition(":")
+    literal = host.strip("[]")
+    try:
+        ipaddress.ip_address(literal)
+        ok = bool(sep and name and port.isdigit())
+    except ValueError:
+        ok = False
+    if not ok or not set(name.lower()) <= set("abcdefghijklmnopqrstuvwxyz0123456789.-"):
+        raise ConfigError(
+            "--keepalive", f"must be NAME=IP:PORT (the address as the decision names it), got {entry!r}"
+        )
+    return name.lower(), addr
+
+
 def render(
     settings: Settings,
     injectable: Iterable[str],
@@ -116,8 +133,15 @@ def render(
     workers: str = "auto",
     trusted_ca: Path | None = None,
     report: tuple[str, int] | None = None,
+    keepalive: Iterable[str] = (),
 ) -> str:
-    """The complete nginx.conf (main and http contexts), for ``nginx -p PREFIX -c FILE``."""
+    """The complete nginx.conf (main and http contexts), for ``nginx -p PREFIX -c FILE``.
+
+    ``keepalive``: ``NAME=IP:PORT`` entries, each a pool of kept-alive upstream connections used
+    only when a decision names exactly that checked address *and* that name (a pooled TLS
+    connection was verified for its name, never reused for another); nginx cannot pool
+    connections to addresses it learns per call, so without an entry each call connects anew.
+    """
     token = settings.decision_token
     if not token:
         raise ConfigError(
@@ -153,7 +177,15 @@ def render(
     )
     w(f"    upstream cp_service {{ server {service_addr}; keepalive 64; }}")
     w(f"    map $cp_route $cp_proto {{ service {scheme}; default $cp_scheme; }}")
-    w("    map $cp_route $cp_target { service cp_service; default $cp_addr; }")
+    pools = [_pool(entry) for entry in keepalive]
+    for i, (_, addr) in enumerate(pools):
+        w(f"    upstream cp_up_{i} {{ server {addr}; keepalive 32; }}")
+    w('    map "$cp_route|$cp_sni|$cp_addr" $cp_target {')
+    w('        "~^service\\|" cp_service;')
+    for i, (name, addr) in enumerate(pools):
+        w(f'        "upstream|{name}|{addr}" cp_up_{i};')
+    w("        default $cp_addr;")
+    w("    }")
     w(f'    map $cp_route $cp_host_out {{ service "{service_addr}"; default $cp_host; }}')
     w("    map $cp_route $cp_uri_out { service $request_uri; default $cp_uri; }")
     w('    map $cp_error $cp_error_out { "" SERVICE_UNAVAILABLE; default $cp_error; }')
@@ -161,11 +193,19 @@ def render(
         v = _var(name)
         w(f'    map $cp_s_{v} $cp_o_{v} {{ "1" $cp_h_{v}; default $http_{v}; }}')
     fields = ",".join(f'"{h}":"$upstream_http_{_var(h)}"' for h in OBSERVED_HEADERS)
+    # Reported: calls nginx carried (a decision token) whose answer the limiter can learn from
+    # (a rate-limit header or a 4xx/5xx), or every one with nginx_report = "all".
+    signals = "".join(f"$upstream_http_{_var(h)}" for h in OBSERVED_HEADERS)
+    w('    map $status $cp_failed { "~^[45]" 1; default ""; }')
+    w(f'    map "$cp_failed{signals}" $cp_signal {{ "" ""; default 1; }}')
+    gate = "1" if settings.nginx_report == "all" else "$cp_signal"
+    w(f'    map "$cp_obs|{gate}" $cp_report {{ "~^\\|" ""; "~\\|$" ""; default 1; }}')
     w(
         f'    log_format cp_report escape=json \'{{"o":"$cp_obs","s":"$status","r":"$request_id","h":{{{fields}}}}}\';'
     )
     w("    server {")
     w(f"        listen {listen};")
+    w("        keepalive_requests 100000;")
     w("        error_page 405 = @cp_method;")
     # Every path is decided: nginx matches locations on the decoded, normalised path, the
     # decision reads the raw $request_uri exactly as path mode does ("/proxy/%2e%2e/x" included).
@@ -224,7 +264,7 @@ def render(
     w("            proxy_hide_header Trailer;")
     if report is not None:
         w(
-            f"            access_log syslog:server={report[0]}:{report[1]},tag=cp,nohostname cp_report if=$cp_obs;"
+            f"            access_log syslog:server={report[0]}:{report[1]},tag=cp,nohostname cp_report if=$cp_report;"
         )
     w("        }")
     w("        location = /_cp_decide {")

@@ -175,6 +175,9 @@ class Settings:
     nginx_report_listen: tuple[str, int] | None = None
     """UDP HOST:PORT where nginx reports responses (syslog) for the limiter and the audit;
     unset: no reports."""
+    nginx_report: str = "signals"
+    """Which responses nginx reports: ``signals`` (rate-limit headers or a 4xx/5xx: what the
+    limiter learns from) or ``all`` (every response: an audited outcome per call, more CPU)."""
 
     @property
     def listen_tls(self) -> bool:
@@ -393,6 +396,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "nginx_inject_headers": _list,
     "nginx_decision_cache_s": _int(0),
     "nginx_report_listen": lambda k, v: _listen(k, v) if _opt_str(k, v) else None,
+    "nginx_report": _choice("signals", "all"),
 }
 
 

@@ -80,6 +80,17 @@ def test_reported_headers_cover_the_styles() -> None:
     assert not obs.is_empty() and obs.blocked_until is not None
 
 
+def test_keepalive_pools_take_checked_addresses_only(tmp_path: Path) -> None:
+    conf = _conf(tmp_path)
+    assert "cp_up_" not in conf
+    s = load_settings(env={}, overrides={"decision_token": TOKEN})
+    for bad in ("api.example.com=api.example.com:443", "203.0.113.5:443", "=1.2.3.4:1", "a b=1.2.3.4:1"):
+        with pytest.raises(ConfigError):
+            render(
+                s, (), listen="127.0.0.1:1", service="http://127.0.0.1:2", prefix=tmp_path, keepalive=[bad]
+            )
+
+
 def test_decision_token_is_required(tmp_path: Path) -> None:
     s = load_settings(env={}, overrides={})
     with pytest.raises(ConfigError) as err:

@@ -56,8 +56,10 @@ __all__ = [
 
 Pair = tuple[str, str]
 
-# Headers the decision always sets (empty: removed), whatever the caller sent.
-CONTROL_SET: tuple[str, ...] = ("authorization", "traceparent", "tracestate")
+# Headers the decision always sets (empty: removed), whatever the caller sent. (Trace context
+# passes through nginx as the caller sent it: nginx takes no part in the trace, and a cached
+# decision would otherwise hand every call the same span.)
+CONTROL_SET: tuple[str, ...] = ("authorization",)
 # Caller headers the generated config always removes (nginx itself drops Connection, Keep-Alive,
 # TE, Upgrade, Expect and re-frames the body); for the service route it passes the caller's.
 NGINX_STRIPS: tuple[str, ...] = (
@@ -130,6 +132,8 @@ class Decider:
         self._key = obs_key
         self._resolver = GuardedResolver(pipeline.egress)
         self._addrs: BoundedCache[tuple[str, int], tuple[float, str]] = BoundedCache(4096)
+        # Tokens already verified (nginx reports the same token for every call of a decision).
+        self._verified: BoundedCache[str, tuple[int, tuple[str, str, str]]] = BoundedCache(4096)
         s = pipeline.settings
         # nginx holds an entry up to one second past its lifetime (whole-second clock).
         bound = min(s.credential_cache_ttl_s, KEY_CACHE_TTL_S) - 1
@@ -279,6 +283,15 @@ class Decider:
 
     def verify(self, token: str) -> tuple[str, str, str] | None:
         """(actor, tenant, connection) of a token this service signed and that has not expired."""
+        known = self._verified.get(token)
+        if known is not None and known[0] >= time.time():
+            return known[1]
+        who = self._verify(token)
+        if who is not None:
+            self._verified.put(token, who)
+        return None if who is None else who[1]
+
+    def _verify(self, token: str) -> tuple[int, tuple[str, str, str]] | None:
         body, _, mac = token.partition(".")
         want = hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:18]
         try:
@@ -289,7 +302,7 @@ class Decider:
             return None
         if not (isinstance(exp, int) and exp >= time.time()):
             return None
-        return str(actor), str(tenant), str(cid)
+        return exp, (str(actor), str(tenant), str(cid))
 
     async def observed(self, token: str, status: int, headers: Iterable[Pair], request_id: str) -> bool:
         """One response nginx relayed: learn from its rate-limit headers, audit the outcome."""

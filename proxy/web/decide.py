@@ -83,11 +83,18 @@ def verdict_headers(verdict: Verdict, names: tuple[str, ...]) -> dict[str, str]:
         "X-CP-Obs": verdict.observation,
         "X-Accel-Expires": str(verdict.lifetime_s),
     }
-    for name in ("connection", *CONTROL_SET, *NGINX_STRIPS, *names):
+    # Only what is set: an absent control header is empty in nginx, i.e. removed; an injectable
+    # one also carries its flag (absent flag: the caller's own value passes, as in path mode).
+    for name in ("connection", *CONTROL_SET, *NGINX_STRIPS):
         value = verdict.set_headers.get(name)
-        if value is not None:
+        if value:
             out[f"X-CP-H-{name}"] = value
+    for name in names:
+        value = verdict.set_headers.get(name)
+        if value is not None and name not in CONTROL_SET:
             out[f"X-CP-S-{name}"] = "1"
+            if value:
+                out[f"X-CP-H-{name}"] = value
     return out
 
 

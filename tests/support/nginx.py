@@ -35,8 +35,13 @@ FRONTS = ["path", pytest.param("nginx", marks=pytest.mark.system)]
 
 
 def front_settings() -> dict[str, Any]:
-    """The settings a service needs to be put behind nginx (reports on a free UDP port)."""
-    return {"decision_token": DECISION_TOKEN, "nginx_report_listen": f"127.0.0.1:{free_port()}"}
+    """The settings a service needs to be put behind nginx (every response reported, on a free
+    UDP port, so audited uses match path mode's)."""
+    return {
+        "decision_token": DECISION_TOKEN,
+        "nginx_report_listen": f"127.0.0.1:{free_port()}",
+        "nginx_report": "all",
+    }
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +85,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], prefix: Path, timeout: 
 
 @contextlib.asynccontextmanager
 async def nginx_front(
-    svc: RunningService, tmp_path: Path, *, trusted_ca: Path | None = None
+    svc: RunningService, tmp_path: Path, *, trusted_ca: Path | None = None, keepalive: tuple[str, ...] = ()
 ) -> AsyncIterator[Front]:
     prefix = tmp_path / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,7 @@ async def nginx_front(
         prefix=prefix,
         workers="1",
         trusted_ca=trusted_ca,
+        keepalive=keepalive,
     )
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(conf)

@@ -430,16 +430,51 @@ async def test_decisions_and_outcomes_are_audited(
     async with nginx_front(svc, tmp_path) as f:
         assert (await call(svc, f.url, "/proxy/a", "c1", key=key))[0] == 200
         assert (await call(svc, f.url, "/proxy/a", "nope", key=key))[0] == 404
+        assert (await call(svc, f.url, "/proxy/x?status=500", "c1", key=key))[0] == 500
         for _ in range(40):
             await svc.flush_audit()
             status, data = await svc.admin("GET", "/admin/tenants/t1/audit")
             events = {(e.get("action"), e.get("outcome")) for e in (data or {}).get("items", [])}
-            if ("proxy.use", "ok") in events:
+            if ("proxy.use", "upstream_5xx") in events:
                 break
             await asyncio.sleep(0.05)
     assert status == 200, data
     assert {
         ("proxy.decide", "allowed"),
         ("proxy.decide", "CONNECTION_NOT_FOUND"),
-        ("proxy.use", "ok"),
+        ("proxy.use", "upstream_5xx"),  # reported: the limiter may learn from a failure
     } <= events
+    # nginx_report = "signals" (the default): a plain 200 without rate-limit headers is not reported.
+    assert ("proxy.use", "ok") not in events
+
+
+@pytest.mark.system
+async def test_keepalive_pool_only_for_its_name_and_address(upstream: Upstream, tmp_path: Path) -> None:
+    async with running_service(
+        tmp_path / "data", decision_token=DECISION_TOKEN, egress_allow=["127.0.0.1/32", "localhost"]
+    ) as svc:
+        await _pooled(svc, upstream, tmp_path)
+
+
+async def _pooled(svc: RunningService, upstream: Upstream, tmp_path: Path) -> None:
+    await connect(svc, upstream, "c1", "http_bearer", {"token": "t1"})
+    await svc.put_connection(
+        "t1",
+        "c2",
+        {
+            "integration_id": "http_bearer",
+            "parameters": {"token": "t2", "base_url": f"http://localhost:{upstream.port}/"},
+        },
+    )
+    key = await svc.mint_key("t1")
+    pool = (f"127.0.0.1=127.0.0.1:{upstream.port}",)
+    async with nginx_front(svc, tmp_path, keepalive=pool) as f:
+        assert f"upstream cp_up_0 {{ server 127.0.0.1:{upstream.port}; keepalive 32; }}" in f.conf
+        for _ in range(3):
+            assert (await call(svc, f.url, "/proxy/a", "c1", key=key))[0] == 200  # pooled
+            assert (await call(svc, f.url, "/proxy/b", "c2", key=key))[0] == 200  # same address, other name
+    assert [s.header("Authorization")[0] for s in upstream.seen] == ["Bearer t1", "Bearer t2"] * 3
+    assert [s.header("Host")[0] for s in upstream.seen[:2]] == [
+        f"127.0.0.1:{upstream.port}",
+        f"localhost:{upstream.port}",
+    ]
