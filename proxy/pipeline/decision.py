@@ -27,12 +27,14 @@ import hashlib
 import hmac
 import json
 import math
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.cache import BoundedCache
+from proxy.errors import UpstreamUnreachable
 from proxy.model import Caller
 from proxy.observe.outcome import of_status
 from proxy.pipeline.pipeline import Exchange, Pipeline, parse_control_int
@@ -132,6 +134,7 @@ class Decider:
         self._key = obs_key
         self._resolver = GuardedResolver(pipeline.egress)
         self._addrs: BoundedCache[tuple[str, int], tuple[float, str]] = BoundedCache(4096)
+        self._signed: BoundedCache[tuple[str, str, str], tuple[float, str]] = BoundedCache(4096)
         # Tokens already verified (nginx reports the same token for every call of a decision).
         self._verified: BoundedCache[str, tuple[int, tuple[str, str, str]]] = BoundedCache(4096)
         s = pipeline.settings
@@ -252,7 +255,20 @@ class Decider:
         cached = self._addrs.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
-        results = await self._resolver.resolve(host, port)
+        try:
+            try:
+                results = await self._resolver.resolve(host, port, socket.AF_INET)
+            except OSError:
+                results = await self._resolver.resolve(host, port, socket.AF_INET6)
+        except OSError:
+            raise UpstreamUnreachable(
+                f"the call to upstream {host!r} could not be resolved; check the connection's "
+                "base URL, or retry if the upstream is restarting"
+            ) from None
+        if not results:
+            raise UpstreamUnreachable(
+                f"upstream {host!r} resolved to no address; check the connection's base URL"
+            )
         ip = str(results[0]["host"])
         addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         self._addrs.put((host, port), (now + DNS_TTL_S, addr))
@@ -276,7 +292,19 @@ class Decider:
     # --- observations ---------------------------------------------------------------------------
 
     def sign(self, actor: str, tenant_id: str, connection_id: str) -> str:
-        payload = json.dumps([actor, tenant_id, connection_id, int(time.time()) + OBSERVATION_TTL_S])
+        """The observation token of a decision; one per caller and connection is reused until
+        half its lifetime is gone (signing is per decision, on the hot path)."""
+        key = (actor, tenant_id, connection_id)
+        now = time.time()
+        cached = self._signed.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        token = self._sign(actor, tenant_id, connection_id, int(now) + OBSERVATION_TTL_S)
+        self._signed.put(key, (now + OBSERVATION_TTL_S / 2, token))
+        return token
+
+    def _sign(self, actor: str, tenant_id: str, connection_id: str, expires: int) -> str:
+        payload = json.dumps([actor, tenant_id, connection_id, expires])
         body = base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:18]
         return f"{body}.{base64.urlsafe_b64encode(mac).decode()}"

@@ -478,3 +478,12 @@ async def _pooled(svc: RunningService, upstream: Upstream, tmp_path: Path) -> No
         f"127.0.0.1:{upstream.port}",
         f"localhost:{upstream.port}",
     ]
+
+
+async def test_unresolvable_upstream(svc: RunningService, front: str) -> None:
+    params = {"token": "t", "base_url": "https://no-such-host.invalid/"}
+    await svc.put_connection("t1", "c1", {"integration_id": "http_bearer", "parameters": params})
+    key = await svc.mint_key("t1")
+    status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key)
+    assert status == 502 and headers["X-Proxy-Error"] == "UPSTREAM_UNREACHABLE", body
+    assert "could not be resolved" in json.loads(body)["message"]
