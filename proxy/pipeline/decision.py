@@ -249,12 +249,14 @@ class Decider:
     async def _address(self, host: str, port: int) -> str:
         """The address nginx connects to, checked by the egress guard (``check_destination``
         already refused non-public literals; names are resolved and every address checked)."""
-        if parse_ip_literal(host) is not None:
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         now = time.monotonic()
         cached = self._addrs.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
+        if parse_ip_literal(host) is not None:
+            literal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self._addrs.put((host, port), (math.inf, literal))
+            return literal
         try:
             try:
                 results = await self._resolver.resolve(host, port, socket.AF_INET)
