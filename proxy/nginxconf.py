@@ -207,6 +207,7 @@ def render(
     w(f"        listen {listen};")
     w("        keepalive_requests 100000;")
     w("        error_page 405 = @cp_method;")
+    w("        error_page 404 = @cp_notfound;")  # nginx's own 404s (the internal location)
     # Every path is decided: nginx matches locations on the decoded, normalised path, the
     # decision reads the raw $request_uri exactly as path mode does ("/proxy/%2e%2e/x" included).
     w("        location / {")
@@ -337,6 +338,7 @@ def render(
             "METHOD_NOT_ALLOWED",
             "this method is refused (TRACE would echo the injected credential)",
         ),
+        ("notfound", 404, "NOT_FOUND", "no such endpoint; calls are made as in path mode, /proxy/{path}"),
     ):
         w(f"        location @cp_{loc} {{")
         w(f"            add_header X-Proxy-Error {code} always;")

@@ -223,6 +223,13 @@ async def test_refusals_are_the_services_own(svc: RunningService, upstream: Upst
     status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key, method="TRACE")
     assert status == 405 and _body(body)["error"] == "METHOD_NOT_ALLOWED"
 
+    # Nothing but path mode is served through nginx (the service itself also serves /_decide,
+    # to token holders only: test_decide_is_not_a_public_oracle).
+    for path in ("/elsewhere", "/_cp_decide", *(("/_decide",) if front != svc.url else ())):
+        status, headers, body = await call(svc, front, path, "c1", key=key)
+        assert status == 404 and headers["X-Proxy-Error"] == "NOT_FOUND", (path, body)
+        assert CANARY not in body.decode() + json.dumps(headers)
+
 
 async def test_upstream_down(svc: RunningService, front: str) -> None:
     with socket.socket() as s:
