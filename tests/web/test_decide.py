@@ -494,3 +494,30 @@ async def test_unresolvable_upstream(svc: RunningService, front: str) -> None:
     status, headers, body = await call(svc, front, "/proxy/a", "c1", key=key)
     assert status == 502 and headers["X-Proxy-Error"] == "UPSTREAM_UNREACHABLE", body
     assert "could not be resolved" in json.loads(body)["message"]
+
+
+@pytest.mark.system
+async def test_refusal_bodies_are_byte_for_byte_the_services(
+    svc: RunningService, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The same refusal through path mode and through nginx: same status, same JSON (but the
+    request id), same X-Proxy-Error and content type."""
+    await connect(svc, upstream, "c1", "http_bearer", {"token": CANARY})
+    await svc.put_connection("t1", "pending", {"integration_id": "http_bearer"})
+    key = await svc.mint_key("t1")
+    cases = [
+        ("/proxy/a", "nope", key, {}),
+        ("/proxy/a", "c1", "cpk_bad_key", {}),
+        ("/proxy/a", "pending", key, {}),
+        ("/proxy/%2e%2e/x", "c1", key, {}),
+        ("/proxy/a", "c1", key, {"X-Proxy-Max-Wait-Ms": "soon"}),
+        ("/proxy/a", "c1", key, {"X-Tenant-Id": "t2"}),
+    ]
+    async with nginx_front(svc, tmp_path) as f:
+        for path, cid, k, extra in cases:
+            direct = await call(svc, svc.url, path, cid, key=k, headers=extra)
+            fronted = await call(svc, f.url, path, cid, key=k, headers=extra)
+            assert direct[0] == fronted[0] >= 400, (path, cid, direct, fronted)
+            assert _body(direct[2]) == _body(fronted[2]), (path, cid)
+            for name in ("X-Proxy-Error", "Content-Type"):
+                assert direct[1][name].split(";")[0] == fronted[1][name].split(";")[0], name
