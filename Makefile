@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := redis-server redis-sentinel chromium prometheus
+APT_PACKAGES := redis-server redis-sentinel chromium prometheus nginx
 
 .PHONY: run test test-fast lint typecheck check-system bench clean docs
 
@@ -57,6 +57,7 @@ check-system:
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 || missing="$$missing nginx"; \
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \

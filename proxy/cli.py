@@ -466,6 +466,26 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (generate, add, rotate, retire, status, reenc, export, ca_rotate, run):
         p.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
 
+    nginx = sub.add_parser(
+        "nginx-config",
+        help="print an nginx configuration that puts nginx in front (it asks this service per call)",
+    )
+    nginx.add_argument("--listen", dest="nginx_listen", required=True, help="HOST:PORT nginx listens on")
+    nginx.add_argument("--service", required=True, help="this service's URL as nginx reaches it")
+    nginx.add_argument("--prefix", default=".", help="nginx prefix dir: pid, logs, temp and cache paths")
+    nginx.add_argument(
+        "--workers", dest="nginx_workers", default="auto", help="nginx worker_processes (default auto)"
+    )
+    nginx.add_argument("--trusted-ca", help="CA bundle nginx verifies upstreams with (default: system)")
+    nginx.add_argument(
+        "--keepalive",
+        action="append",
+        default=[],
+        metavar="NAME=IP:PORT",
+        help="keep connections to this checked address of this host name alive (repeatable)",
+    )
+    nginx.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
+
     from proxy import admin_client
 
     admin_client.add_parser(sub)
@@ -473,6 +493,29 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("file", help="the copy to create (mode 0600; never overwritten)")
     backup.add_argument("--config", help="TOML settings file (PROXY_* environment variables win)")
     return parser
+
+
+def cmd_nginx_config(args: argparse.Namespace) -> int:
+    from proxy.catalogue import Catalogue
+    from proxy.nginxconf import render
+    from proxy.pipeline.decision import injectable_headers
+
+    settings = _settings(args)
+    names = injectable_headers(Catalogue.load(settings.integrations_dirs), settings.nginx_inject_headers)
+    print(
+        render(
+            settings,
+            names,
+            listen=args.nginx_listen,
+            service=args.service,
+            prefix=Path(args.prefix),
+            workers=args.nginx_workers,
+            trusted_ca=Path(args.trusted_ca) if args.trusted_ca else None,
+            keepalive=args.keepalive,
+        ),
+        end="",
+    )
+    return 0
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -500,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_ca(args)
         if args.cmd == "run":
             return cmd_run(args)
+        if args.cmd == "nginx-config":
+            return cmd_nginx_config(args)
         return cmd_keys(args, argv)
     except ProxyError as exc:
         print(f"connection-proxy: {exc.message}", file=sys.stderr)

@@ -35,6 +35,7 @@ _TYPES = {
     "tuple[str, ...]": "list of strings",
     "tuple[Path, ...]": "list of paths",
     "tuple[IPNetwork, ...]": "list of CIDRs",
+    "tuple[str, int] | None": "HOST:PORT",
 }
 # Defaults that are computed rather than stored in the field.
 _DERIVED_DEFAULTS = {

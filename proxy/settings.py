@@ -163,6 +163,21 @@ class Settings:
     listen_tls_hostnames: tuple[str, ...] = ()
     """Instead of files: mint the listener's certificates from the CA (``ca_cert_file``, or dev
     mode's) for these host names or IPs, chosen by SNI; the first when a client sends none."""
+    decision_token: str | None = field(default=None, repr=False)
+    """nginx in front: the shared secret nginx sends to ``/_decide`` (at least 32 characters),
+    which answers credentials to its holder only. Unset: the decision endpoint is off."""
+    nginx_inject_headers: tuple[str, ...] = ()
+    """Header names your own integrations inject credentials into, beyond the catalogue's, that
+    the generated nginx config can set (other names take the service route)."""
+    nginx_decision_cache_s: int = 1
+    """Seconds nginx may reuse a safe decision (no window, nothing learned, bounded by the
+    in-process caches); 0: every call is decided."""
+    nginx_report_listen: tuple[str, int] | None = None
+    """UDP HOST:PORT where nginx reports responses (syslog) for the limiter and the audit;
+    unset: no reports."""
+    nginx_report: str = "signals"
+    """Which responses nginx reports: ``signals`` (rate-limit headers or a 4xx/5xx: what the
+    limiter learns from) or ``all`` (every response: an audited outcome per call, more CPU)."""
 
     @property
     def listen_tls(self) -> bool:
@@ -377,6 +392,11 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "listen_tls_cert_file": _opt_path,
     "listen_tls_key_file": _opt_path,
     "listen_tls_hostnames": lambda k, v: tuple(h.lower().rstrip(".") for h in _list(k, v)),
+    "decision_token": _opt_str,
+    "nginx_inject_headers": _list,
+    "nginx_decision_cache_s": _int(0),
+    "nginx_report_listen": lambda k, v: _listen(k, v) if _opt_str(k, v) else None,
+    "nginx_report": _choice("signals", "all"),
 }
 
 
@@ -503,5 +523,7 @@ def _cross_check(s: Settings) -> None:
             "set either listen_tls_cert_file/listen_tls_key_file (a certificate you provide) or "
             "listen_tls_hostnames (minted from the CA), not both",
         )
+    if s.decision_token is not None and len(s.decision_token) < 32:
+        raise ConfigError("decision_token", "must be at least 32 characters (e.g. 32 random bytes, base64)")
     if s.upstream_connect_timeout_s > s.upstream_total_timeout_s:
         raise ConfigError("upstream_connect_timeout_s", "must not exceed upstream_total_timeout_s")

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.pipeline")
 
-__all__ = ["Body", "Exchange", "Pipeline"]
+__all__ = ["Admit", "Body", "Exchange", "Pipeline"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -96,6 +96,8 @@ URL_CACHE_SIZE = 4096
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
 Pair = tuple[str, str]
+# Called by ``prepare`` with (plan, tenant id, cleaned caller headers) before the limiter runs.
+Admit = Callable[[Plan, str, list[Pair]], Awaitable[None]]
 # What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
 Body = bytes | aiohttp.StreamReader | None
 
@@ -124,6 +126,9 @@ class Exchange:
     scrub: tuple[str, ...] = field(default=(), repr=False)
     holds_slot: bool = False
     latency_s: float = 0.0
+    # Which kind of limit state the limiter reported for this call (None: nothing configured or
+    # learned binds it); the decision endpoint only lets nginx cache a decision when it is None.
+    limit_source: str | None = None
 
     def may_retry(self, idempotency_key: bool) -> bool:
         """Retries are asked for, and repeating the call is safe (see the module doc)."""
@@ -221,12 +226,15 @@ class Pipeline:
         max_wait_ms: int | None = None,
         retries: int | None = None,
         total_timeout_s: float | None = None,
+        admit: Admit | None = None,
     ) -> Exchange:
         """Resolve the connection and build the upstream request; raises before any I/O upstream.
 
         ``path``/``query`` are raw (percent-encoded) and relative to the base URL. With
         ``absolute_url`` the host must be one of the connection's allowed hosts; ``upgrade_scheme``
-        (forward-proxy mode) sends to https when the base URL is https.
+        (forward-proxy mode) sends to https when the base URL is https. ``admit`` (the nginx
+        decision) sees the plan and the cleaned caller headers before any quota is spent and may
+        raise to stop the call there.
         """
         refuse_trace(method)
         ctx = trace.current()
@@ -256,6 +264,8 @@ class Pipeline:
         if ctx is not None:
             headers.extend(ctx.upstream_headers())  # W3C trace context, this service's span
         url = self._url(base_url, path, query)
+        if admit is not None:
+            await admit(plan, tenant_id, headers)
 
         decision = await self.limiter.acquire(plan.target)
         if ctx is not None:
@@ -293,6 +303,7 @@ class Pipeline:
             host_key=host_key,
             token=token,
             scrub=scrub,
+            limit_source=decision.state.source,
         )
 
     def _url(self, base_url: str, path: str, query: str) -> URL:
@@ -438,7 +449,7 @@ class Pipeline:
 
             retry_after_s = 0.0
             if resp is not None:
-                self._observe(ex, resp.status, resp.headers)
+                self.observe(ex.plan, resp.status, resp.headers, ex.token)
                 if resp.status in RETRY_STATUSES and attempt < retries:
                     now = time.time()
                     until = retry_after(resp.headers, now=now)
@@ -487,15 +498,21 @@ class Pipeline:
 
     # --- after the response -------------------------------------------------------------------
 
-    def _observe(self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]) -> None:
+    def observe(
+        self,
+        plan: Plan,
+        status: int,
+        headers: CIMultiDictProxy[str] | Iterable[Pair],
+        token: str | None,
+    ) -> None:
         """Learn from the response's rate-limit signals; a response without any (the common
-        case) costs one pass over its header names. Merging into shared state runs as a task."""
-        plan = ex.plan
+        case) costs one pass over its header names. Merging into shared state runs as a task.
+        Path mode calls it per response; the nginx front end per reported access-log line."""
         obs = parse_response(status, headers, now=time.time(), styles=plan.styles)
         if not obs.is_empty():
             self._spawn(self.limiter.observe(plan.scope, obs, quota_key=plan.target.quota_key))
         if status == 401 and plan.oauth:
-            self._spawn(self.tokens.on_unauthorized(plan.creds, ex.token))
+            self._spawn(self.tokens.on_unauthorized(plan.creds, token))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

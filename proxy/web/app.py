@@ -18,6 +18,7 @@ from proxy.web import (
     connect,
     connsvc,
     conntest,
+    decide,
     envelope,
     openapi,
     ops,
@@ -47,6 +48,7 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     app[SERVICES] = svc
     # The forward-proxy front end inspects absolute-form targets before routing.
     proxy_routes.setup(app)
+    decide.setup(app)  # /_decide for nginx in front, on the same pipeline
     envelope.setup(app)  # Runtara's envelope front end, on the same pipeline
     conntest.setup(app)
     tunnel.setup(app)  # CONNECT interception and GET /ca.pem

@@ -87,6 +87,12 @@ class RunningService:
     session: aiohttp.ClientSession
     guard: ConnectionGuard | None = None
     admin_token: str = ADMIN_TOKEN
+    # Where proxied calls go: the service itself, or nginx in front of it (tests.support.nginx).
+    proxy_base: str = ""
+
+    @property
+    def proxy_url(self) -> str:
+        return self.proxy_base or self.url
 
     @property
     def services(self) -> Services:

@@ -9,16 +9,36 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.app import RunningService
+from tests.support.app import RunningService, running_service
+from tests.support.nginx import front_settings, proxied_through
 from tests.support.upstream import Upstream, running_upstream
 
 T = "t1"
 SECRET = "sk-destination-canary-5d1e"
 SESSIONS = f"/admin/tenants/{T}/connect-sessions"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("sqlite", "path"), id="sqlite"),
+        pytest.param(("redis", "path"), id="redis"),
+        pytest.param(("sqlite", "nginx"), id="nginx", marks=pytest.mark.system),
+    ]
+)
+async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningService]:
+    """Both stores in path mode, and calls through real nginx in front (embedded store)."""
+    store, front = request.param
+    backend = str(request.getfixturevalue("redis_url")) if store == "redis" else None
+    async with (
+        running_service(tmp_path / "data", redis_url=backend, **front_settings()) as s,
+        proxied_through(s, tmp_path, front) as s,
+    ):
+        yield s
 
 
 @pytest.fixture
@@ -62,7 +82,7 @@ async def proxy_call(svc: RunningService, cid: str, user: str | None = None) -> 
     headers = {"Authorization": f"Bearer {key}", "X-Connection-Id": cid}
     if user:
         headers["X-Runtime-User-Id"] = user
-    async with svc.session.get(f"{svc.url}/proxy/echo/x", headers=headers) as r:
+    async with svc.session.get(f"{svc.proxy_url}/proxy/echo/x", headers=headers) as r:
         await r.read()
         return r.status
 
@@ -233,7 +253,7 @@ async def test_default_host_binding_applies_to_its_users(svc: RunningService, go
     )
     key = await svc.mint_key(T)
     headers = {"Authorization": f"Bearer {key}", "X-Connection-Id": "crm", "X-Runtime-User-Id": "eve"}
-    async with svc.session.get(f"{svc.url}/proxy/x", headers=headers) as r:
+    async with svc.session.get(f"{svc.proxy_url}/proxy/x", headers=headers) as r:
         body = await r.json()
         assert r.status == 403 and body["error"] == "HOST_NOT_ALLOWED"
     assert not good.seen

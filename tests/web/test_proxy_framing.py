@@ -17,6 +17,7 @@ from yarl import URL
 
 from proxy.model import ConnectionRecord
 from tests.support.app import RunningService, bearer, running_service
+from tests.support.nginx import FRONTS, front_settings, proxied_through
 from tests.support.upstream import RawUpstream, Upstream, running_raw_upstream
 
 SECRET = "s3cr/t+k=ey-0123"
@@ -49,12 +50,16 @@ async def raw() -> AsyncIterator[RawUpstream]:
         yield up
 
 
+@pytest.mark.parametrize("mode", FRONTS)
 @pytest.mark.parametrize("header_name", ["Transfer-Encoding", "transfer-encoding", "Content-Length", "Host"])
 async def test_stored_framing_header_name_is_refused_at_injection_and_nothing_is_sent(
-    tmp_path: Path, raw: RawUpstream, header_name: str
+    tmp_path: Path, raw: RawUpstream, header_name: str, mode: str
 ) -> None:
     smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-    async with running_service(tmp_path) as svc:
+    async with (
+        running_service(tmp_path / "data", **front_settings()) as svc,
+        proxied_through(svc, tmp_path, mode) as svc,
+    ):
         await store_directly(
             svc,
             "t1",
@@ -64,7 +69,7 @@ async def test_stored_framing_header_name_is_refused_at_injection_and_nothing_is
         )
         key = await svc.mint_key("t1")
         async with svc.session.post(
-            svc.url + "/proxy/items",
+            svc.proxy_url + "/proxy/items",
             data=smuggled,
             headers={**bearer(key), "X-Connection-Id": "bad", "Content-Type": "text/plain"},
         ) as r:
@@ -80,7 +85,7 @@ async def test_stored_framing_header_name_is_refused_at_injection_and_nothing_is
             {"integration_id": "http_api_key", "parameters": {"api_key": "k", "base_url": raw.url + "/api"}},
         )
         async with svc.session.post(
-            svc.url + "/proxy/items", data=smuggled, headers={**bearer(key), "X-Connection-Id": "good"}
+            svc.proxy_url + "/proxy/items", data=smuggled, headers={**bearer(key), "X-Connection-Id": "good"}
         ) as r:
             assert r.status == 200
     await asyncio.sleep(0.2)  # a smuggled second request would arrive right behind the first
@@ -202,10 +207,12 @@ def _query_key(base_url: str, **options: Any) -> dict[str, Any]:
     }
 
 
-async def test_proxy_only_secret_redacted_from_relayed_headers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", FRONTS)
+async def test_proxy_only_secret_redacted_from_relayed_headers(tmp_path: Path, mode: str) -> None:
     async with (
         echoing_redirector() as up,
-        running_service(tmp_path, trusted_networks=["127.0.0.1/32"]) as svc,
+        running_service(tmp_path / "data", trusted_networks=["127.0.0.1/32"], **front_settings()) as svc,
+        proxied_through(svc, tmp_path, mode) as svc,
     ):
         await svc.put_connection("t1", "hidden", _query_key(up + "/v1", proxy_only=True))
         await svc.put_connection("t1", "open", _query_key(up + "/v1"))
@@ -213,7 +220,7 @@ async def test_proxy_only_secret_redacted_from_relayed_headers(tmp_path: Path) -
 
         async def path_call(cid: str) -> dict[str, str]:
             async with svc.session.get(
-                svc.url + "/proxy/download?id=7",
+                svc.proxy_url + "/proxy/download?id=7",
                 headers={**bearer(key), "X-Connection-Id": cid},
                 allow_redirects=False,
             ) as r:
@@ -240,8 +247,13 @@ async def test_proxy_only_secret_redacted_from_relayed_headers(tmp_path: Path) -
         assert opened["X-Seen-Key"] == SECRET
 
 
-async def test_tenant_proxy_only_flag_redacts_an_echoed_authorization(tmp_path: Path) -> None:
-    async with echoing_redirector() as up, running_service(tmp_path) as svc:
+@pytest.mark.parametrize("mode", FRONTS)
+async def test_tenant_proxy_only_flag_redacts_an_echoed_authorization(tmp_path: Path, mode: str) -> None:
+    async with (
+        echoing_redirector() as up,
+        running_service(tmp_path / "data", **front_settings()) as svc,
+        proxied_through(svc, tmp_path, mode) as svc,
+    ):
         await svc.put_connection(
             "t1", "c1", {"integration_id": "http_bearer", "parameters": {"token": SECRET, "base_url": up}}
         )
@@ -249,11 +261,18 @@ async def test_tenant_proxy_only_flag_redacts_an_echoed_authorization(tmp_path: 
 
         async def seen_auth() -> str:
             async with svc.session.get(
-                svc.url + "/proxy/x", headers={**bearer(key), "X-Connection-Id": "c1"}, allow_redirects=False
+                svc.proxy_url + "/proxy/x",
+                headers={**bearer(key), "X-Connection-Id": "c1"},
+                allow_redirects=False,
             ) as r:
                 return r.headers["X-Seen-Auth"]
 
         assert await seen_auth() == f"Bearer {SECRET}"
         status, _ = await svc.admin("PUT", "/admin/tenants/t1", json={"proxy_only": True})
         assert status == 200
+        if svc.proxy_base:
+            # nginx may reuse a decision it cached before the change: at most the decision
+            # lifetime plus nginx's one-second clock (nginx_decision_cache_s + 1, README).
+            bound = svc.settings.nginx_decision_cache_s + 1
+            await asyncio.sleep(bound + 0.1)
         assert await seen_auth() == "Bearer ********"

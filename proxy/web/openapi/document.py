@@ -43,6 +43,12 @@ _SECURITY_SCHEMES: Final = {
         "name": "Proxy-Authorization",
         "description": "Bearer <key> or Basic base64(CONNECTION_ID:KEY), as forward-proxy clients send it",
     },
+    "decisionToken": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-CP-Decision-Token",
+        "description": "the decision_token setting, which connection-proxy nginx-config puts in nginx's config",
+    },
 }
 # Callers inside trusted_networks need no header: OpenAPI says so with an empty requirement.
 _ANONYMOUS: Final = "trustedNetwork"

@@ -238,6 +238,29 @@ FRONT_OPERATIONS: Final = (
     _proxy("/proxy", with_path=False),
     _proxy("/proxy/{path:.*}", with_path=True),
     Operation(
+        method="*",
+        route="/_decide",
+        tags=("proxy",),
+        security=("decisionToken",),
+        spec={
+            "summary": "nginx in front: the decision for one call (proxy.web.decide)",
+            "description": "For nginx's auth_request (and Envoy's ext_authz): the caller's "
+            "headers plus X-Original-Method and X-Original-URI; the 200 answer's X-CP-* headers "
+            "name the checked upstream address, Host/SNI, the upstream URI and the credential to "
+            "set. Off (404) unless decision_token is set; only its holder is answered. With "
+            "X-CP-Front: nginx a refusal is a 403 carrying the real status in X-CP-Status.",
+            "parameters": [
+                header("X-Original-Method", "the call's method", required=True),
+                header("X-Original-URI", "the call's raw URI, /proxy/{path}?{query}", required=True),
+                *_PROXY_HEADERS,
+            ],
+            "responses": {
+                "200": ok("the decision, in X-CP-* headers (no body)"),
+                **errors(_PROXY_ERRORS),
+            },
+        },
+    ),
+    Operation(
         method="POST",
         route="/api/internal/proxy",
         tags=("proxy",),

@@ -1,0 +1,235 @@
+"""``/_decide``: the decision endpoint a proxy in front (nginx ``auth_request``) asks per call, and
+the UDP listener where nginx reports each relayed response (its syslog access log).
+
+The request is the caller's own (nginx passes its headers) plus ``X-Original-Method`` and
+``X-Original-URI``; the answer is ``proxy.pipeline.decision.Verdict`` as ``X-CP-*`` headers, read
+by the generated configuration (``proxy.nginxconf``) with ``auth_request_set``.
+
+Security: a 200 answer *contains the credential*. The endpoint is off unless ``decision_token``
+is set, and answers only callers presenting it (``X-CP-Decision-Token``, compared in constant
+time); anyone else gets 401 and learns nothing about connections.
+
+Refusals: nginx passes only 401 and 403 of an ``auth_request`` through (anything else becomes
+500), so for ``X-CP-Front: nginx`` every refusal is a 403 carrying the real status, the JSON body
+and the headers (``X-CP-Status``, ``X-CP-Body``, ``X-CP-Error``, ``X-CP-Retry-After``...) that the
+generated error location returns verbatim. Other callers (Envoy ``ext_authz``, tests) get the
+real status and body directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import NotFound, ProxyError, Unauthenticated
+from proxy.observe.outcome import Outcome, of_error
+from proxy.pipeline.decision import (
+    CONTROL_SET,
+    NGINX_STRIPS,
+    Decider,
+    Verdict,
+    injectable_headers,
+    observation_key,
+)
+from proxy.pipeline.pipeline import Exchange, refuse_trace
+from proxy.web.authn import services_of
+from proxy.web.errors import request_id_of
+from proxy.web.proxy_routes import PIPELINE, runtime_user_of, tenant_for
+from proxy.web.proxy_routes import _connection_id as connection_id_of
+
+__all__ = ["DECIDER", "DECIDE_PATH", "setup"]
+
+log = logging.getLogger("proxy.decide")
+
+DECIDER = web.AppKey("decider", Decider)
+DECIDE_PATH = "/_decide"
+TOKEN_HEADER = "X-CP-Decision-Token"
+_PATH_PREFIX = "/proxy"
+# Headers nginx adds to the subrequest: never part of the caller's request.
+_OURS = ("x-cp-", "x-original-")
+# Error headers the generated config returns (anything else a refusal carries is not needed).
+ERROR_HEADERS = ("Retry-After", "Retry-After-Ms", "X-Request-Id")
+
+
+def _caller_headers(request: web.Request) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.headers.items() if not k.lower().startswith(_OURS)]
+
+
+def _check_token(request: web.Request, token: str | None) -> None:
+    if not token:
+        raise NotFound("no such endpoint; the decision endpoint is off until decision_token is set")
+    given = request.headers.get(TOKEN_HEADER, "")
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
+        raise Unauthenticated(
+            f"the decision endpoint answers only the proxy in front: send {TOKEN_HEADER} with the "
+            "decision_token setting (connection-proxy nginx-config puts it in the nginx config)"
+        )
+
+
+def verdict_headers(verdict: Verdict, names: tuple[str, ...]) -> dict[str, str]:
+    out = {
+        "X-CP-Route": verdict.route,
+        "X-CP-Scheme": verdict.scheme,
+        "X-CP-Addr": verdict.addr,
+        "X-CP-Host": verdict.host,
+        "X-CP-SNI": verdict.server_name,
+        "X-CP-URI": verdict.uri,
+        "X-CP-Obs": verdict.observation,
+        "X-Accel-Expires": str(verdict.lifetime_s),
+    }
+    # Only what is set: an absent control header is empty in nginx, i.e. removed; an injectable
+    # one also carries its flag (absent flag: the caller's own value passes, as in path mode).
+    for name in ("connection", *CONTROL_SET, *NGINX_STRIPS):
+        value = verdict.set_headers.get(name)
+        if value:
+            out[f"X-CP-H-{name}"] = value
+    for name in names:
+        value = verdict.set_headers.get(name)
+        if value is not None and name not in CONTROL_SET:
+            out[f"X-CP-S-{name}"] = "1"
+            if value:
+                out[f"X-CP-H-{name}"] = value
+    return out
+
+
+def refusal(exc: ProxyError, rid: str) -> web.Response:
+    """A refusal in the shape the generated nginx error location turns back into ``exc``."""
+    body = exc.to_body()
+    body["request_id"] = rid
+    headers = {
+        "X-CP-Status": str(exc.status),
+        "X-CP-Error": exc.code,
+        # ensure_ascii: one header line, no control character can be in it.
+        "X-CP-Body": json.dumps(body, ensure_ascii=True),
+        "X-CP-Request-Id": rid,
+        "X-Accel-Expires": "0",
+    }
+    for name in ERROR_HEADERS:
+        if name in exc.headers:
+            headers[f"X-CP-{name}"] = exc.headers[name]
+    return web.Response(status=403, headers=headers)
+
+
+async def decide(request: web.Request) -> web.StreamResponse:
+    svc = services_of(request.app)
+    _check_token(request, svc.settings.decision_token)
+    decider = request.app[DECIDER]
+    pipeline = request.app[PIPELINE]
+    rid = request_id_of(request)
+    h = request.headers
+    nginx = h.get("X-CP-Front", "") == "nginx"
+    outcome: str = Outcome.ERROR
+    ex: Exchange | None = None
+    who: tuple[str, str, str] = ("-", "-", "-")
+    try:
+        method = h.get("X-Original-Method", "")
+        refuse_trace(method)
+        uri = h.get("X-Original-URI", "")
+        path, _, query = uri.partition("?")
+        if not (path == _PATH_PREFIX or path.startswith(_PATH_PREFIX + "/")) or not method:
+            raise NotFound(
+                "no such endpoint: calls through nginx are made as in path mode, "
+                "/proxy/{path} with X-Connection-Id"
+            )
+        caller = await svc.auth.authenticate(h, None, allow_trusted=False)
+        cid = connection_id_of(h.get("X-Connection-Id"))
+        tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+        who = (caller.actor, tenant, cid)
+        verdict, ex = await decider.decide(
+            caller=caller,
+            tenant_id=tenant,
+            connection_id=cid,
+            runtime_user_id=runtime_user_of(h.get("X-Runtime-User-Id")),
+            method=method,
+            path=path[len(_PATH_PREFIX) :],
+            query=query,
+            caller_headers=_caller_headers(request),
+            nominated=h.get("X-CP-Caller-Connection", ""),
+            request_id=rid,
+        )
+        outcome = "allowed" if verdict.route == "upstream" else "service"
+        return web.Response(status=200, headers=verdict_headers(verdict, decider.names))
+    except ProxyError as exc:
+        outcome = of_error(exc)
+        if nginx:
+            return refusal(exc, rid)
+        raise
+    finally:
+        if ex is not None:
+            who = (ex.caller.actor, ex.tenant_id, ex.connection_id)
+        if who[1] != "-":
+            pipeline.audit.record_use(who[0], who[1], who[2], "proxy.decide", outcome, rid)
+        pipeline.finish(None, "nginx", outcome)
+
+
+# --- reports: nginx's access log over UDP -------------------------------------------------------
+
+
+class ReportProtocol(asyncio.DatagramProtocol):
+    """One syslog datagram per relayed response: ``<PRI>... cp: {json}`` (see proxy.nginxconf)."""
+
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        start = data.find(b"{")
+        if start < 0:
+            return
+        try:
+            line = json.loads(data[start:].decode("utf-8", "replace"))
+            token, status = str(line["o"]), int(line["s"])
+            headers = [(str(k), str(v)) for k, v in dict(line.get("h") or {}).items() if v]
+            rid = str(line.get("r") or "")[:64]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        if not token:
+            return
+        task = asyncio.get_running_loop().create_task(self.decider.observed(token, status, headers, rid))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+REPORTS = web.AppKey("nginx_reports", asyncio.DatagramTransport)
+
+
+async def _start(app: web.Application) -> None:
+    svc = services_of(app)
+    key = svc.secrets.ring.get(svc.secrets.ring.newest_version)
+    decider = Decider(
+        app[PIPELINE],
+        injectable_headers(svc.catalogue, svc.settings.nginx_inject_headers),
+        observation_key(key),
+        svc.settings.nginx_decision_cache_s,
+    )
+    app[DECIDER] = decider
+    where = svc.settings.nginx_report_listen
+    if where is not None and svc.settings.decision_token:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: ReportProtocol(decider), local_addr=where, reuse_port=True
+        )
+        app[REPORTS] = transport
+        log.info("nginx reports: listening on udp %s:%d", *where)
+
+
+async def _stop(app: web.Application) -> None:
+    transport = app.get(REPORTS)
+    if transport is not None:
+        transport.close()
+    decider = app.get(DECIDER)
+    if decider is not None:
+        with contextlib.suppress(Exception):
+            await decider.close()
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_route("*", DECIDE_PATH, decide)
+    app.on_startup.append(_start)
+    app.on_cleanup.insert(0, _stop)
