@@ -83,6 +83,7 @@ bench: $(VENV)/.installed-bench check-system
 	$(BIN)/python bench/tunnel.py --results $(BENCH_RESULTS)
 	$(BIN)/python bench/ratelimit.py --results $(BENCH_RESULTS)
 	$(BIN)/python bench/resources.py --results $(BENCH_RESULTS)
+	$(BIN)/python bench/offload.py --results $(BENCH_RESULTS)
 	$(BIN)/python bench/report.py --results $(BENCH_RESULTS)
 
 clean:

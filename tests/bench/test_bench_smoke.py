@@ -28,6 +28,11 @@ EXPECTED = {
         "service peak RSS MiB (helpers included) during them",
         "healthz answered on the kept-alive connection during the slowloris (share)",
     ],
+    "offload.py": [
+        "nginx + decision (uncached) / node http-proxy rps",
+        "nginx + decision (cached) / nginx alone CPU per call",
+        "nginx + decision (uncached) / path mode rps",
+    ],
     "tunnel.py": [
         "tunnel/path CPU per call",
         "uncached/cached new tunnel CPU",
