@@ -31,7 +31,6 @@ EXPECTED = {
     "offload.py": [
         "nginx + decision (uncached) / node http-proxy rps",
         "nginx + decision (cached) / nginx alone CPU per call",
-        "nginx + decision (uncached) / path mode rps",
     ],
     "tunnel.py": [
         "tunnel/path CPU per call",
