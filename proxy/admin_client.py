@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.security.bootstrap import DEV_TOKEN_FILE
-from proxy.settings import check_environment, default_public_url
+from proxy.settings import check_environment
+from proxy.settings_values import default_public_url
 
 __all__ = ["EXIT_REFUSED", "EXIT_UNREACHABLE", "EXIT_USAGE", "add_parser", "run"]
 

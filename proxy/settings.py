@@ -14,7 +14,6 @@ configuration reference) and a parser in ``_PARSERS``; then ``make docs`` regene
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -22,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy import settings_values as sv
 from proxy.errors import ConfigError
-from proxy.redisurl import parse_redis_url
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from proxy.settings_values import IPNetwork, default_public_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,211 +190,65 @@ class Settings:
         return self.data_dir / "proxy.sqlite3"
 
 
-# --- parsing -----------------------------------------------------------------------------------
-
-
-def _str(key: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(key, "must be a string")
-    return v
-
-
-def _opt_str(key: str, v: Any) -> str | None:
-    if v is None or v == "":
-        return None
-    return _str(key, v)
-
-
-def _bool(key: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    if isinstance(v, str) and v.strip().lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(key, "must be true or false")
-
-
-def _number(key: str, v: Any, kind: type, minimum: float) -> Any:
-    if isinstance(v, bool):
-        raise ConfigError(key, f"must be a number >= {minimum}")
-    try:
-        n = kind(v)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number >= {minimum}, got {v!r}") from None
-    if n < minimum:
-        raise ConfigError(key, f"must be >= {minimum}, got {n}")
-    return n
-
-
-class _Number:
-    """A number parser that also tells the configuration reference its bound."""
-
-    def __init__(self, kind: type[int] | type[float], minimum: float) -> None:
-        self.kind, self.minimum = kind, minimum
-        self.constraint = f">= {minimum}"
-
-    def __call__(self, key: str, v: Any) -> Any:
-        return self.kind(_number(key, v, self.kind, self.minimum))
-
-
-def _int(minimum: int) -> Callable[[str, Any], int]:
-    return _Number(int, minimum)
-
-
-def _float(minimum: float) -> Callable[[str, Any], float]:
-    return _Number(float, minimum)
-
-
-def _list(key: str, v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        return tuple(p.strip() for p in v.split(",") if p.strip())
-    if isinstance(v, list) and all(isinstance(p, str) for p in v):
-        return tuple(p.strip() for p in v if p.strip())
-    raise ConfigError(key, "must be a list of strings or a comma-separated string")
-
-
-def _opt_path(key: str, v: Any) -> Path | None:
-    return Path(_str(key, v)) if _opt_str(key, v) else None
-
-
-def _paths(key: str, v: Any) -> tuple[Path, ...]:
-    return tuple(Path(p) for p in _list(key, v))
-
-
-def _networks(key: str, v: Any) -> tuple[IPNetwork, ...]:
-    out = []
-    for item in _list(key, v):
-        try:
-            out.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ConfigError(key, f"{item!r} is not an IP network (use CIDR, e.g. 10.0.0.0/8)") from None
-    return tuple(out)
-
-
-def _listen(key: str, v: Any) -> tuple[str, int]:
-    text = _str(key, v).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(key, f"must be HOST:PORT (e.g. 127.0.0.1:8080), got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def _url(key: str, v: Any) -> str | None:
-    if v is None or v == "":
-        return None  # unset: the default applies (public_url: derived from listen)
-    text = _str(key, v).rstrip("/")
-    if not text.startswith(("http://", "https://")):
-        raise ConfigError(key, "must be an absolute http(s) URL")
-    return text
-
-
-def default_public_url(host: str, port: int, scheme: str = "http") -> str:
-    """Where the service is reached when no ``public_url`` is set: its own listen address.
-
-    Connect links and the OAuth redirect URI are built from it, so a service listening on
-    another port than the default must not hand out links to 127.0.0.1:8080. A wildcard listen
-    address is no address a browser can open; its loopback stands in for it.
-    """
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 literal in a URL
-    return f"{scheme}://{host}:{port}"
-
-
-def _redis_url(key: str, v: Any) -> str | None:
-    text = _opt_str(key, v)
-    if text is not None:
-        parse_redis_url(text)  # one server, redis+cluster:// or redis+sentinel:// (proxy.redisurl)
-    return text
-
-
-def _prefix(key: str, v: Any) -> str:
-    text = "/" + _str(key, v).strip("/")
-    if text == "/":
-        raise ConfigError(key, "must be a non-empty path such as /connections")
-    return text
-
-
-class _Choice:
-    """A parser of one of a few words (case-insensitive); the reference lists them."""
-
-    def __init__(self, *options: str, upper: bool = False, blank: str | None = None) -> None:
-        self.options, self.upper, self.blank = options, upper, blank
-        self.constraint = "one of " + ", ".join(options)
-
-    def __call__(self, key: str, v: Any) -> str:
-        if v == "" and self.blank is not None:
-            return self.blank
-        text = _str(key, v).strip().lower()
-        if text not in self.options:
-            raise ConfigError(key, f"must be one of {', '.join(self.options)}")
-        return text.upper() if self.upper else text
-
-
-def _choice(*options: str) -> Callable[[str, Any], str]:
-    return _Choice(*options)
-
-
 # key -> parser. The TOML key and the env name (PROXY_ + upper) agree; each key is the Settings
 # field of that name, except these, which set several fields.
 COMPOSITE_KEYS: dict[str, tuple[str, ...]] = {"listen": ("listen_host", "listen_port")}
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "listen": _listen,
-    "data_dir": lambda k, v: Path(_str(k, v)),
-    "redis_url": _redis_url,
-    "redis_timeout_s": _float(0.001),
-    "dev_mode": _bool,
-    "master_key": _opt_str,
-    "master_key_file": lambda k, v: Path(_str(k, v)) if _opt_str(k, v) else None,
-    "master_key_file_group_readable": _bool,
-    "admin_token": _opt_str,
-    "public_url": _url,
-    "egress_allow": _list,
-    "trusted_networks": _networks,
-    "connection_service_prefix": _prefix,
-    "integrations_dirs": _paths,
-    "credential_cache_ttl_s": _float(0.0),
-    "stale_if_error_s": _float(0.0),
-    "service_quota_per_minute": _int(1),
-    "audit_required": _bool,
-    "audit_flush_interval_s": _float(0.01),
-    "audit_buffer_max": _int(100),
-    "audit_retention_days": _float(0.0),
-    "ratelimit_fail_mode": _choice("open", "closed"),
-    "upstream_connect_timeout_s": _float(0.001),
-    "upstream_read_timeout_s": _float(0.001),
-    "upstream_total_timeout_s": _float(0.001),
-    "upstream_max_per_host": _int(1),
-    "max_wait_ms_cap": _int(0),
-    "jwt_hs256_secret": _opt_str,
-    "jwt_public_key_files": _paths,
-    "jwt_issuer": _opt_str,
-    "jwt_audience": _opt_str,
-    "jwt_tenant_claim": _str,
-    "connect_session_ttl_s": _int(60),
-    "proxy_only_tenants": _list,
-    "log_level": _Choice("debug", "info", "warning", "error", upper=True),
-    "log_format": _Choice("auto", "json", "text", blank="auto"),
-    "workers": _int(1),
-    "max_connections": _int(1),
-    "connection_reserve": _int(0),
-    "head_timeout_s": _float(0.01),
-    "max_request_body_bytes": _int(1024),
-    "envelope_max_request_bytes": _int(1024),
-    "envelope_max_response_bytes": _int(1024),
-    "envelope_max_concurrent": _int(1),
-    "ca_cert_file": _opt_path,
-    "ca_key_file": _opt_path,
-    "upstream_ca_file": _opt_path,
-    "listen_tls_cert_file": _opt_path,
-    "listen_tls_key_file": _opt_path,
-    "listen_tls_hostnames": lambda k, v: tuple(h.lower().rstrip(".") for h in _list(k, v)),
-    "decision_token": _opt_str,
-    "nginx_inject_headers": _list,
-    "nginx_decision_cache_s": _int(0),
-    "nginx_report_listen": lambda k, v: _listen(k, v) if _opt_str(k, v) else None,
-    "nginx_report": _choice("signals", "all"),
+    "listen": sv.listen,
+    "data_dir": lambda k, v: Path(sv.string(k, v)),
+    "redis_url": sv.redis_url,
+    "redis_timeout_s": sv.floating(0.001),
+    "dev_mode": sv.boolean,
+    "master_key": sv.opt_string,
+    "master_key_file": lambda k, v: Path(sv.string(k, v)) if sv.opt_string(k, v) else None,
+    "master_key_file_group_readable": sv.boolean,
+    "admin_token": sv.opt_string,
+    "public_url": sv.url,
+    "egress_allow": sv.str_list,
+    "trusted_networks": sv.networks,
+    "connection_service_prefix": sv.prefix,
+    "integrations_dirs": sv.paths,
+    "credential_cache_ttl_s": sv.floating(0.0),
+    "stale_if_error_s": sv.floating(0.0),
+    "service_quota_per_minute": sv.integer(1),
+    "audit_required": sv.boolean,
+    "audit_flush_interval_s": sv.floating(0.01),
+    "audit_buffer_max": sv.integer(100),
+    "audit_retention_days": sv.floating(0.0),
+    "ratelimit_fail_mode": sv.choice("open", "closed"),
+    "upstream_connect_timeout_s": sv.floating(0.001),
+    "upstream_read_timeout_s": sv.floating(0.001),
+    "upstream_total_timeout_s": sv.floating(0.001),
+    "upstream_max_per_host": sv.integer(1),
+    "max_wait_ms_cap": sv.integer(0),
+    "jwt_hs256_secret": sv.opt_string,
+    "jwt_public_key_files": sv.paths,
+    "jwt_issuer": sv.opt_string,
+    "jwt_audience": sv.opt_string,
+    "jwt_tenant_claim": sv.string,
+    "connect_session_ttl_s": sv.integer(60),
+    "proxy_only_tenants": sv.str_list,
+    "log_level": sv.Choice("debug", "info", "warning", "error", upper=True),
+    "log_format": sv.Choice("auto", "json", "text", blank="auto"),
+    "workers": sv.integer(1),
+    "max_connections": sv.integer(1),
+    "connection_reserve": sv.integer(0),
+    "head_timeout_s": sv.floating(0.01),
+    "max_request_body_bytes": sv.integer(1024),
+    "envelope_max_request_bytes": sv.integer(1024),
+    "envelope_max_response_bytes": sv.integer(1024),
+    "envelope_max_concurrent": sv.integer(1),
+    "ca_cert_file": sv.opt_path,
+    "ca_key_file": sv.opt_path,
+    "upstream_ca_file": sv.opt_path,
+    "listen_tls_cert_file": sv.opt_path,
+    "listen_tls_key_file": sv.opt_path,
+    "listen_tls_hostnames": lambda k, v: tuple(h.lower().rstrip(".") for h in sv.str_list(k, v)),
+    "decision_token": sv.opt_string,
+    "nginx_inject_headers": sv.str_list,
+    "nginx_decision_cache_s": sv.integer(0),
+    "nginx_report_listen": lambda k, v: sv.listen(k, v) if sv.opt_string(k, v) else None,
+    "nginx_report": sv.choice("signals", "all"),
 }
 
 
