@@ -124,7 +124,9 @@ def service_row(
     report = None
     if cache_s is not None:
         report = ("127.0.0.1", c.free_port())
+        lean = f"unix:{tmp}/{name}.sock"
         env.update(
+            PROXY_DECISION_LISTEN=lean,
             PROXY_DECISION_TOKEN=DECISION_TOKEN,
             PROXY_NGINX_DECISION_CACHE_S=str(cache_s),
             PROXY_NGINX_REPORT_LISTEN=f"{report[0]}:{report[1]}",
@@ -155,6 +157,7 @@ def service_row(
         env={},
         overrides={
             "decision_token": DECISION_TOKEN,
+            "decision_listen": lean,
             "nginx_decision_cache_s": cache_s,
             "nginx_report_listen": f"{report[0]}:{report[1]}" if report else "",
         },

@@ -107,6 +107,15 @@ def _service(url: str) -> tuple[str, str]:
     return parts.scheme, f"{host}:{port}"
 
 
+def _decision_server(where: str) -> str:
+    """nginx's ``server`` for ``decision_listen``; a wildcard host is reached on loopback."""
+    if where.startswith("unix:"):
+        return where
+    host, _, port = where.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"{host}:{port}"
+
+
 def _pool(entry: str) -> tuple[str, str]:
     name, sep, addr = entry.partition("=")
     host, _, port = addr.rpartition(":")
@@ -176,6 +185,11 @@ def render(
         f"    proxy_cache_path {p}/decisions levels=1:2 keys_zone=cp_decisions:10m max_size=64m inactive=10s use_temp_path=off;"
     )
     w(f"    upstream cp_service {{ server {service_addr}; keepalive 64; }}")
+    decider = "cp_service"
+    if settings.decision_listen is not None:
+        # The lean decision listener (proxy.web.decide_listen): kept-alive HTTP/1.1 as well.
+        decider = "cp_decider"
+        w(f"    upstream cp_decider {{ server {_decision_server(settings.decision_listen)}; keepalive 64; }}")
     w(f"    map $cp_route $cp_proto {{ service {scheme}; default $cp_scheme; }}")
     pools = [_pool(entry) for entry in keepalive]
     for i, (_, addr) in enumerate(pools):
@@ -270,7 +284,7 @@ def render(
     w("        }")
     w("        location = /_cp_decide {")
     w("            internal;")
-    w(f"            proxy_pass {scheme}://cp_service/_decide;")
+    w(f"            proxy_pass {scheme if decider == 'cp_service' else 'http'}://{decider}/_decide;")
     w("            proxy_http_version 1.1;")
     w("            proxy_method GET;")
     w("            proxy_pass_request_body off;")

@@ -164,6 +164,10 @@ class Settings:
     decision_token: str | None = field(default=None, repr=False)
     """nginx in front: the shared secret nginx sends to ``/_decide`` (at least 32 characters),
     which answers credentials to its holder only. Unset: the decision endpoint is off."""
+    decision_listen: str | None = None
+    """Where a lean listener serves only ``/_decide`` for nginx (``HOST:PORT``, or
+    ``unix:/path`` for a unix socket); the generated nginx config then asks it there, without the
+    main listener's routing and middleware. Unset: ``/_decide`` on the main listener only."""
     nginx_inject_headers: tuple[str, ...] = ()
     """Header names your own integrations inject credentials into, beyond the catalogue's, that
     the generated nginx config can set (other names take the service route)."""
@@ -245,6 +249,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "listen_tls_key_file": sv.opt_path,
     "listen_tls_hostnames": lambda k, v: tuple(h.lower().rstrip(".") for h in sv.str_list(k, v)),
     "decision_token": sv.opt_string,
+    "decision_listen": lambda k, v: sv.listen_or_unix(k, v) if sv.opt_string(k, v) else None,
     "nginx_inject_headers": sv.str_list,
     "nginx_decision_cache_s": sv.integer(0),
     "nginx_report_listen": lambda k, v: sv.listen(k, v) if sv.opt_string(k, v) else None,
@@ -377,5 +382,7 @@ def _cross_check(s: Settings) -> None:
         )
     if s.decision_token is not None and len(s.decision_token) < 32:
         raise ConfigError("decision_token", "must be at least 32 characters (e.g. 32 random bytes, base64)")
+    if s.decision_listen is not None and s.decision_listen.startswith("unix:") and s.workers > 1:
+        raise ConfigError("decision_listen", "a unix socket serves one process: use HOST:PORT with --workers")
     if s.upstream_connect_timeout_s > s.upstream_total_timeout_s:
         raise ConfigError("upstream_connect_timeout_s", "must not exceed upstream_total_timeout_s")

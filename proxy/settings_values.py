@@ -106,6 +106,17 @@ def listen(key: str, v: Any) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listen_or_unix(key: str, v: Any) -> str:
+    """``HOST:PORT`` (normalised, IPv6 in brackets) or ``unix:/absolute/path``."""
+    text = string(key, v).strip()
+    if text.startswith("unix:"):
+        if not text[5:].startswith("/"):
+            raise ConfigError(key, f"a unix socket is unix:/absolute/path, got {text!r}")
+        return text
+    host, port = listen(key, text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def url(key: str, v: Any) -> str | None:
     if v is None or v == "":
         return None  # unset: the default applies (public_url: derived from listen)

@@ -137,7 +137,12 @@ class Decider:
         self._signed: BoundedCache[tuple[str, str, str], tuple[float, str]] = BoundedCache(4096)
         # Tokens already verified (nginx reports the same token for every call of a decision).
         self._verified: BoundedCache[str, tuple[int, tuple[str, str, str]]] = BoundedCache(4096)
+        # The plan of each connection's latest decision, for as long as the vault's own cache
+        # may serve it: a report is learned from at once (``observed_now``), before the next
+        # decision is made, so a learned Retry-After is not raced by a decision nginx caches.
+        self._plans: BoundedCache[tuple[str, str], tuple[float, Plan]] = BoundedCache(4096)
         s = pipeline.settings
+        self._plan_ttl = s.credential_cache_ttl_s
         # nginx holds an entry up to one second past its lifetime (whole-second clock).
         bound = min(s.credential_cache_ttl_s, KEY_CACHE_TTL_S) - 1
         self.max_lifetime = max(0, min(cache_s, math.floor(bound)))
@@ -190,6 +195,7 @@ class Decider:
             )
         except ServeByService:
             return self._service(caller_headers, nominated), None
+        self._plans.put((ex.tenant_id, ex.connection_id), (time.monotonic() + self._plan_ttl, ex.plan))
         url = ex.url
         scheme, host, port = url.scheme, url.raw_host or "", url.explicit_port or url.port or 0
         addr = await self._address(host, port)
@@ -334,18 +340,35 @@ class Decider:
             return None
         return exp, (str(actor), str(tenant), str(cid))
 
-    async def observed(self, token: str, status: int, headers: Iterable[Pair], request_id: str) -> bool:
+    def observed_now(self, token: str, status: int, headers: Sequence[Pair], request_id: str) -> bool | None:
+        """``observed`` without waiting, when the connection's plan is at hand (None: it is not,
+        call ``observed``)."""
+        who = self.verify(token)
+        if who is None:
+            return False
+        known = self._plans.get((who[1], who[2]))
+        if known is None or known[0] <= time.monotonic():
+            return None
+        self._learn(who, known[1], status, headers, request_id)
+        return True
+
+    async def observed(self, token: str, status: int, headers: Sequence[Pair], request_id: str) -> bool:
         """One response nginx relayed: learn from its rate-limit headers, audit the outcome."""
         who = self.verify(token)
         if who is None:
             return False
-        actor, tenant, cid = who
         pipeline = self.pipeline
         try:
-            creds = await pipeline.vault.credentials(tenant, cid)
+            creds = await pipeline.vault.credentials(who[1], who[2])
             plan = pipeline.plan_for(creds)
         except Exception:  # a report of a since-deleted or broken connection is dropped
             return False
-        pipeline.observe(plan, status, list(headers), None)
-        pipeline.audit.record_use(actor, tenant, cid, "proxy.use", of_status(status), request_id)
+        self._learn(who, plan, status, headers, request_id)
         return True
+
+    def _learn(
+        self, who: tuple[str, str, str], plan: Plan, status: int, headers: Sequence[Pair], request_id: str
+    ) -> None:
+        actor, tenant, cid = who
+        self.pipeline.observe(plan, status, list(headers), None)
+        self.pipeline.audit.record_use(actor, tenant, cid, "proxy.use", of_status(status), request_id)

@@ -23,9 +23,11 @@ import contextlib
 import hmac
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.errors import NotFound, ProxyError, Unauthenticated
 from proxy.observe.outcome import Outcome, of_error
@@ -38,6 +40,7 @@ from proxy.pipeline.decision import (
     observation_key,
 )
 from proxy.pipeline.pipeline import Exchange, refuse_trace
+from proxy.web import decide_listen
 from proxy.web.authn import services_of
 from proxy.web.errors import request_id_of
 from proxy.web.proxy_routes import PIPELINE, runtime_user_of, tenant_for
@@ -57,14 +60,17 @@ _OURS = ("x-cp-", "x-original-")
 ERROR_HEADERS = ("Retry-After", "Retry-After-Ms", "X-Request-Id")
 
 
-def _caller_headers(request: web.Request) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in request.headers.items() if not k.lower().startswith(_OURS)]
+Parts = tuple[int, dict[str, str], bytes]
 
 
-def _check_token(request: web.Request, token: str | None) -> None:
+def _caller_headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in pairs if not (k[:1] in "xX" and k.lower().startswith(_OURS))]
+
+
+def _check_token(headers: Mapping[str, str], token: str | None) -> None:
     if not token:
         raise NotFound("no such endpoint; the decision endpoint is off until decision_token is set")
-    given = request.headers.get(TOKEN_HEADER, "")
+    given = headers.get(TOKEN_HEADER, "")
     if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
         raise Unauthenticated(
             f"the decision endpoint answers only the proxy in front: send {TOKEN_HEADER} with the "
@@ -98,7 +104,7 @@ def verdict_headers(verdict: Verdict, names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def refusal(exc: ProxyError, rid: str) -> web.Response:
+def refusal(exc: ProxyError, rid: str) -> Parts:
     """A refusal in the shape the generated nginx error location turns back into ``exc``."""
     body = exc.to_body()
     body["request_id"] = rid
@@ -113,16 +119,19 @@ def refusal(exc: ProxyError, rid: str) -> web.Response:
     for name in ERROR_HEADERS:
         if name in exc.headers:
             headers[f"X-CP-{name}"] = exc.headers[name]
-    return web.Response(status=403, headers=headers)
+    return 403, headers, b""
 
 
-async def decide(request: web.Request) -> web.StreamResponse:
-    svc = services_of(request.app)
-    _check_token(request, svc.settings.decision_token)
-    decider = request.app[DECIDER]
-    pipeline = request.app[PIPELINE]
-    rid = request_id_of(request)
-    h = request.headers
+async def answer(
+    app: web.Application, h: Mapping[str, str], pairs: Iterable[tuple[str, str]], rid: str
+) -> Parts:
+    """One decision as (status, headers, body), whichever listener received it. ``h`` is the
+    request's headers (case-insensitive), ``pairs`` the same in order. A refusal is answered in
+    nginx's shape for ``X-CP-Front: nginx``, else raised (the listener maps it)."""
+    svc = services_of(app)
+    _check_token(h, svc.settings.decision_token)
+    decider = app[DECIDER]
+    pipeline = app[PIPELINE]
     nginx = h.get("X-CP-Front", "") == "nginx"
     outcome: str = Outcome.ERROR
     ex: Exchange | None = None
@@ -149,12 +158,12 @@ async def decide(request: web.Request) -> web.StreamResponse:
             method=method,
             path=path[len(_PATH_PREFIX) :],
             query=query,
-            caller_headers=_caller_headers(request),
+            caller_headers=_caller_headers(pairs),
             nominated=h.get("X-CP-Caller-Connection", ""),
             request_id=rid,
         )
         outcome = "allowed" if verdict.route == "upstream" else "service"
-        return web.Response(status=200, headers=verdict_headers(verdict, decider.names))
+        return 200, verdict_headers(verdict, decider.names), b""
     except ProxyError as exc:
         outcome = of_error(exc)
         if nginx:
@@ -166,6 +175,14 @@ async def decide(request: web.Request) -> web.StreamResponse:
         if who[1] != "-":
             pipeline.audit.record_use(who[0], who[1], who[2], "proxy.decide", outcome, rid)
         pipeline.finish(None, "nginx", outcome)
+
+
+async def decide(request: web.Request) -> web.StreamResponse:
+    """``/_decide`` on the main listener (errors mapped by its middleware)."""
+    status, headers, body = await answer(
+        request.app, request.headers, request.headers.items(), request_id_of(request)
+    )
+    return web.Response(status=status, headers=headers, body=body or None)
 
 
 # --- reports: nginx's access log over UDP -------------------------------------------------------
@@ -189,7 +206,7 @@ class ReportProtocol(asyncio.DatagramProtocol):
             rid = str(line.get("r") or "")[:64]
         except (ValueError, KeyError, TypeError, AttributeError):
             return
-        if not token:
+        if not token or self.decider.observed_now(token, status, headers, rid) is not None:
             return
         task = asyncio.get_running_loop().create_task(self.decider.observed(token, status, headers, rid))
         self.tasks.add(task)
@@ -197,6 +214,18 @@ class ReportProtocol(asyncio.DatagramProtocol):
 
 
 REPORTS = web.AppKey("nginx_reports", asyncio.DatagramTransport)
+LEAN = web.AppKey("decision_listener", decide_listen.LeanListener)
+
+
+def _lean_handler(app: web.Application) -> decide_listen.Handler:
+    async def handle(
+        target: str, method: str, h: CIMultiDict[str], pairs: list[tuple[str, str]], rid: str
+    ) -> Parts:
+        if target.partition("?")[0] != DECIDE_PATH:
+            raise NotFound(f"no such endpoint; this listener serves only {DECIDE_PATH}")
+        return await answer(app, h, pairs, rid)
+
+    return handle
 
 
 async def _start(app: web.Application) -> None:
@@ -217,12 +246,19 @@ async def _start(app: web.Application) -> None:
         )
         app[REPORTS] = transport
         log.info("nginx reports: listening on udp %s:%d", *where)
+    lean = svc.settings.decision_listen
+    if lean is not None and svc.settings.decision_token:
+        app[LEAN] = await decide_listen.start(lean, _lean_handler(app))
+        log.info("decisions: lean listener on %s", lean)
 
 
 async def _stop(app: web.Application) -> None:
     transport = app.get(REPORTS)
     if transport is not None:
         transport.close()
+    lean = app.get(LEAN)
+    if lean is not None:
+        await lean.close()
     decider = app.get(DECIDER)
     if decider is not None:
         with contextlib.suppress(Exception):

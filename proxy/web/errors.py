@@ -51,7 +51,8 @@ def _too_large(request: web.Request) -> str:
     )
 
 
-def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
+def error_parts(exc: errors.ProxyError, request_id: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, JSON body) of ``exc``: the mapping every listener answers with."""
     ERRORS.labels(code=exc.code).inc()
     body = exc.to_body()
     if request_id:
@@ -59,12 +60,12 @@ def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web
     headers = {"X-Proxy-Error": exc.code, **exc.headers}
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.Response(
-        status=exc.status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
+    return exc.status, headers, json.dumps(body).encode()
+
+
+def error_response(exc: errors.ProxyError, request_id: str | None = None) -> web.Response:
+    status, headers, body = error_parts(exc, request_id)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -76,12 +77,15 @@ def request_id_of(request: web.BaseRequest) -> str:
 
 
 def _assign_request_id(request: web.BaseRequest) -> str:
-    incoming = request.headers.get("X-Request-Id", "")
-    # Only echo a caller's id if it is short and tame; otherwise mint our own.
-    ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
-    rid = incoming if ok else f"{_RID_PREFIX}{next(_RID_COUNTER):08x}"
+    rid = request_id_from(request.headers.get("X-Request-Id", ""))
     request[REQUEST_ID] = rid
     return rid
+
+
+def request_id_from(incoming: str) -> str:
+    """The caller's ``X-Request-Id`` when short and tame, else one of our own."""
+    ok = 0 < len(incoming) <= 64 and all(c.isalnum() or c in "-_.:" for c in incoming)
+    return incoming if ok else f"{_RID_PREFIX}{next(_RID_COUNTER):08x}"
 
 
 # Requests whose target is not origin-form ("GET http://host/x", "CONNECT host:443") are not

@@ -41,6 +41,7 @@ def front_settings() -> dict[str, Any]:
         "decision_token": DECISION_TOKEN,
         "nginx_report_listen": f"127.0.0.1:{free_port()}",
         "nginx_report": "all",
+        "decision_listen": f"127.0.0.1:{free_port()}",  # the lean listener, as deployed
     }
 
 

@@ -41,6 +41,8 @@ async def svc(tmp_path: Path) -> AsyncIterator[RunningService]:
         decision_token=DECISION_TOKEN,
         nginx_report_listen=f"127.0.0.1:{port}",
         nginx_decision_cache_s=1,
+        # nginx asks the lean listener; direct calls here test /_decide on the main one.
+        decision_listen=f"127.0.0.1:{free_port()}",
     ) as s:
         yield s
 

@@ -1,0 +1,262 @@
+"""The lean listener for ``/_decide`` (setting ``decision_listen``): HTTP/1.1 on a loopback port
+or a unix socket, for the proxy in front and nothing else.
+
+Why it exists: nginx asks for a decision on every call, and on the main listener most of that
+call's CPU was aiohttp's server machinery (router, middleware, request and response objects,
+the per-request trace context and access line), not the decision (bench/offload.py). The
+requests here come from nginx's ``auth_request`` subrequests: small, bodiless, kept alive. This
+module reads exactly that shape with a few bytes operations and writes the answer in one
+``write``; anything else is refused, never guessed at.
+
+Invariants:
+- parsing is strict: a request line ``METHOD TARGET HTTP/1.x``, header names that are HTTP
+  tokens, values without control characters, a head of at most ``MAX_HEAD`` bytes, no chunked
+  body (a ``Content-Length`` body is read and ignored); a malformed request is answered 400 and
+  the connection closed, so no request is ever split or joined differently from nginx's view;
+- an answer whose header value holds CR or LF is never written (a 500 instead): a credential
+  cannot smuggle a header into nginx's view of the decision;
+- errors go through the one mapping (``proxy.web.errors.error_parts``); an unexpected exception
+  is logged with its frames only and answered as a generic 500 with the request id;
+- the token check, audit and metrics are the decision's own (``proxy.web.decide.answer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import stat
+import traceback
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.web.errors import error_parts, request_id_from
+
+__all__ = ["MAX_HEAD", "LeanListener", "Pair", "Parts", "start"]
+
+log = logging.getLogger("proxy.decide")
+
+Pair = tuple[str, str]
+Parts = tuple[int, dict[str, str], bytes]
+# (target, method, headers, the same as pairs in order, request id) -> answer; raises
+# ProxyError to refuse.
+Handler = Callable[[str, str, CIMultiDict[str], list[Pair], str], Awaitable[Parts]]
+
+MAX_HEAD = 64 * 1024  # nginx forwards at most its own large_client_header_buffers (4 x 8k)
+MAX_BODY = 1 << 20
+IDLE_S = 75.0  # a kept-alive connection without a request for this long is closed
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADERS = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*)*"
+)
+_BAD_LINE = re.compile(rb"[\x00-\x20\x7f]")
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class _Bad(Exception):
+    """A request this listener will not interpret: 400 and close."""
+
+
+def _parse(head: bytes) -> tuple[str, str, bool, list[Pair], int]:
+    """(method, target, keep_alive, header pairs, body length) of one request head."""
+    line, _, block = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _Bad
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method) or not target.startswith(b"/") or _BAD_LINE.search(target):
+        raise _Bad
+    # One pass over the whole block: every line a token, a colon and a value without control
+    # characters (no bare CR or LF either).
+    if block and not _HEADERS.fullmatch(block):
+        raise _Bad
+    pairs: list[Pair] = []
+    keep_alive = version == b"HTTP/1.1"
+    length = 0
+    for raw in block.split(b"\r\n") if block else ():
+        name, _, value = raw.partition(b":")
+        key, val = name.decode("ascii"), value.strip(b" \t").decode("utf-8", "surrogateescape")
+        pairs.append((key, val))
+        first = key[0]
+        if first not in "cCtT":
+            continue
+        lower = key.lower()
+        if lower == "connection":
+            tokens = {t.strip() for t in val.lower().split(",")}
+            keep_alive = "keep-alive" in tokens if version == b"HTTP/1.0" else "close" not in tokens
+        elif lower == "content-length":
+            if not val.isdigit() or length or int(val) > MAX_BODY:
+                raise _Bad
+            length = int(val)
+        elif lower == "transfer-encoding":
+            raise _Bad  # nginx sends the subrequest without a body; chunked is not ours to guess
+    return method.decode("ascii"), target.decode("ascii"), keep_alive, pairs, length
+
+
+def _render(status: int, headers: dict[str, str], body: bytes, close: bool) -> bytes:
+    out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Length: {len(body)}\r\n"]
+    if body:
+        out.append("Content-Type: application/json\r\n")
+    if close:
+        out.append("Connection: close\r\n")
+    out.extend(f"{k}: {v}\r\n" for k, v in headers.items())
+    out.append("\r\n")
+    text = "".join(out)
+    # Exactly the CRLFs written above (the first piece holds two lines): none smuggled in a
+    # name or value.
+    if text.count("\n") != len(out) + 1 or text.count("\r") != len(out) + 1:
+        raise ValueError("a header of the answer holds CR or LF")
+    return text.encode("utf-8", "surrogateescape") + body
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, lean: LeanListener) -> None:
+        self.lean = lean
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy = False
+        self.seen = lean.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.lean.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lean.conns.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.seen = self.lean.loop.time()
+        self.buf += data
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                self._refuse(431)
+            return
+        if end > MAX_HEAD:
+            self._refuse(431)
+            return
+        try:
+            method, target, keep_alive, pairs, length = _parse(bytes(self.buf[:end]))
+        except (_Bad, UnicodeDecodeError):
+            self._refuse(400)
+            return
+        if len(self.buf) < end + 4 + length:
+            return  # the body is still coming; it is read and ignored
+        del self.buf[: end + 4 + length]
+        self.busy = True
+        task = self.lean.loop.create_task(self._serve(method, target, keep_alive, pairs))
+        self.lean.tasks.add(task)
+        task.add_done_callback(self.lean.tasks.discard)
+
+    def _refuse(self, status: int) -> None:
+        exc = errors.BadRequest(
+            "the decision listener reads only nginx's auth_request subrequests: HTTP/1.x, "
+            "well-formed headers, no chunked body"
+        )
+        exc.status = status  # type: ignore[misc]
+        code, headers, body = error_parts(exc, request_id_from(""))
+        if self.transport is not None:
+            self.transport.write(_render(code, headers, body, True))
+            self.transport.close()
+        self.buf.clear()
+
+    async def _serve(self, method: str, target: str, keep_alive: bool, pairs: list[Pair]) -> None:
+        h = CIMultiDict(pairs)
+        rid = request_id_from(h.get("X-Request-Id", ""))
+        try:
+            status, headers, body = await self.lean.handler(target, method, h, pairs, rid)
+            data = _render(status, headers, body, not keep_alive)
+        except errors.ProxyError as exc:
+            if exc.status >= 500:
+                log.warning("decision %s failed: %s %s", rid, exc.code, exc.message)
+            data = _render(*error_parts(exc, rid), not keep_alive)
+        except Exception as exc:
+            # Frames and type only: an exception's message may quote a value (a credential).
+            log.error(
+                "decision %s: unexpected %s\n%s",
+                rid,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            internal = errors.ProxyError(f"internal error; quote request id {rid} when reporting it")
+            data = _render(*error_parts(internal, rid), not keep_alive)
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(data)
+        self.busy = False
+        self.seen = self.lean.loop.time()
+        if not keep_alive:
+            transport.close()
+        elif self.buf:
+            self._next()
+
+
+class LeanListener:
+    """One bound listener; ``close`` stops it and its connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.conns: set[_Conn] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.path: str | None = None
+        self._sweeper = self.loop.call_later(IDLE_S / 3, self._sweep)
+
+    def _sweep(self) -> None:
+        cutoff = self.loop.time() - IDLE_S
+        for conn in list(self.conns):
+            if not conn.busy and conn.seen < cutoff and conn.transport is not None:
+                conn.transport.close()
+        self._sweeper = self.loop.call_later(IDLE_S / 3, self._sweep)
+
+    async def close(self) -> None:
+        self._sweeper.cancel()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+async def start(where: str, handler: Handler, *, reuse_port: bool = True) -> LeanListener:
+    """Listen on ``where`` (``HOST:PORT`` or ``unix:/path``, as settings validated it)."""
+    lean = LeanListener(handler)
+    loop = lean.loop
+    if where.startswith("unix:"):
+        path = where[5:]
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise errors.ConfigError("decision_listen", f"{path} exists and is not a socket")
+            os.unlink(path)  # a stale socket of an earlier run
+        lean.server = await loop.create_unix_server(lambda: _Conn(lean), path)
+        # nginx's workers run as another user; the decision token, not the file mode, is what
+        # guards the credentials this socket answers with.
+        os.chmod(path, 0o666)  # noqa: S103 - see above
+        lean.path = path
+    else:
+        host, _, port = where.rpartition(":")
+        lean.server = await loop.create_server(
+            lambda: _Conn(lean), host.strip("[]"), int(port), reuse_port=reuse_port
+        )
+    return lean

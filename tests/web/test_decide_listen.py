@@ -1,0 +1,162 @@
+"""The lean decision listener (``decision_listen``), over real sockets: the same answers as
+``/_decide`` on the main listener, keep-alive, and strict refusal of anything but the shape
+nginx sends. End to end through nginx it is exercised by tests/web/test_decide.py and every
+nginx-parametrized proxy test (their services set ``decision_listen``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.web.decide_listen import _render
+from tests.support.app import RunningService, free_port, running_service
+from tests.support.nginx import DECISION_TOKEN
+from tests.support.upstream import Upstream, running_upstream
+
+CANARY = "canary-lean-7c2f"
+
+
+@pytest.fixture
+async def lean(tmp_path: Path) -> AsyncIterator[tuple[RunningService, str]]:
+    where = f"unix:{tmp_path}/decide.sock"
+    async with running_service(tmp_path / "data", decision_token=DECISION_TOKEN, decision_listen=where) as s:
+        yield s, where[5:]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as up:
+        yield up
+
+
+async def _exchange(path: str, raw: bytes, answers: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send ``raw`` on one connection; read ``answers`` responses (or until the peer closes)."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(raw)
+    await writer.drain()
+    out = []
+    try:
+        for _ in range(answers):
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            except asyncio.IncompleteReadError as exc:
+                assert not exc.partial, exc.partial  # closed cleanly between answers
+                break
+            lines = head.decode().split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            out.append((status, headers, body))
+    finally:
+        writer.close()
+    return out
+
+
+def _req(headers: dict[str, str], target: str = "/_decide") -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: cp", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_decides_like_the_main_listener_and_keeps_alive(
+    lean: tuple[RunningService, str], upstream: Upstream
+) -> None:
+    svc, path = lean
+    await svc.put_connection(
+        "t1",
+        "c1",
+        {
+            "integration_id": "http_bearer",
+            "parameters": {"token": CANARY, "base_url": upstream.url + "/echo/"},
+        },
+    )
+    key = await svc.mint_key("t1")
+    ask = {
+        "Authorization": f"Bearer {key}",
+        "X-Connection-Id": "c1",
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/proxy/items?x=1",
+        "X-CP-Front": "nginx",
+        "X-CP-Decision-Token": DECISION_TOKEN,
+    }
+    # Two pipelined requests on one connection: two answers, in order, connection kept.
+    got = await _exchange(path, _req(ask) + _req({**ask, "X-Original-URI": "/proxy/other"}), answers=2)
+    assert [s for s, _, _ in got] == [200, 200]
+    assert got[0][1]["x-cp-h-authorization"] == f"Bearer {CANARY}"
+    assert got[0][1]["x-cp-uri"].endswith("/echo/items?x=1")
+    assert got[1][1]["x-cp-uri"].endswith("/echo/other")
+    # The same question on the main listener gets the same verdict.
+    async with svc.session.get(svc.url + "/_decide", headers=ask) as r:
+        assert r.status == 200
+        assert r.headers["X-CP-H-authorization"] == got[0][1]["x-cp-h-authorization"]
+        assert r.headers["X-CP-Addr"] == got[0][1]["x-cp-addr"]
+    # Without the token: 401 (nginx passes it on), the service's JSON error, nothing else.
+    ((status, headers, body),) = await _exchange(
+        path, _req({k: v for k, v in ask.items() if "Token" not in k})
+    )
+    assert status == 401 and headers["x-proxy-error"] == "UNAUTHENTICATED"
+    assert CANARY not in body.decode() and not any(k.startswith("x-cp-") for k in headers)
+    ((status, headers, body),) = await _exchange(
+        path, _req({k: v for k, v in ask.items() if "Token" not in k and "Front" not in k})
+    )
+    assert status == 401 and json.loads(body)["error"] == "UNAUTHENTICATED"
+    assert headers["x-proxy-error"] == "UNAUTHENTICATED" and CANARY not in body.decode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /_decide HTTP/1.1\r\nHost: a\nX-Smuggled: 1\r\n\r\n",  # bare LF
+        b"GET /_decide HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+        b"GET /_decide HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /_decide HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /_decide HTTP/2.0\r\n\r\n",
+        b"GET /_decide\x00 HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_malformed_requests_are_refused_and_closed(
+    lean: tuple[RunningService, str], raw: bytes
+) -> None:
+    _, path = lean
+    got = await _exchange(path, raw + _req({"X-CP-Decision-Token": DECISION_TOKEN}), answers=2)
+    assert len(got) == 1, "the connection is closed after a refusal: nothing after it is read"
+    status, headers, body = got[0]
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body)["error"] == headers["x-proxy-error"]
+
+
+async def test_other_paths_and_oversized_heads(lean: tuple[RunningService, str]) -> None:
+    _, path = lean
+    ((status, headers, _),) = await _exchange(path, _req({"X-CP-Decision-Token": DECISION_TOKEN}, "/admin/x"))
+    assert status == 404 and headers["x-proxy-error"] == "NOT_FOUND"
+    ((status, _, _),) = await _exchange(path, b"GET /_decide HTTP/1.1\r\nX-A: " + b"a" * 70_000)
+    assert status == 431
+
+
+def test_a_header_value_with_cr_or_lf_is_never_written() -> None:
+    assert _render(200, {"X-CP-H-authorization": "Bearer ok"}, b"", False).count(b"\r\n") == 4
+    for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError):
+            _render(200, {"X-CP-H-authorization": bad}, b"", False)
+    with pytest.raises(ValueError):
+        _render(200, {"X-Evil\r\nA": "1"}, b"", False)
+
+
+async def test_tcp_listener_and_generated_config(tmp_path: Path) -> None:
+    port = free_port()
+    async with running_service(
+        tmp_path / "data", decision_token=DECISION_TOKEN, decision_listen=f"0.0.0.0:{port}"
+    ) as svc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_req({"X-CP-Decision-Token": DECISION_TOKEN, "Connection": "close"}))
+        data = await asyncio.wait_for(reader.read(), 5)  # read to EOF: closed as asked
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 404 ")
+        from proxy.nginxconf import render
+
+        conf = render(svc.settings, (), listen="127.0.0.1:1", service=svc.url, prefix=tmp_path)
+        assert f"upstream cp_decider {{ server 127.0.0.1:{port}; keepalive 64; }}" in conf
+        assert "proxy_pass http://cp_decider/_decide;" in conf
