@@ -136,6 +136,17 @@ async def test_other_paths_and_oversized_heads(lean: tuple[RunningService, str])
     assert status == 431
 
 
+async def test_many_pipelined_requests_are_answered_in_order(lean: tuple[RunningService, str]) -> None:
+    """Answers that complete at once are not nested: a long pipeline neither overflows the stack
+    nor reorders (each answer names the request id it was asked with)."""
+    _, path = lean
+    n = 1500
+    raw = b"".join(_req({"X-Request-Id": f"r{i}"}, f"/nope{i}") for i in range(n))
+    got = await _exchange(path, raw, answers=n)
+    assert [h["x-request-id"] for _, h, _ in got] == [f"r{i}" for i in range(n)]
+    assert {s for s, _, _ in got} == {404}
+
+
 def test_a_header_value_with_cr_or_lf_is_never_written() -> None:
     assert _render(200, {"X-CP-H-authorization": "Bearer ok"}, b"", False).count(b"\r\n") == 4
     for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
