@@ -1,14 +1,16 @@
 """Benchmark: data-plane offload. nginx carries the bytes, the service decides (issue 13).
 
 In one run, against one local upstream, every row injecting the same bearer credential:
-nginx alone (``proxy_set_header Authorization``, no decision: the floor); nginx in front with the
-generated configuration (``connection-proxy nginx-config``) asking the service's ``/_decide`` on
-every call (uncached: ``nginx_decision_cache_s = 0``; with and without a keep-alive pool for
+nginx alone (``proxy_set_header Authorization``, no decision); the floor of any ``auth_request``
+design (nginx alone plus an ``auth_request`` to a static ``return 200``, and the same served from
+``proxy_cache``); nginx in front with the generated configuration (``connection-proxy
+nginx-config``) asking the service's lean decision listener (``decision_listen``, a unix
+socket) on every call (uncached: ``nginx_decision_cache_s = 0``; with and without a keep-alive pool for
 the upstream's checked address, ``nginx-config --keepalive``) and with decisions cached for one
 second (pooled);
 this service's path mode; and Node's ``http-proxy`` doing the same injection. The measured
 processes (nginx, the service, Node) share one pinned core; CPU per call is theirs together.
-The nginx-in-front rows report every response to the service over UDP (learning stays on).
+The nginx-in-front rows report responses to the service over UDP (learning stays on).
 
 Targets: uncached nginx + decision >= 1.5x Node's throughput; cached <= 2x nginx alone's CPU
 per call.
@@ -41,6 +43,8 @@ PATH = "/bench/items?page=1"
 DECISION_TOKEN = "bench-decision-token-0123456789abcdefghij"
 
 NGINX = "nginx alone (proxy_set_header)"
+FLOOR = "floor: auth_request to static 200"
+FLOOR_CACHED = "floor: auth_request, cached static"
 UNCACHED_NEW = "nginx + decision, uncached, no pool"
 UNCACHED = "nginx + decision, uncached"
 CACHED = "nginx + decision, cached 1 s"
@@ -99,6 +103,73 @@ def nginx_alone(stack: object, tmp: Path, upstream: str, cpus: frozenset[int] | 
     )
     try:
         proc = c.spawn(stack, "nginx-alone", [nginx, "-p", str(ndir), "-c", str(conf)], tmp, cpus=cpus)  # type: ignore[arg-type]
+        c.wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    except c.StartError as exc:
+        t.missing = f"nginx did not start: {c.first_line(exc)}"
+        return t
+    t.url, t.procs = f"http://127.0.0.1:{port}/proxy" + PATH, [proc]
+    return t
+
+
+def nginx_floor(stack: object, tmp: Path, upstream: str, cpus: frozenset[int] | None, cached: bool) -> Target:
+    """nginx alone plus an ``auth_request`` whose answer costs nothing: a static ``return 200``
+    location (or the same behind ``proxy_cache``, served from the cache). No decision design
+    on ``auth_request`` can be cheaper: the floor under the nginx + decision rows."""
+    label = FLOOR_CACHED if cached else FLOOR
+    t = Target(label, headers={"Authorization": "Bearer caller-key-placeholder", "X-Connection-Id": CONN})
+    nginx = c.nginx_binary()
+    if nginx is None:
+        t.missing = "nginx is not installed (apt-get install nginx)"
+        return t
+    ndir = tmp / ("nginx-floor-cached" if cached else "nginx-floor")
+    ndir.mkdir()
+    port = c.free_port()
+    static = f'add_header X-CP-H-Authorization "Bearer {UPSTREAM_TOKEN}"; return 200;'
+    decide = (
+        f"proxy_pass http://127.0.0.1:{port}/_static; proxy_cache floor; proxy_cache_valid 200 10s; "
+        'proxy_cache_key "$request_uri|$http_authorization|$http_x_connection_id";'
+        if cached
+        else static
+    )
+    conf = ndir / "nginx.conf"
+    conf.write_text(
+        c.nginx_prelude(ndir)
+        + f"""http {{
+    access_log off;
+    client_body_temp_path {ndir}/body;
+    proxy_temp_path {ndir}/proxy;
+    fastcgi_temp_path {ndir}/fastcgi;
+    uwsgi_temp_path {ndir}/uwsgi;
+    scgi_temp_path {ndir}/scgi;
+    proxy_cache_path {ndir}/cache levels=1:2 keys_zone=floor:1m inactive=60s use_temp_path=off;
+    upstream up {{ server {upstream.split("//", 1)[1]}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 1000000;
+        location = /healthz {{ return 200 "ok"; }}
+        location = /_static {{ {static} }}
+        location = /_auth {{
+            internal;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            {decide}
+        }}
+        location /proxy/ {{
+            auth_request /_auth;
+            auth_request_set $cp_h_authorization $upstream_http_x_cp_h_authorization;
+            proxy_pass http://up/;
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_set_header Connection "";
+            proxy_set_header X-Connection-Id "";
+            proxy_set_header Authorization "Bearer {UPSTREAM_TOKEN}";
+        }}
+    }}
+}}
+"""
+    )
+    try:
+        proc = c.spawn(stack, ndir.name, [nginx, "-p", str(ndir), "-c", str(conf)], tmp, cpus=cpus)  # type: ignore[arg-type]
         c.wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     except c.StartError as exc:
         t.missing = f"nginx did not start: {c.first_line(exc)}"
@@ -242,6 +313,8 @@ def main() -> int:
         cpus = place.server
         targets = [
             nginx_alone(stack, tmp, upstream, cpus),
+            nginx_floor(stack, tmp, upstream, cpus, cached=False),
+            nginx_floor(stack, tmp, upstream, cpus, cached=True),
             service_row(stack, tmp, UNCACHED_NEW, upstream, cpus, 0, pool=False),
             service_row(stack, tmp, UNCACHED, upstream, cpus, 0),
             service_row(stack, tmp, CACHED, upstream, cpus, 1),
@@ -289,6 +362,12 @@ def main() -> int:
         c.ratio_line(name, v, "<= 2", v <= 2)
     else:
         c.ratio_line(name, None, "<= 2", None, str(results.get(CACHED if not cached else NGINX)))
+    floor = ok(FLOOR_CACHED)
+    if floor and alone and floor.cpu_us_per_req and alone.cpu_us_per_req:
+        print(
+            "info floor (auth_request, cached static) / nginx alone CPU per call: "
+            f"{floor.cpu_us_per_req / alone.cpu_us_per_req:.2f} (no auth_request design is below it)"
+        )
     p = ok(PATHMODE)
     if un and p:
         print(f"info nginx + decision (uncached) / path mode rps: {un.load.rps / p.load.rps:.2f}")

@@ -132,6 +132,7 @@ def test_deploy_example_is_what_the_generator_prints() -> None:
         overrides={
             "decision_token": "REPLACE-with-your-PROXY_DECISION_TOKEN-value",
             "nginx_report_listen": "127.0.0.1:8125",
+            "decision_listen": "unix:/run/connection-proxy/decide.sock",
         },
     )
     conf = render(
