@@ -60,5 +60,6 @@ def build_app(settings: Settings, services: Services | None = None) -> web.Appli
     connect.setup(app)
     openapi.setup(app)  # GET /openapi.json: built from the routes above at start-up
     app.on_startup.append(_startup)
+    decide.setup_listener(app)  # after the services start: it answers at once
     app.on_cleanup.append(_cleanup)
     return app

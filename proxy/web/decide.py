@@ -246,6 +246,10 @@ async def _start(app: web.Application) -> None:
         )
         app[REPORTS] = transport
         log.info("nginx reports: listening on udp %s:%d", *where)
+
+
+async def _start_listener(app: web.Application) -> None:
+    svc = services_of(app)
     lean = svc.settings.decision_listen
     if lean is not None and svc.settings.decision_token:
         app[LEAN] = await decide_listen.start(lean, _lean_handler(app))
@@ -269,3 +273,9 @@ def setup(app: web.Application) -> None:
     app.router.add_route("*", DECIDE_PATH, decide)
     app.on_startup.append(_start)
     app.on_cleanup.insert(0, _stop)
+
+
+def setup_listener(app: web.Application) -> None:
+    """The lean listener (``decision_listen``) opens last in start-up, once the services it
+    answers with are started (like the main listener, which opens after start-up)."""
+    app.on_startup.append(_start_listener)
