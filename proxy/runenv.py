@@ -18,7 +18,8 @@ An ``https://`` proxy URL (the listener over TLS) works the same way: the CA tha
 listener (``--proxy-cacert FILE``; not needed when the listener's certificate chains to the
 system roots) verifies the ``/ca.pem`` fetch and goes into the bundle too, so clients that read
 the bundle for their proxy connection (requests/urllib3, httpx, Node) trust both. curl reads no
-variable for its proxy's CA: call it with ``--proxy-cacert "$CURL_CA_BUNDLE"``.
+variable for its proxy's CA: call it with ``--proxy-cacert "$CURL_CA_BUNDLE"``; git has one of
+its own, ``GIT_PROXY_SSL_CAINFO``, set to the same bundle.
 
 The bundle lives in a private temporary directory removed when the command ends. The credential
 is read from ``PROXY_CALLER_KEY`` or a file; it is never an argument. Pure module: no aiohttp.
@@ -135,6 +136,9 @@ def prepared(
         env = {name: url for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}
         env.update(NO_PROXY=NO_PROXY, no_proxy=NO_PROXY, NODE_USE_ENV_PROXY="1")
         env.update({name: str(bundle) for name in CA_VARS})
+        if proxy_url.lower().startswith("https://"):
+            # git reads the proxy's own CA from a variable of its own (curl has none at all).
+            env["GIT_PROXY_SSL_CAINFO"] = str(bundle)
         yield env
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
