@@ -251,7 +251,13 @@ async def test_connection_proxy_run_with_an_https_proxy_url(tmp_path: Path) -> N
         out, err = await asyncio.wait_for(p.communicate(), 60)
         assert p.returncode == 0, err.decode()
         result = json.loads(out.decode().strip().splitlines()[-1])
-        assert result == {"requests": 200, "curl": "200", "curl_err": "", "proxy": "https", "git_tls_ok": True}
+        assert result == {
+            "requests": 200,
+            "curl": "200",
+            "curl_err": "",
+            "proxy": "https",
+            "git_tls_ok": True,
+        }
         runs = [s for s in tls.up.seen if s.path == "/echo/run-https"]
         assert len(runs) == 2 and all(s.header("Authorization") == ["Bearer tok"] for s in runs)
         git = [s for s in tls.up.seen if s.path.startswith("/echo/run-https/repo/info/refs")]
