@@ -80,6 +80,48 @@ run_flags() {
     fi
 }
 
+# An upstream on this host answering with the Authorization header it received.
+start_upstream() {
+    UPSTREAM_PORT=$(free_port)
+    python3 - "$UPSTREAM_PORT" >"$WORK/upstream.log" 2>&1 <<'PY' &
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"path": self.path, "authorization": self.headers.get("Authorization")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+PY
+    echo $! >"$WORK/upstream.pid"
+}
+
+# Store a bearer connection, mint a caller key, call the upstream through the proxy: the token
+# must arrive injected, and appear in no log line of the container.
+proxied_call() {
+    local base=$1 admin="Authorization: Bearer $PROXY_ADMIN_TOKEN" secret key answer
+    secret="smoke-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    say "PUT $base/admin/tenants/smoke/connections/echo (http_bearer to 127.0.0.1:$UPSTREAM_PORT)"
+    curl -fsS -o /dev/null -X PUT "$base/admin/tenants/smoke/connections/echo" -H "$admin" \
+        -H 'Content-Type: application/json' --data-binary @- <<JSON
+{"integration_id": "http_bearer",
+ "parameters": {"token": "$secret", "base_url": "http://127.0.0.1:$UPSTREAM_PORT"}}
+JSON
+    key=$(curl -fsS -X POST "$base/admin/tenants/smoke/api-keys" -H "$admin" \
+        -H 'Content-Type: application/json' -d '{"name": "smoke"}' \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])')
+    say "curl $base/proxy/hello -H 'Authorization: Bearer cpk_...' -H 'X-Connection-Id: echo'"
+    answer=$(curl -fsS "$base/proxy/hello" -H "Authorization: Bearer $key" -H 'X-Connection-Id: echo')
+    echo "$answer" | sed "s/$secret/<the stored token>/"
+    [ "$(echo "$answer" | python3 -c 'import json,sys; print(json.load(sys.stdin)["authorization"])')" = "Bearer $secret" ]
+    if "$ENGINE" logs "$NAME" 2>&1 | grep -qF -e "$secret" -e "$PROXY_ADMIN_TOKEN" -e "$key"; then
+        echo "a secret is in the container's log" >&2; exit 1
+    fi
+    say "the token arrived injected; no secret in the container's log"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 smoke() {
@@ -90,21 +132,23 @@ smoke() {
     local name=$NAME work=$WORK
     redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
         --daemonize yes --pidfile "$work/redis.pid" --logfile "$work/redis.log"
-    trap '"$ENGINE" rm -f "$NAME" >/dev/null 2>&1 || true; kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+    trap '"$ENGINE" rm -f "$NAME" >/dev/null 2>&1 || true; kill "$(cat "$WORK/redis.pid")" "$(cat "$WORK/upstream.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$WORK"' EXIT
     # Fresh throw-away secrets, passed by name so they are in no command line.
     PROXY_MASTER_KEY=$(head -c 32 /dev/urandom | base64)
     PROXY_ADMIN_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
     export PROXY_MASTER_KEY PROXY_ADMIN_TOKEN
     # shellcheck disable=SC2046  # run_flags is a list of words
+    start_upstream
     run_quiet "$ENGINE" run -d --name "$name" --network=host $(run_flags) \
         -e PROXY_LISTEN="127.0.0.1:$port" -e PROXY_REDIS_URL="redis://127.0.0.1:$redis_port/0" \
-        -e PROXY_MASTER_KEY -e PROXY_ADMIN_TOKEN "$IMAGE"
+        -e PROXY_EGRESS_ALLOW=127.0.0.1/32 -e PROXY_MASTER_KEY -e PROXY_ADMIN_TOKEN "$IMAGE"
     local base="http://127.0.0.1:$port" i
     for i in $(seq 50); do curl -fsS -o /dev/null "$base/healthz" 2>/dev/null && break; sleep 0.2; done
     run curl -fsS "$base/healthz"; echo
     run curl -fsS "$base/readyz"; echo
     say "curl -fsS $base/metrics | grep '^# TYPE proxy_requests_total'"
     curl -fsS "$base/metrics" | grep '^# TYPE proxy_requests_total'
+    proxied_call "$base"
     local uid
     uid=$("$ENGINE" exec "$name" id -u)
     say "uid in the container: $uid"
