@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server redis-sentinel chromium prometheus nginx
 
-.PHONY: run test test-fast lint typecheck check-system bench clean docs
+.PHONY: run test test-fast lint typecheck check-system bench clean docs image image-smoke
 
 # Debian's python3 needs python3-venv for `-m venv`: installed when root, else named.
 $(BIN)/python:
@@ -85,6 +85,13 @@ bench: $(VENV)/.installed-bench check-system
 	$(BIN)/python bench/resources.py --results $(BENCH_RESULTS)
 	$(BIN)/python bench/offload.py --results $(BENCH_RESULTS)
 	$(BIN)/python bench/report.py --results $(BENCH_RESULTS)
+
+## make image: build deploy/Dockerfile with podman on a debootstrapped local base (no registry
+## needed; root, debootstrap, podman) and smoke-run it; not part of `make test`. With a registry:
+## make image IMAGE_BASE=python:3.11-slim-bookworm. See deploy/image.sh.
+image:
+	deploy/image.sh build
+	deploy/image.sh smoke
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
