@@ -252,14 +252,17 @@ class RedisLimiter(Limiter):
             return None
         return LimitState(True, 0, hit[1], max(1, int(left * 1000 + 0.999)), hit[2])
 
-    def _remember(self, scope: str, state: LimitState) -> None:
+    def _remember(self, scope: str, state: LimitState, sent: float) -> None:
+        """Caches a denial until it ends, counted from ``sent`` (monotonic, before the round trip):
+        Redis computed ``retry_after_ms`` at some moment after that, so the cached denial never
+        outlasts the real one, however late (a loaded host) the reply was read."""
         if not state.is_limited or not state.retry_after_ms:
             self._denied.pop(scope, None)
             return
         if len(self._denied) >= _CACHE_MAX:
             now = time.monotonic()
             self._denied = {k: v for k, v in self._denied.items() if v[0] > now}
-        self._denied[scope] = (time.monotonic() + state.retry_after_ms / 1000, state.reset_at, state.source)
+        self._denied[scope] = (sent + state.retry_after_ms / 1000, state.reset_at, state.source)
 
     # --- the interface -----------------------------------------------------------------------
 
@@ -299,13 +302,14 @@ class RedisLimiter(Limiter):
         if unconstrained and (known := self._known_clear(target.scope)) is not None:
             return count(known)
         epoch = self._epoch
+        sent = time.monotonic()
         reply = await self._run(self._keys(target, spec), ["a", *_args(spec, cost)])
         if reply is None:
             self._unavailable()
             return count(decision_of(self.fallback.evaluate(target, cost, True), "fallback"))
         outcome = _outcome(reply)
         decision = decision_of(outcome)
-        self._remember(target.scope, decision.state)
+        self._remember(target.scope, decision.state, sent)
         if unconstrained:
             self._note(target.scope, outcome, decision, epoch)
         return count(decision)

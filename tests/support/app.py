@@ -60,6 +60,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+HARNESS_REDIS_TIMEOUT_S = 5.0
+
+
 def harness_settings(data_dir: Path, port: int, redis_url: str | None = None, **overrides: Any) -> Settings:
     """Settings as the harness uses them; ``overrides`` use setting names (lists for list settings)."""
     values: dict[str, Any] = {
@@ -71,6 +74,10 @@ def harness_settings(data_dir: Path, port: int, redis_url: str | None = None, **
         "public_url": f"http://127.0.0.1:{port}",
         "audit_flush_interval_s": 0.05,
         "log_level": "info",
+        # A loaded test machine can stall a healthy Redis reply past the 0.25 s default; then
+        # limits fall back to the local limiter and store calls answer 503. Tests of an
+        # unreachable Redis meet refused connections (immediate) or set their own bound.
+        "redis_timeout_s": HARNESS_REDIS_TIMEOUT_S,
     }
     if redis_url:
         values["redis_url"] = redis_url
@@ -254,6 +261,7 @@ def start_service_process(
             "PROXY_EGRESS_ALLOW": "127.0.0.1/32",
             "PROXY_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "PROXY_AUDIT_FLUSH_INTERVAL_S": "0.05",
+            "PROXY_REDIS_TIMEOUT_S": str(HARNESS_REDIS_TIMEOUT_S),  # see harness_settings
             # Tests read this output as text; JSON logs are tested by asking for them.
             "PROXY_LOG_FORMAT": "text",
             "PYTHONUNBUFFERED": "1",
