@@ -14,10 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
+from proxy.ratelimit.redis import keys_for
 from proxy.security import crypto
 from tests.support.app import ServiceProcess, bearer, start_service_process
 from tests.support.upstream import Upstream
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.system
 
@@ -79,25 +82,35 @@ async def test_exactly_the_limit_is_admitted_across_replicas(
     assert len(upstream.seen) == 12
 
 
+async def _blocked_until(raw: Redis) -> float | None:
+    """The learned block of the test connection's scope in Redis (epoch seconds), if any."""
+    value = await raw.hget(keys_for("t1/api", None, False)[0], "b")
+    return int(value) / 1e6 if value else None
+
+
 async def test_learned_retry_after_stops_every_replica(
-    replicas: list[ServiceProcess], upstream: Upstream
+    replicas: list[ServiceProcess], upstream: Upstream, redis_url: str
 ) -> None:
+    raw = Redis.from_url(redis_url)
     async with aiohttp.ClientSession() as s:
         key = await _setup(s, replicas[0], upstream, [])
-        assert await _call(s, replicas[0], key, "/status/429?retry_after=2") == 429
-        started = time.monotonic()
+        assert await _call(s, replicas[0], key, "/status/429?retry_after=3") == 429
         seen_before = len(upstream.seen)
-        # The observation is merged off the latency path: give it a moment to land in Redis.
-        await asyncio.sleep(0.2)
+        # The observation is merged off the latency path: wait for it to land in Redis, then
+        # call every replica until 1 s before the block ends (slack for a slow call's decision).
+        ends = await wait_until(
+            lambda: _blocked_until(raw), timeout=10, message="the learned block never reached Redis"
+        )
         during = []
-        while time.monotonic() - started < 1.5:
+        while time.time() < ends - 1.0:
             for replica in replicas:
                 during.append(await _call(s, replica, key))
             await asyncio.sleep(0.1)
-        assert set(during) == {429}
+        assert during and set(during) == {429}
         assert len(upstream.seen) == seen_before, "an upstream call slipped through during Retry-After"
-        await asyncio.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
+        await asyncio.sleep(max(0.0, ends + 0.2 - time.time()))
         assert {await _call(s, r, key) for r in replicas} == {200}
+    await raw.aclose()
 
 
 async def test_admin_change_reaches_other_replicas_within_a_second(
