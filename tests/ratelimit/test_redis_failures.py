@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -128,10 +129,14 @@ async def test_unresponsive_redis_is_bounded_and_not_hammered() -> None:
 
 async def test_a_slow_reply_does_not_stretch_a_cached_denial(redis_server: RedisServer) -> None:
     """A denial is cached until it ends as Redis reckoned it, counted from before the round trip:
-    a reply that took DELAY_S to arrive must not make this replica refuse DELAY_S longer."""
+    a reply that took ``delay_s`` to arrive must not make this replica refuse that much longer."""
     delay_s = 0.4
+    relays: list[asyncio.Task[Any]] = []
 
     async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        relays.append(task)
         server_r, server_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, delay: float) -> None:
@@ -158,6 +163,7 @@ async def test_a_slow_reply_does_not_stretch_a_cached_denial(redis_server: Redis
         # Read-time + retry_after would be delay_s (400 ms) late; send-time + retry_after is not.
         assert cached.source == "local-cache" and 0 < cached.retry_after_ms <= left_ms + 2, (cached, left_ms)
     finally:
-        await lim.close()
+        await lim.close()  # its connections close, so every relay ends
+        await asyncio.wait_for(asyncio.gather(*relays, return_exceptions=True), 10)
         server.close()
         await server.wait_closed()
