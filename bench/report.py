@@ -39,7 +39,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("proxy.py", "connection_service.py", "tunnel.py", "ratelimit.py", "resources.py")
+ORDER = ("proxy.py", "connection_service.py", "tunnel.py", "offload.py", "ratelimit.py", "resources.py")
 # The row every other row of a load table is divided by.
 REFERENCE = {"proxy.py": "bare aiohttp pass-through", "connection_service.py": "bare aiohttp handler"}
 OURS, REF, NEUTRAL = "#1f5fbf", "#8c8c8c", "#d0d0d0"
@@ -66,6 +66,11 @@ BAR_CHARTS: dict[tuple[str, str], BarChart] = {
     ),
     ("ratelimit.py", "Redis commands per proxied call"): BarChart(
         "calls", (("per call", "Redis commands per call (target ≤ 1 admitted, ~0 denied)"),)
+    ),
+    ("offload.py", "table 1"): BarChart(
+        "front",
+        (("CPU us/req", "CPU µs per call, nginx and service together (lower is better)"), ("req/s", "req/s")),
+        lambda label: label.startswith(("nginx alone", "floor:", "node")),
     ),
     ("tunnel.py", "tunnel (CONNECT) against path mode"): BarChart(
         "what",
