@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from proxy.errors import ConfigError
 
@@ -92,6 +92,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         # redis-py parses the single-server form; the WAIT options are ours, so they are cut out.
         passthrough = "&".join(p for p in query.split("&") if p and p.split("=")[0] not in _WAIT_OPTIONS)
         clean = f"{scheme}://{rest}" + (f"?{passthrough}" if passthrough else "")
+        _check_single(clean, scheme)
         return RedisTarget("single", clean, tls, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
     allowed = {*_TLS_OPTIONS, *_WAIT_OPTIONS, *(_SENTINEL_OPTIONS if kind == "sentinel" else ())}
     unknown = sorted(set(options) - allowed)
@@ -121,7 +122,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     else:
         if not parts or not parts[0]:
             raise ConfigError(_KEY, "redis+sentinel:// needs the master's service name: .../SERVICE_NAME")
-        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        if len(parts) > 2 or (len(parts) == 2 and not (parts[1].isascii() and parts[1].isdigit())):
             raise ConfigError(_KEY, "the sentinel path is /SERVICE_NAME or /SERVICE_NAME/DB (DB a number)")
         service, db = parts[0], int(parts[1]) if len(parts) == 2 else 0
     del fragment  # a fragment carries nothing for Redis
@@ -159,7 +160,7 @@ def _int_option(options: dict[str, str], name: str, default: int, lo: int, hi: i
     text = options.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not lo <= int(text) <= hi:
+    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
         raise ConfigError(_KEY, f"{name} must be a whole number from {lo} to {hi}")
     return int(text)
 
@@ -188,6 +189,23 @@ def _node(text: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(_KEY, "every node needs a host: HOST:PORT[,HOST:PORT...]")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigError(_KEY, "a node's port must be a number from 1 to 65535")
     return host, int(port_text)
+
+
+def _check_single(url: str, scheme: str) -> None:
+    """Refuse a single-server URL redis-py would fail on at connect time with a message quoting
+    part of it (an unescaped '#', '/' or '?' in a password ends up read as the port or the db)."""
+    bad = ConfigError(
+        _KEY,
+        "is not a valid Redis URL: check host, port and db, and percent-encode '#', '/', '?' and '@' in the password",
+    )
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise bad from None
+    db = parts.path.strip("/")
+    if parts.fragment or (scheme != "unix" and db and not (db.isascii() and db.isdigit())):
+        raise bad

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -357,6 +358,9 @@ def check_environment(env: Mapping[str, str]) -> None:
             )
 
 
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
+
+
 def _cross_check(s: Settings) -> None:
     if s.master_key and s.master_key_file:
         raise ConfigError("master_key", "set either master_key or master_key_file, not both")
@@ -382,6 +386,10 @@ def _cross_check(s: Settings) -> None:
         )
     if s.decision_token is not None and len(s.decision_token) < 32:
         raise ConfigError("decision_token", "must be at least 32 characters (e.g. 32 random bytes, base64)")
+    # The token is written into the generated nginx config: '$', '"', ';' or '\\' would be expanded
+    # or end the directive there.
+    if s.decision_token is not None and not _TOKEN_CHARS.fullmatch(s.decision_token):
+        raise ConfigError("decision_token", "may hold only letters, digits and . _ ~ + / = - (base64 or hex)")
     if s.decision_listen is not None and s.decision_listen.startswith("unix:") and s.workers > 1:
         raise ConfigError("decision_listen", "a unix socket serves one process: use HOST:PORT with --workers")
     if s.upstream_connect_timeout_s > s.upstream_total_timeout_s:

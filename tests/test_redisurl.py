@@ -74,3 +74,16 @@ def test_settings_accept_the_new_forms_and_refuse_a_bad_one() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(env={"PROXY_REDIS_URL": "redis+cluster://h:1/5"})
     assert err.value.key == "redis_url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://u:s3cr#et@host:6379", "redis://:pa/ss@host", "redis://h:6379/two", "redis+sentinel://h/m/²"],
+)
+def test_a_single_server_url_redis_py_would_misread_is_refused_without_quoting_it(url: str) -> None:
+    """An unescaped '#' or '/' in a password makes redis-py read part of it as the port or the db,
+    and its connect-time error quotes that part: refused here, naming the setting only."""
+    with pytest.raises(ConfigError) as err:
+        parse_redis_url(url)
+    assert err.value.key == "redis_url"
+    assert not any(part in err.value.message for part in ("s3cr", ":pa", "et@", "two"))

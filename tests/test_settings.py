@@ -212,3 +212,10 @@ def test_listener_tls_settings_from_file_and_environment(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as err:
         load_settings(env={**env, "PROXY_LISTEN_TLS_HOSTNAMES": "a"})
     assert err.value.key == "listen_tls_hostnames"
+
+
+@pytest.mark.parametrize("bad", ["a" * 32 + "$host", "a" * 32 + '";', "a" * 32 + "\\"])
+def test_a_decision_token_that_nginx_would_expand_or_end_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"PROXY_DECISION_TOKEN": bad})
+    assert err.value.key == "decision_token" and bad not in err.value.message

@@ -423,8 +423,13 @@ def _spki(c: x509.Certificate | _PrivateKey) -> bytes:
 
 
 def _spki_of_public(public: object) -> bytes:
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    # Any key type: a CA bundle may also hold an RSA root (only the signing CA must be EC).
+    if not hasattr(public, "public_bytes"):
+        raise ConfigError("ca_cert_file", "holds a certificate whose public key cannot be read")
+    der: bytes = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
 
 
 def self_signed(c: x509.Certificate) -> bool:

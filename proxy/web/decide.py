@@ -199,14 +199,16 @@ class ReportProtocol(asyncio.DatagramProtocol):
         start = data.find(b"{")
         if start < 0:
             return
+        # Anyone who reaches the port can send a datagram: whatever it holds (1e999, deep nesting,
+        # lone surrogates) is dropped, never a traceback per datagram in the log.
         try:
             line = json.loads(data[start:].decode("utf-8", "replace"))
             token, status = str(line["o"]), int(line["s"])
             headers = [(str(k), str(v)) for k, v in dict(line.get("h") or {}).items() if v]
             rid = str(line.get("r") or "")[:64]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return
-        if not token or self.decider.observed_now(token, status, headers, rid) is not None:
+            if not token or self.decider.observed_now(token, status, headers, rid) is not None:
+                return
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             return
         task = asyncio.get_running_loop().create_task(self.decider.observed(token, status, headers, rid))
         self.tasks.add(task)

@@ -92,7 +92,8 @@ def _parse(head: bytes) -> tuple[str, str, bool, list[Pair], int]:
             tokens = {t.strip() for t in val.lower().split(",")}
             keep_alive = "keep-alive" in tokens if version == b"HTTP/1.0" else "close" not in tokens
         elif lower == "content-length":
-            if not val.isdigit() or length or int(val) > MAX_BODY:
+            # ASCII digits only: str.isdigit() admits '²' and Arabic-Indic digits, which int() reads or refuses.
+            if not (val.isascii() and val.isdigit()) or length or int(val) > MAX_BODY:
                 raise _Bad
             length = int(val)
         elif lower == "transfer-encoding":

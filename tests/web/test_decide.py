@@ -394,7 +394,9 @@ async def test_tls_upstream_verified_by_name(tmp_path: Path, mode: str) -> None:
 # --- reports: only the service's own tokens teach the limiter ---------------------------------------
 
 
-async def test_forged_reports_teach_nothing(svc: RunningService, upstream: Upstream) -> None:
+async def test_forged_reports_teach_nothing(
+    svc: RunningService, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
     await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
     key = await svc.mint_key("t1")
     where = svc.settings.nginx_report_listen
@@ -415,6 +417,13 @@ async def test_forged_reports_teach_nothing(svc: RunningService, upstream: Upstr
         for token in forged:
             line = {"o": token, "s": "429", "r": "x", "h": {"retry-after": "60"}}
             transport.sendto(b"<190>cp: " + json.dumps(line).encode())
+        # Datagrams that are no report at all are dropped too (no traceback per datagram).
+        for junk in (
+            b'<190>cp: {"o": "x.y", "s": 1e999}',
+            b"<190>cp: " + b"[" * 5000 + b"]" * 5000,
+            b'<190>cp: {"o": "\\ud800.x", "s": "429"}',
+        ):
+            transport.sendto(junk)
         await asyncio.sleep(0.3)
         status, _, _ = await call(svc, svc.url, "/proxy/a", "c1", key=key)
         assert status == 200  # nothing was learned
@@ -426,6 +435,7 @@ async def test_forged_reports_teach_nothing(svc: RunningService, upstream: Upstr
                 break
             await asyncio.sleep(0.05)
         assert status == 429 and headers["X-Proxy-Error"] == "RATE_LIMITED"
+        assert not [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"], caplog.text
     finally:
         transport.close()
 

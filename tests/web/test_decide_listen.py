@@ -115,6 +115,9 @@ async def test_decides_like_the_main_listener_and_keeps_alive(
         b"GET /_decide HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         b"GET /_decide HTTP/2.0\r\n\r\n",
         b"GET /_decide\x00 HTTP/1.1\r\n\r\n",
+        # Non-ASCII digits: str.isdigit() admits them, int() reads or refuses them.
+        "GET /_decide HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode(),
+        "GET /_decide HTTP/1.1\r\nContent-Length: \u0661\u0660\r\n\r\n".encode(),
     ],
 )
 async def test_malformed_requests_are_refused_and_closed(
