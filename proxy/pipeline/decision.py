@@ -7,6 +7,15 @@ resolves the upstream host through the same egress guard the service's own clien
 proxy in front is told the *checked IP address* to connect to and, separately, the name for
 ``Host``, SNI and certificate verification: it never resolves a name itself (no rebinding window).
 
+nginx asks again for every call, mostly the same question: a verdict is remembered (``_memo``)
+per caller, connection, request target and the caller headers that can change it, and replayed
+while it is still what ``prepare`` would build. A replay is not a cache of the *answer*: on every
+call it still loads the connection's credentials through the vault (a revoked, deleted or
+changed connection is a new ``Credentials`` object or an error, as on the full path), checks the
+tenant's proxy-only flag, asks the limiter (a denial takes the full path, which waits or refuses)
+and computes the lifetime afresh; the caller was authenticated before. Only static credentials
+are replayed (an OAuth token may need refreshing) and never past the checked address's DNS TTL.
+
 Security invariants kept here:
 - nginx can only set header names known when its configuration was generated
   (``injectable_headers``); a call whose credential travels in any other header, whose connection
@@ -30,12 +39,13 @@ import math
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from proxy.cache import BoundedCache
+from proxy.cache import BoundedCache, IdentityCache
 from proxy.errors import UpstreamUnreachable
 from proxy.model import Caller
+from proxy.observe import trace
 from proxy.observe.outcome import of_status
 from proxy.pipeline.pipeline import Exchange, Pipeline, parse_control_int
 from proxy.pipeline.plan import MAX_RETRIES, Plan
@@ -45,6 +55,7 @@ from proxy.security.egress import parse_ip_literal
 
 if TYPE_CHECKING:
     from proxy.catalogue import Catalogue
+    from proxy.vault.records import Credentials
 
 __all__ = [
     "CONTROL_SET",
@@ -80,6 +91,13 @@ _DEFAULT_INJECTABLE = ("authorization", "cookie", "x-api-key")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 DNS_TTL_S = 10.0  # as the service's own client (aiohttp's ttl_dns_cache)
 OBSERVATION_TTL_S = 120
+# Caller headers that differ on every call and that no verdict depends on: left out of the memo
+# key so that tracing callers are replayed too (a value with CR, LF or NUL stays in the key, so
+# such a call takes the full path and its header check).
+_PER_CALL = frozenset({"x-request-id", "traceparent", "tracestate"})
+MEMO_SIZE = 4096
+# (actor, tenant, connection as resolved) of a decision, for its audit record.
+Who = tuple[str, str, str]
 
 
 def injectable_headers(catalogue: Catalogue, extra: Iterable[str] = ()) -> tuple[str, ...]:
@@ -123,6 +141,25 @@ class Verdict:
     observation: str = field(default="", repr=False)
 
 
+@dataclass(slots=True)
+class _Memo:
+    """A verdict and what it was built from; valid while ``creds`` is the vault's current object."""
+
+    creds: Credentials
+    plan: Plan
+    verdict: Verdict
+    who: Who
+    until: float  # monotonic: the checked address's DNS TTL
+
+
+def _memo_headers(caller_headers: Sequence[Pair]) -> tuple[Pair, ...]:
+    return tuple(
+        p
+        for p in caller_headers
+        if p[0].lower() not in _PER_CALL or "\r" in p[1] or "\n" in p[1] or "\x00" in p[1]
+    )
+
+
 class Decider:
     """The decision half of the pipeline for a proxy in front."""
 
@@ -141,6 +178,10 @@ class Decider:
         # may serve it: a report is learned from at once (``observed_now``), before the next
         # decision is made, so a learned Retry-After is not raced by a decision nginx caches.
         self._plans: BoundedCache[tuple[str, str], tuple[float, Plan]] = BoundedCache(4096)
+        self._memo: BoundedCache[tuple[object, ...], _Memo] = BoundedCache(MEMO_SIZE)
+        # The answer headers of a verdict, for the web layer (read, never mutated, by both
+        # listeners): a replayed verdict is the same object, rendered once.
+        self.rendered: IdentityCache[Verdict, dict[str, str]] = IdentityCache(MEMO_SIZE)
         s = pipeline.settings
         self._plan_ttl = s.credential_cache_ttl_s
         # nginx holds an entry up to one second past its lifetime (whole-second clock).
@@ -165,8 +206,16 @@ class Decider:
         caller_headers: Sequence[Pair],
         nominated: str,
         request_id: str,
-    ) -> tuple[Verdict, Exchange | None]:
-        """The verdict for one call; raises the pipeline's ``ProxyError`` on refusal."""
+    ) -> tuple[Verdict, Who | None]:
+        """The verdict for one call and whose call it was (None for the service route); raises
+        the pipeline's ``ProxyError`` on refusal."""
+        key: tuple[object, ...] = (caller, tenant_id, connection_id, runtime_user_id, method, path, query)
+        key += (nominated, *_memo_headers(caller_headers))
+        memo = self._memo.get(key)
+        if memo is not None and memo.until > time.monotonic():
+            verdict = await self._replay(memo, caller, tenant_id, connection_id, runtime_user_id)
+            if verdict is not None:
+                return verdict, memo.who
         h = {k.lower(): v for k, v in caller_headers}
         if self._needs_service(h, nominated):
             return self._service(caller_headers, nominated), None
@@ -195,10 +244,11 @@ class Decider:
             )
         except ServeByService:
             return self._service(caller_headers, nominated), None
-        self._plans.put((ex.tenant_id, ex.connection_id), (time.monotonic() + self._plan_ttl, ex.plan))
+        plan = ex.plan
+        self._plans.put((ex.tenant_id, ex.connection_id), (time.monotonic() + self._plan_ttl, plan))
         url = ex.url
         scheme, host, port = url.scheme, url.raw_host or "", url.explicit_port or url.port or 0
-        addr = await self._address(host, port)
+        addr, until = await self._address(host, port)
         default = 443 if scheme == "https" else 80
         netloc = f"[{host}]" if ":" in host else host
         verdict = Verdict(
@@ -209,10 +259,45 @@ class Decider:
             server_name=host,
             uri=url.raw_path_qs,
             set_headers=self._headers(ex),
-            lifetime_s=self._lifetime(ex),
+            lifetime_s=self._lifetime(plan, ex.limit_source),
             observation=self.sign(caller.actor, ex.tenant_id, ex.connection_id),
         )
-        return verdict, ex
+        who = (caller.actor, ex.tenant_id, ex.connection_id)
+        if plan.injection is not None:  # static credentials (OAuth: see the module doc)
+            self._memo.put(key, _Memo(plan.creds, plan, verdict, who, until))
+        return verdict, who
+
+    async def _replay(
+        self,
+        memo: _Memo,
+        caller: Caller,
+        tenant_id: str,
+        connection_id: str,
+        runtime_user_id: str | None,
+    ) -> Verdict | None:
+        """``memo``'s verdict if ``prepare`` would build it now (None: take the full path).
+        Raises as ``prepare`` would when the connection is gone or not usable any more."""
+        pipeline = self.pipeline
+        ctx = trace.current()
+        if ctx is not None:
+            ctx.tenant, ctx.connection = tenant_id, connection_id
+        creds = await pipeline.credentials(tenant_id, connection_id, runtime_user_id)
+        if creds is not memo.creds or await pipeline.tenant_flags.proxy_only(tenant_id):
+            return None
+        plan = memo.plan
+        decision = await pipeline.limiter.acquire(plan.target)
+        if not decision.allowed:
+            return None  # a denial spends nothing; the full path waits or refuses
+        if ctx is not None:
+            ctx.connection, ctx.integration, ctx.upstream_host = memo.who[2], plan.integration.id, plan.host
+            ctx.limit, ctx.limit_source = "allowed", decision.source
+        self._plans.put((memo.who[1], memo.who[2]), (time.monotonic() + self._plan_ttl, plan))
+        verdict = memo.verdict
+        lifetime = self._lifetime(plan, decision.state.source)
+        observation = self.sign(caller.actor, memo.who[1], memo.who[2])
+        if lifetime != verdict.lifetime_s or observation != verdict.observation:
+            verdict = memo.verdict = replace(verdict, lifetime_s=lifetime, observation=observation)
+        return verdict
 
     def _needs_service(self, h: Mapping[str, str], nominated: str) -> bool:
         """Caller headers the pipeline drops that the generated config would forward."""
@@ -252,17 +337,18 @@ class Decider:
                 out[lname].append(value)
         return {n: ("; " if n == "cookie" else ", ").join(v) for n, v in out.items()}
 
-    async def _address(self, host: str, port: int) -> str:
+    async def _address(self, host: str, port: int) -> tuple[str, float]:
         """The address nginx connects to, checked by the egress guard (``check_destination``
-        already refused non-public literals; names are resolved and every address checked)."""
+        already refused non-public literals; names are resolved and every address checked), and
+        until when (monotonic) it may be used."""
         now = time.monotonic()
         cached = self._addrs.get((host, port))
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return cached[1], cached[0]
         if parse_ip_literal(host) is not None:
             literal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self._addrs.put((host, port), (math.inf, literal))
-            return literal
+            return literal, math.inf
         try:
             try:
                 results = await self._resolver.resolve(host, port, socket.AF_INET)
@@ -280,14 +366,14 @@ class Decider:
         ip = str(results[0]["host"])
         addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         self._addrs.put((host, port), (now + DNS_TTL_S, addr))
-        return addr
+        return addr, now + DNS_TTL_S
 
-    def _lifetime(self, ex: Exchange) -> int:
-        """Seconds the proxy in front may reuse this decision (0: ask again every call)."""
+    def _lifetime(self, plan: Plan, limit_source: str | None) -> int:
+        """Seconds the proxy in front may reuse this decision (0: ask again every call);
+        ``limit_source``: the kind of limit state the limiter reported for the call."""
         n = self.max_lifetime
-        plan = ex.plan
         target = plan.target
-        if n <= 0 or target.windows or target.quota_windows or ex.limit_source is not None:
+        if n <= 0 or target.windows or target.quota_windows or limit_source is not None:
             return 0
         if plan.oauth:
             expires = plan.creds.params.get("expires_at")

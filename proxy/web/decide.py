@@ -24,11 +24,13 @@ import hmac
 import json
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDictProxy
 
+from proxy.cache import IdentityCache
 from proxy.errors import NotFound, ProxyError, Unauthenticated
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.decision import (
@@ -36,10 +38,11 @@ from proxy.pipeline.decision import (
     NGINX_STRIPS,
     Decider,
     Verdict,
+    Who,
     injectable_headers,
     observation_key,
 )
-from proxy.pipeline.pipeline import Exchange, refuse_trace
+from proxy.pipeline.pipeline import refuse_trace
 from proxy.web import decide_listen
 from proxy.web.authn import services_of
 from proxy.web.errors import request_id_of
@@ -51,6 +54,8 @@ __all__ = ["DECIDER", "DECIDE_PATH", "setup"]
 log = logging.getLogger("proxy.decide")
 
 DECIDER = web.AppKey("decider", Decider)
+# The inputs read from each read-only header view the lean listener hands in (see ``answer``).
+INPUTS = web.AppKey("decide_inputs", IdentityCache[Mapping[str, str], "_Inputs"])
 DECIDE_PATH = "/_decide"
 TOKEN_HEADER = "X-CP-Decision-Token"
 _PATH_PREFIX = "/proxy"
@@ -122,56 +127,97 @@ def refusal(exc: ProxyError, rid: str) -> Parts:
     return 403, headers, b""
 
 
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    """What a decision reads from its request's headers, past the token check."""
+
+    nginx: bool
+    method: str
+    path: str  # below /proxy
+    query: str
+    connection_id: str
+    tenant_header: str | None
+    runtime_user_id: str | None
+    caller_headers: tuple[tuple[str, str], ...]
+    nominated: str
+
+
+def _inputs(h: Mapping[str, str], pairs: Iterable[tuple[str, str]]) -> _Inputs:
+    method = h.get("X-Original-Method", "")
+    refuse_trace(method)
+    uri = h.get("X-Original-URI", "")
+    path, _, query = uri.partition("?")
+    if not (path == _PATH_PREFIX or path.startswith(_PATH_PREFIX + "/")) or not method:
+        raise NotFound(
+            "no such endpoint: calls through nginx are made as in path mode, "
+            "/proxy/{path} with X-Connection-Id"
+        )
+    return _Inputs(
+        nginx=h.get("X-CP-Front", "") == "nginx",
+        method=method,
+        path=path[len(_PATH_PREFIX) :],
+        query=query,
+        connection_id=connection_id_of(h.get("X-Connection-Id")),
+        tenant_header=h.get("X-Tenant-Id"),
+        runtime_user_id=runtime_user_of(h.get("X-Runtime-User-Id")),
+        caller_headers=tuple(_caller_headers(pairs)),
+        nominated=h.get("X-CP-Caller-Connection", ""),
+    )
+
+
 async def answer(
     app: web.Application, h: Mapping[str, str], pairs: Iterable[tuple[str, str]], rid: str
 ) -> Parts:
     """One decision as (status, headers, body), whichever listener received it. ``h`` is the
-    request's headers (case-insensitive), ``pairs`` the same in order. A refusal is answered in
-    nginx's shape for ``X-CP-Front: nginx``, else raised (the listener maps it)."""
+    request's headers (case-insensitive), ``pairs`` the same in order; a listener that hands the
+    same read-only ``h`` for the same request bytes (the lean one) has them read once. A refusal
+    is answered in nginx's shape for ``X-CP-Front: nginx``, else raised (the listener maps it)."""
     svc = services_of(app)
-    _check_token(h, svc.settings.decision_token)
     decider = app[DECIDER]
     pipeline = app[PIPELINE]
-    nginx = h.get("X-CP-Front", "") == "nginx"
+    known = app[INPUTS]
+    inputs = known.get(h)
+    if inputs is None:
+        # Before anything else, and raised as is: nginx passes a 401 through unchanged.
+        _check_token(h, svc.settings.decision_token)
+    nginx = inputs.nginx if inputs is not None else h.get("X-CP-Front", "") == "nginx"
     outcome: str = Outcome.ERROR
-    ex: Exchange | None = None
-    who: tuple[str, str, str] = ("-", "-", "-")
+    resolved: Who | None = None
+    who: Who = ("-", "-", "-")
     try:
-        method = h.get("X-Original-Method", "")
-        refuse_trace(method)
-        uri = h.get("X-Original-URI", "")
-        path, _, query = uri.partition("?")
-        if not (path == _PATH_PREFIX or path.startswith(_PATH_PREFIX + "/")) or not method:
-            raise NotFound(
-                "no such endpoint: calls through nginx are made as in path mode, "
-                "/proxy/{path} with X-Connection-Id"
-            )
+        if inputs is None:
+            inputs = _inputs(h, pairs)
+            if isinstance(h, CIMultiDictProxy):  # read-only: the same object is the same request
+                known.put(h, inputs)
         caller = await svc.auth.authenticate(h, None, allow_trusted=False)
-        cid = connection_id_of(h.get("X-Connection-Id"))
-        tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+        cid = inputs.connection_id
+        tenant = tenant_for(caller, inputs.tenant_header, cid, "X-Tenant-Id")
         who = (caller.actor, tenant, cid)
-        verdict, ex = await decider.decide(
+        verdict, resolved = await decider.decide(
             caller=caller,
             tenant_id=tenant,
             connection_id=cid,
-            runtime_user_id=runtime_user_of(h.get("X-Runtime-User-Id")),
-            method=method,
-            path=path[len(_PATH_PREFIX) :],
-            query=query,
-            caller_headers=_caller_headers(pairs),
-            nominated=h.get("X-CP-Caller-Connection", ""),
+            runtime_user_id=inputs.runtime_user_id,
+            method=inputs.method,
+            path=inputs.path,
+            query=inputs.query,
+            caller_headers=inputs.caller_headers,
+            nominated=inputs.nominated,
             request_id=rid,
         )
         outcome = "allowed" if verdict.route == "upstream" else "service"
-        return 200, verdict_headers(verdict, decider.names), b""
+        headers = decider.rendered.get(verdict)
+        if headers is None:  # a replayed verdict is the same object: render it once
+            headers = decider.rendered.put(verdict, verdict_headers(verdict, decider.names))
+        return 200, headers, b""
     except ProxyError as exc:
         outcome = of_error(exc)
         if nginx:
             return refusal(exc, rid)
         raise
     finally:
-        if ex is not None:
-            who = (ex.caller.actor, ex.tenant_id, ex.connection_id)
+        if resolved is not None:
+            who = resolved
         if who[1] != "-":
             pipeline.audit.record_use(who[0], who[1], who[2], "proxy.decide", outcome, rid)
         pipeline.finish(None, "nginx", outcome)
@@ -221,7 +267,7 @@ LEAN = web.AppKey("decision_listener", decide_listen.LeanListener)
 
 def _lean_handler(app: web.Application) -> decide_listen.Handler:
     async def handle(
-        target: str, method: str, h: CIMultiDict[str], pairs: list[tuple[str, str]], rid: str
+        target: str, method: str, h: CIMultiDictProxy[str], pairs: tuple[tuple[str, str], ...], rid: str
     ) -> Parts:
         if target.partition("?")[0] != DECIDE_PATH:
             raise NotFound(f"no such endpoint; this listener serves only {DECIDE_PATH}")
@@ -240,6 +286,7 @@ async def _start(app: web.Application) -> None:
         svc.settings.nginx_decision_cache_s,
     )
     app[DECIDER] = decider
+    app[INPUTS] = IdentityCache(1024)
     where = svc.settings.nginx_report_listen
     if where is not None and svc.settings.decision_token:
         loop = asyncio.get_running_loop()

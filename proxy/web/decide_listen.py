@@ -17,7 +17,11 @@ Invariants:
   cannot smuggle a header into nginx's view of the decision;
 - errors go through the one mapping (``proxy.web.errors.error_parts``); an unexpected exception
   is logged with its frames only and answered as a generic 500 with the request id;
-- the token check, audit and metrics are the decision's own (``proxy.web.decide.answer``).
+- the token check, audit and metrics are the decision's own (``proxy.web.decide.answer``);
+- a head seen before is not parsed again: the parse is a pure function of its bytes, kept with
+  its headers as a read-only view (``heads``), so every handler sees exactly what a first parse
+  gives; a 200 answer whose header dict is the same object as before (a replayed verdict) is
+  written from the bytes rendered for it then (``rendered``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import errors
+from proxy.cache import BoundedCache, IdentityCache
 from proxy.web.errors import error_parts, request_id_from
 
 __all__ = ["MAX_HEAD", "LeanListener", "Pair", "Parts", "start"]
@@ -46,11 +51,16 @@ log = logging.getLogger("proxy.decide")
 Pair = tuple[str, str]
 Parts = tuple[int, dict[str, str], bytes]
 # (target, method, headers, the same as pairs in order, request id) -> answer; raises
-# ProxyError to refuse.
-Handler = Callable[[str, str, CIMultiDict[str], list[Pair], str], Awaitable[Parts]]
+# ProxyError to refuse. The headers are read-only and shared by every request with the same
+# head bytes (see ``_Conn._next``).
+Handler = Callable[[str, str, CIMultiDictProxy[str], tuple[Pair, ...], str], Awaitable[Parts]]
 
 MAX_HEAD = 64 * 1024  # nginx forwards at most its own large_client_header_buffers (4 x 8k)
 MAX_BODY = 1 << 20
+# nginx sends the same subrequest head again and again (same caller, same target): heads up to
+# this size are parsed once and their parse kept (at most HEADS_KEPT of them).
+MEMO_HEAD = 4096
+HEADS_KEPT = 1024
 IDLE_S = 75.0  # a kept-alive connection without a request for this long is closed
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADERS = re.compile(
@@ -64,8 +74,11 @@ class _Bad(Exception):
     """A request this listener will not interpret: 400 and close."""
 
 
-def _parse(head: bytes) -> tuple[str, str, bool, list[Pair], int]:
-    """(method, target, keep_alive, header pairs, body length) of one request head."""
+Parsed = tuple[str, str, bool, tuple[Pair, ...], int, CIMultiDictProxy[str]]
+
+
+def _parse(head: bytes) -> Parsed:
+    """(method, target, keep_alive, header pairs, body length, headers) of one request head."""
     line, _, block = head.partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -98,7 +111,8 @@ def _parse(head: bytes) -> tuple[str, str, bool, list[Pair], int]:
             length = int(val)
         elif lower == "transfer-encoding":
             raise _Bad  # nginx sends the subrequest without a body; chunked is not ours to guess
-    return method.decode("ascii"), target.decode("ascii"), keep_alive, pairs, length
+    h = CIMultiDictProxy(CIMultiDict(pairs))
+    return method.decode("ascii"), target.decode("ascii"), keep_alive, tuple(pairs), length, h
 
 
 def _render(status: int, headers: dict[str, str], body: bytes, close: bool) -> bytes:
@@ -151,11 +165,17 @@ class _Conn(asyncio.Protocol):
         if end > MAX_HEAD:
             self._refuse(431)
             return
-        try:
-            method, target, keep_alive, pairs, length = _parse(bytes(self.buf[:end]))
-        except (_Bad, UnicodeDecodeError):
-            self._refuse(400)
-            return
+        head = bytes(self.buf[:end])
+        parsed = self.lean.heads.get(head)
+        if parsed is None:
+            try:
+                parsed = _parse(head)
+            except (_Bad, UnicodeDecodeError):
+                self._refuse(400)
+                return
+            if end <= MEMO_HEAD:  # a pure function of the bytes: the same head, the same parse
+                self.lean.heads.put(head, parsed)
+        method, target, keep_alive, pairs, length, h = parsed
         if len(self.buf) < end + 4 + length:
             return  # the body is still coming; it is read and ignored
         del self.buf[: end + 4 + length]
@@ -163,7 +183,7 @@ class _Conn(asyncio.Protocol):
         # Most decisions never wait (every cache warm): run the handler at once, and make a
         # task only of one that does (a Task per call was a measurable share of the decision).
         ctx = contextvars.copy_context()
-        coro = self._serve(method, target, keep_alive, pairs)
+        coro = self._serve(method, target, keep_alive, pairs, h)
         try:
             yielded = ctx.run(coro.send, None)
         except StopIteration:
@@ -184,12 +204,23 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
         self.buf.clear()
 
-    async def _serve(self, method: str, target: str, keep_alive: bool, pairs: list[Pair]) -> None:
-        h = CIMultiDict(pairs)
+    async def _serve(
+        self, method: str, target: str, keep_alive: bool, pairs: tuple[Pair, ...], h: CIMultiDictProxy[str]
+    ) -> None:
         rid = request_id_from(h.get("X-Request-Id", ""))
         try:
             status, headers, body = await self.lean.handler(target, method, h, pairs, rid)
-            data = _render(status, headers, body, not keep_alive)
+            if status == 200 and not body:
+                # A replayed verdict's headers are the same dict: written once as bytes.
+                data = self.lean.rendered.get(headers, "close" if not keep_alive else None)
+                if data is None:
+                    data = self.lean.rendered.put(
+                        headers,
+                        _render(200, headers, b"", not keep_alive),
+                        "close" if not keep_alive else None,
+                    )
+            else:
+                data = _render(status, headers, body, not keep_alive)
         except errors.ProxyError as exc:
             if exc.status >= 500:
                 log.warning("decision %s failed: %s %s", rid, exc.code, exc.message)
@@ -256,6 +287,8 @@ class LeanListener:
         self.loop = asyncio.get_running_loop()
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.heads: BoundedCache[bytes, Parsed] = BoundedCache(HEADS_KEPT)
+        self.rendered: IdentityCache[dict[str, str], bytes] = IdentityCache(HEADS_KEPT)
         self.server: asyncio.Server | None = None
         self.path: str | None = None
         self._sweeper = self.loop.call_later(IDLE_S / 3, self._sweep)

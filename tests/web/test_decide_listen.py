@@ -174,3 +174,102 @@ async def test_tcp_listener_and_generated_config(tmp_path: Path) -> None:
         conf = render(svc.settings, (), listen="127.0.0.1:1", service=svc.url, prefix=tmp_path)
         assert f"upstream cp_decider {{ server 127.0.0.1:{port}; keepalive 64; }}" in conf
         assert "proxy_pass http://cp_decider/_decide;" in conf
+
+
+# --- the same question again: every memo on the way (head parse, inputs, verdict replay, answer
+# bytes) must give exactly what a first-time question would get, after any change. ---------------
+
+
+async def _decide(path: str, ask: dict[str, str]) -> tuple[int, dict[str, str]]:
+    ((status, headers, _),) = await _exchange(path, _req(ask))
+    if status == 403 and "x-cp-status" in headers:  # nginx's shape of a refusal
+        return int(headers["x-cp-status"]), headers
+    return status, headers
+
+
+async def test_a_repeated_question_follows_every_change(
+    lean: tuple[RunningService, str], upstream: Upstream
+) -> None:
+    from proxy.security import crypto
+
+    svc, path = lean
+    body = {"integration_id": "http_bearer", "parameters": {"token": CANARY, "base_url": upstream.url}}
+    await svc.put_connection("t1", "c1", body)
+    key = await svc.mint_key("t1")
+    ask = {
+        "Authorization": f"Bearer {key}",
+        "X-Connection-Id": "c1",
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/proxy/items",
+        "X-CP-Front": "nginx",
+        "X-CP-Decision-Token": DECISION_TOKEN,
+    }
+    # Tracing callers differ in every call; they are asked the same question.
+    for i in range(3):
+        tp = f"00-{i:032x}-{i + 1:016x}-01"
+        status, h = await _decide(path, {**ask, "X-Request-Id": f"r{i}", "traceparent": tp})
+        assert status == 200 and h["x-cp-h-authorization"] == f"Bearer {CANARY}"
+    # The connection changes: the very next answer carries the new credential.
+    await svc.put_connection("t1", "c1", {**body, "parameters": {**body["parameters"], "token": "new-tok"}})
+    status, h = await _decide(path, ask)
+    assert status == 200 and h["x-cp-h-authorization"] == "Bearer new-tok"
+    # The tenant becomes proxy-only: the call goes to the service's path mode.
+    status, _ = await svc.admin("PUT", "/admin/tenants/t1", {"proxy_only": True})
+    assert status == 200
+    status, h = await _decide(path, ask)
+    # (the caller's own Authorization goes to path mode, never the connection's credential)
+    assert status == 200 and h["x-cp-route"] == "service"
+    assert h["x-cp-h-authorization"] == f"Bearer {key}"
+    status, _ = await svc.admin("PUT", "/admin/tenants/t1", {"proxy_only": False})
+    status, h = await _decide(path, ask)
+    assert status == 200 and h["x-cp-route"] == "upstream"
+    # The connection is deleted: refused at once.
+    status, _ = await svc.admin("DELETE", "/admin/tenants/t1/connections/c1")
+    assert status in (200, 204)
+    status, h = await _decide(path, ask)
+    assert status == 404 and h["x-cp-error"] == "CONNECTION_NOT_FOUND"
+    # Back, then the caller's key is revoked: refused at once, nothing of the credential.
+    await svc.put_connection("t1", "c1", body)
+    status, h = await _decide(path, ask)
+    assert status == 200
+    key_id = crypto.split_api_key(key)[0]  # type: ignore[index]
+    status, _ = await svc.admin("DELETE", f"/admin/tenants/t1/api-keys/{key_id}")
+    assert status in (200, 204)
+    status, h = await _decide(path, ask)
+    assert status == 401 and h["x-cp-error"] == "UNAUTHENTICATED"
+    assert not any(CANARY in v for v in h.values())
+
+
+async def test_a_repeated_question_still_spends_the_limit(
+    lean: tuple[RunningService, str], upstream: Upstream
+) -> None:
+    svc, path = lean
+    await svc.put_connection(
+        "t1",
+        "c1",
+        {
+            "integration_id": "http_bearer",
+            "parameters": {"token": CANARY, "base_url": upstream.url},
+            "rate_limits": [{"limit": 3, "window": "1h"}],
+        },
+    )
+    key = await svc.mint_key("t1")
+    ask = {
+        "Authorization": f"Bearer {key}",
+        "X-Connection-Id": "c1",
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/proxy/items",
+        "X-CP-Front": "nginx",
+        "X-CP-Decision-Token": DECISION_TOKEN,
+    }
+    got = [await _decide(path, ask) for _ in range(5)]
+    assert [s for s, _ in got] == [200, 200, 200, 429, 429]
+    assert all(h["x-accel-expires"] == "0" for _, h in got)  # a windowed decision is never cached
+    assert int(got[3][1]["x-cp-retry-after"]) > 0
+
+
+def test_per_call_headers_with_control_characters_stay_in_the_memo_key() -> None:
+    from proxy.pipeline.decision import _memo_headers
+
+    kept = _memo_headers([("Accept", "*/*"), ("X-Request-Id", "r1"), ("traceparent", "a\x00b")])
+    assert kept == (("Accept", "*/*"), ("traceparent", "a\x00b"))
