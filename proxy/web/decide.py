@@ -46,8 +46,7 @@ from proxy.pipeline.pipeline import refuse_trace
 from proxy.web import decide_listen
 from proxy.web.authn import services_of
 from proxy.web.errors import request_id_of
-from proxy.web.proxy_routes import PIPELINE, runtime_user_of, tenant_for
-from proxy.web.proxy_routes import _connection_id as connection_id_of
+from proxy.web.proxy_routes import PIPELINE, header_identity
 
 __all__ = ["DECIDER", "DECIDE_PATH", "setup"]
 
@@ -135,9 +134,6 @@ class _Inputs:
     method: str
     path: str  # below /proxy
     query: str
-    connection_id: str
-    tenant_header: str | None
-    runtime_user_id: str | None
     caller_headers: tuple[tuple[str, str], ...]
     nominated: str
 
@@ -157,9 +153,6 @@ def _inputs(h: Mapping[str, str], pairs: Iterable[tuple[str, str]]) -> _Inputs:
         method=method,
         path=path[len(_PATH_PREFIX) :],
         query=query,
-        connection_id=connection_id_of(h.get("X-Connection-Id")),
-        tenant_header=h.get("X-Tenant-Id"),
-        runtime_user_id=runtime_user_of(h.get("X-Runtime-User-Id")),
         caller_headers=tuple(_caller_headers(pairs)),
         nominated=h.get("X-CP-Caller-Connection", ""),
     )
@@ -189,15 +182,14 @@ async def answer(
             inputs = _inputs(h, pairs)
             if isinstance(h, CIMultiDictProxy):  # read-only: the same object is the same request
                 known.put(h, inputs)
-        caller = await svc.auth.authenticate(h, None, allow_trusted=False)
-        cid = inputs.connection_id
-        tenant = tenant_for(caller, inputs.tenant_header, cid, "X-Tenant-Id")
-        who = (caller.actor, tenant, cid)
+        ident = await header_identity(app, h)  # as path mode names its caller and connection
+        caller = ident.caller
+        who = (caller.actor, ident.tenant_id, ident.connection_id)
         verdict, resolved = await decider.decide(
             caller=caller,
-            tenant_id=tenant,
-            connection_id=cid,
-            runtime_user_id=inputs.runtime_user_id,
+            tenant_id=ident.tenant_id,
+            connection_id=ident.connection_id,
+            runtime_user_id=ident.runtime_user_id,
             method=inputs.method,
             path=inputs.path,
             query=inputs.query,

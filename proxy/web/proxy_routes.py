@@ -22,6 +22,7 @@ goes away cancels the upstream call.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +249,16 @@ def proxy_auth_required(message: str) -> ProxyAuthenticationRequired:
     )
 
 
+async def header_identity(app: web.Application, h: Mapping[str, str]) -> Identity:
+    """The caller of a path-mode call (and of an nginx decision, the same call seen from nginx):
+    authenticated first, so nothing about the naming headers is told to an unknown caller."""
+    # The contract's trusted networks cover the Connection Service and the envelope only.
+    caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
+    cid = _connection_id(h.get("X-Connection-Id"))
+    tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
+    return Identity(caller, tenant, cid, runtime_user_of(h.get("X-Runtime-User-Id")))
+
+
 async def forward_identity(request: web.BaseRequest, app: web.Application) -> Identity:
     """The caller of a forward-proxy request (absolute-form or CONNECT): 407 when it has no or
     bad proxy credentials. A Basic user name names the connection; with Bearer, the headers do."""
@@ -305,11 +316,7 @@ async def relay(
             if front == "forward":
                 identity = await forward_identity(request, app)
             else:
-                # The contract's trusted networks cover the Connection Service and the envelope only.
-                caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
-                cid = _connection_id(h.get("X-Connection-Id"))
-                tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
-                identity = Identity(caller, tenant, cid, runtime_user_of(h.get("X-Runtime-User-Id")))
+                identity = await header_identity(app, h)
         path = query = ""
         if absolute_url is None:
             path, _, query = request.raw_path.partition("?")

@@ -534,6 +534,10 @@ async def test_refusal_bodies_are_byte_for_byte_the_services(
         ("/proxy/%2e%2e/x", "c1", key, {}),
         ("/proxy/a", "c1", key, {"X-Proxy-Max-Wait-Ms": "soon"}),
         ("/proxy/a", "c1", key, {"X-Tenant-Id": "t2"}),
+        # Both name the caller before reading the headers naming the connection: an unknown
+        # caller with a malformed connection id hears 401, not what is wrong with the id.
+        ("/proxy/a", "bad id!", "cpk_bad_key", {}),
+        ("/proxy/a", "c1", key, {"X-Runtime-User-Id": "bad user!"}),
     ]
     async with nginx_front(svc, tmp_path) as f:
         for path, cid, k, extra in cases:
