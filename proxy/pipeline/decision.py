@@ -47,7 +47,8 @@ from proxy.errors import UpstreamUnreachable
 from proxy.model import Caller
 from proxy.observe import trace
 from proxy.observe.outcome import of_status
-from proxy.pipeline.pipeline import Exchange, Pipeline, parse_control_int
+from proxy.pipeline.exchange import Exchange, parse_control_int
+from proxy.pipeline.pipeline import Pipeline
 from proxy.pipeline.plan import MAX_RETRIES, Plan
 from proxy.pipeline.upstream.resolver import GuardedResolver
 from proxy.security.auth import KEY_CACHE_TTL_S

@@ -10,10 +10,8 @@ Security invariants kept here:
 - the upstream host is checked against the connection's allowed hosts (default: the base URL's
   host) and the egress guard *before* anything is sent; a refused call never reaches the network;
 - credentials travel over https only, except to hosts the operator allowed with egress_allow;
-- redirects are passed back to the caller, never followed (a redirect could carry the injected
-  credential to another host);
-- a call whose body cannot be replayed, or whose method is not idempotent without an
-  ``Idempotency-Key``, is never retried;
+- redirects are passed back to the caller, never followed, and only safe calls are retried
+  (``proxy.pipeline.send``);
 - ``TRACE`` is refused on every front end: an upstream answers it by echoing the request, and
   with it the injected credential;
 - an absolute target (forward-proxy mode, an absolute envelope URL) stays under the base URL's
@@ -32,10 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -47,13 +43,7 @@ from yarl import URL
 from proxy.cache import BoundedCache, IdentityCache
 from proxy.errors import (
     HostNotAllowed,
-    MethodNotAllowed,
-    ProxyError,
     RateLimited,
-    ServiceUnavailable,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-    ValidationError,
 )
 from proxy.model import Caller, not_authorized
 from proxy.observe import trace
@@ -61,17 +51,17 @@ from proxy.observe.metrics import (
     RATELIMIT_DECISIONS_TALLY,
     REQUESTS_TALLY,
     UPSTREAM_INFLIGHT,
-    UPSTREAM_LATENCY_TALLY,
     UPSTREAM_RESPONSES_TALLY,
     gauge_from,
 )
-from proxy.pipeline.headers import clean_request_headers, has_control, malformed_response
+from proxy.pipeline.exchange import Admit, Body, Exchange, Pair, refuse_trace
+from proxy.pipeline.headers import clean_request_headers
 from proxy.pipeline.inject import Injection, apply, build_injection, not_proxyable
 from proxy.pipeline.plan import Plan, check_destination
-from proxy.pipeline.upstream.resolver import SKIP_LITERAL_GUARD
+from proxy.pipeline.send import limit_kind, send
 from proxy.pipeline.urls import escape_error, join_upstream, split_absolute
 from proxy.ratelimit.limiter import Decision
-from proxy.ratelimit.signals.core import parse_response, retry_after
+from proxy.ratelimit.signals.core import parse_response
 from proxy.security import egress as egress_mod
 from proxy.vault.records import Credentials
 
@@ -87,71 +77,12 @@ log = logging.getLogger("proxy.pipeline")
 
 __all__ = ["Admit", "Body", "Exchange", "Pipeline"]
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_REPLAY_BODY = 1 << 20
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 5.0
 URL_CACHE_SIZE = 4096
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 
-Pair = tuple[str, str]
-# Called by ``prepare`` with (plan, tenant id, cleaned caller headers) before the limiter runs.
-Admit = Callable[[Plan, str, list[Pair]], Awaitable[None]]
-# What is sent upstream: nothing, buffered bytes (replayable) or the caller's stream.
-Body = bytes | aiohttp.StreamReader | None
-
 
 # --- one call ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One proxied call as it moves through the pipeline."""
-
-    caller: Caller
-    tenant_id: str
-    connection_id: str  # as resolved (a runtime user's connection when one applies)
-    request_id: str
-    method: str
-    plan: Plan
-    # Not in repr: the injected credential rides in the headers or the query of the URL.
-    url: URL = field(repr=False)
-    headers: list[Pair] = field(repr=False)
-    timeout: ClientTimeout
-    retries: int
-    host_key: str
-    token: str | None = field(default=None, repr=False)  # the OAuth access token sent, if any
-    # Forms of the injected secret to redact from the response headers (proxy-only connections).
-    scrub: tuple[str, ...] = field(default=(), repr=False)
-    holds_slot: bool = False
-    latency_s: float = 0.0
-    # Which kind of limit state the limiter reported for this call (None: nothing configured or
-    # learned binds it); the decision endpoint only lets nginx cache a decision when it is None.
-    limit_source: str | None = None
-
-    def may_retry(self, idempotency_key: bool) -> bool:
-        """Retries are asked for, and repeating the call is safe (see the module doc)."""
-        return bool(self.retries) and (self.method in IDEMPOTENT or idempotency_key)
-
-
-def refuse_trace(method: str) -> None:
-    """TRACE makes the upstream echo the request back, injected credential included."""
-    if method == "TRACE":
-        raise MethodNotAllowed(
-            "TRACE is refused: the upstream would echo the request back to you, and with it the "
-            "credential the proxy injects; use another method"
-        )
-
-
-def parse_control_int(value: str | None, name: str, cap: int) -> int | None:
-    """A non-negative integer control header (``X-Proxy-*``), capped; 422 when malformed."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not (value.isascii() and value.isdigit()) or len(value) > 12:  # "²".isdigit() is True
-        raise ValidationError(f"{name} must be a non-negative integer", fields={name: "not an integer"})
-    return min(int(value), cap)
 
 
 class Pipeline:
@@ -361,10 +292,10 @@ class Pipeline:
             if decision.retry_after_ms > left_ms:
                 raise RateLimited(
                     f"connection {plan.record.connection_id!r} is rate limited by its "
-                    f"{_limit_kind(decision)} limit; retry after {decision.retry_after_ms} ms, or send "
+                    f"{limit_kind(decision)} limit; retry after {decision.retry_after_ms} ms, or send "
                     f"X-Proxy-Max-Wait-Ms to let the proxy wait",
                     retry_after_ms=decision.retry_after_ms,
-                    source=_limit_kind(decision),
+                    source=limit_kind(decision),
                 )
             await asyncio.sleep(decision.retry_after_ms / 1000)
             decision = await limiter.acquire(plan.target)
@@ -386,115 +317,20 @@ class Pipeline:
     # --- sending ------------------------------------------------------------------------------
 
     async def open(self, ex: Exchange, body: Body, *, idempotency_key: bool = False) -> ClientResponse:
-        """Send the call; returns the upstream response with its body unread.
+        """Send the call; returns the upstream response with its body unread (``proxy.pipeline.send``).
 
         The per-host slot is held until ``finish``. Retries only when allowed (see module doc).
         """
-        cap = self.settings.upstream_max_per_host
-        inflight = self._inflight.get(ex.host_key, 0)
-        if inflight >= cap:
-            raise ServiceUnavailable(
-                f"too many concurrent calls to upstream {ex.plan.host!r} ({cap} in flight, the "
-                "upstream_max_per_host setting); retry shortly"
-            )
-        self._inflight[ex.host_key] = inflight + 1
-        ex.holds_slot = True
-
-        retries = ex.retries
-        if not ex.may_retry(idempotency_key) or isinstance(body, aiohttp.StreamReader):
-            retries = 0
-        client = self.client()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + (ex.timeout.total or 1e9)
-        attempt = 0
-        while True:
-            timeout = ex.timeout
-            if attempt:
-                timeout = ClientTimeout(
-                    total=max(0.001, deadline - loop.time()),
-                    sock_connect=timeout.sock_connect,
-                    sock_read=timeout.sock_read,
-                )
-            resp: ClientResponse | None = None
-            failure: ProxyError | None = None
-            try:
-                resp = await client.request(
-                    ex.method,
-                    ex.url,
-                    headers=ex.headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=timeout,
-                    # check_destination ran check_literal on this exact host and no redirect is
-                    # followed, so the session's literal guard would only repeat it.
-                    middlewares=SKIP_LITERAL_GUARD,
-                )
-            except aiohttp.ClientConnectorError as exc:
-                refusal = _refusal_in(exc)
-                if refusal is not None:
-                    raise refusal from None
-                failure = _unreachable(ex, exc)
-            except TimeoutError as exc:
-                failure = UpstreamTimeout(
-                    f"upstream {ex.plan.host!r} did not answer in time ({_timeout_text(timeout)}); "
-                    "raise the connection's timeouts option if the API is slow"
-                )
-                if not isinstance(exc, aiohttp.ConnectionTimeoutError):
-                    raise failure from None  # the request may have been processed: never repeat
-            except ProxyError:
-                raise
-            except (aiohttp.ClientError, OSError) as exc:
-                raise _unreachable(ex, exc) from None
-
-            retry_after_s = 0.0
-            if resp is not None:
-                self.observe(ex.plan, resp.status, resp.headers, ex.token)
-                if resp.status in RETRY_STATUSES and attempt < retries:
-                    now = time.time()
-                    until = retry_after(resp.headers, now=now)
-                    retry_after_s = 0.0 if until is None else until - now
-                else:
-                    return self._answered(ex, resp, loop.time() - started)
-            elif attempt >= retries:
-                assert failure is not None
-                raise failure
-            attempt += 1
-            backoff = random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-            delay = max(backoff, retry_after_s)
-            if loop.time() + delay >= deadline:
-                # No time left for another try: the caller gets what the upstream last said.
-                if resp is not None:
-                    return self._answered(ex, resp, loop.time() - started)
-                assert failure is not None
-                raise failure
-            if resp is not None:
-                resp.close()
-            await asyncio.sleep(delay)
-            decision = await self.limiter.acquire(ex.plan.target)
-            if not decision.allowed:
-                raise RateLimited(
-                    f"connection {ex.plan.record.connection_id!r} became rate limited while retrying; "
-                    f"retry after {decision.retry_after_ms} ms",
-                    retry_after_ms=decision.retry_after_ms,
-                    source=_limit_kind(decision),
-                )
-
-    def _answered(self, ex: Exchange, resp: ClientResponse, latency_s: float) -> ClientResponse:
-        # No protocol switch passes the proxy (the new protocol would bypass every check and
-        # the injected credential would sit on a raw tunnel), and a status line that cannot be
-        # written back to the caller is not relayed. aiohttp consumes 100 and 103 itself.
-        if resp.status < 200 or (resp.reason and has_control(resp.reason)):
-            resp.close()
-            what = (
-                f"HTTP {resp.status}, which the proxy does not pass on"
-                if resp.status < 200
-                else "a control character in its reason phrase"
-            )
-            raise malformed_response(what)
-        ex.latency_s = latency_s
-        UPSTREAM_LATENCY_TALLY.observe(ex.plan.latency_labels, latency_s)
-        return resp
+        return await send(
+            ex,
+            body,
+            idempotency_key=idempotency_key,
+            session=self.client(),
+            limiter=self.limiter,
+            observe=self.observe,
+            inflight=self._inflight,
+            cap=self.settings.upstream_max_per_host,
+        )
 
     # --- after the response -------------------------------------------------------------------
 
@@ -555,38 +391,8 @@ class Pipeline:
             task.cancel()
 
 
-def _limit_kind(decision: Decision) -> str:
-    """configured or learned: which limit said no (``source`` may name where it was decided)."""
-    kind = decision.state.source
-    return kind if kind in ("configured", "learned") else decision.source
-
-
 def urlsplit_port(url: str) -> int | None:
     try:
         return urlsplit(url).port
     except ValueError:
         return None
-
-
-def _refusal_in(exc: BaseException) -> ProxyError | None:
-    """A ``HostNotAllowed`` the guarded resolver raised, possibly wrapped by aiohttp."""
-    seen: BaseException | None = exc
-    for _ in range(4):
-        if seen is None:
-            return None
-        if isinstance(seen, ProxyError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _unreachable(ex: Exchange, exc: BaseException) -> UpstreamUnreachable:
-    kind = "could not be resolved" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "failed"
-    return UpstreamUnreachable(
-        f"the call to upstream {ex.plan.host!r} {kind} ({type(exc).__name__}); check the "
-        "connection's base URL, or retry if the upstream is restarting"
-    )
-
-
-def _timeout_text(t: ClientTimeout) -> str:
-    return f"connect {t.sock_connect}s, read {t.sock_read}s, total {t.total}s"

@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.errors import Conflict, ConnectionNotFound, ProxyError, Unauthenticated
 from proxy.model import ConnectionStatus, check_id
 from proxy.observe.outcome import Outcome, of_status
-from proxy.pipeline.pipeline import Exchange
+from proxy.pipeline.exchange import Exchange
 from proxy.web.authn import caller_for, require_admin, services_of
 from proxy.web.errors import request_id_of
 from proxy.web.proxy_routes import PIPELINE

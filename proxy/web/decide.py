@@ -42,7 +42,7 @@ from proxy.pipeline.decision import (
     injectable_headers,
     observation_key,
 )
-from proxy.pipeline.pipeline import refuse_trace
+from proxy.pipeline.exchange import refuse_trace
 from proxy.web import decide_listen
 from proxy.web.authn import services_of
 from proxy.web.errors import request_id_of

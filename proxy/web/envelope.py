@@ -22,8 +22,8 @@ from proxy import jsonin
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamUnreachable, ValidationError
 from proxy.model import check_id
 from proxy.observe.outcome import Outcome, of_error, of_status
+from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.headers import clean_response_headers, is_token, redact_secrets, without_framing
-from proxy.pipeline.pipeline import Exchange
 from proxy.web import envelope_answer
 from proxy.web.authn import caller_for, services_of
 from proxy.web.errors import request_id_of

@@ -40,15 +40,9 @@ from proxy.errors import (
 )
 from proxy.model import Caller, check_id
 from proxy.observe.outcome import Outcome, of_error, of_status
+from proxy.pipeline.exchange import Body, Exchange, parse_control_int, refuse_trace
 from proxy.pipeline.headers import clean_response_headers, redact_secrets
-from proxy.pipeline.pipeline import (
-    MAX_REPLAY_BODY,
-    Body,
-    Exchange,
-    Pipeline,
-    parse_control_int,
-    refuse_trace,
-)
+from proxy.pipeline.pipeline import MAX_REPLAY_BODY, Pipeline
 from proxy.pipeline.plan import MAX_RETRIES
 from proxy.security.auth import proxy_user
 from proxy.web.authn import SERVICES, not_found, services_of

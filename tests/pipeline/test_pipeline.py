@@ -1,4 +1,4 @@
-"""The per-connection plan: limit target, host binding, timeouts and control headers."""
+"""The per-connection plan: limit target, host binding, timeouts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from proxy.catalogue import Catalogue
 from proxy.errors import Forbidden, HostNotAllowed, ValidationError
 from proxy.model import ConnectionRecord, RateWindow
-from proxy.pipeline.pipeline import parse_control_int
 from proxy.pipeline.plan import Plan
 from proxy.ratelimit.targets import limit_target
 from proxy.security.egress import EgressPolicy
@@ -105,14 +104,3 @@ def test_plan_timeouts_and_knobs_from_options() -> None:
 def test_oauth_plan_defers_injection_to_the_token() -> None:
     c = creds("http_oauth2_authorization_code", {"access_token": "a", "base_url": "https://h.com"})
     assert Plan(c, *deps()).injection is None
-
-
-@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("0", 0), ("250", 250), ("99999", 5000)])
-def test_control_int(raw: str | None, expected: int | None) -> None:
-    assert parse_control_int(raw, "X-Proxy-Max-Wait-Ms", 5000) == expected
-
-
-@pytest.mark.parametrize("raw", ["-1", "1.5", "soon", "", "1" * 20])
-def test_control_int_refuses_garbage(raw: str) -> None:
-    with pytest.raises(ValidationError):
-        parse_control_int(raw, "X-Proxy-Retries", 5)
