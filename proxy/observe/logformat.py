@@ -58,18 +58,20 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SKIP = logs.STANDARD_ATTRS | {"_redacted", "access"}
 
 
-_ts_second = -1
-_ts_prefix = ""
+# (second, its formatted prefix) as one object: records are formatted on executor threads too,
+# and two globals updated one after the other could be read half-updated (a second off).
+_ts_cache: tuple[int, str] = (-1, "")
 
 
 def _ts(created: float) -> str:
     """ISO 8601 UTC with milliseconds; the formatted second is reused while it lasts."""
-    global _ts_second, _ts_prefix
+    global _ts_cache
     seconds = int(created)
-    if seconds != _ts_second:
-        _ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _ts_second = seconds
-    return f"{_ts_prefix}.{int((created - seconds) * 1000):03d}Z"
+    second, prefix = _ts_cache
+    if seconds != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _ts_cache = (seconds, prefix)
+    return f"{prefix}.{int((created - seconds) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -124,6 +124,7 @@ class RedisLimiter(Limiter):
         if fail_mode not in ("open", "closed"):
             raise ValueError("fail_mode must be 'open' or 'closed'")
         self._client = client
+        self._warm = False  # see proxy.store.redisconn.warm: once, before the first command
         self._script = client.register_script(SCRIPT)
         self.fail_mode = fail_mode
         self._timeout_s = timeout_s
@@ -193,7 +194,9 @@ class RedisLimiter(Limiter):
             return None
         try:
             async with asyncio.timeout(self._timeout_s):
-                await warm(self._client)
+                if not self._warm:
+                    await warm(self._client)
+                    self._warm = True
                 if args[0] == "a" and self._wait[0]:
                     reply: list[Any] = await self._confirmed(keys, args)
                 elif args[0] == "a":  # consumes quota: never repeated

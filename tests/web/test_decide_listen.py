@@ -180,6 +180,18 @@ async def test_tcp_listener_and_generated_config(tmp_path: Path) -> None:
 # bytes) must give exactly what a first-time question would get, after any change. ---------------
 
 
+def _ask(key: str) -> dict[str, str]:
+    """nginx's subrequest for GET /proxy/items on connection c1 with the caller's ``key``."""
+    return {
+        "Authorization": f"Bearer {key}",
+        "X-Connection-Id": "c1",
+        "X-Original-Method": "GET",
+        "X-Original-URI": "/proxy/items",
+        "X-CP-Front": "nginx",
+        "X-CP-Decision-Token": DECISION_TOKEN,
+    }
+
+
 async def _decide(path: str, ask: dict[str, str]) -> tuple[int, dict[str, str]]:
     ((status, headers, _),) = await _exchange(path, _req(ask))
     if status == 403 and "x-cp-status" in headers:  # nginx's shape of a refusal
@@ -196,14 +208,7 @@ async def test_a_repeated_question_follows_every_change(
     body = {"integration_id": "http_bearer", "parameters": {"token": CANARY, "base_url": upstream.url}}
     await svc.put_connection("t1", "c1", body)
     key = await svc.mint_key("t1")
-    ask = {
-        "Authorization": f"Bearer {key}",
-        "X-Connection-Id": "c1",
-        "X-Original-Method": "GET",
-        "X-Original-URI": "/proxy/items",
-        "X-CP-Front": "nginx",
-        "X-CP-Decision-Token": DECISION_TOKEN,
-    }
+    ask = _ask(key)
     # Tracing callers differ in every call; they are asked the same question.
     for i in range(3):
         tp = f"00-{i:032x}-{i + 1:016x}-01"
@@ -254,14 +259,7 @@ async def test_a_repeated_question_still_spends_the_limit(
         },
     )
     key = await svc.mint_key("t1")
-    ask = {
-        "Authorization": f"Bearer {key}",
-        "X-Connection-Id": "c1",
-        "X-Original-Method": "GET",
-        "X-Original-URI": "/proxy/items",
-        "X-CP-Front": "nginx",
-        "X-CP-Decision-Token": DECISION_TOKEN,
-    }
+    ask = _ask(key)
     got = [await _decide(path, ask) for _ in range(5)]
     assert [s for s, _ in got] == [200, 200, 200, 429, 429]
     assert all(h["x-accel-expires"] == "0" for _, h in got)  # a windowed decision is never cached
