@@ -97,6 +97,9 @@ OBSERVATION_TTL_S = 120
 # such a call takes the full path and its header check).
 _PER_CALL = frozenset({"x-request-id", "traceparent", "tracestate"})
 MEMO_SIZE = 4096
+# The memos hold callers' requests, their credentials included (the auth cache keeps only key
+# hashes): nothing stays in them longer than this after it was put there (``forget``).
+MEMO_S = 10.0
 # (actor, tenant, connection as resolved) of a decision, for its audit record.
 Who = tuple[str, str, str]
 
@@ -191,6 +194,11 @@ class Decider:
 
     async def close(self) -> None:
         await self._resolver.close()
+
+    def forget(self) -> None:
+        """Drop every remembered verdict (called every ``MEMO_S`` by the web layer)."""
+        self._memo.clear()
+        self.rendered.clear()
 
     # --- the decision ---------------------------------------------------------------------------
 

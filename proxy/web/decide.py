@@ -35,6 +35,7 @@ from proxy.errors import NotFound, ProxyError, Unauthenticated
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.decision import (
     CONTROL_SET,
+    MEMO_S,
     NGINX_STRIPS,
     Decider,
     Verdict,
@@ -53,6 +54,7 @@ __all__ = ["DECIDER", "DECIDE_PATH", "setup"]
 log = logging.getLogger("proxy.decide")
 
 DECIDER = web.AppKey("decider", Decider)
+FORGET = web.AppKey("decide_forget", list[asyncio.TimerHandle])
 # The inputs read from each read-only header view the lean listener hands in (see ``answer``).
 INPUTS = web.AppKey("decide_inputs", IdentityCache[Mapping[str, str], "_Inputs"])
 DECIDE_PATH = "/_decide"
@@ -278,10 +280,20 @@ async def _start(app: web.Application) -> None:
         svc.settings.nginx_decision_cache_s,
     )
     app[DECIDER] = decider
-    app[INPUTS] = IdentityCache(1024)
+    inputs: IdentityCache[Mapping[str, str], _Inputs] = IdentityCache(1024)
+    app[INPUTS] = inputs
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+
+    def forget() -> None:  # the memos hold callers' credentials: see decision.MEMO_S
+        decider.forget()
+        inputs.clear()
+        timer[:] = [loop.call_later(MEMO_S, forget)]
+
+    timer.append(loop.call_later(MEMO_S, forget))
+    app[FORGET] = timer
     where = svc.settings.nginx_report_listen
     if where is not None and svc.settings.decision_token:
-        loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
             lambda: ReportProtocol(decider), local_addr=where, reuse_port=True
         )
@@ -298,6 +310,8 @@ async def _start_listener(app: web.Application) -> None:
 
 
 async def _stop(app: web.Application) -> None:
+    for timer in app.get(FORGET, []):
+        timer.cancel()
     transport = app.get(REPORTS)
     if transport is not None:
         transport.close()

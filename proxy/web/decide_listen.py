@@ -61,6 +61,8 @@ MAX_BODY = 1 << 20
 # this size are parsed once and their parse kept (at most HEADS_KEPT of them).
 MEMO_HEAD = 4096
 HEADS_KEPT = 1024
+# Heads hold the caller's credential: kept parses are dropped this often (see decision.MEMO_S).
+HEADS_FORGET_S = 10.0
 IDLE_S = 75.0  # a kept-alive connection without a request for this long is closed
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADERS = re.compile(
@@ -292,6 +294,12 @@ class LeanListener:
         self.server: asyncio.Server | None = None
         self.path: str | None = None
         self._sweeper = self.loop.call_later(IDLE_S / 3, self._sweep)
+        self._forgetter = self.loop.call_later(HEADS_FORGET_S, self._forget)
+
+    def _forget(self) -> None:
+        self.heads.clear()
+        self.rendered.clear()
+        self._forgetter = self.loop.call_later(HEADS_FORGET_S, self._forget)
 
     def _sweep(self) -> None:
         cutoff = self.loop.time() - IDLE_S
@@ -302,6 +310,7 @@ class LeanListener:
 
     async def close(self) -> None:
         self._sweeper.cancel()
+        self._forgetter.cancel()
         if self.server is not None:
             self.server.close()
         for conn in list(self.conns):

@@ -9,6 +9,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,7 +206,8 @@ async def test_a_repeated_question_follows_every_change(
     from proxy.security import crypto
 
     svc, path = lean
-    body = {"integration_id": "http_bearer", "parameters": {"token": CANARY, "base_url": upstream.url}}
+    params = {"token": CANARY, "base_url": upstream.url}
+    body: dict[str, Any] = {"integration_id": "http_bearer", "parameters": params}
     await svc.put_connection("t1", "c1", body)
     key = await svc.mint_key("t1")
     ask = _ask(key)
@@ -215,7 +217,7 @@ async def test_a_repeated_question_follows_every_change(
         status, h = await _decide(path, {**ask, "X-Request-Id": f"r{i}", "traceparent": tp})
         assert status == 200 and h["x-cp-h-authorization"] == f"Bearer {CANARY}"
     # The connection changes: the very next answer carries the new credential.
-    await svc.put_connection("t1", "c1", {**body, "parameters": {**body["parameters"], "token": "new-tok"}})
+    await svc.put_connection("t1", "c1", {**body, "parameters": {**params, "token": "new-tok"}})
     status, h = await _decide(path, ask)
     assert status == 200 and h["x-cp-h-authorization"] == "Bearer new-tok"
     # The tenant becomes proxy-only: the call goes to the service's path mode.
@@ -271,3 +273,46 @@ def test_per_call_headers_with_control_characters_stay_in_the_memo_key() -> None
 
     kept = _memo_headers([("Accept", "*/*"), ("X-Request-Id", "r1"), ("traceparent", "a\x00b")])
     assert kept == (("Accept", "*/*"), ("traceparent", "a\x00b"))
+
+
+async def test_remembered_requests_are_forgotten_within_their_bound(
+    lean: tuple[RunningService, str], upstream: Upstream
+) -> None:
+    """The memos hold callers' requests, API keys included (the auth cache keeps only hashes):
+    each is emptied on a timer no longer than its bound."""
+    from proxy.pipeline.decision import MEMO_S
+    from proxy.web.decide import DECIDER, FORGET, INPUTS, LEAN
+    from proxy.web.decide_listen import HEADS_FORGET_S
+
+    svc, path = lean
+    params = {"token": CANARY, "base_url": upstream.url}
+    body: dict[str, Any] = {"integration_id": "http_bearer", "parameters": params}
+    await svc.put_connection("t1", "c1", body)
+    key = await svc.mint_key("t1")
+    for _ in range(2):
+        assert (await _decide(path, _ask(key)))[0] == 200
+    app = svc.app
+    listener, decider, inputs = app[LEAN], app[DECIDER], app[INPUTS]
+
+    def held() -> list[str]:
+        where = {
+            "heads": listener.heads._entries,
+            "inputs": inputs._entries,
+            "verdicts": decider._memo._entries,
+        }
+        return [name for name, d in where.items() if key in repr(d)]
+
+    assert held() == ["heads", "inputs", "verdicts"]
+    loop = asyncio.get_running_loop()
+    (timer,) = app[FORGET]
+    assert 0 < timer.when() - loop.time() <= MEMO_S
+    assert 0 < listener._forgetter.when() - loop.time() <= HEADS_FORGET_S
+    for handle in (timer, listener._forgetter):  # fire them now, as the loop would
+        fire = handle._callback  # type: ignore[attr-defined]
+        handle.cancel()
+        fire()  # forgets, and schedules the next round
+    assert held() == []
+    assert app[FORGET][0] is not timer and not app[FORGET][0].cancelled()
+    # Forgetting costs nothing but a fresh decision.
+    status, h = await _decide(path, _ask(key))
+    assert status == 200 and h["x-cp-h-authorization"] == f"Bearer {CANARY}"
