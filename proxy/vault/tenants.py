@@ -53,12 +53,13 @@ class TenantFlags:
         hit = self._cache.get(tenant_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        since = self._cache.generation  # a change during the read voids its answer (proxy.cache)
 
         async def fetch() -> bool:
             tenant = await self.store.get_tenant(tenant_id)
             flag = bool(tenant is not None and tenant.proxy_only)
             if self.ttl > 0:
-                self._cache.put(tenant_id, flag, now + self.ttl)
+                self._cache.put(tenant_id, flag, now + self.ttl, since=since)
             return flag
 
         return await self.stale.load(

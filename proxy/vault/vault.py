@@ -420,12 +420,13 @@ class Vault(KeyRotation):
         hit = self._resolved.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        since = self._resolved.generation  # an invalidation during the read voids its answer
 
         async def fetch() -> str:
             user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
             resolved = user.connection_id if user is not None else connection_id
             if self.cache_ttl_s > 0:
-                self._resolved.put(key, resolved, now + self.cache_ttl_s)
+                self._resolved.put(key, resolved, now + self.cache_ttl_s, since=since)
             return resolved
 
         what = f"the runtime user connection of {connection_id!r} (tenant {tenant_id!r})"
@@ -441,6 +442,10 @@ class Vault(KeyRotation):
             CREDENTIAL_CACHE_TALLY.inc(_CACHE_HIT)
             return hit[1]
         CREDENTIAL_CACHE_TALLY.inc(_CACHE_MISS)
+        # Read before the store is: a change (or a peer's invalidation) that lands while the
+        # record is read and decrypted may mean this copy predates it, so it is not cached
+        # (proxy.cache); the call that fetched it, concurrent with the change, still uses it.
+        since = self._creds.generation
 
         async def fetch() -> Credentials:
             try:
@@ -452,7 +457,7 @@ class Vault(KeyRotation):
                 self._creds.discard(key)
                 raise
             if self.cache_ttl_s > 0:
-                self._creds.put(key, creds, now + self.cache_ttl_s)
+                self._creds.put(key, creds, now + self.cache_ttl_s, since=since)
             return creds
 
         what = f"connection {connection_id!r} (tenant {tenant_id!r})"

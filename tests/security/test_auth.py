@@ -26,6 +26,7 @@ from proxy.settings import Settings, load_settings
 from proxy.stale import StaleWindow
 from proxy.store.base import Store
 from proxy.store.sqlite import SqliteStore
+from tests.support.gate import GatedReads
 
 ADMIN = "admin-token-for-tests-0123456789"
 HS = "hs256-shared-secret-for-tests-0123456789"
@@ -333,3 +334,28 @@ async def test_store_outage_keeps_cached_keys_working_and_revoked_keys_refused(
         if (tmp_path / "away").exists():
             (tmp_path / "away").rename(data)
         await store.close()
+
+
+@pytest.mark.parametrize("seen", ["local", "peer"])
+async def test_a_key_read_in_flight_when_it_is_revoked_is_not_cached(store: Store, seen: str) -> None:
+    """The read-vs-revocation race: the store answers "valid" just before the revocation is
+    written, and that answer reaches the cache after the revocation dropped the key (locally,
+    ``forget_key``; from a peer, the tenant's invalidation). The call that read it may pass (it
+    ran concurrently with the revocation); the next one must be refused, not served from a
+    cache the revocation emptied and the late answer refilled."""
+    auth = Authenticator(settings(), store, ADMIN, StaleWindow(60.0))
+    key_id, full = await mint(store)
+    gated = GatedReads(store, "get_api_key")
+    auth.store = gated  # type: ignore[assignment]
+    in_flight = asyncio.create_task(auth.authenticate(hdr(full), None, allow_trusted=False))
+    await asyncio.wait_for(gated.read.wait(), 10)  # the store said "valid"; not yet cached
+    record = await store.get_api_key(key_id)
+    assert record is not None
+    await store.put_api_key(dataclasses.replace(record, revoked_at=time.time()))
+    if seen == "local":
+        auth.forget_key(key_id)  # what ApiKeys.revoke does after its write
+    else:
+        auth.on_invalidation("t1", None)  # a peer revoked it and published the tenant's invalidation
+    gated.release()
+    assert (await in_flight).tenant_id == "t1"
+    assert "revoked" in await expect_401(auth, hdr(full))

@@ -22,6 +22,7 @@ from proxy.store.sqlite import SqliteStore
 from proxy.vault.records import redacted_view
 from proxy.vault.rotation import check_retire
 from proxy.vault.vault import Vault
+from tests.support.gate import GatedReads
 
 CANARY = "canary-secret-7f3a9b"
 
@@ -30,7 +31,9 @@ def make_vault(store: Any, ring: crypto.KeyRing) -> Vault:
     return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0)
 
 
-async def put(vault: Vault, tenant: str, cid: str, token: str = CANARY) -> ConnectionRecord:
+async def put(
+    vault: Vault, tenant: str, cid: str, token: str = CANARY, expected: ExpectedVersion = None
+) -> ConnectionRecord:
     integ = vault.catalogue.get("http_bearer")
     public, secret = await vault.encrypt_params(
         tenant, cid, integ, {"token": token, "base_url": "https://api.example.com"}
@@ -42,7 +45,7 @@ async def put(vault: Vault, tenant: str, cid: str, token: str = CANARY) -> Conne
         public_params=public,
         secret_params=secret,
     )
-    return await vault.save(record, expected_version=None)
+    return await vault.save(record, expected_version=expected)
 
 
 async def test_secrets_are_ciphertext_at_rest_and_decrypt(store: Any) -> None:
@@ -280,3 +283,29 @@ async def test_reload_refuses_a_different_key_under_a_known_version(store: Any) 
         await vault.reload_ring()
     assert vault.ring is ring
     assert (await vault.credentials("t1", "c1")).params["token"] == CANARY
+
+
+@pytest.mark.parametrize("change", ["deleted here", "replaced by a peer"])
+async def test_credentials_read_in_flight_during_a_change_are_not_cached(store: Any, change: str) -> None:
+    """The read-vs-invalidation race: the record is read just before a deletion or replacement,
+    and the decrypted copy reaches the cache after the invalidation dropped it. The next call
+    must see the change, not that copy for the cache's TTL (and then stale)."""
+    ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    vault, peer = make_vault(store, ring), make_vault(store, ring)
+    await put(vault, "t1", "c1", "tok-old")
+    gated = GatedReads(store, "get_connection")
+    vault.store = gated  # type: ignore[assignment]
+    in_flight = asyncio.create_task(vault.credentials("t1", "c1"))
+    await asyncio.wait_for(gated.read.wait(), 10)  # the old record is read, not yet cached
+    if change == "deleted here":
+        assert await vault.delete("t1", "c1")  # its write, then its own invalidation
+    else:
+        await put(peer, "t1", "c1", "tok-new", ANY_VERSION)  # the store knows; then the message:
+        await vault.invalidate("t1", "c1")
+    gated.release()
+    assert (await in_flight).params["token"] == "tok-old"  # concurrent with the change: either
+    if change == "deleted here":
+        with pytest.raises(ConnectionNotFound):
+            await vault.credentials("t1", "c1")
+    else:
+        assert (await vault.credentials("t1", "c1")).params["token"] == "tok-new"
