@@ -218,12 +218,11 @@ def load_jwt_keys(paths: tuple[Path, ...]) -> dict[str, list[Any]]:
 
 
 class Authenticator:
-    def __init__(
-        self, settings: Settings, store: Store, admin_token: str, stale: StaleWindow | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, admin_token: str, *, stale: StaleWindow) -> None:
         self.settings = settings
         self.store = store
-        self.stale = stale or StaleWindow(settings.stale_if_error_s)
+        # The process's one window (``stale_if_error_s``), shared with the vault and /readyz.
+        self.stale = stale
         self._admin_bytes = admin_token.encode()
         self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
         if settings.jwt_hs256_secret:

@@ -38,13 +38,13 @@ class TenantFlags:
     a tenant update forgets it."""
 
     def __init__(
-        self, store: Store, configured: tuple[str, ...], ttl_s: float, stale: StaleWindow | None = None
+        self, store: Store, configured: tuple[str, ...], ttl_s: float, *, stale: StaleWindow
     ) -> None:
         self.store = store
         self.configured = frozenset(configured)
         self.ttl = max(ttl_s, 0.0)
         self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
-        self.stale = stale or StaleWindow(0.0)  # while the store is down: proxy.stale
+        self.stale = stale  # while the store is down: the process's one window (proxy.stale)
 
     async def proxy_only(self, tenant_id: str) -> bool:
         if tenant_id in self.configured:

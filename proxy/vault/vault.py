@@ -73,11 +73,13 @@ class Vault(KeyRotation):
         catalogue: Catalogue,
         cache_ttl_s: float,
         ring_source: Callable[[], crypto.KeyRing] | None = None,
-        stale: StaleWindow | None = None,
+        *,
+        stale: StaleWindow,
     ) -> None:
         self.store = store
-        # Shared with the other caches of store reads and /readyz; disabled unless given.
-        self.stale = stale or StaleWindow(0.0)
+        # The process's one window (``stale_if_error_s``), shared with the other caches of store
+        # reads and /readyz: no default, so no cache can end up with a policy of its own.
+        self.stale = stale
         self.ring = ring
         # Re-reads the key ring (the key file); None when it cannot change (PROXY_MASTER_KEY).
         self._ring_source = ring_source

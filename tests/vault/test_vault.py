@@ -17,6 +17,7 @@ from proxy.catalogue import Catalogue
 from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing, ValidationError
 from proxy.model import ConnectionRecord
 from proxy.security import crypto
+from proxy.stale import StaleWindow
 from proxy.store.base import ANY_VERSION, ExpectedVersion
 from proxy.store.sqlite import SqliteStore
 from proxy.vault.records import redacted_view
@@ -28,7 +29,7 @@ CANARY = "canary-secret-7f3a9b"
 
 
 def make_vault(store: Any, ring: crypto.KeyRing) -> Vault:
-    return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0)
+    return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0, stale=StaleWindow(0.0))
 
 
 async def put(
@@ -247,7 +248,7 @@ async def test_a_version_added_elsewhere_is_reread_once_then_used(
     new = old.with_new_key()
     await put(make_vault(store, new), "t1", "c1")  # wrapped under version 2, as after a rotation
     source = RingFile(old)  # this replica's file does not have version 2 yet
-    stale = Vault(store, old, Catalogue.load(), 5.0, ring_source=source)
+    stale = Vault(store, old, Catalogue.load(), 5.0, ring_source=source, stale=StaleWindow(0.0))
     record = await store.get_connection("t1", "c1")
     for _ in range(5):
         with pytest.raises(KeyVersionMissing) as info:
@@ -264,7 +265,7 @@ async def test_a_version_added_elsewhere_is_reread_once_then_used(
 async def test_ring_from_the_environment_says_restart(store: Any) -> None:
     old = crypto.KeyRing.parse(crypto.generate_master_key_text())
     await put(make_vault(store, old.with_new_key()), "t1", "c1")
-    fixed = Vault(store, old, Catalogue.load(), 5.0, ring_source=None)
+    fixed = Vault(store, old, Catalogue.load(), 5.0, ring_source=None, stale=StaleWindow(0.0))
     with pytest.raises(
         KeyVersionMissing, match="PROXY_MASTER_KEY, which cannot change while it runs: restart"
     ):
@@ -274,7 +275,7 @@ async def test_ring_from_the_environment_says_restart(store: Any) -> None:
 
 async def test_reload_refuses_a_different_key_under_a_known_version(store: Any) -> None:
     ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
-    vault = Vault(store, ring, Catalogue.load(), 5.0, ring_source=RingFile(ring))
+    vault = Vault(store, ring, Catalogue.load(), 5.0, ring_source=RingFile(ring), stale=StaleWindow(0.0))
     await vault.verify_keys()  # records version 1's fingerprint
     await put(vault, "t1", "c1")
     assert await vault.reload_ring() is False  # same ring: nothing to do
