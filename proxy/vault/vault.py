@@ -77,9 +77,7 @@ class Vault(KeyRotation):
         stale: StaleWindow,
     ) -> None:
         self.store = store
-        # The process's one window (``stale_if_error_s``), shared with the other caches of store
-        # reads and /readyz: no default, so no cache can end up with a policy of its own.
-        self.stale = stale
+        self.stale = stale  # the process's one window (stale_if_error_s), shared with /readyz
         self.ring = ring
         # Re-reads the key ring (the key file); None when it cannot change (PROXY_MASTER_KEY).
         self._ring_source = ring_source
@@ -444,10 +442,7 @@ class Vault(KeyRotation):
             CREDENTIAL_CACHE_TALLY.inc(_CACHE_HIT)
             return hit[1]
         CREDENTIAL_CACHE_TALLY.inc(_CACHE_MISS)
-        # Read before the store is: a change (or a peer's invalidation) that lands while the
-        # record is read and decrypted may mean this copy predates it, so it is not cached
-        # (proxy.cache); the call that fetched it, concurrent with the change, still uses it.
-        since = self._creds.generation
+        since = self._creds.generation  # a change landing during the read voids it (proxy.cache)
 
         async def fetch() -> Credentials:
             try:
