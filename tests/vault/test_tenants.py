@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from proxy.catalogue import Catalogue
 from proxy.observe.audit import Actor, AuditLog
 from proxy.security import crypto
 from proxy.settings import load_settings
 from proxy.stale import StaleWindow
 from proxy.store.base import AuditQuery, Store
 from proxy.vault.tenants import TenantFlags, Tenants, tenant_body
-from proxy.vault.vault import Vault
 from tests.support.gate import GatedReads
+from tests.vault.test_vault import make_vault
 
 ACTOR = Actor("admin:admin", "req-3")
 
@@ -31,13 +30,7 @@ def test_the_body_needs_proxy_only() -> None:
 
 async def test_set_and_get_proxy_only(store: Store, tmp_path: Path) -> None:
     settings = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
-    vault = Vault(
-        store,
-        crypto.KeyRing.parse(crypto.generate_master_key_text()),
-        Catalogue.load(),
-        5.0,
-        stale=StaleWindow(0.0),
-    )
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
     flags = TenantFlags(store, ("always",), ttl_s=60.0, stale=StaleWindow(0.0))
     audit = AuditLog(store, settings)
     tenants = Tenants(vault, flags, audit)
@@ -65,13 +58,7 @@ async def test_a_flag_read_in_flight_when_the_tenant_turns_proxy_only_is_not_cac
     change forgot the cached flag, must not put "not proxy-only" back for the cache's TTL: the
     Connection Service would hand out secrets the operator just fenced off."""
     settings = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
-    vault = Vault(
-        store,
-        crypto.KeyRing.parse(crypto.generate_master_key_text()),
-        Catalogue.load(),
-        5.0,
-        stale=StaleWindow(0.0),
-    )
+    vault = make_vault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()))
     flags = TenantFlags(store, (), ttl_s=60.0, stale=StaleWindow(0.0))
     tenants = Tenants(vault, flags, AuditLog(store, settings))
     await vault.ensure_tenant("t1")
