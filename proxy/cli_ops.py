@@ -46,6 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 async def _with_vault(settings: Settings, action: str, version: int | None) -> int:
     from proxy.catalogue import Catalogue
     from proxy.security.bootstrap import append_key_version, check_retirable, load_ring, retire_key_version
+    from proxy.stale import StaleWindow
     from proxy.store import open_store
     from proxy.vault.rotation import check_retire
     from proxy.vault.vault import Vault
@@ -60,7 +61,13 @@ async def _with_vault(settings: Settings, action: str, version: int | None) -> i
     store = open_store(settings)
     await store.open()
     try:
-        vault = Vault(store, ring, Catalogue.load(settings.integrations_dirs), 0)
+        vault = Vault(
+            store,
+            ring,
+            Catalogue.load(settings.integrations_dirs),
+            0,
+            stale=StaleWindow(settings.stale_if_error_s, store.name),
+        )
         if action == "status":
             await vault.verify_keys()
             in_use = await vault.kek_versions_in_use()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import ssl
 import tempfile
@@ -42,6 +43,8 @@ from proxy.errors import ConfigError
 KEY_ENV = "PROXY_CALLER_KEY"
 NO_PROXY = "localhost,127.0.0.1,::1"
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
+CACERT_MAX_BYTES = 4 << 20  # a CA bundle is a few hundred KiB; more is no CA file (/dev/zero)
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
 
 
 def caller_key(env: Mapping[str, str], key_file: str | None) -> str:
@@ -75,16 +78,53 @@ def proxy_url_with_credentials(
     return f"{parts.scheme}://{quote(user, safe='')}:{quote(key, safe='')}@{netloc}"
 
 
-def fetch_ca(proxy_url: str, timeout: float = 10.0, proxy_cacert: str | None = None) -> str:
+def listener_ca(path: str) -> str:
+    """The PEM certificates of ``--proxy-cacert FILE``, read once and checked: a file that is
+    not PEM (binary, DER, a key, text) is refused naming the flag, not met later as a traceback
+    from the TLS library or as garbage in the bundle every client reads."""
+
+    def refused(why: str) -> ConfigError:
+        return ConfigError("proxy_cacert", f"--proxy-cacert {path}: {why}")
+
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(CACERT_MAX_BYTES + 1)
+    except OSError as exc:
+        raise refused(f"cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > CACERT_MAX_BYTES:
+        raise refused(f"larger than {CACERT_MAX_BYTES >> 20} MiB: not a CA certificate file")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise refused(
+            "not a PEM file (it holds binary data; a DER certificate converts with "
+            "`openssl x509 -inform der -in FILE -out FILE.pem`)"
+        ) from None
+    blocks = _PEM_CERT.findall(text)
+    if not blocks:
+        raise refused(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA that signed the listener's certificate"
+        )
+    pem = "\n".join(blocks) + "\n"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        raise refused(
+            "its PEM certificates do not parse; export the CA again (connection-proxy ca export)"
+        ) from None
+    return pem
+
+
+def fetch_ca(proxy_url: str, timeout: float = 10.0, listener_pem: str | None = None) -> str:
     """The proxy's CA bundle from its public ``/ca.pem`` (never through another proxy); over
-    https verified with the system roots plus ``proxy_cacert``."""
+    https verified with the system roots plus ``listener_pem`` (from ``listener_ca``)."""
     parts = urlsplit(proxy_url)
     url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/ca.pem"
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if parts.scheme == "https":
         ctx = ssl.create_default_context()
-        if proxy_cacert:
-            ctx.load_verify_locations(cafile=proxy_cacert)
+        if listener_pem:
+            ctx.load_verify_locations(cadata=listener_pem)
         handlers.append(urllib.request.HTTPSHandler(context=ctx))
     opener = urllib.request.build_opener(*handlers)
     try:
@@ -119,13 +159,8 @@ def prepared(
     if not connection:
         raise ConfigError("connection", "name the connection whose credentials calls use: --connection C")
     url = proxy_url_with_credentials(proxy_url, key, connection, tenant, runtime_user)
-    listener_pem = ""
-    if proxy_cacert:
-        try:
-            listener_pem = Path(proxy_cacert).read_text()
-        except OSError as exc:
-            raise ConfigError("proxy_cacert", f"cannot read {proxy_cacert}: {exc.strerror}") from None
-    pem = fetch_ca(proxy_url, proxy_cacert=proxy_cacert)
+    listener_pem = listener_ca(proxy_cacert) if proxy_cacert else ""
+    pem = fetch_ca(proxy_url, listener_pem=listener_pem or None)
     if listener_pem.strip() and listener_pem.strip() not in pem:
         pem = pem.rstrip("\n") + "\n" + listener_pem
     tmp = tempfile.mkdtemp(prefix="connection-proxy-run-")

@@ -99,10 +99,12 @@ def build_services(settings: Settings, secrets: Secrets | None = None) -> Servic
         vault=vault,
         limiter=make_limiter(settings),
         audit=AuditLog(store, settings),
-        auth=Authenticator(settings, store, secrets.admin_token, stale),
+        auth=Authenticator(settings, store, secrets.admin_token, stale=stale),
         egress=EgressPolicy(settings.egress_allow),
         tokens=TokenManager(vault, store, settings),
-        tenant_flags=TenantFlags(store, settings.proxy_only_tenants, settings.credential_cache_ttl_s, stale),
+        tenant_flags=TenantFlags(
+            store, settings.proxy_only_tenants, settings.credential_cache_ttl_s, stale=stale
+        ),
         stale=stale,
     )
 

@@ -16,8 +16,10 @@ The security bounds, which every cache using it keeps:
   being its last successful load (not the outage's start). 0 disables stale serving.
 - Stale serving adds nothing: what it serves is re-read from the cache *after* the failed load,
   so an entry an invalidation dropped meanwhile (a local write, a peer's pub/sub or change-log
-  message, a FLUSH_ALL) is gone. A deletion or revocation this replica saw is never undone; one it
-  could not see (it was cut off from its peers) is exposed for at most the bound.
+  message, a FLUSH_ALL) is gone, and a load that was in flight when one arrived did not refill
+  it (``proxy.cache``: puts carry the generation their fetch began at). A deletion or revocation
+  this replica saw is never undone; one it could not see (it was cut off from its peers) is
+  exposed for at most the bound.
 - Probing is rate-limited: after a failure, calls that have a servable entry are answered from it
   without asking the store for ``RETRY_S``, so an outage whose failures are slow (timeouts, a
   busy file) costs one slow call per ``RETRY_S``, not one per call. The first call after

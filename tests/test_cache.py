@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 
-from proxy.cache import UNBOUNDED, BoundedCache, IdentityCache, TtlCache
+import pytest
+
+from proxy.cache import DROPPED_MAX, UNBOUNDED, BoundedCache, IdentityCache, TtlCache
 
 
 def test_bounded_cache_clears_when_full_and_get_survives_the_clear() -> None:
@@ -53,6 +55,60 @@ def test_ttl_cache_unbounded_is_never_cleared_for_size() -> None:
     for i in range(10_000):
         cache.put(i, i, 1.0)
     assert len(cache) == 10_000
+
+
+@pytest.mark.parametrize("kind", ["bounded", "ttl"])
+def test_a_put_that_began_before_an_invalidation_of_its_key_is_skipped(kind: str) -> None:
+    """The fetch-vs-invalidation race (module doc): ``since`` is read before the fetch; an
+    invalidation of that key (or of everything) after it voids the put, others' puts stand."""
+    cache: BoundedCache[str, str] | TtlCache[str, str]
+    cache = BoundedCache(100) if kind == "bounded" else TtlCache(100)
+
+    def put(key: str, value: str, since: int | None) -> str:
+        if isinstance(cache, BoundedCache):
+            return cache.put(key, value, since=since)
+        return cache.put(key, value, 10.0, since=since)
+
+    def has(key: str) -> bool:
+        return key in cache
+
+    since = cache.generation
+    cache.discard("k")  # a revocation arrives while "k" is being fetched
+    assert put("k", "before the revocation", since) == "before the revocation"  # still returned
+    assert not has("k"), "a read that began before the invalidation must not be cached"
+    assert put("other", "v", since) == "v" and has("other"), "another key's put is unaffected"
+    assert put("k", "after", cache.generation) == "after" and has("k"), "a read begun after stands"
+    assert put("k2", "v", None) == "v" and has("k2"), "no since: an unconditional put"
+
+    for key, invalidate_all in (
+        ("y", cache.clear),
+        ("z", lambda: cache.discard_where(lambda k, _: k == "x")),
+    ):
+        since = cache.generation
+        invalidate_all()  # its keys need not be in the cache: every put begun before is void
+        put(key, "v", since)
+        assert not has(key)
+        put(key, "v", cache.generation)
+        assert has(key)
+
+
+def test_eviction_is_not_invalidation_and_the_marks_stay_bounded() -> None:
+    cache: TtlCache[int, int] = TtlCache(max_size=2)
+    since = cache.generation
+    for i in range(3):  # the third put clears the full cache: eviction moves no generation
+        cache.put(i, i, 1.0)
+    assert cache.generation == since
+    cache.put(9, 9, 1.0, since=since)
+    assert 9 in cache
+    big: TtlCache[int, int] = TtlCache(UNBOUNDED)
+    since = big.generation
+    for i in range(DROPPED_MAX + 1):  # more discards than marks kept: every key counts as dropped
+        big.discard(i)
+    assert len(big._dropped) <= DROPPED_MAX
+    big.put(-1, 0, 1.0, since=since)  # never discarded itself, but its mark may have been lost
+    assert -1 not in big
+    big.put(-1, 0, 1.0, since=big.generation)
+    assert -1 in big
 
 
 def test_identity_cache_by_identity_and_tag() -> None:

@@ -143,8 +143,8 @@ class RedisLimiter(Limiter):
         self._denied: dict[str, tuple[float, int | None, str | None]] = {}
         self._quota_keys: dict[str, str] = {}  # scope -> quota key last used with it
         # Unconstrained scope -> (monotonic deadline, the decision Redis gave): nothing learned.
+        # Its ``generation`` guards answers that raced an invalidation (proxy.cache).
         self._clear: TtlCache[str, Decision] = TtlCache(_CACHE_MAX)
-        self._epoch = 0  # bumped by every invalidation; guards answers that raced one
         self._announce: Callable[[str], Awaitable[None]] | None = None  # set by use_invalidations
 
     @classmethod
@@ -278,10 +278,11 @@ class RedisLimiter(Limiter):
             return None
         return hit[1]
 
-    def _note(self, scope: str, outcome: gcra.Outcome, decision: Decision, epoch: int) -> None:
-        """After a round trip for an unconstrained scope: remember "nothing learned" if so."""
-        if outcome.allowed and outcome.state_source == gcra.SRC_NONE and epoch == self._epoch:
-            self._clear.put(scope, decision, time.monotonic() + CLEAR_TTL_S)
+    def _note(self, scope: str, outcome: gcra.Outcome, decision: Decision, since: int) -> None:
+        """After a round trip for an unconstrained scope: remember "nothing learned" if so,
+        unless an invalidation arrived while it was on the way (``since``: proxy.cache)."""
+        if outcome.allowed and outcome.state_source == gcra.SRC_NONE:
+            self._clear.put(scope, decision, time.monotonic() + CLEAR_TTL_S, since=since)
         else:
             self._clear.discard(scope)
 
@@ -291,7 +292,6 @@ class RedisLimiter(Limiter):
     def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
         # Any invalidation (a learned-state announcement, an admin change, a resubscribe after
         # lost messages) drops every "nothing learned" memo: each costs one round trip to redo.
-        self._epoch += 1
         self._clear.clear()
 
     async def acquire(self, target: LimitTarget, cost: int = 1) -> Decision:
@@ -304,7 +304,7 @@ class RedisLimiter(Limiter):
         unconstrained = not spec.cells and not spec.quota and self._announce is not None
         if unconstrained and (known := self._known_clear(target.scope)) is not None:
             return count(known)
-        epoch = self._epoch
+        since = self._clear.generation
         sent = time.monotonic()
         reply = await self._run(self._keys(target, spec), ["a", *_args(spec, cost)])
         if reply is None:
@@ -314,7 +314,7 @@ class RedisLimiter(Limiter):
         decision = decision_of(outcome)
         self._remember(target.scope, decision.state, sent)
         if unconstrained:
-            self._note(target.scope, outcome, decision, epoch)
+            self._note(target.scope, outcome, decision, since)
         return count(decision)
 
     async def peek(self, target: LimitTarget) -> LimitState:

@@ -21,7 +21,9 @@ With no header at all, a peer inside ``trusted_networks`` is let in as
 
 Hot path: verified API keys are cached in memory for ``KEY_CACHE_TTL_S`` so a busy caller does
 not hit the store per request; the secret is still hash-compared on every call. Revocation
-through this process drops the cache entry at once; another replica notices within the TTL.
+through this process drops the cache entry at once; another replica drops it on the tenant's
+invalidation message (within the TTL at worst). A key read that was in flight when either
+arrived is not cached (``proxy.cache``: the record it read may predate the revocation).
 While the store is unreachable, a cached entry (known or unknown key) keeps answering within the
 bounds of ``proxy.stale``; a key revoked before the outage was dropped or re-read as revoked, so
 it stays refused.
@@ -216,12 +218,11 @@ def load_jwt_keys(paths: tuple[Path, ...]) -> dict[str, list[Any]]:
 
 
 class Authenticator:
-    def __init__(
-        self, settings: Settings, store: Store, admin_token: str, stale: StaleWindow | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, admin_token: str, *, stale: StaleWindow) -> None:
         self.settings = settings
         self.store = store
-        self.stale = stale or StaleWindow(settings.stale_if_error_s)
+        # The process's one window (``stale_if_error_s``), shared with the vault and /readyz.
+        self.stale = stale
         self._admin_bytes = admin_token.encode()
         self._jwt_keys: dict[str, list[Any]] = load_jwt_keys(settings.jwt_public_key_files)
         if settings.jwt_hs256_secret:
@@ -258,10 +259,11 @@ class Authenticator:
         now = time.monotonic()
         cached = self._keys.get(key_id)
         if cached is None or cached.expires <= now:
+            since = self._keys.generation  # a revocation during the read voids it (proxy.cache)
             cached = await self.stale.load(
                 "api_key",
                 f"API key {key_id}",
-                lambda: self._load_key(key_id, now),
+                lambda: self._load_key(key_id, now, since),
                 lambda: self._entry(key_id),
             )
         record = cached.record
@@ -279,7 +281,9 @@ class Authenticator:
         self._last_used[key_id] = time.time()
         return cached.caller
 
-    async def _load_key(self, key_id: str, now: float) -> _CachedKey:
+    async def _load_key(self, key_id: str, now: float, since: int) -> _CachedKey:
+        """The key's record as an entry, cached unless a revocation (``forget_key``, a tenant's
+        invalidation) arrived after ``since``: then the record read may predate it."""
         record = await self.store.get_api_key(key_id)
         owner = record.tenant_id if record is not None else None
         if record is not None and record.revoked_at is not None:
@@ -287,7 +291,7 @@ class Authenticator:
         ttl = KEY_CACHE_TTL_S if record is not None else NEGATIVE_TTL_S
         caller = Caller("api_key", key_id, record.tenant_id) if record is not None else None
         digest = _digest_of(record.secret_hash) if record is not None else None
-        return self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest, owner))
+        return self._keys.put(key_id, _CachedKey(now + ttl, record, caller, digest, owner), since=since)
 
     def _entry(self, key_id: str) -> tuple[_CachedKey, float] | None:
         """The cached entry and when it was loaded, for serving it stale."""

@@ -20,6 +20,12 @@ The context handed to the event loop never changes; its ``sni_callback`` switche
 handshake to the *current* context, which ``reload`` replaces (SIGHUP) without a restart:
 re-read files, or (minted) the CA's own reload, which drops its leaf cache.
 
+Loading the files never prompts: a password-protected key is refused (a service has no one at
+its TTY, and OpenSSL's default is to ask there and wait), and every way the files can fail
+(missing, unreadable, a directory, not PEM, a key of another certificate) is a ``ConfigError``
+naming the setting of the file at fault. Each load reads the files once; only a failed one looks
+at them again, to say which is wrong.
+
 Pure module: no aiohttp, no redis.
 """
 
@@ -28,6 +34,8 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
+
+from cryptography import x509
 
 from proxy.errors import ConfigError
 from proxy.security.ca import ALPN, CertificateAuthority
@@ -45,20 +53,65 @@ def _base_context() -> ssl.SSLContext:
     return ctx
 
 
+CERT_SETTING = "listen_tls_cert_file"
+KEY_SETTING = "listen_tls_key_file"
+
+
+class _EncryptedKey(Exception):
+    """Raised from the password callback: OpenSSL asks for one only for an encrypted key."""
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
 def _file_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = _base_context()
     try:
-        ctx.load_cert_chain(str(cert), str(key))
-    except FileNotFoundError as exc:
-        raise ConfigError("listen_tls_cert_file", f"cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise ConfigError("listen_tls_key_file", f"cannot read {exc.filename}: permission denied") from None
-    except ssl.SSLError:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_password)
+    except _EncryptedKey:
         raise ConfigError(
-            "listen_tls_cert_file",
-            f"{cert} and {key} are not a matching PEM certificate chain and unencrypted private key",
+            KEY_SETTING,
+            f"{key} is encrypted (password-protected) and the service cannot ask for a password: "
+            "give it the key unencrypted (openssl pkey -in ENCRYPTED -out KEY), readable by the "
+            "service's user only",
         ) from None
+    except ssl.SSLError as exc:  # before OSError, which it is a subclass of
+        raise _unusable(cert, key, exc) from None
+    except OSError as exc:  # missing, unreadable, a directory: OpenSSL does not say which file
+        setting, path = _unopenable(cert, key)
+        reason = (exc.strerror or type(exc).__name__).lower()
+        raise ConfigError(setting, f"cannot read {path}: {reason}") from None
+    except ValueError:  # e.g. a NUL character in the path
+        raise ConfigError(CERT_SETTING, f"{str(cert)!r} or {str(key)!r} is not a usable file path") from None
     return ctx
+
+
+def _unopenable(cert: Path, key: Path) -> tuple[str, Path]:
+    """Which file could not be opened (after a failed load; opening reads nothing)."""
+    for setting, path in ((CERT_SETTING, cert), (KEY_SETTING, key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError:
+            return setting, path
+    return CERT_SETTING, cert
+
+
+def _unusable(cert: Path, key: Path, exc: ssl.SSLError) -> ConfigError:
+    """The error for files that open but do not load, naming the file at fault."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return ConfigError(KEY_SETTING, f"{key} is not the private key of the certificate in {cert}")
+    # OpenSSL says "PEM lib" for either file: look at the chain (only now that loading failed).
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except (OSError, ValueError):
+        return ConfigError(
+            CERT_SETTING, f"{cert} holds no PEM certificate chain (-----BEGIN CERTIFICATE-----)"
+        )
+    return ConfigError(
+        KEY_SETTING, f"{key} holds no PEM private key (-----BEGIN PRIVATE KEY----- or an RSA/EC key)"
+    )
 
 
 class ListenerTLS:
@@ -75,17 +128,15 @@ class ListenerTLS:
                 "(or dev_mode), or give listen_tls_cert_file/listen_tls_key_file instead",
             )
         self._current = self._load()
-        self.context = _base_context()
         # The fixed context needs a certificate of its own for OpenSSL to start a handshake;
-        # ``_pick`` switches every handshake to the current one before it is used.
+        # ``_pick`` switches every handshake to the current one before it is used. From files,
+        # the first load is that context (the files are read once, with its checks).
         if self.hostnames:
             assert ca is not None
+            self.context = _base_context()
             ca.load_leaf_into(self.context, self.hostnames[0])
         else:
-            assert settings.listen_tls_cert_file is not None and settings.listen_tls_key_file is not None
-            self.context.load_cert_chain(
-                str(settings.listen_tls_cert_file), str(settings.listen_tls_key_file)
-            )
+            self.context = self._current
         self.context.sni_callback = self._pick
 
     @property

@@ -38,13 +38,13 @@ class TenantFlags:
     a tenant update forgets it."""
 
     def __init__(
-        self, store: Store, configured: tuple[str, ...], ttl_s: float, stale: StaleWindow | None = None
+        self, store: Store, configured: tuple[str, ...], ttl_s: float, *, stale: StaleWindow
     ) -> None:
         self.store = store
         self.configured = frozenset(configured)
         self.ttl = max(ttl_s, 0.0)
         self._cache: TtlCache[str, bool] = TtlCache(TENANT_FLAGS_MAX)
-        self.stale = stale or StaleWindow(0.0)  # while the store is down: proxy.stale
+        self.stale = stale  # while the store is down: the process's one window (proxy.stale)
 
     async def proxy_only(self, tenant_id: str) -> bool:
         if tenant_id in self.configured:
@@ -53,12 +53,13 @@ class TenantFlags:
         hit = self._cache.get(tenant_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        since = self._cache.generation  # a change during the read voids its answer (proxy.cache)
 
         async def fetch() -> bool:
             tenant = await self.store.get_tenant(tenant_id)
             flag = bool(tenant is not None and tenant.proxy_only)
             if self.ttl > 0:
-                self._cache.put(tenant_id, flag, now + self.ttl)
+                self._cache.put(tenant_id, flag, now + self.ttl, since=since)
             return flag
 
         return await self.stale.load(

@@ -73,11 +73,11 @@ class Vault(KeyRotation):
         catalogue: Catalogue,
         cache_ttl_s: float,
         ring_source: Callable[[], crypto.KeyRing] | None = None,
-        stale: StaleWindow | None = None,
+        *,
+        stale: StaleWindow,
     ) -> None:
         self.store = store
-        # Shared with the other caches of store reads and /readyz; disabled unless given.
-        self.stale = stale or StaleWindow(0.0)
+        self.stale = stale  # the process's one window (stale_if_error_s), shared with /readyz
         self.ring = ring
         # Re-reads the key ring (the key file); None when it cannot change (PROXY_MASTER_KEY).
         self._ring_source = ring_source
@@ -420,12 +420,13 @@ class Vault(KeyRotation):
         hit = self._resolved.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        since = self._resolved.generation  # an invalidation during the read voids its answer
 
         async def fetch() -> str:
             user = await self.store.find_user_connection(tenant_id, connection_id, runtime_user_id)
             resolved = user.connection_id if user is not None else connection_id
             if self.cache_ttl_s > 0:
-                self._resolved.put(key, resolved, now + self.cache_ttl_s)
+                self._resolved.put(key, resolved, now + self.cache_ttl_s, since=since)
             return resolved
 
         what = f"the runtime user connection of {connection_id!r} (tenant {tenant_id!r})"
@@ -441,6 +442,7 @@ class Vault(KeyRotation):
             CREDENTIAL_CACHE_TALLY.inc(_CACHE_HIT)
             return hit[1]
         CREDENTIAL_CACHE_TALLY.inc(_CACHE_MISS)
+        since = self._creds.generation  # a change landing during the read voids it (proxy.cache)
 
         async def fetch() -> Credentials:
             try:
@@ -452,7 +454,7 @@ class Vault(KeyRotation):
                 self._creds.discard(key)
                 raise
             if self.cache_ttl_s > 0:
-                self._creds.put(key, creds, now + self.cache_ttl_s)
+                self._creds.put(key, creds, now + self.cache_ttl_s, since=since)
             return creds
 
         what = f"connection {connection_id!r} (tenant {tenant_id!r})"

@@ -44,7 +44,7 @@ from proxy.pipeline.exchange import Body, Exchange, parse_control_int, refuse_tr
 from proxy.pipeline.headers import clean_response_headers, redact_secrets
 from proxy.pipeline.pipeline import MAX_REPLAY_BODY, Pipeline
 from proxy.pipeline.plan import MAX_RETRIES
-from proxy.security.auth import proxy_user
+from proxy.security.auth import ProxyUser, proxy_user
 from proxy.web.authn import SERVICES, not_found, services_of
 from proxy.web.errors import NON_ORIGIN_FORM, Handler, error_response, request_id_of
 
@@ -54,7 +54,9 @@ __all__ = [
     "WATCHER",
     "DisconnectWatcher",
     "Identity",
+    "forward_caller",
     "forward_identity",
+    "forward_target",
     "relay",
     "setup",
 ]
@@ -256,12 +258,22 @@ async def header_identity(app: web.Application, h: Mapping[str, str]) -> Identit
 async def forward_identity(request: web.BaseRequest, app: web.Application) -> Identity:
     """The caller of a forward-proxy request (absolute-form or CONNECT): 407 when it has no or
     bad proxy credentials. A Basic user name names the connection; with Bearer, the headers do."""
+    caller, who = await forward_caller(request, app)
+    return forward_target(caller, who, request.headers)
+
+
+async def forward_caller(request: web.BaseRequest, app: web.Application) -> tuple[Caller, ProxyUser | None]:
+    """The authenticated caller of a forward-proxy request and what its proxy user names; 407."""
     h = request.headers
     try:
         caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
-        who = proxy_user(h)
+        return caller, proxy_user(h)
     except Unauthenticated as exc:
         raise proxy_auth_required(exc.message) from None
+
+
+def forward_target(caller: Caller, who: ProxyUser | None, h: Mapping[str, str]) -> Identity:
+    """The connection an authenticated forward-proxy caller names; 404 for another tenant's."""
     if who is None:
         cid = _connection_id(h.get("X-Connection-Id"))
         tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")

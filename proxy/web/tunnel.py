@@ -49,6 +49,7 @@ from proxy.errors import (
     ProxyError,
     Unauthenticated,
 )
+from proxy.model import Caller
 from proxy.observe import logformat, trace
 from proxy.observe.metrics import REQUESTS_TALLY, TUNNELS_OPEN
 from proxy.observe.outcome import Outcome, of_error
@@ -62,7 +63,8 @@ from proxy.web.proxy_routes import (
     CONNECT_HANDLER,
     PIPELINE,
     Identity,
-    forward_identity,
+    forward_caller,
+    forward_target,
     proxy_auth_required,
     relay,
 )
@@ -268,21 +270,31 @@ async def _bound(app: web.Application, identity: Identity, host: str) -> None:
 CONNECT_ACTION = "proxy.connect"
 
 
-def _audit_refusal(request: web.Request, identity: Identity | None, exc: ProxyError, rid: str) -> None:
+def _audit_refusal(
+    request: web.Request, caller: Caller | None, identity: Identity | None, exc: ProxyError, rid: str
+) -> None:
     """A refused CONNECT into the audit trail of the tenant it concerns, outcome = its code.
 
     Who chose the tenant decides whether it is recorded: an authenticated caller's refusals (a
-    host the connection is not bound to, egress, an unknown connection) go to its tenant; a 407
-    only when it presented an existing API key id (wrong secret, revoked key), to that key's
-    tenant, as ``api_key:<id>``. Any other unauthenticated CONNECT names no tenant it could be
-    held to (the tenant in a proxy user is its own choice, and letting it write into any
-    trail would let it flood that trail's buffer), so it is counted in the request metrics only.
+    host the connection is not bound to, egress, an unknown connection) go to its tenant; so
+    does one naming a connection of *another* tenant (404, as an unknown one), with no
+    connection id: the other tenant's trail never holds it, or any key could flood any trail,
+    and the caller's trail shows the probe without a connection id of its own it could be
+    mistaken for. A 407 only when it presented an existing API key id (wrong secret, revoked
+    key), to that key's tenant, as ``api_key:<id>``. Any other unauthenticated CONNECT names no
+    tenant it could be held to (the tenant in a proxy user is its own choice, and letting it
+    write into any trail would let it flood that trail's buffer), so it is counted in the
+    request metrics only.
     Uses fold per (actor, tenant, connection, outcome) like every use; no header value is kept.
     A tunnel granted but whose TLS handshake the client refused is recorded the same way
     (``tls_handshake_failed``, in ``connect``)."""
     svc = request.app[SERVICES]
     if identity is not None:
         actor, tenant, connection = identity.caller.actor, identity.tenant_id, identity.connection_id
+    elif caller is not None and caller.tenant_id is not None:
+        # Authenticated, but what it named was refused before it became an identity: another
+        # tenant's connection, an invalid connection id.
+        actor, tenant, connection = caller.actor, caller.tenant_id, None
     elif isinstance(exc, ProxyAuthenticationRequired):
         owner = svc.auth.refused_key_owner(request.headers)
         if owner is None:
@@ -297,15 +309,17 @@ async def connect(request: web.Request) -> web.StreamResponse:
     """The ``CONNECT`` handler: check, answer 200, terminate TLS, serve the tunnel to its end."""
     app = request.app
     rid = request_id_of(request)
+    caller: Caller | None = None
     identity: Identity | None = None
     try:
-        identity = await forward_identity(request, app)
+        caller, who = await forward_caller(request, app)
+        identity = forward_target(caller, who, request.headers)
         host, port = _authority(request.raw_path)
         await _bound(app, identity, host)
         context = app[TUNNEL_CA].server_context(host)
     except ProxyError as exc:
         REQUESTS_TALLY.inc(("connect", of_error(exc)))
-        _audit_refusal(request, identity, exc, rid)
+        _audit_refusal(request, caller, identity, exc, rid)
         resp = error_response(exc, rid)
         resp.force_close()  # the client may already be sending tunnel bytes: never read them
         return resp

@@ -27,6 +27,7 @@ from proxy.pipeline.upstream.resolver import GuardedResolver
 from proxy.security.crypto import KeyRing
 from proxy.security.egress import EgressPolicy
 from proxy.settings import Settings
+from proxy.stale import StaleWindow
 from proxy.store.base import Store
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
@@ -61,7 +62,7 @@ async def make_replica(
         egress_allow=egress_allow, upstream_total_timeout_s=5.0, upstream_connect_timeout_s=2.0
     )
     await store.open()
-    vault = Vault(store, ring, CATALOGUE, cache_ttl_s=5.0)
+    vault = Vault(store, ring, CATALOGUE, cache_ttl_s=5.0, stale=StaleWindow(0.0))
     await vault.verify_keys()
     tokens = TokenManager(vault, store, settings)
     http = aiohttp.ClientSession(

@@ -13,6 +13,7 @@ from proxy.observe.audit import Actor, AuditLog
 from proxy.security.api_keys import ApiKeys, api_key_body
 from proxy.security.auth import Authenticator
 from proxy.settings import load_settings
+from proxy.stale import StaleWindow
 from proxy.store.base import AuditQuery, Store
 
 ACTOR = Actor("admin:admin", "req-9")
@@ -29,7 +30,7 @@ def test_the_body_is_a_name_or_nothing() -> None:
 
 async def test_mint_list_revoke(store: Store, tmp_path: Path) -> None:
     settings = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
-    auth = Authenticator(settings, store, "admin-token-" + "x" * 20)
+    auth = Authenticator(settings, store, "admin-token-" + "x" * 20, stale=StaleWindow(0.0))
     audit = AuditLog(store, settings)
     keys = ApiKeys(store, auth, audit)
     record, full = await keys.mint("t1", "ci", ACTOR)

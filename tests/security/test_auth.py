@@ -26,6 +26,7 @@ from proxy.settings import Settings, load_settings
 from proxy.stale import StaleWindow
 from proxy.store.base import Store
 from proxy.store.sqlite import SqliteStore
+from tests.support.gate import GatedReads
 
 ADMIN = "admin-token-for-tests-0123456789"
 HS = "hs256-shared-secret-for-tests-0123456789"
@@ -87,7 +88,7 @@ def test_peer_in_networks() -> None:
 
 
 async def test_admin_token_and_wrong_tokens(store: Store) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     assert await auth.authenticate(hdr(ADMIN), None, allow_trusted=False) == Caller("admin", "admin", None)
     assert (
         await auth.authenticate(hdr(ADMIN, "Proxy-Authorization"), None, allow_trusted=False)
@@ -98,7 +99,7 @@ async def test_admin_token_and_wrong_tokens(store: Store) -> None:
 
 
 async def test_trusted_network_only_without_header_and_only_where_allowed(store: Store) -> None:
-    auth = Authenticator(settings(trusted_networks=["127.0.0.1/32"]), store, ADMIN)
+    auth = Authenticator(settings(trusted_networks=["127.0.0.1/32"]), store, ADMIN, stale=StaleWindow(0.0))
     caller = await auth.authenticate({}, "127.0.0.1", allow_trusted=True)
     assert caller == Caller("trusted_network", "127.0.0.1", None)
     assert caller.may_access("any-tenant")
@@ -112,7 +113,7 @@ async def test_trusted_network_only_without_header_and_only_where_allowed(store:
 
 
 async def test_api_key_binds_its_tenant(store: Store) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     key_id, full = await mint(store, "tenant-a")
     caller = await auth.authenticate(hdr(full), None, allow_trusted=False)
     assert caller == Caller("api_key", key_id, "tenant-a")
@@ -121,7 +122,7 @@ async def test_api_key_binds_its_tenant(store: Store) -> None:
 
 
 async def test_api_key_wrong_secret_or_unknown_id_is_401_without_echo(store: Store) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     key_id, full = await mint(store)
     tampered = full[:-1] + ("A" if full[-1] != "A" else "B")
     msg = await expect_401(auth, hdr(tampered))
@@ -134,7 +135,7 @@ async def test_api_key_wrong_secret_or_unknown_id_is_401_without_echo(store: Sto
 
 @pytest.mark.parametrize("damaged", ["not-hex", "é" * 64, ""])
 async def test_a_damaged_stored_hash_refuses_the_key_cleanly(store: Store, damaged: str) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     key_id, full = await mint(store)
     record = await store.get_api_key(key_id)
     assert record is not None
@@ -150,7 +151,7 @@ def test_api_key_digest_is_the_stored_hash_as_bytes() -> None:
 async def test_verified_keys_are_served_from_memory(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "a.sqlite3")
     await store.open()
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     _, full = await mint(store)
     await auth.authenticate(hdr(full), None, allow_trusted=False)
     await store.close()
@@ -159,7 +160,7 @@ async def test_verified_keys_are_served_from_memory(tmp_path: Path) -> None:
 
 
 async def test_revocation_is_immediate_after_forget_key(store: Store) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     key_id, full = await mint(store)
     await auth.authenticate(hdr(full), None, allow_trusted=False)
     record = await store.get_api_key(key_id)
@@ -173,7 +174,7 @@ async def test_last_used_times_are_flushed_in_batch_and_survive_a_failed_flush(t
     path = tmp_path / "lu.sqlite3"
     store = SqliteStore(path)
     await store.open()
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     key_id, full = await mint(store)
     before = time.time()
     await auth.authenticate(hdr(full), None, allow_trusted=False)
@@ -202,7 +203,7 @@ def claims(**extra: Any) -> dict[str, Any]:
 
 
 async def test_jwt_hs256(store: Store) -> None:
-    auth = Authenticator(settings(jwt_hs256_secret=HS), store, ADMIN)
+    auth = Authenticator(settings(jwt_hs256_secret=HS), store, ADMIN, stale=StaleWindow(0.0))
     caller = await auth.authenticate(hdr(hs_token(claims())), None, allow_trusted=False)
     assert caller == Caller("jwt", "wf-1", "t9")
     assert "expired" in await expect_401(auth, hdr(hs_token(claims(exp=int(time.time()) - 3600))))
@@ -220,7 +221,7 @@ async def test_jwt_hs256(store: Store) -> None:
 
 async def test_jwt_issuer_audience_and_tenant_claim(store: Store) -> None:
     s = settings(jwt_hs256_secret=HS, jwt_issuer="https://idp", jwt_audience="proxy", jwt_tenant_claim="org")
-    auth = Authenticator(s, store, ADMIN)
+    auth = Authenticator(s, store, ADMIN, stale=StaleWindow(0.0))
     good = claims(iss="https://idp", aud="proxy", org="acme")
     assert (await auth.authenticate(hdr(hs_token(good)), None, allow_trusted=False)).tenant_id == "acme"
     assert "audience" in await expect_401(auth, hdr(hs_token({**good, "aud": "other"})))
@@ -254,7 +255,7 @@ async def test_jwt_rs256_and_eddsa_from_key_files(store: Store, tmp_path: Path) 
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ed_key = ed25519.Ed25519PrivateKey.generate()
     files = [str(write_public(tmp_path, "rsa.pem", rsa_key)), str(write_public(tmp_path, "ed.pem", ed_key))]
-    auth = Authenticator(settings(jwt_public_key_files=files), store, ADMIN)
+    auth = Authenticator(settings(jwt_public_key_files=files), store, ADMIN, stale=StaleWindow(0.0))
     rs = jwt.encode(claims(), rsa_key, algorithm="RS256")
     ed = jwt.encode(claims(sub="wf-ed"), ed_key, algorithm="EdDSA")
     assert (await auth.authenticate(hdr(rs), None, allow_trusted=False)).id == "wf-1"
@@ -267,7 +268,7 @@ async def test_jwt_rs256_and_eddsa_from_key_files(store: Store, tmp_path: Path) 
 
 
 async def test_jwt_refused_when_not_configured(store: Store) -> None:
-    auth = Authenticator(settings(), store, ADMIN)
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(0.0))
     assert "not accepted" in await expect_401(auth, hdr(hs_token(claims())))
 
 
@@ -275,7 +276,7 @@ def test_bad_public_key_file_names_the_setting(tmp_path: Path, store: Store) -> 
     bad = tmp_path / "bad.pem"
     bad.write_text("not a key")
     with pytest.raises(ConfigError) as info:
-        Authenticator(settings(jwt_public_key_files=[str(bad)]), store, ADMIN)
+        Authenticator(settings(jwt_public_key_files=[str(bad)]), store, ADMIN, stale=StaleWindow(0.0))
     assert info.value.key == "jwt_public_key_files"
 
 
@@ -311,7 +312,7 @@ async def test_store_outage_keeps_cached_keys_working_and_revoked_keys_refused(
     store = SqliteStore(data / "store.sqlite3")
     await store.open()
     try:
-        auth = Authenticator(settings(), store, ADMIN, StaleWindow(60.0))
+        auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(60.0))
         _, good = await mint(store)
         bad_id, bad = await mint(store)
         for key in (good, bad):
@@ -333,3 +334,28 @@ async def test_store_outage_keeps_cached_keys_working_and_revoked_keys_refused(
         if (tmp_path / "away").exists():
             (tmp_path / "away").rename(data)
         await store.close()
+
+
+@pytest.mark.parametrize("seen", ["local", "peer"])
+async def test_a_key_read_in_flight_when_it_is_revoked_is_not_cached(store: Store, seen: str) -> None:
+    """The read-vs-revocation race: the store answers "valid" just before the revocation is
+    written, and that answer reaches the cache after the revocation dropped the key (locally,
+    ``forget_key``; from a peer, the tenant's invalidation). The call that read it may pass (it
+    ran concurrently with the revocation); the next one must be refused, not served from a
+    cache the revocation emptied and the late answer refilled."""
+    auth = Authenticator(settings(), store, ADMIN, stale=StaleWindow(60.0))
+    key_id, full = await mint(store)
+    gated = GatedReads(store, "get_api_key")
+    auth.store = gated  # type: ignore[assignment]
+    in_flight = asyncio.create_task(auth.authenticate(hdr(full), None, allow_trusted=False))
+    await asyncio.wait_for(gated.read.wait(), 10)  # the store said "valid"; not yet cached
+    record = await store.get_api_key(key_id)
+    assert record is not None
+    await store.put_api_key(dataclasses.replace(record, revoked_at=time.time()))
+    if seen == "local":
+        auth.forget_key(key_id)  # what ApiKeys.revoke does after its write
+    else:
+        auth.on_invalidation("t1", None)  # a peer revoked it and published the tenant's invalidation
+    gated.release()
+    assert (await in_flight).tenant_id == "t1"
+    assert "revoked" in await expect_401(auth, hdr(full))

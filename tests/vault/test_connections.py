@@ -17,6 +17,7 @@ from proxy.observe.audit import Actor, AuditLog
 from proxy.security import crypto
 from proxy.settings import load_settings
 from proxy.shapes import UNSET
+from proxy.stale import StaleWindow
 from proxy.store.base import ANY_VERSION, AuditQuery, ExpectedVersion, Store
 from proxy.vault.connections import Connections
 from proxy.vault.inputs import patch_body, put_body
@@ -66,7 +67,13 @@ class RacingVault(Vault):
 
 @pytest.fixture
 async def parts(store: Store, tmp_path: Path) -> AsyncIterator[tuple[Connections, RacingVault, AuditLog]]:
-    vault = RacingVault(store, crypto.KeyRing.parse(crypto.generate_master_key_text()), Catalogue.load(), 5.0)
+    vault = RacingVault(
+        store,
+        crypto.KeyRing.parse(crypto.generate_master_key_text()),
+        Catalogue.load(),
+        5.0,
+        stale=StaleWindow(0.0),
+    )
     audit = AuditLog(store, load_settings(env={}, overrides={"data_dir": str(tmp_path)}))
     yield Connections(vault, Revocations(), audit), vault, audit
 

@@ -34,7 +34,7 @@ class Replicas:
         self.stores = [SqliteStore(self.data / "store.sqlite3") for _ in range(2)]
         self.window = StaleWindow(60.0)
         self.a = Vault(self.stores[0], ring, Catalogue.load(), cache_ttl_s=TTL, stale=self.window)
-        self.b = Vault(self.stores[1], ring, Catalogue.load(), cache_ttl_s=TTL)
+        self.b = Vault(self.stores[1], ring, Catalogue.load(), cache_ttl_s=TTL, stale=StaleWindow(0.0))
 
     def down(self) -> None:
         self.data.rename(self.away)

@@ -17,20 +17,24 @@ from proxy.catalogue import Catalogue
 from proxy.errors import ConnectionNotFound, CryptoError, KeyVersionMissing, ValidationError
 from proxy.model import ConnectionRecord
 from proxy.security import crypto
+from proxy.stale import StaleWindow
 from proxy.store.base import ANY_VERSION, ExpectedVersion
 from proxy.store.sqlite import SqliteStore
 from proxy.vault.records import redacted_view
 from proxy.vault.rotation import check_retire
 from proxy.vault.vault import Vault
+from tests.support.gate import GatedReads
 
 CANARY = "canary-secret-7f3a9b"
 
 
 def make_vault(store: Any, ring: crypto.KeyRing) -> Vault:
-    return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0)
+    return Vault(store, ring, Catalogue.load(), cache_ttl_s=5.0, stale=StaleWindow(0.0))
 
 
-async def put(vault: Vault, tenant: str, cid: str, token: str = CANARY) -> ConnectionRecord:
+async def put(
+    vault: Vault, tenant: str, cid: str, token: str = CANARY, expected: ExpectedVersion = None
+) -> ConnectionRecord:
     integ = vault.catalogue.get("http_bearer")
     public, secret = await vault.encrypt_params(
         tenant, cid, integ, {"token": token, "base_url": "https://api.example.com"}
@@ -42,7 +46,7 @@ async def put(vault: Vault, tenant: str, cid: str, token: str = CANARY) -> Conne
         public_params=public,
         secret_params=secret,
     )
-    return await vault.save(record, expected_version=None)
+    return await vault.save(record, expected_version=expected)
 
 
 async def test_secrets_are_ciphertext_at_rest_and_decrypt(store: Any) -> None:
@@ -244,7 +248,7 @@ async def test_a_version_added_elsewhere_is_reread_once_then_used(
     new = old.with_new_key()
     await put(make_vault(store, new), "t1", "c1")  # wrapped under version 2, as after a rotation
     source = RingFile(old)  # this replica's file does not have version 2 yet
-    stale = Vault(store, old, Catalogue.load(), 5.0, ring_source=source)
+    stale = Vault(store, old, Catalogue.load(), 5.0, ring_source=source, stale=StaleWindow(0.0))
     record = await store.get_connection("t1", "c1")
     for _ in range(5):
         with pytest.raises(KeyVersionMissing) as info:
@@ -261,7 +265,7 @@ async def test_a_version_added_elsewhere_is_reread_once_then_used(
 async def test_ring_from_the_environment_says_restart(store: Any) -> None:
     old = crypto.KeyRing.parse(crypto.generate_master_key_text())
     await put(make_vault(store, old.with_new_key()), "t1", "c1")
-    fixed = Vault(store, old, Catalogue.load(), 5.0, ring_source=None)
+    fixed = Vault(store, old, Catalogue.load(), 5.0, ring_source=None, stale=StaleWindow(0.0))
     with pytest.raises(
         KeyVersionMissing, match="PROXY_MASTER_KEY, which cannot change while it runs: restart"
     ):
@@ -271,7 +275,7 @@ async def test_ring_from_the_environment_says_restart(store: Any) -> None:
 
 async def test_reload_refuses_a_different_key_under_a_known_version(store: Any) -> None:
     ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
-    vault = Vault(store, ring, Catalogue.load(), 5.0, ring_source=RingFile(ring))
+    vault = Vault(store, ring, Catalogue.load(), 5.0, ring_source=RingFile(ring), stale=StaleWindow(0.0))
     await vault.verify_keys()  # records version 1's fingerprint
     await put(vault, "t1", "c1")
     assert await vault.reload_ring() is False  # same ring: nothing to do
@@ -280,3 +284,29 @@ async def test_reload_refuses_a_different_key_under_a_known_version(store: Any) 
         await vault.reload_ring()
     assert vault.ring is ring
     assert (await vault.credentials("t1", "c1")).params["token"] == CANARY
+
+
+@pytest.mark.parametrize("change", ["deleted here", "replaced by a peer"])
+async def test_credentials_read_in_flight_during_a_change_are_not_cached(store: Any, change: str) -> None:
+    """The read-vs-invalidation race: the record is read just before a deletion or replacement,
+    and the decrypted copy reaches the cache after the invalidation dropped it. The next call
+    must see the change, not that copy for the cache's TTL (and then stale)."""
+    ring = crypto.KeyRing.parse(crypto.generate_master_key_text())
+    vault, peer = make_vault(store, ring), make_vault(store, ring)
+    await put(vault, "t1", "c1", "tok-old")
+    gated = GatedReads(store, "get_connection")
+    vault.store = gated  # type: ignore[assignment]
+    in_flight = asyncio.create_task(vault.credentials("t1", "c1"))
+    await asyncio.wait_for(gated.read.wait(), 10)  # the old record is read, not yet cached
+    if change == "deleted here":
+        assert await vault.delete("t1", "c1")  # its write, then its own invalidation
+    else:
+        await put(peer, "t1", "c1", "tok-new", ANY_VERSION)  # the store knows; then the message:
+        await vault.invalidate("t1", "c1")
+    gated.release()
+    assert (await in_flight).params["token"] == "tok-old"  # concurrent with the change: either
+    if change == "deleted here":
+        with pytest.raises(ConnectionNotFound):
+            await vault.credentials("t1", "c1")
+    else:
+        assert (await vault.credentials("t1", "c1")).params["token"] == "tok-new"

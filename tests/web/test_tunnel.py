@@ -300,6 +300,42 @@ async def test_refused_connects_are_audited_without_secrets(tls: TlsSetup) -> No
     assert tls.key not in json.dumps(events) and key_id in json.dumps(events)
 
 
+async def test_a_connect_to_another_tenants_connection_is_audited_in_the_callers_tenant_only(
+    tls: TlsSetup,
+) -> None:
+    """A key of t1 naming t2's connection (proxy user ``t2/c1``, or Bearer with X-Tenant-Id:
+    t2) gets the same 404 as an unknown connection, and the refusal is on t1's record (actor,
+    outcome, no connection id), never on t2's: any key could otherwise write into any trail."""
+    from proxy.security import crypto
+
+    key_id = crypto.split_api_key(tls.key)[0]  # type: ignore[index]
+    await tls.svc.put_connection(
+        "t2",
+        "c1",
+        {"integration_id": "http_bearer", "parameters": {"token": "t2-tok", "base_url": tls.up.url}},
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls.proxy_port)
+    target = f"127.0.0.2:{tls.up.port}"
+    writer.write(
+        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tls.key}\r\n"
+        "X-Connection-Id: c1\r\nX-Tenant-Id: t2\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 404")
+    writer.close()
+    for user in ("t2%2Fc1", "t2/c1"):
+        status, headers, body = await connect_head(tls, basic(user, tls.key))
+        assert status == 404 and headers["x-proxy-error"] == "CONNECTION_NOT_FOUND", body
+    events = await _connect_audit(tls)
+    assert [(e["actor"], e["outcome"], e["connection_id"]) for e in events] == [
+        (f"api_key:{key_id}", "CONNECTION_NOT_FOUND", None)
+    ], events
+    assert events[0]["detail"]["count"] == 3  # type: ignore[index]
+    status, data = await tls.svc.admin("GET", "/admin/tenants/t2/audit?action=proxy.connect")
+    assert status == 200 and data["items"] == [], data
+    assert tls.key not in json.dumps(events)
+    assert tls.up.seen == []
+
+
 async def test_open_tunnel_gauge_on_live_metrics(tls: TlsSetup) -> None:
     import ssl
 
