@@ -233,12 +233,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         return child.wait()
 
 
+def _cache_dir_warnings(settings: Settings) -> list[str]:
+    """What this machine shows wrong with the decision cache's directory. Warnings, not refusals:
+    the config is often generated on another machine (a build host, an image build) than the
+    one nginx runs on, where nothing here can be seen."""
+    from proxy.nginxconf import memory_backed
+
+    if settings.nginx_decision_cache_s <= 0:
+        return []
+    where = settings.nginx_decision_cache_dir
+    out = []
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        mounts = ""
+    if memory_backed(where, mounts) is False:
+        out.append(
+            f"{where} is not on tmpfs or ramfs: nginx's decision cache would write credentials and "
+            "caller keys to persistent disk; set nginx_decision_cache_dir to a directory on tmpfs "
+            "(e.g. under /dev/shm), or nginx_decision_cache_s = 0"
+        )
+    try:
+        st = os.lstat(where)
+    except OSError:
+        return out
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
+        out.append(
+            f"{where} is not a directory of mode 0700 (a symlink, or open to other users): they "
+            "could read or plant decisions there; remove it and create it 0700 for nginx's user"
+        )
+    return out
+
+
 def cmd_nginx_config(args: argparse.Namespace) -> int:
     from proxy.catalogue import Catalogue
     from proxy.nginxconf import render
     from proxy.pipeline.decision import injectable_headers
 
     settings = settings_from_args(args)
+    for warning in _cache_dir_warnings(settings):
+        print(f"connection-proxy nginx-config: warning: {warning}", file=sys.stderr)
     names = injectable_headers(Catalogue.load(settings.integrations_dirs), settings.nginx_inject_headers)
     print(
         render(

@@ -14,13 +14,25 @@ Invariants the generated config keeps (tests/web/test_decide.py runs it through 
   replaced by the decision's value, empty (removed) unless it injects one;
 - refusals come back with the service's exact status, JSON body and ``Retry-After``;
 - bodies stream both ways (no buffering), redirects are passed back, never rewritten or followed;
-- the decision cache holds credentials: it lives under the prefix (put it on tmpfs).
+- secrets stay off persistent disk: the decision cache (its files hold the injected headers and,
+  in their keys, the caller's credential) exists only when ``nginx_decision_cache_s > 0`` and then
+  lives in ``nginx_decision_cache_dir`` (tmpfs by default), written in place
+  (``use_temp_path=off``: never through the prefix's temp dir), small, and dropped once unused
+  for its lifetime. nginx core has no cryptographic hash to key it by, so the key holds the raw
+  caller credential; its fields are joined by LF, which no header value or request line can
+  hold, so no choice of header values makes two different requests share one entry;
+- the ``X-Proxy-*`` namespace is the service's both ways: the known control headers are always
+  removed upstream and every name the service defines is hidden from upstream answers; the
+  service's own ``X-Proxy-Error`` comes back only from the service route and nginx's own error
+  locations. nginx core matches no header-name prefix, so an *unknown* ``X-Proxy-*`` header is
+  handled by the decision (the call takes the service route) only when the decision is not
+  served from the cache, and an unknown one in an upstream answer passes (README).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,9 +40,14 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.pipeline.decision import CONTROL_SET, NGINX_STRIPS
 from proxy.settings import Settings
 
-__all__ = ["OBSERVED_HEADERS", "render"]
+__all__ = ["OBSERVED_HEADERS", "memory_backed", "render"]
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+# Every X-Proxy-* name the service defines: hidden from upstream answers (path mode drops the
+# whole namespace; nginx's proxy_hide_header takes names only).
+OWN_RESPONSE_HEADERS = ("X-Proxy-Error", *(_n for _n in NGINX_STRIPS if _n.startswith("x-proxy-")))
+_MEMORY_FS = frozenset({"tmpfs", "ramfs"})
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._/-")
 
 # Response headers nginx reports back for the limiter: every name the catalogue's rate-limit
 # header styles read (proxy.ratelimit.signals).
@@ -116,6 +133,22 @@ def _decision_server(where: str) -> str:
     return f"{host}:{port}"
 
 
+def memory_backed(path: Path, mounts: str) -> bool | None:
+    """Whether ``path`` is on tmpfs or ramfs, by the longest mount point of ``mounts`` (the text
+    of /proc/self/mounts) that contains it; None when no mount point does."""
+    best: tuple[int, str] | None = None
+    target = str(path).rstrip("/") + "/"
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        # /proc/self/mounts escapes space, tab, newline and backslash as octal.
+        point = parts[1].encode().decode("unicode_escape").rstrip("/") + "/"
+        if target.startswith(point) and (best is None or len(point) >= best[0]):
+            best = (len(point), parts[2])
+    return None if best is None else best[1] in _MEMORY_FS
+
+
 def _pool(entry: str) -> tuple[str, str]:
     name, sep, addr = entry.partition("=")
     host, _, port = addr.rpartition(":")
@@ -179,11 +212,28 @@ def render(
     w("    server_tokens off;")
     w("    default_type application/json;")
     w("    client_max_body_size 0;")
-    # The decision cache holds credentials (and the caller keys in its keys): under the prefix,
-    # tmpfs recommended; entries live at most X-Accel-Expires seconds (+1, nginx's clock).
-    w(
-        f"    proxy_cache_path {p}/decisions levels=1:2 keys_zone=cp_decisions:10m max_size=64m inactive=10s use_temp_path=off;"
-    )
+    cache_s = settings.nginx_decision_cache_s
+    if cache_s > 0:
+        # The decision cache holds credentials (and the caller keys in its keys): memory-backed,
+        # written in place (no temp file under the prefix), small; entries live at most
+        # X-Accel-Expires seconds (+1, nginx's clock) and go once unused for the cache's lifetime.
+        cache_dir = str(settings.nginx_decision_cache_dir).rstrip("/")
+        if not set(cache_dir) <= _PATH_CHARS:
+            raise ConfigError(
+                "nginx_decision_cache_dir",
+                "may hold only letters, digits and . _ / - (it is written into nginx.conf)",
+            )
+        w(
+            f"    proxy_cache_path {cache_dir} levels=1:2 keys_zone=cp_decisions:2m max_size=16m"
+            f" inactive={cache_s}s use_temp_path=off;"
+        )
+        # The key holds the caller's Connection, not the headers it names, whose presence sends
+        # the call to the service route: such calls are always decided, never cached. (A map
+        # tries no regex on an empty value: "" is listed.)
+        w(
+            '    map $http_connection $cp_nominates { "" ""; keep-alive ""; close "";'
+            ' "~*^[\\t ,]*((keep-alive|close)[\\t ,]*)*$" ""; default 1; }'
+        )
     w(f"    upstream cp_service {{ server {service_addr}; keepalive 64; }}")
     decider = "cp_service"
     if settings.decision_listen is not None:
@@ -203,6 +253,8 @@ def render(
     w(f'    map $cp_route $cp_host_out {{ service "{service_addr}"; default $cp_host; }}')
     w("    map $cp_route $cp_uri_out { service $request_uri; default $cp_uri; }")
     w('    map $cp_error $cp_error_out { "" SERVICE_UNAVAILABLE; default $cp_error; }')
+    # The service route's answer is path mode's own: its X-Proxy-Error is the service's.
+    w('    map $cp_route $cp_own_error { service $upstream_http_x_proxy_error; default ""; }')
     for name in names:
         v = _var(name)
         w(f'    map $cp_s_{v} $cp_o_{v} {{ "1" $cp_h_{v}; default $http_{v}; }}')
@@ -274,7 +326,9 @@ def render(
     w(f"            proxy_read_timeout {_ms(settings.upstream_read_timeout_s)};")
     w(f"            proxy_send_timeout {_ms(settings.upstream_read_timeout_s)};")
     # The X-Proxy-* namespace belongs to the service: an upstream cannot forge its errors.
-    w("            proxy_hide_header X-Proxy-Error;")
+    for name in OWN_RESPONSE_HEADERS:
+        w(f"            proxy_hide_header {_canon(name)};")
+    w("            add_header X-Proxy-Error $cp_own_error always;")
     w("            proxy_hide_header Proxy-Authenticate;")
     w("            proxy_hide_header Trailer;")
     if report is not None:
@@ -301,28 +355,8 @@ def render(
     w("            proxy_buffers 4 16k;")
     w(f"            proxy_connect_timeout {_ms(settings.upstream_connect_timeout_s)};")
     w(f"            proxy_read_timeout {_ms(wait_s)};")
-    w("            proxy_cache cp_decisions;")
-    w("            proxy_cache_methods GET HEAD POST;")
-    # Everything a decision depends on besides the URI: the caller's key and selectors, the
-    # controls, the cookies it may merge and the headers the caller's Connection names.
-    key = "|".join(
-        [
-            "$request_method",
-            "$request_uri",
-            "$http_authorization",
-            "$http_proxy_authorization",
-            "$http_x_connection_id",
-            "$http_x_tenant_id",
-            "$http_x_runtime_user_id",
-            "$http_x_org_id",
-            "$http_x_proxy_max_wait_ms",
-            "$http_x_proxy_retries",
-            "$http_cookie",
-            "$http_connection",
-        ]
-    )
-    w(f'            proxy_cache_key "{key}";')
-    w("            proxy_cache_lock off;")
+    if cache_s > 0:
+        _cache_key(w)
     w("        }")
     w("        location @cp_refused {")
     w("            add_header X-Proxy-Error $cp_error_out always;")
@@ -361,3 +395,31 @@ def render(
     w("    }")
     w("}")
     return "\n".join(o) + "\n"
+
+
+def _cache_key(w: Callable[[str], None]) -> None:
+    w("            proxy_cache cp_decisions;")
+    w("            proxy_cache_methods GET HEAD POST;")
+    # Everything a decision depends on besides the URI: the caller's key and selectors, the
+    # controls, the cookies it may merge and the headers the caller's Connection names. Joined by
+    # LF (\\n in an nginx quoted string), which no request line or header value can hold.
+    key = "\\n".join(
+        [
+            "$request_method",
+            "$request_uri",
+            "$http_authorization",
+            "$http_proxy_authorization",
+            "$http_x_connection_id",
+            "$http_x_tenant_id",
+            "$http_x_runtime_user_id",
+            "$http_x_org_id",
+            "$http_x_proxy_max_wait_ms",
+            "$http_x_proxy_retries",
+            "$http_cookie",
+            "$http_connection",
+        ]
+    )
+    w(f'            proxy_cache_key "{key}";')
+    w("            proxy_cache_bypass $cp_nominates;")
+    w("            proxy_no_cache $cp_nominates;")
+    w("            proxy_cache_lock off;")

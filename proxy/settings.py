@@ -174,13 +174,24 @@ class Settings:
     the generated nginx config can set (other names take the service route)."""
     nginx_decision_cache_s: int = 1
     """Seconds nginx may reuse a safe decision (no window, nothing learned, bounded by the
-    in-process caches); 0: every call is decided."""
+    in-process caches); 0: every call is decided, and the generated config has no cache."""
+    # /dev/shm is world-writable: nginx-config warns about a directory another user made, and
+    # README says to create it 0700 for nginx's user before nginx starts.
+    nginx_decision_cache_dir: Path = Path("/dev/shm/connection-proxy-nginx")  # noqa: S108
+    """Absolute directory of nginx's decision cache. Its files hold injected credentials and
+    caller keys in plain text: keep it on a memory-backed filesystem (tmpfs, ramfs), never on
+    persistent disk, owned by nginx's user, mode 0700; ``nginx-config`` warns when it can see
+    otherwise."""
     nginx_report_listen: tuple[str, int] | None = None
     """UDP HOST:PORT where nginx reports responses (syslog) for the limiter and the audit;
     unset: no reports."""
     nginx_report: str = "signals"
     """Which responses nginx reports: ``signals`` (rate-limit headers or a 4xx/5xx: what the
     limiter learns from) or ``all`` (every response: an audited outcome per call, more CPU)."""
+    nginx_network_ok: bool = False
+    """Let ``decision_listen`` and ``nginx_report_listen`` use a non-loopback address. Decisions
+    (which carry credentials) and reports then cross the network in clear: only on a private
+    network between nginx and this service. False: loopback addresses or unix sockets only."""
 
     @property
     def listen_tls(self) -> bool:
@@ -255,6 +266,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "nginx_decision_cache_s": sv.integer(0),
     "nginx_report_listen": lambda k, v: sv.listen(k, v) if sv.opt_string(k, v) else None,
     "nginx_report": sv.choice("signals", "all"),
+    "nginx_decision_cache_dir": sv.absolute_path,
+    "nginx_network_ok": sv.boolean,
 }
 
 
@@ -392,5 +405,23 @@ def _cross_check(s: Settings) -> None:
         raise ConfigError("decision_token", "may hold only letters, digits and . _ ~ + / = - (base64 or hex)")
     if s.decision_listen is not None and s.decision_listen.startswith("unix:") and s.workers > 1:
         raise ConfigError("decision_listen", "a unix socket serves one process: use HOST:PORT with --workers")
+    if not s.nginx_network_ok:
+        _loopback_only("decision_listen", s.decision_listen, "decisions carry credentials")
+        report = s.nginx_report_listen
+        _loopback_only("nginx_report_listen", report and f"{report[0]}:{report[1]}", "reports")
     if s.upstream_connect_timeout_s > s.upstream_total_timeout_s:
         raise ConfigError("upstream_connect_timeout_s", "must not exceed upstream_total_timeout_s")
+
+
+def _loopback_only(key: str, where: str | None, what: str) -> None:
+    """nginx <-> service traffic is plain text: a non-loopback address needs ``nginx_network_ok``."""
+    if where is None or where.startswith("unix:"):
+        return
+    host = where.rpartition(":")[0].strip("[]")
+    if host.lower() != "localhost" and not sv.is_loopback(host):
+        raise ConfigError(
+            key,
+            f"{host!r} is not a loopback address, and {what} in clear text: use 127.0.0.1, ::1 or "
+            "unix:/path with nginx on this machine, or set nginx_network_ok = true "
+            "(PROXY_NGINX_NETWORK_OK) when a private network joins nginx and this service",
+        )

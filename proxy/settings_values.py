@@ -84,6 +84,21 @@ def opt_path(key: str, v: Any) -> Path | None:
     return Path(string(key, v)) if opt_string(key, v) else None
 
 
+def absolute_path(key: str, v: Any) -> Path:
+    text = string(key, v).strip()
+    if not text.startswith("/"):
+        raise ConfigError(key, f"must be an absolute path (starting with /), got {text!r}")
+    return Path(text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback IP literal (names and wildcards are not)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def paths(key: str, v: Any) -> tuple[Path, ...]:
     return tuple(Path(p) for p in str_list(key, v))
 

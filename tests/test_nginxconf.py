@@ -11,7 +11,7 @@ import yaml
 from proxy.catalogue import Catalogue
 from proxy.cli import main
 from proxy.errors import ConfigError
-from proxy.nginxconf import OBSERVED_HEADERS, render
+from proxy.nginxconf import OBSERVED_HEADERS, memory_backed, render
 from proxy.pipeline.decision import injectable_headers
 from proxy.ratelimit.signals.core import parse_response
 from proxy.settings import load_settings
@@ -29,10 +29,19 @@ def _conf(tmp_path: Path, **settings: object) -> str:
     return render(s, names, listen="127.0.0.1:8443", service="http://127.0.0.1:8080", prefix=tmp_path)
 
 
-def test_nginx_accepts_it(tmp_path: Path) -> None:
+def _nginx_t(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     conf = tmp_path / "nginx.conf"
-    conf.write_text(_conf(tmp_path))
-    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    conf.write_text(text)
+    return subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+
+
+def test_nginx_accepts_it(tmp_path: Path) -> None:
+    cache = Path("/dev/shm") / f"cp-test-{tmp_path.name}"
+    try:
+        done = _nginx_t(tmp_path, _conf(tmp_path, nginx_decision_cache_dir=str(cache)))
+    finally:
+        if cache.exists():
+            cache.rmdir()
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
 
@@ -57,12 +66,84 @@ def test_rules_in_the_config(tmp_path: Path) -> None:
     assert "proxy_buffering off;" in conf and "proxy_request_buffering off;" in conf
     assert "proxy_read_timeout 7000ms;" in conf
     assert f'X-CP-Decision-Token "{TOKEN}"' in conf
-    # Temp paths and the decision cache (it holds credentials) live under the prefix.
+    # Temp paths live under the prefix; the decision cache (it holds credentials) does not.
     prefix = str(tmp_path.resolve())
     for line in conf.splitlines():
-        if "_temp_path" in line or "proxy_cache_path" in line:
+        if "_temp_path " in line:
             assert prefix in line, line
     assert "syslog:server=127.0.0.1:9999" in conf
+    # Every X-Proxy-* name the service defines is hidden from upstream answers.
+    for name in ("X-Proxy-Error", "X-Proxy-Max-Wait-Ms", "X-Proxy-Retries"):
+        assert f"proxy_hide_header {name};" in conf, name
+
+
+def test_decision_cache_stays_in_memory(tmp_path: Path) -> None:
+    conf = _conf(tmp_path, nginx_decision_cache_s=3)
+    (line,) = [x for x in conf.splitlines() if "proxy_cache_path" in x]
+    assert line.split()[1] == "/dev/shm/connection-proxy-nginx"  # the default, tmpfs
+    assert "use_temp_path=off" in line and "inactive=3s" in line and "max_size=16m" in line
+    assert str(tmp_path.resolve()) not in line
+    # The key's fields are joined by LF (nginx's \n), which no header value can hold.
+    (key,) = [x for x in conf.splitlines() if "proxy_cache_key" in x]
+    assert "|" not in key and "\\n$http_authorization\\n" in key
+    conf = _conf(tmp_path, nginx_decision_cache_s=3, nginx_decision_cache_dir="/run/cp-cache/")
+    assert "proxy_cache_path /run/cp-cache levels" in conf
+    # No cache at all when decisions are not to be reused.
+    conf = _conf(tmp_path, nginx_decision_cache_s=0)
+    assert "proxy_cache" not in conf
+    done = _nginx_t(tmp_path, conf)
+    assert done.returncode == 0, done.stderr
+    for bad in ("var/cache", "./cache", ""):
+        with pytest.raises(ConfigError) as err:
+            load_settings(env={}, overrides={"nginx_decision_cache_dir": bad})
+        assert err.value.key == "nginx_decision_cache_dir"
+    with pytest.raises(ConfigError) as err:
+        _conf(tmp_path, nginx_decision_cache_dir="/dev/shm/a;b")
+    assert err.value.key == "nginx_decision_cache_dir"
+
+
+def test_memory_backed_reads_the_mount_table() -> None:
+    mounts = (
+        "/dev/vda / ext4 rw 0 0\n"
+        "tmpfs /dev/shm tmpfs rw 0 0\n"
+        "tmpfs /run tmpfs rw 0 0\n"
+        "/dev/vdb /run/disk ext4 rw 0 0\n"
+        "none /mnt/with\\040space ramfs rw 0 0\n"
+    )
+    assert memory_backed(Path("/dev/shm/connection-proxy-nginx"), mounts) is True
+    assert memory_backed(Path("/run/x"), mounts) is True
+    assert memory_backed(Path("/run/disk/x"), mounts) is False  # the longest mount point wins
+    assert memory_backed(Path("/run/diskette"), mounts) is True  # a prefix of a name is no parent
+    assert memory_backed(Path("/var/cache/x"), mounts) is False
+    assert memory_backed(Path("/mnt/with space/c"), mounts) is True
+    assert memory_backed(Path("/x"), "") is None
+
+
+def test_cli_warns_about_a_cache_dir_on_disk_or_open_to_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PROXY_DECISION_TOKEN", TOKEN)
+    args = ["nginx-config", "--listen", "127.0.0.1:8443", "--service", "http://127.0.0.1:8080"]
+    mounts = Path("/proc/self/mounts").read_text()
+    assert memory_backed(tmp_path, mounts) is False  # pytest's tmp dir is on disk here
+    monkeypatch.setenv("PROXY_NGINX_DECISION_CACHE_DIR", str(tmp_path / "cache"))
+    assert main([*args, "--prefix", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "is not on tmpfs or ramfs" in err and "persistent disk" in err
+    shm = Path("/dev/shm") / f"cp-test-{tmp_path.name}"
+    shm.mkdir(mode=0o700)
+    try:
+        monkeypatch.setenv("PROXY_NGINX_DECISION_CACHE_DIR", str(shm))
+        assert main([*args, "--prefix", str(tmp_path)]) == 0
+        assert capsys.readouterr().err == ""
+        shm.chmod(0o777)  # another user could plant decisions
+        assert main([*args, "--prefix", str(tmp_path)]) == 0
+        assert "not a directory of mode 0700" in capsys.readouterr().err
+        monkeypatch.setenv("PROXY_NGINX_DECISION_CACHE_S", "0")  # no cache: nothing to warn of
+        assert main([*args, "--prefix", str(tmp_path)]) == 0
+        assert capsys.readouterr().err == ""
+    finally:
+        shm.rmdir()
 
 
 def test_reported_headers_cover_the_styles() -> None:

@@ -198,6 +198,14 @@ CLIENT_CONNECTIONS_CLOSED = Counter(
     registry=REGISTRY,
 )
 
+NGINX_REPORTS_DROPPED = Counter(
+    "proxy_nginx_reports_dropped_total",
+    "Datagrams of the nginx report listener dropped, by reason: source (not loopback while the "
+    "listener is), invalid (no report, or a token this service did not sign), replay.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
 
 # --- gauges computed from process state, and exposition ----------------------------------------
 

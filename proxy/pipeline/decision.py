@@ -18,7 +18,8 @@ are replayed (an OAuth token may need refreshing) and never past the checked add
 
 Security invariants kept here:
 - nginx can only set header names known when its configuration was generated
-  (``injectable_headers``); a call whose credential travels in any other header, whose connection
+  (``injectable_headers``); a call whose credential travels in any other header or in the query
+  (nginx's error log writes the upstream URI), whose connection
   redacts secrets from answers (proxy-only), or whose caller sent a control header nginx cannot
   strip is routed to this service's own path mode (``route == "service"``) before any quota is
   spent: the credential is never silently dropped and nothing the pipeline would strip leaks;
@@ -231,7 +232,9 @@ class Decider:
 
         async def admit(plan: Plan, tenant: str, _headers: list[Pair]) -> None:
             injected = plan.injection.drop_headers if plan.injection is not None else {"authorization"}
-            if not injected <= self._names or plan.proxy_only:
+            # A query-carried credential would be in nginx's upstream URI, which its error log
+            # writes to disk on every failed call: the service carries those calls.
+            if not injected <= self._names or plan.proxy_only or (plan.injection and plan.injection.query):
                 raise ServeByService
             if await self.pipeline.tenant_flags.proxy_only(tenant):
                 raise ServeByService
@@ -435,23 +438,22 @@ class Decider:
             return None
         return exp, (str(actor), str(tenant), str(cid))
 
-    def observed_now(self, token: str, status: int, headers: Sequence[Pair], request_id: str) -> bool | None:
-        """``observed`` without waiting, when the connection's plan is at hand (None: it is not,
-        call ``observed``)."""
-        who = self.verify(token)
-        if who is None:
-            return False
+    def observed_now(
+        self, who: tuple[str, str, str], status: int, headers: Sequence[Pair], request_id: str
+    ) -> bool:
+        """``observed`` without waiting, when the connection's plan is at hand (False: it is not,
+        call ``observed``). ``who``: what ``verify`` said of the report's token."""
         known = self._plans.get((who[1], who[2]))
         if known is None or known[0] <= time.monotonic():
-            return None
+            return False
         self._learn(who, known[1], status, headers, request_id)
         return True
 
-    async def observed(self, token: str, status: int, headers: Sequence[Pair], request_id: str) -> bool:
-        """One response nginx relayed: learn from its rate-limit headers, audit the outcome."""
-        who = self.verify(token)
-        if who is None:
-            return False
+    async def observed(
+        self, who: tuple[str, str, str], status: int, headers: Sequence[Pair], request_id: str
+    ) -> bool:
+        """One response nginx relayed (its token verified to ``who``): learn from its rate-limit
+        headers, audit the outcome."""
         pipeline = self.pipeline
         try:
             creds = await pipeline.vault.credentials(who[1], who[2])

@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +34,13 @@ from multidict import CIMultiDictProxy
 
 from proxy.cache import IdentityCache
 from proxy.errors import NotFound, ProxyError, Unauthenticated
+from proxy.observe.metrics import NGINX_REPORTS_DROPPED
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.decision import (
     CONTROL_SET,
     MEMO_S,
     NGINX_STRIPS,
+    OBSERVATION_TTL_S,
     Decider,
     Verdict,
     Who,
@@ -62,8 +66,9 @@ TOKEN_HEADER = "X-CP-Decision-Token"
 _PATH_PREFIX = "/proxy"
 # Headers nginx adds to the subrequest: never part of the caller's request.
 _OURS = ("x-cp-", "x-original-")
-# Error headers the generated config returns (anything else a refusal carries is not needed).
-ERROR_HEADERS = ("Retry-After", "Retry-After-Ms", "X-Request-Id")
+# Error headers the generated config returns (anything else a refusal carries is not needed;
+# the request id travels as X-CP-Request-Id).
+ERROR_HEADERS = ("Retry-After", "Retry-After-Ms")
 
 
 Parts = tuple[int, dict[str, str], bytes]
@@ -228,29 +233,81 @@ async def decide(request: web.Request) -> web.StreamResponse:
 # --- reports: nginx's access log over UDP -------------------------------------------------------
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
 class ReportProtocol(asyncio.DatagramProtocol):
-    """One syslog datagram per relayed response: ``<PRI>... cp: {json}`` (see proxy.nginxconf)."""
+    """One syslog datagram per relayed response: ``<PRI>... cp: {json}`` (see proxy.nginxconf).
+
+    Whoever reaches the port can send one, so a datagram teaches the limiter only when:
+    - it comes from loopback, when the listener is bound to loopback (nginx on this machine);
+    - its token verifies (``Decider.verify``, once per datagram);
+    - its (token, request id) pair was not seen before within the token's lifetime: nginx
+      reports each call once under its own ``$request_id``, so a replayed datagram is dropped.
+      The token itself cannot be single-use: one cached decision carries many calls. At most
+      ``MAX_SEEN`` pairs are remembered (the oldest go first), so above ``MAX_SEEN`` reports per
+      token lifetime a replay of one of the oldest is no longer recognised.
+    Drops are counted in ``proxy_nginx_reports_dropped_total`` by reason, never by sender.
+    """
+
+    MAX_SEEN = 1 << 16
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.loopback_only = True
+        # MAC of the token + request id -> monotonic time it may be forgotten (insertion order
+        # is expiry order: every entry lives OBSERVATION_TTL_S).
+        self._seen: dict[str, float] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sockname = transport.get_extra_info("sockname")
+        self.loopback_only = bool(sockname) and _is_loopback(str(sockname[0]))
+
+    def _first_time(self, token: str, rid: str) -> bool:
+        seen = self._seen
+        now = time.monotonic()
+        key = f"{token.rpartition('.')[2]}|{rid}"
+        if key in seen:
+            return False
+        while seen and (len(seen) >= self.MAX_SEEN or next(iter(seen.values())) <= now):
+            del seen[next(iter(seen))]
+        seen[key] = now + OBSERVATION_TTL_S
+        return True
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        start = data.find(b"{")
-        if start < 0:
+        if self.loopback_only and not _is_loopback(str(addr[0])):
+            NGINX_REPORTS_DROPPED.labels("source").inc()
             return
+        start = data.find(b"{")
         # Anyone who reaches the port can send a datagram: whatever it holds (1e999, deep nesting,
         # lone surrogates) is dropped, never a traceback per datagram in the log.
         try:
+            if start < 0:
+                raise ValueError
             line = json.loads(data[start:].decode("utf-8", "replace"))
             token, status = str(line["o"]), int(line["s"])
             headers = [(str(k), str(v)) for k, v in dict(line.get("h") or {}).items() if v]
             rid = str(line.get("r") or "")[:64]
-            if not token or self.decider.observed_now(token, status, headers, rid) is not None:
-                return
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+            NGINX_REPORTS_DROPPED.labels("invalid").inc()
             return
-        task = asyncio.get_running_loop().create_task(self.decider.observed(token, status, headers, rid))
+        who = self.decider.verify(token) if token else None
+        if who is None:
+            NGINX_REPORTS_DROPPED.labels("invalid").inc()
+            return
+        if not self._first_time(token, rid):
+            NGINX_REPORTS_DROPPED.labels("replay").inc()
+            return
+        if self.decider.observed_now(who, status, headers, rid):
+            return
+        task = asyncio.get_running_loop().create_task(self.decider.observed(who, status, headers, rid))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

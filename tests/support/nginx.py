@@ -11,11 +11,13 @@ Debian's ``nginx`` (``/usr/sbin/nginx``, with ``ngx_http_auth_request_module``) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -65,6 +67,7 @@ class Front:
     prefix: Path
     conf: str
     proc: subprocess.Popen[bytes]
+    cache_dir: Path  # the decision cache, on tmpfs (/dev/shm), one per front
 
     def error_log(self) -> str:
         path = self.prefix / "error.log"
@@ -91,7 +94,9 @@ async def nginx_front(
     prefix = tmp_path / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    settings = svc.settings
+    # Each front its own decision cache on tmpfs (two nginx must not share one cache directory).
+    cache_dir = Path(tempfile.mkdtemp(prefix="cp-nginx-test-", dir="/dev/shm"))
+    settings = dataclasses.replace(svc.settings, nginx_decision_cache_dir=cache_dir)
     names = injectable_headers(svc.services.catalogue, settings.nginx_inject_headers)
     conf = render(
         settings,
@@ -115,7 +120,7 @@ async def nginx_front(
         )
     try:
         _wait_port(port, proc, prefix)
-        yield Front(url=f"http://127.0.0.1:{port}", prefix=prefix, conf=conf, proc=proc)
+        yield Front(url=f"http://127.0.0.1:{port}", prefix=prefix, conf=conf, proc=proc, cache_dir=cache_dir)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -124,3 +129,4 @@ async def nginx_front(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        shutil.rmtree(cache_dir, ignore_errors=True)
