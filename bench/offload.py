@@ -21,7 +21,9 @@ Run: ``python bench/offload.py [--quick] [--duration S] [--repeat N]``.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,12 +226,16 @@ def service_row(
     if nginx is None:
         t.missing = "nginx is not installed (apt-get install nginx)"
         return t
+    # The decision cache on tmpfs, as deployed (one directory per nginx, removed afterwards).
+    cache_dir = tempfile.mkdtemp(prefix=f"cp-bench-{name}-", dir="/dev/shm")
+    stack.callback(shutil.rmtree, cache_dir, True)  # type: ignore[attr-defined]
     settings = load_settings(
         env={},
         overrides={
             "decision_token": DECISION_TOKEN,
             "decision_listen": lean,
             "nginx_decision_cache_s": cache_s,
+            "nginx_decision_cache_dir": cache_dir,
             "nginx_report_listen": f"{report[0]}:{report[1]}" if report else "",
         },
     )

@@ -219,3 +219,41 @@ def test_a_decision_token_that_nginx_would_expand_or_end_is_refused(bad: str) ->
     with pytest.raises(ConfigError) as err:
         load_settings(env={"PROXY_DECISION_TOKEN": bad})
     assert err.value.key == "decision_token" and bad not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("decision_listen", "0.0.0.0:9001"),
+        ("decision_listen", "[::]:9001"),
+        ("decision_listen", "192.0.2.10:9001"),
+        ("decision_listen", "nginx-host:9001"),
+        ("nginx_report_listen", "0.0.0.0:8125"),
+        ("nginx_report_listen", "[2001:db8::1]:8125"),
+        ("nginx_report_listen", "10.0.0.5:8125"),
+    ],
+)
+def test_nginx_listeners_off_loopback_need_the_opt_in(key: str, value: str) -> None:
+    """Decisions carry credentials and reports teach the limiter, both in clear text."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}, overrides={key: value})
+    assert err.value.key == key
+    assert "nginx_network_ok" in err.value.message and "loopback" in err.value.message
+    s = load_settings(env={"PROXY_NGINX_NETWORK_OK": "true"}, overrides={key: value})
+    assert s.nginx_network_ok
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("decision_listen", "127.0.0.1:9001"),
+        ("decision_listen", "127.5.6.7:9001"),
+        ("decision_listen", "[::1]:9001"),
+        ("decision_listen", "localhost:9001"),
+        ("decision_listen", "unix:/run/cp/decide.sock"),
+        ("nginx_report_listen", "127.0.0.1:8125"),
+        ("nginx_report_listen", "[::1]:8125"),
+    ],
+)
+def test_nginx_listeners_on_loopback_or_unix_are_fine(key: str, value: str) -> None:
+    assert not load_settings(env={}, overrides={key: value}).nginx_network_ok

@@ -163,7 +163,10 @@ def test_a_header_value_with_cr_or_lf_is_never_written() -> None:
 async def test_tcp_listener_and_generated_config(tmp_path: Path) -> None:
     port = free_port()
     async with running_service(
-        tmp_path / "data", decision_token=DECISION_TOKEN, decision_listen=f"0.0.0.0:{port}"
+        tmp_path / "data",
+        decision_token=DECISION_TOKEN,
+        decision_listen=f"0.0.0.0:{port}",
+        nginx_network_ok=True,
     ) as svc:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_req({"X-CP-Decision-Token": DECISION_TOKEN, "Connection": "close"}))

@@ -244,14 +244,30 @@ async def test_upstream_cannot_forge_proxy_headers_or_hop_by_hop(
 ) -> None:
     await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
     q = "respond_header=X-Proxy-Error:FAKE&respond_header=Connection:X-Named&respond_header=X-Named:1&respond_header=X-Fine:yes"
+    q += "&respond_header=X-Proxy-Retries:9&respond_header=X-Proxy-Max-Wait-Ms:9"
     status, headers, _ = await call(svc, "/proxy/r?" + q, "c1")
     assert status == 200
-    assert "X-Proxy-Error" not in headers
+    # Every X-Proxy-* name the service defines is its own: an upstream cannot send one. (nginx
+    # core hides names, not a prefix: an unknown X-Proxy-* name passes it, README.)
+    for name in ("X-Proxy-Error", "X-Proxy-Retries", "X-Proxy-Max-Wait-Ms"):
+        assert name not in headers, name
     if not svc.proxy_base:
         # Path mode drops what the upstream's Connection names; stock nginx cannot (no dynamic
         # response-header removal): a documented difference, not a credential (README).
         assert "X-Named" not in headers
     assert headers["X-Fine"] == "yes"
+
+
+async def test_the_services_own_error_comes_back_from_every_route(
+    svc: RunningService, upstream: Upstream
+) -> None:
+    """An unknown X-Proxy-* header sends the call through nginx to path mode (the service
+    route): path mode's refusal keeps its X-Proxy-Error there too."""
+    await connect(svc, upstream, "c1", "http_bearer", {"token": "t"})
+    for headers in ({}, {"X-Proxy-Whatever": "1"}):
+        status, got, body = await call(svc, "/proxy/a", "nope", headers=headers)
+        assert (status, got.get("X-Proxy-Error")) == (404, "CONNECTION_NOT_FOUND"), (headers, body)
+        assert json.loads(body)["error"] == "CONNECTION_NOT_FOUND"
 
 
 async def test_crlf_in_caller_header_refused(svc: RunningService, upstream: Upstream) -> None:
