@@ -14,6 +14,7 @@ Invariants the generated config keeps (tests/web/test_decide.py runs it through 
   replaced by the decision's value, empty (removed) unless it injects one;
 - refusals come back with the service's exact status, JSON body and ``Retry-After``;
 - bodies stream both ways (no buffering), redirects are passed back, never rewritten or followed;
+  nginx obeys no ``X-Accel-*`` header of an upstream (no internal redirect to the decision);
 - secrets stay off persistent disk: the decision cache (its files hold the injected headers and,
   in their keys, the caller's credential) exists only when ``nginx_decision_cache_s > 0`` and then
   lives in ``nginx_decision_cache_dir`` (tmpfs by default), written in place
@@ -329,6 +330,13 @@ def render(
     for name in OWN_RESPONSE_HEADERS:
         w(f"            proxy_hide_header {_canon(name)};")
     w("            add_header X-Proxy-Error $cp_own_error always;")
+    # An upstream's answer is relayed, never obeyed: its X-Accel-Redirect would redirect nginx
+    # internally (to /_cp_decide, whose answer holds the credential), the others would set
+    # nginx's rate, buffering or charset. (nginx hides X-Accel-* from the caller by default.)
+    w(
+        "            proxy_ignore_headers X-Accel-Redirect X-Accel-Expires X-Accel-Limit-Rate"
+        " X-Accel-Buffering X-Accel-Charset;"
+    )
     w("            proxy_hide_header Proxy-Authenticate;")
     w("            proxy_hide_header Trailer;")
     if report is not None:

@@ -75,6 +75,9 @@ def test_rules_in_the_config(tmp_path: Path) -> None:
     # Every X-Proxy-* name the service defines is hidden from upstream answers.
     for name in ("X-Proxy-Error", "X-Proxy-Max-Wait-Ms", "X-Proxy-Retries"):
         assert f"proxy_hide_header {name};" in conf, name
+    # ... and nginx obeys none of an upstream's X-Accel-* headers.
+    (ignored,) = [x.split()[1:] for x in conf.splitlines() if "proxy_ignore_headers" in x]
+    assert {"X-Accel-Redirect", "X-Accel-Limit-Rate", "X-Accel-Buffering"} <= {x.rstrip(";") for x in ignored}
 
 
 def test_decision_cache_stays_in_memory(tmp_path: Path) -> None:

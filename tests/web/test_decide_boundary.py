@@ -210,3 +210,27 @@ def test_replay_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(proto._seen) == 4
     assert not proto._first_time("b.mac", "r9")  # the newest are remembered
     assert proto._first_time("b.mac", "r0")  # the oldest were forgotten first
+
+
+# --- an upstream's answer is relayed, never obeyed --------------------------------------------------
+
+
+@pytest.mark.parametrize("front", ["path", NGINX])
+@pytest.mark.parametrize("target", ["/_cp_decide", "/proxy/b", "@cp_refused"])
+async def test_an_upstream_cannot_redirect_nginx_internally(
+    svc: RunningService, upstream: Upstream, tmp_path: Path, front: str, target: str
+) -> None:
+    """nginx obeys an upstream's X-Accel-Redirect (an internal redirect, even to an internal
+    location): to /_cp_decide it would answer the caller with the decision, credential included."""
+    await connect(svc, upstream, "c1", "http_bearer", {"token": CANARY})
+    key = await svc.mint_key("t1")
+    async with contextlib.AsyncExitStack() as stack:
+        base = svc.url
+        if front == "nginx":
+            base = (await stack.enter_async_context(nginx_front(svc, tmp_path))).url
+        q = f"respond_header=X-Accel-Redirect:{target}"
+        status, headers, body = await call(svc, base, "/proxy/a?" + q, "c1", key=key)
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/echo/base/a"  # the upstream's own answer (an echo)
+    assert CANARY not in json.dumps(headers) and not any(h.lower().startswith("x-cp-") for h in headers)
+    assert len(upstream.seen) == 1
