@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 from proxy.errors import ConfigError, ProxyError
 from proxy.pipeline.decision import CONTROL_SET, NGINX_STRIPS
 from proxy.settings import Settings
+from proxy.settings_values import is_loopback
 
 __all__ = ["OBSERVED_HEADERS", "memory_backed", "render"]
 
@@ -193,6 +194,16 @@ def render(
             "characters) for the service and generate the config again",
         )
     scheme, service_addr = _service(service)
+    host = urlsplit(service).hostname or ""
+    # Without decision_listen nginx asks the main listener: its answers carry credentials.
+    in_clear = settings.decision_listen is None and scheme == "http" and not settings.nginx_network_ok
+    if in_clear and host != "localhost" and not is_loopback(host):
+        raise ConfigError(
+            "--service",
+            f"{host!r} is not a loopback address, and decisions carry credentials in clear: "
+            "give nginx a loopback or https:// URL, or set decision_listen, or set "
+            "nginx_network_ok = true when a private network joins nginx and this service",
+        )
     report = report or settings.nginx_report_listen
     names = [n for n in injectable if n not in CONTROL_SET]
     p = str(prefix.resolve()).rstrip("/")

@@ -177,6 +177,19 @@ def test_keepalive_pools_take_checked_addresses_only(tmp_path: Path) -> None:
             )
 
 
+def test_decisions_over_the_network_need_the_opt_in(tmp_path: Path) -> None:
+    """Without decision_listen nginx asks the main listener at --service: in clear over http."""
+    s = load_settings(env={}, overrides={"decision_token": TOKEN})
+    with pytest.raises(ConfigError) as err:
+        render(s, (), listen="127.0.0.1:1", service="http://10.1.2.3:8080", prefix=tmp_path)
+    assert err.value.key == "--service" and "nginx_network_ok" in err.value.message
+    for url in ("http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost:8080", "https://10.1.2.3"):
+        assert render(s, (), listen="127.0.0.1:1", service=url, prefix=tmp_path)
+    for extra in ({"nginx_network_ok": True}, {"decision_listen": "127.0.0.1:9001"}):
+        s = load_settings(env={}, overrides={"decision_token": TOKEN, **extra})
+        assert render(s, (), listen="127.0.0.1:1", service="http://10.1.2.3:8080", prefix=tmp_path)
+
+
 def test_decision_token_is_required(tmp_path: Path) -> None:
     s = load_settings(env={}, overrides={})
     with pytest.raises(ConfigError) as err:
