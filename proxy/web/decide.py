@@ -252,7 +252,10 @@ class ReportProtocol(asyncio.DatagramProtocol):
       reports each call once under its own ``$request_id``, so a replayed datagram is dropped.
       The token itself cannot be single-use: one cached decision carries many calls. At most
       ``MAX_SEEN`` pairs are remembered (the oldest go first), so above ``MAX_SEEN`` reports per
-      token lifetime a replay of one of the oldest is no longer recognised.
+      token lifetime a replay of one of the oldest is no longer recognised. The memory is per
+      process: with ``--workers`` the kernel spreads datagrams over the workers' sockets
+      (``SO_REUSEPORT``), so a replay sent from another source port may reach a worker that
+      has not seen it.
     Drops are counted in ``proxy_nginx_reports_dropped_total`` by reason, never by sender.
     """
 
