@@ -366,6 +366,32 @@ async def test_safe_decisions_are_cached_briefly(
     assert all(s.header("Authorization") in (["Bearer t-free"], ["Bearer t-w"]) for s in upstream.seen)
 
 
+@pytest.mark.system
+async def test_a_replaced_cached_decision_is_read_anew(
+    svc: RunningService, upstream: Upstream, tmp_path: Path
+) -> None:
+    """nginx keeps cached decisions' files open (open_file_cache): once an entry expires and is
+    decided again, every call reads the new file, never the old descriptor's decision."""
+    await connect(svc, upstream, "free", "http_bearer", {"token": "t-old"})
+    key = await svc.mint_key("t1")
+    async with nginx_front(svc, tmp_path) as f:
+        for _ in range(3):
+            assert (await call(svc, f.url, "/proxy/a", "free", key=key))[0] == 200
+        await connect(svc, upstream, "free", "http_bearer", {"token": "t-new"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 4.0  # nginx_decision_cache_s + 1, and nginx's whole-second clock
+        while loop.time() < deadline:
+            upstream.seen.clear()
+            assert (await call(svc, f.url, "/proxy/a", "free", key=key))[0] == 200
+            if upstream.seen[-1].header("Authorization") == ["Bearer t-new"]:
+                break
+            await asyncio.sleep(0.1)
+        upstream.seen.clear()
+        for _ in range(20):
+            assert (await call(svc, f.url, "/proxy/a", "free", key=key))[0] == 200
+    assert [s.header("Authorization") for s in upstream.seen] == [["Bearer t-new"]] * 20
+
+
 # --- TLS: connect to the checked address, verify the name -------------------------------------------
 
 
