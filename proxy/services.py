@@ -122,6 +122,7 @@ async def start(svc: Services) -> None:
     )
     await svc.store.subscribe_invalidations(svc.vault.invalidate)
     await svc.store.subscribe_invalidations(svc.auth.on_invalidation)
+    await svc.store.subscribe_invalidations(svc.tenant_flags.on_invalidation)
     # A replica that learns a scope's first upstream limit tells the others on the same channel.
     await svc.store.subscribe_invalidations(svc.limiter.on_invalidation)
     svc.limiter.use_invalidations(_announcer(svc.store))

@@ -18,7 +18,7 @@ from proxy.errors import Conflict
 from proxy.observe.audit import Actor, AuditLog
 from proxy.shapes import Bool, Obj
 from proxy.stale import StaleWindow, ttl_entry
-from proxy.store.base import Store
+from proxy.store.base import FLUSH_ALL, Store
 from proxy.vault.vault import Vault
 
 __all__ = ["CAS_ATTEMPTS", "TENANT_SHAPE", "TenantBody", "TenantView", "Tenants", "tenant_body"]
@@ -71,6 +71,17 @@ class TenantFlags:
 
     def forget(self, tenant_id: str) -> None:
         self._cache.discard(tenant_id)
+
+    def on_invalidation(self, tenant_id: str, connection_id: str | None) -> None:
+        """A tenant-wide invalidation from any replica (a tenant write publishes one) forgets the
+        tenant's flag here too: turning proxy-only on is a protection, and must not wait for this
+        cache's lifetime on the other replicas."""
+        if connection_id is not None:
+            return
+        if tenant_id == FLUSH_ALL:
+            self._cache.clear()
+        else:
+            self._cache.discard(tenant_id)
 
 
 @dataclass(frozen=True, slots=True)

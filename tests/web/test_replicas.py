@@ -156,3 +156,31 @@ async def test_revoked_key_is_refused_by_every_replica_within_a_second(
             while await _call(s, replica, key) != 401:
                 assert time.monotonic() - revoked_at < 1.0, "a replica still accepted a revoked key after 1 s"
                 await asyncio.sleep(0.05)
+
+
+async def test_proxy_only_reaches_other_replicas_within_a_second(
+    replicas: list[ServiceProcess], upstream: Upstream
+) -> None:
+    """Turning a tenant proxy-only is a protection (secrets withheld from the Connection Service,
+    redacted from echoes): every replica applies it within a second, not its cache's lifetime."""
+    async with aiohttp.ClientSession() as s:
+        key = await _setup(s, replicas[0], upstream, [])
+
+        async def token_shown(replica: ServiceProcess) -> bool:
+            async with s.get(f"{replica.url}/connections/t1/api", headers=bearer(key)) as r:
+                assert r.status == 200, await r.text()
+                return "tok-1" in await r.text()
+
+        for r in replicas:  # every replica has cached "not proxy-only"
+            assert await token_shown(r)
+        async with s.put(
+            f"{replicas[0].url}/admin/tenants/t1",
+            json={"proxy_only": True},
+            headers=replicas[0].admin_headers,
+        ) as resp:
+            assert resp.status == 200
+        changed_at = time.monotonic()
+        for replica in replicas[1:]:
+            while await token_shown(replica):
+                assert time.monotonic() - changed_at < 1.0, "a replica still showed the secret after 1 s"
+                await asyncio.sleep(0.05)
