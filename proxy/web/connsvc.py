@@ -250,7 +250,11 @@ class _ConnectionService:
             audit.record_use(caller.actor, tid, cid, action, of_error(exc), rid)
             raise
         if not caller.may_access(tid):
-            audit.record_use(caller.actor, tid, cid, action, Outcome.DENIED, rid)
+            # In the caller's own trail, as every front end records a cross-tenant refusal: the
+            # named tenant and connection are the caller's choice, and writing them into that
+            # tenant's trail would let any key fill another tenant's audit history.
+            if caller.tenant_id is not None:
+                audit.record_use(caller.actor, caller.tenant_id, None, action, Outcome.DENIED, rid)
             raise not_found(tid, cid)
         resolved = await svc.vault.resolve(tid, cid, _runtime_user(request))
         try:
