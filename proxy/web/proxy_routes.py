@@ -55,7 +55,6 @@ __all__ = [
     "DisconnectWatcher",
     "Identity",
     "forward_caller",
-    "forward_identity",
     "forward_target",
     "relay",
     "setup",
@@ -249,17 +248,14 @@ async def header_identity(app: web.Application, h: Mapping[str, str]) -> Identit
     """The caller of a path-mode call (and of an nginx decision, the same call seen from nginx):
     authenticated first, so nothing about the naming headers is told to an unknown caller."""
     # The contract's trusted networks cover the Connection Service and the envelope only.
-    caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
+    return header_target(await app[SERVICES].auth.authenticate(h, None, allow_trusted=False), h)
+
+
+def header_target(caller: Caller, h: Mapping[str, str]) -> Identity:
+    """The connection an authenticated caller names in its headers; 404 for another tenant's."""
     cid = _connection_id(h.get("X-Connection-Id"))
     tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
     return Identity(caller, tenant, cid, runtime_user_of(h.get("X-Runtime-User-Id")))
-
-
-async def forward_identity(request: web.BaseRequest, app: web.Application) -> Identity:
-    """The caller of a forward-proxy request (absolute-form or CONNECT): 407 when it has no or
-    bad proxy credentials. A Basic user name names the connection; with Bearer, the headers do."""
-    caller, who = await forward_caller(request, app)
-    return forward_target(caller, who, request.headers)
 
 
 async def forward_caller(request: web.BaseRequest, app: web.Application) -> tuple[Caller, ProxyUser | None]:
@@ -313,6 +309,7 @@ async def relay(
     up: aiohttp.ClientResponse | None = None
     outcome: str = Outcome.ERROR
     status: int | None = None
+    caller: Caller | None = None if identity is None else identity.caller
     watcher = app[WATCHER]
     watched = watcher.add(request)
     try:
@@ -320,9 +317,12 @@ async def relay(
         h = request.headers
         if identity is None:
             if front == "forward":
-                identity = await forward_identity(request, app)
+                caller, who = await forward_caller(request, app)
+                identity = forward_target(caller, who, h)
             else:
-                identity = await header_identity(app, h)
+                # The contract's trusted networks cover the Connection Service and the envelope only.
+                caller = await app[SERVICES].auth.authenticate(h, None, allow_trusted=False)
+                identity = header_target(caller, h)
         path = query = ""
         if absolute_url is None:
             path, _, query = request.raw_path.partition("?")
@@ -356,6 +356,8 @@ async def relay(
         return resp
     except ProxyError as exc:
         outcome = of_error(exc)
+        if ex is None:  # refused before it became a use (a use is audited by finish)
+            _audit_refusal(pipeline, identity, caller, outcome, request_id_of(request))
         raise
     except asyncio.CancelledError:
         outcome = Outcome.CLIENT_DISCONNECTED
@@ -365,6 +367,23 @@ async def relay(
         if up is not None and not up.closed:
             up.close()  # drops an upstream connection that was not released cleanly
         pipeline.finish(ex, front, outcome, status)
+
+
+def _audit_refusal(
+    pipeline: Pipeline, identity: Identity | None, caller: Caller | None, outcome: str, rid: str
+) -> None:
+    """An authenticated caller's refused call, as ``proxy.use`` with the error code, in its own
+    tenant. One naming another tenant's connection has no identity: it is recorded in the
+    caller's tenant without the ids it named (never in that tenant's trail, which any key could
+    then fill). Unauthenticated refusals name no tenant but one the caller picked: metrics only."""
+    who: tuple[str, str, str | None]
+    if identity is not None:
+        who = (identity.caller.actor, identity.tenant_id, identity.connection_id)
+    elif caller is not None and caller.tenant_id is not None:
+        who = (caller.actor, caller.tenant_id, None)
+    else:
+        return
+    pipeline.audit.record_use(who[0], who[1], who[2], "proxy.use", outcome, rid)
 
 
 # --- forward-proxy mode -----------------------------------------------------------------------

@@ -293,3 +293,31 @@ async def test_retry_never_past_total_timeout(svc: RunningService, upstream: Ups
     assert headers["Retry-After"] == "5"
     assert time.monotonic() - started < 1
     assert len(upstream.seen) == 1
+
+
+async def test_refused_calls_are_audited_in_the_callers_own_tenant(
+    svc: RunningService, upstream: Upstream
+) -> None:
+    """A refusal before the call became a use is a ``proxy.use`` with the error code, in the
+    caller's tenant; one naming another tenant's connection carries none of the ids it named;
+    an unauthenticated one is in no trail."""
+    await connect(svc, upstream.url + "/echo")
+    key = await svc.mint_key("t1")
+    key_id = key.split("_")[1]
+    session = svc.session
+    for extra in ({"X-Connection-Id": "nope"}, {"X-Connection-Id": "c1", "X-Tenant-Id": "t2"}):
+        async with session.get(
+            f"{svc.url}/proxy/x", headers={"Authorization": f"Bearer {key}", **extra}
+        ) as r:
+            assert r.status == 404
+    async with session.get(
+        f"{svc.url}/proxy/x", headers={"Authorization": "Bearer cpk_nokey_x", "X-Tenant-Id": "t3"}
+    ) as r:
+        assert r.status == 401
+    await svc.flush_audit()
+    _, body = await svc.admin("GET", f"/admin/tenants/t1/audit?actor=api_key:{key_id}")
+    got = {(e["action"], e["outcome"], e["connection_id"]) for e in body["items"]}
+    assert got == {("proxy.use", "CONNECTION_NOT_FOUND", "nope"), ("proxy.use", "CONNECTION_NOT_FOUND", None)}
+    for other in ("t2", "t3"):
+        _, body = await svc.admin("GET", f"/admin/tenants/{other}/audit")
+        assert body["items"] == []

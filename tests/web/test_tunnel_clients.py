@@ -172,15 +172,22 @@ async def test_client_through_https_proxy(kind: str, tls: TlsSetup) -> None:
     assert json.loads(limited[1]["body"])["limit_source"] == "configured"
     assert "/echo/l2" not in [s.path for s in up.seen]
 
-    # Every call that reached the pipeline's end is in the audit trail.
+    # Every call is in the audit trail: those that reached the upstream, and those refused.
     await tls.svc.flush_audit()
     status, data = await tls.svc.admin("GET", "/admin/tenants/t1/audit?action=proxy.use")
     assert status == 200, data
-    uses: dict[str, int] = {}
+    uses: dict[tuple[str, str], int] = {}
     for e in data["items"]:
         if e["action"] == "proxy.use":
-            uses[e["connection_id"]] = uses.get(e["connection_id"], 0) + e["detail"].get("count", 1)
-    assert uses.get("c1") == 3 and uses.get("lim") == 1, data["items"]
+            k = (e["connection_id"], e["outcome"])
+            uses[k] = uses.get(k, 0) + e["detail"].get("count", 1)
+    assert uses == {
+        ("c1", "ok"): 2,
+        ("c1", "upstream_4xx"): 1,
+        ("c1", "RATE_LIMITED"): 1,
+        ("lim", "ok"): 1,
+        ("lim", "RATE_LIMITED"): 1,
+    }, uses
 
 
 # --- the listener itself over TLS: https:// proxy URLs ------------------------------------------
