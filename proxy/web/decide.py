@@ -34,6 +34,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.cache import IdentityCache
 from proxy.errors import NotFound, ProxyError, Unauthenticated
+from proxy.model import Caller
 from proxy.observe.metrics import NGINX_REPORTS_DROPPED
 from proxy.observe.outcome import Outcome, of_error
 from proxy.pipeline.decision import (
@@ -51,7 +52,7 @@ from proxy.pipeline.exchange import refuse_trace
 from proxy.web import decide_listen
 from proxy.web.authn import services_of
 from proxy.web.errors import request_id_of
-from proxy.web.proxy_routes import PIPELINE, header_identity
+from proxy.web.proxy_routes import PIPELINE, audit_refusal, header_target
 
 __all__ = ["DECIDER", "DECIDE_PATH", "setup"]
 
@@ -184,13 +185,15 @@ async def answer(
     outcome: str = Outcome.ERROR
     resolved: Who | None = None
     who: Who = ("-", "-", "-")
+    caller: Caller | None = None
     try:
         if inputs is None:
             inputs = _inputs(h, pairs)
             if isinstance(h, CIMultiDictProxy):  # read-only: the same object is the same request
                 known.put(h, inputs)
-        ident = await header_identity(app, h)  # as path mode names its caller and connection
-        caller = ident.caller
+        # As path mode names its caller and connection: authenticated first.
+        caller = await svc.auth.authenticate(h, None, allow_trusted=False)
+        ident = header_target(caller, h)
         who = (caller.actor, ident.tenant_id, ident.connection_id)
         verdict, resolved = await decider.decide(
             caller=caller,
@@ -219,6 +222,8 @@ async def answer(
             who = resolved
         if who[1] != "-":
             pipeline.audit.record_use(who[0], who[1], who[2], "proxy.decide", outcome, rid)
+        else:  # refused before its identity was complete: the caller's own tenant, if any
+            audit_refusal(pipeline, caller, None, None, outcome, rid, "proxy.decide")
         pipeline.finish(None, "nginx", outcome)
 
 

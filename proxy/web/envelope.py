@@ -20,14 +20,14 @@ from aiohttp import web
 
 from proxy import jsonin
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamUnreachable, ValidationError
-from proxy.model import check_id
+from proxy.model import Caller, check_id
 from proxy.observe.outcome import Outcome, of_error, of_status
 from proxy.pipeline.exchange import Exchange
 from proxy.pipeline.headers import clean_response_headers, is_token, redact_secrets, without_framing
 from proxy.web import envelope_answer
 from proxy.web.authn import caller_for, services_of
 from proxy.web.errors import request_id_of
-from proxy.web.proxy_routes import CHUNK, PIPELINE, WATCHER, runtime_user_of, tenant_for
+from proxy.web.proxy_routes import CHUNK, PIPELINE, WATCHER, audit_refusal, runtime_user_of, tenant_for
 
 ENVELOPE_GATE = web.AppKey("envelope_gate", envelope_answer.EnvelopeGate)
 ENVELOPE_CLASSIFIER = web.AppKey("envelope_classifier", envelope_answer.BodyClassifier)
@@ -150,6 +150,9 @@ async def envelope(request: web.Request) -> web.StreamResponse:
     watched = watcher.add(request)
     gate = request.app[ENVELOPE_GATE]
     entered = False
+    caller: Caller | None = None
+    tenant: str | None = None
+    cid: str | None = None
     try:
         caller = await caller_for(request, allow_trusted=True)
         org = request.headers.get("X-Org-Id")
@@ -216,6 +219,8 @@ async def envelope(request: web.Request) -> web.StreamResponse:
         )
     except ProxyError as exc:
         outcome = of_error(exc)
+        if ex is None:  # refused before it became a use (a use is audited by finish)
+            audit_refusal(pipeline, caller, tenant, cid, outcome, request_id_of(request))
         raise
     except asyncio.CancelledError:
         outcome = Outcome.CLIENT_DISCONNECTED

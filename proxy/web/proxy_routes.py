@@ -54,6 +54,7 @@ __all__ = [
     "WATCHER",
     "DisconnectWatcher",
     "Identity",
+    "audit_refusal",
     "forward_caller",
     "forward_target",
     "relay",
@@ -244,15 +245,10 @@ def proxy_auth_required(message: str) -> ProxyAuthenticationRequired:
     )
 
 
-async def header_identity(app: web.Application, h: Mapping[str, str]) -> Identity:
-    """The caller of a path-mode call (and of an nginx decision, the same call seen from nginx):
-    authenticated first, so nothing about the naming headers is told to an unknown caller."""
-    # The contract's trusted networks cover the Connection Service and the envelope only.
-    return header_target(await app[SERVICES].auth.authenticate(h, None, allow_trusted=False), h)
-
-
 def header_target(caller: Caller, h: Mapping[str, str]) -> Identity:
-    """The connection an authenticated caller names in its headers; 404 for another tenant's."""
+    """The connection an authenticated caller names in its headers (path mode, and an nginx
+    decision: the same call seen from nginx); 404 for another tenant's. Callers authenticate
+    first, so nothing about the naming headers is told to an unknown caller."""
     cid = _connection_id(h.get("X-Connection-Id"))
     tenant = tenant_for(caller, h.get("X-Tenant-Id"), cid, "X-Tenant-Id")
     return Identity(caller, tenant, cid, runtime_user_of(h.get("X-Runtime-User-Id")))
@@ -357,7 +353,8 @@ async def relay(
     except ProxyError as exc:
         outcome = of_error(exc)
         if ex is None:  # refused before it became a use (a use is audited by finish)
-            _audit_refusal(pipeline, identity, caller, outcome, request_id_of(request))
+            tenant, cid = (identity.tenant_id, identity.connection_id) if identity else (None, None)
+            audit_refusal(pipeline, caller, tenant, cid, outcome, request_id_of(request))
         raise
     except asyncio.CancelledError:
         outcome = Outcome.CLIENT_DISCONNECTED
@@ -369,21 +366,27 @@ async def relay(
         pipeline.finish(ex, front, outcome, status)
 
 
-def _audit_refusal(
-    pipeline: Pipeline, identity: Identity | None, caller: Caller | None, outcome: str, rid: str
+def audit_refusal(
+    pipeline: Pipeline,
+    caller: Caller | None,
+    tenant_id: str | None,
+    connection_id: str | None,
+    outcome: str,
+    rid: str,
+    action: str = "proxy.use",
 ) -> None:
-    """An authenticated caller's refused call, as ``proxy.use`` with the error code, in its own
-    tenant. One naming another tenant's connection has no identity: it is recorded in the
-    caller's tenant without the ids it named (never in that tenant's trail, which any key could
-    then fill). Unauthenticated refusals name no tenant but one the caller picked: metrics only."""
-    who: tuple[str, str, str | None]
-    if identity is not None:
-        who = (identity.caller.actor, identity.tenant_id, identity.connection_id)
-    elif caller is not None and caller.tenant_id is not None:
-        who = (caller.actor, caller.tenant_id, None)
-    else:
+    """An authenticated caller's call refused before it became a use, with the error code, in
+    the tenant it was resolved to. One refused before that (another tenant's connection named) is
+    recorded in the caller's own tenant without the ids it named: never in the named tenant's
+    trail, which any key could then fill. Unauthenticated refusals name no tenant but one the
+    caller picked: metrics only."""
+    if caller is None:
         return
-    pipeline.audit.record_use(who[0], who[1], who[2], "proxy.use", outcome, rid)
+    if tenant_id is None:
+        if caller.tenant_id is None:
+            return
+        tenant_id, connection_id = caller.tenant_id, None
+    pipeline.audit.record_use(caller.actor, tenant_id, connection_id, action, outcome, rid)
 
 
 # --- forward-proxy mode -----------------------------------------------------------------------

@@ -319,3 +319,22 @@ async def test_remembered_requests_are_forgotten_within_their_bound(
     # Forgetting costs nothing but a fresh decision.
     status, h = await _decide(path, _ask(key))
     assert status == 200 and h["x-cp-h-authorization"] == f"Bearer {CANARY}"
+
+
+async def test_a_cross_tenant_question_is_audited_in_the_callers_tenant(
+    lean: tuple[RunningService, str], upstream: Upstream
+) -> None:
+    svc, path = lean
+    await svc.put_connection(
+        "t2",
+        "c1",
+        {"integration_id": "http_bearer", "parameters": {"token": CANARY, "base_url": upstream.url}},
+    )
+    key = await svc.mint_key("t1")
+    status, h = await _decide(path, {**_ask(key), "X-Tenant-Id": "t2"})
+    assert status == 404 and not any(CANARY in v for v in h.values())
+    await svc.flush_audit()
+    _, body = await svc.admin("GET", "/admin/tenants/t1/audit?action=proxy.decide")
+    assert [(e["outcome"], e["connection_id"]) for e in body["items"]] == [("CONNECTION_NOT_FOUND", None)]
+    _, body = await svc.admin("GET", "/admin/tenants/t2/audit?action=proxy.decide")
+    assert body["items"] == []

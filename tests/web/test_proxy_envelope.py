@@ -209,3 +209,18 @@ async def test_absolute_url_outside_the_base_path_is_refused(tmp_path: Path, ups
             assert (status, data["error"]) == (403, "FORBIDDEN"), outside
             assert "base path" in data["message"]
         assert len(upstream.seen) == 1
+
+
+async def test_refused_envelope_calls_are_audited_in_the_callers_own_tenant(svc: RunningService) -> None:
+    key = await svc.mint_key("org1")
+    key_id = key.split("_")[1]
+    auth = {"Authorization": f"Bearer {key}"}
+    call = {"method": "GET", "url": "/x"}
+    assert (await post(svc, {**call, "connection_id": "nope"}, **auth))[0] == 404
+    assert (await post(svc, {**call, "connection_id": "c1"}, org="org2", **auth))[0] == 404
+    await svc.flush_audit()
+    _, body = await svc.admin("GET", f"/admin/tenants/org1/audit?actor=api_key:{key_id}")
+    got = {(e["action"], e["outcome"], e["connection_id"]) for e in body["items"]}
+    assert got == {("proxy.use", "CONNECTION_NOT_FOUND", "nope"), ("proxy.use", "CONNECTION_NOT_FOUND", None)}
+    _, body = await svc.admin("GET", "/admin/tenants/org2/audit")
+    assert body["items"] == []
