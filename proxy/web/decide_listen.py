@@ -214,13 +214,10 @@ class _Conn(asyncio.Protocol):
             status, headers, body = await self.lean.handler(target, method, h, pairs, rid)
             if status == 200 and not body:
                 # A replayed verdict's headers are the same dict: written once as bytes.
-                data = self.lean.rendered.get(headers, "close" if not keep_alive else None)
+                tag = None if keep_alive else "close"
+                data = self.lean.rendered.get(headers, tag)
                 if data is None:
-                    data = self.lean.rendered.put(
-                        headers,
-                        _render(200, headers, b"", not keep_alive),
-                        "close" if not keep_alive else None,
-                    )
+                    data = self.lean.rendered.put(headers, _render(200, headers, b"", not keep_alive), tag)
             else:
                 data = _render(status, headers, body, not keep_alive)
         except errors.ProxyError as exc:

@@ -75,14 +75,7 @@ async def test_decides_like_the_main_listener_and_keeps_alive(
         },
     )
     key = await svc.mint_key("t1")
-    ask = {
-        "Authorization": f"Bearer {key}",
-        "X-Connection-Id": "c1",
-        "X-Original-Method": "GET",
-        "X-Original-URI": "/proxy/items?x=1",
-        "X-CP-Front": "nginx",
-        "X-CP-Decision-Token": DECISION_TOKEN,
-    }
+    ask = _ask(key, "/proxy/items?x=1")
     # Two pipelined requests on one connection: two answers, in order, connection kept.
     got = await _exchange(path, _req(ask) + _req({**ask, "X-Original-URI": "/proxy/other"}), answers=2)
     assert [s for s, _, _ in got] == [200, 200]
@@ -184,13 +177,13 @@ async def test_tcp_listener_and_generated_config(tmp_path: Path) -> None:
 # bytes) must give exactly what a first-time question would get, after any change. ---------------
 
 
-def _ask(key: str) -> dict[str, str]:
-    """nginx's subrequest for GET /proxy/items on connection c1 with the caller's ``key``."""
+def _ask(key: str, uri: str = "/proxy/items") -> dict[str, str]:
+    """nginx's subrequest for GET ``uri`` on connection c1 with the caller's ``key``."""
     return {
         "Authorization": f"Bearer {key}",
         "X-Connection-Id": "c1",
         "X-Original-Method": "GET",
-        "X-Original-URI": "/proxy/items",
+        "X-Original-URI": uri,
         "X-CP-Front": "nginx",
         "X-CP-Decision-Token": DECISION_TOKEN,
     }
